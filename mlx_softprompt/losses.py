@@ -1,0 +1,198 @@
+"""The training objectives: the TV and KL bounds of DESIGN.md section 2, and CE.
+
+The dual system answers p_S(y|x) = (1-u) p_f(y|x) + u 1[y = r]. Each teacher
+record (prompt x, teacher sample y ~ p_f, guard verdict u) gives two rows:
+
+- the refusal branch, [x; r], weight u, hard target r:
+  TV term 1 - p_theta(r_t | x, r_<t), KL term -log p_theta(r_t | x, r_<t);
+- the response branch, [x; y], weight 1-u, soft target q_t = p_f(. | x, y_<t):
+  TV term TV(q_t, s_t) = 0.5 ||q_t - s_t||_1, KL term KL(q_t || s_t),
+  with s_t = p_theta(. | x, y_<t).
+
+Summed over t, these bound TV(p_S, p_theta) and KL(p_S || p_theta) from above
+(joint convexity, the union bound for the refusal, the chain rule for y).
+``ce`` is direct optimisation: hard labels, cross-entropy on r where the guard
+says unsafe (u >= 0.5) and on the teacher sample y where it says safe.
+
+Normalisation is per token: a batch's loss is the weighted sum of its token
+terms divided by the number of target tokens in the batch, each token counted
+with its row's weight (u or 1-u: the expected target length under p_S; with
+hard weights, as for ``ce``, exactly the plain token count, as mlx-lm's
+default loss). The functions return the sum and the count separately, so the
+trainer can normalise over a whole global batch (gradient accumulation,
+several machines) and get the same step as one big batch.
+
+Teacher distributions q_t come either in full (the base without P, computed on
+the fly) or from the teacher cache as top-k log-probs plus the tail mass
+(the probability outside the k ids). With top-k the vocabulary is coarsened
+to the k ids plus one "tail" bucket:
+
+- TV counts the tail exactly as far as it can: sum over the top-k of |q - s|
+  plus |q_tail - s_tail|, with s_tail = 1 - sum over the top-k of s. By the
+  triangle inequality |q_tail - s_tail| <= sum over the tail of |q_i - s_i|,
+  so this is a lower bound of the true TV(q_t, s_t) (equal when q_i - s_i
+  keeps one sign over the tail), and the cached TV objective is a slightly
+  optimistic estimate of the bound.
+- KL uses a tail bucket: sum over the top-k of q (log q - log s) plus
+  q_tail (log q_tail - log s_tail), i.e. KL between the coarsened
+  distributions, which is <= the true KL(q_t || s_t) (data processing) and
+  equals it when s matches q's shape inside the tail. The top-k is not
+  renormalised: q keeps its real top-k probabilities.
+
+log s_tail is a log-sum-exp over the student's non-top-k logits, so it stays
+exact (no 1 - sum cancellation) even when the tail is tiny.
+"""
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import mlx.core as mx
+
+OBJECTIVE_NAMES = ("tv", "kl", "ce")
+_FILL = -1e30  # a finite -inf: keeps log-sum-exp and its gradient NaN-free on empty sets
+
+
+@dataclass
+class Teacher:
+    """Teacher distributions q_t at each target position: full log-probs or the cache's top-k."""
+
+    logprobs: Optional[mx.array] = None  # [B, L, V], the base without P
+    topk_ids: Optional[mx.array] = None  # [B, L, k] int32
+    topk_logprobs: Optional[mx.array] = None  # [B, L, k] log q of those ids (not renormalised)
+    tail_mass: Optional[mx.array] = None  # [B, L] 1 - sum exp(topk_logprobs)
+
+    def __post_init__(self):
+        if self.logprobs is None and self.topk_ids is None:
+            raise ValueError("Teacher needs full log-probs or top-k ids/log-probs/tail mass")
+
+
+def log_softmax(logits: mx.array) -> mx.array:
+    logits = logits.astype(mx.float32)
+    return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+
+
+def gather(logprobs: mx.array, ids: mx.array) -> mx.array:
+    """logprobs[..., ids] along the last axis; ids has the same leading shape ([..., k] or [...])."""
+    if ids.ndim == logprobs.ndim - 1:
+        return mx.take_along_axis(logprobs, ids[..., None], axis=-1)[..., 0]
+    return mx.take_along_axis(logprobs, ids, axis=-1)
+
+
+# ---------------------------------------------------------------- per-token divergences
+
+
+def tv_full(q_logprobs: mx.array, s_logprobs: mx.array) -> mx.array:
+    """TV(q_t, s_t) = 0.5 ||q_t - s_t||_1 for full distributions; [..., V] -> [...]."""
+    return 0.5 * mx.abs(mx.exp(q_logprobs) - mx.exp(s_logprobs)).sum(axis=-1)
+
+
+def kl_full(q_logprobs: mx.array, s_logprobs: mx.array) -> mx.array:
+    """KL(q_t || s_t) for full distributions; terms with q = 0 contribute 0."""
+    q = mx.exp(q_logprobs)
+    lq = mx.where(q > 0, q_logprobs, 0.0)
+    return mx.where(q > 0, q * (lq - s_logprobs), 0.0).sum(axis=-1)
+
+
+def _student_tail(s_logprobs: mx.array, ids: mx.array) -> mx.array:
+    """log of the student's mass outside `ids` (exact log-sum-exp over the other logits)."""
+    in_topk = mx.put_along_axis(mx.zeros(s_logprobs.shape, dtype=mx.bool_), ids,
+                                mx.array(True), axis=-1)
+    return mx.logsumexp(mx.where(in_topk, _FILL, s_logprobs), axis=-1)
+
+
+def tv_topk(s_logprobs, topk_ids, topk_logprobs, tail_mass) -> mx.array:
+    """TV between q and s coarsened to top-k + one tail bucket (a lower bound of TV(q, s))."""
+    q = mx.exp(topk_logprobs.astype(mx.float32))
+    s = mx.exp(gather(s_logprobs, topk_ids))
+    s_tail = mx.exp(_student_tail(s_logprobs, topk_ids))
+    q_tail = mx.clip(tail_mass.astype(mx.float32), 0.0, 1.0)
+    return 0.5 * (mx.abs(q - s).sum(axis=-1) + mx.abs(q_tail - s_tail))
+
+
+def kl_topk(s_logprobs, topk_ids, topk_logprobs, tail_mass) -> mx.array:
+    """KL between q and s coarsened to top-k + one tail bucket (<= KL(q || s))."""
+    lq = topk_logprobs.astype(mx.float32)
+    q = mx.exp(lq)
+    lq = mx.where(q > 0, lq, 0.0)
+    head = mx.where(q > 0, q * (lq - gather(s_logprobs, topk_ids)), 0.0).sum(axis=-1)
+    if topk_ids.shape[-1] >= s_logprobs.shape[-1]:
+        return head  # the top-k is the whole vocabulary: no tail bucket
+    q_tail = mx.clip(tail_mass.astype(mx.float32), 0.0, 1.0)
+    log_q_tail = mx.log(mx.maximum(q_tail, 1e-30))
+    tail = mx.where(q_tail > 0, q_tail * (log_q_tail - _student_tail(s_logprobs, topk_ids)), 0.0)
+    return head + tail
+
+
+def soft_terms(kind: str, s_logprobs: mx.array, teacher: Teacher) -> mx.array:
+    """Per-token TV(q_t, s_t) or KL(q_t || s_t), [B, L], from full or top-k teacher log-probs."""
+    if teacher.logprobs is not None:
+        q = teacher.logprobs.astype(mx.float32)
+        return tv_full(q, s_logprobs) if kind == "tv" else kl_full(q, s_logprobs)
+    f = tv_topk if kind == "tv" else kl_topk
+    return f(s_logprobs, teacher.topk_ids, teacher.topk_logprobs, teacher.tail_mass)
+
+
+def hard_terms(kind: str, s_logprobs: mx.array, targets: mx.array) -> mx.array:
+    """Per-token terms for a hard target: 1 - p(target) for TV, -log p(target) for KL/CE."""
+    lp = gather(s_logprobs, targets)
+    return 1.0 - mx.exp(lp) if kind == "tv" else -lp
+
+
+# ---------------------------------------------------------------- the objectives
+
+
+def token_terms(kind: str, logits: mx.array, targets: mx.array, soft: mx.array,
+                teacher: Optional[Teacher] = None) -> mx.array:
+    """[B, L] terms: soft rows (soft[b] true) against q_t, the others against their targets.
+
+    logits[:, t] predicts targets[:, t]; `soft` is [B] (1 for response rows).
+    """
+    s_lp = log_softmax(logits)
+    hard = hard_terms(kind, s_lp, targets)
+    if kind == "ce":
+        return hard
+    if teacher is None:
+        raise ValueError(f"objective {kind!r} needs teacher distributions for the response rows")
+    return mx.where(soft[:, None].astype(mx.bool_), soft_terms(kind, s_lp, teacher), hard)
+
+
+def reduce(terms: mx.array, mask: mx.array, weight: mx.array) -> Tuple[mx.array, mx.array]:
+    """(weighted sum of the target tokens' terms, weighted target-token count)."""
+    w = mask.astype(mx.float32) * weight.astype(mx.float32)[:, None]
+    return (terms * w).sum(), w.sum()
+
+
+def tv(logits, targets, mask, weight, soft, teacher: Optional[Teacher] = None):
+    """The TV bound: u sum_t (1 - p_theta(r_t)) + (1-u) sum_t TV(q_t, s_t); returns (sum, count)."""
+    return reduce(token_terms("tv", logits, targets, soft, teacher), mask, weight)
+
+
+def kl(logits, targets, mask, weight, soft, teacher: Optional[Teacher] = None):
+    """The KL bound: u sum_t -log p_theta(r_t) + (1-u) sum_t KL(q_t || s_t); returns (sum, count)."""
+    return reduce(token_terms("kl", logits, targets, soft, teacher), mask, weight)
+
+
+def ce(logits, targets, mask, weight, soft=None, teacher: Optional[Teacher] = None):
+    """Direct optimisation: cross-entropy on each row's own tokens (r or y); returns (sum, count)."""
+    return reduce(hard_terms("ce", log_softmax(logits), targets), mask, weight)
+
+
+OBJECTIVES = {"tv": tv, "kl": kl, "ce": ce}
+
+
+def row_weights(objective: str, u: float, hard_guard: bool = False) -> Tuple[float, float]:
+    """(refusal-row weight, response-row weight) for a guard verdict u.
+
+    tv/kl: (u, 1-u), or the hard guard's (1[u >= 0.5], 1[u < 0.5]); ce always uses hard labels.
+    """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVE_NAMES)}")
+    u = float(u)
+    if objective == "ce" or hard_guard:
+        return (1.0, 0.0) if u >= 0.5 else (0.0, 1.0)
+    return u, 1.0 - u
+
+
+def needs_teacher(objective: str) -> bool:
+    """Whether response rows need the teacher's distributions q_t (tv, kl) or only y (ce)."""
+    return objective != "ce"
