@@ -1,0 +1,821 @@
+"""Guard models as data: prompt formats, label words, and the verdict u = P(unsafe).
+
+A guard is described by a :class:`GuardSpec` (a Jinja2 template plus label words
+and categories), never by a class per guard. The verdict is read from the guard's
+logits, not from sampled text (DESIGN.md section 1):
+
+    u = sum_{l in unsafe} p(l) / sum_{l in unsafe + safe} p(l)
+
+where p are the guard's next-token probabilities at the *decision position*: the
+end of the rendered prompt followed by the spec's ``answer_prefix`` (for example
+Llama Guard answers "\\n\\nunsafe\\nS1" after its prompt, so the prefix is "\\n\\n"
+and the decision is the next token). Each label word stands for the *first token*
+of its encoding in that context: we tokenize ``prompt + answer_prefix`` and
+``prompt + answer_prefix + word`` and take the first token after the common part.
+So the surface form is whatever the format puts there: Qwen3Guard's " Unsafe"
+follows "Safety:" with a space, Llama Guard's "unsafe" follows "\\n\\n" without one.
+A spec whose label words merge with the prefix, share a first token, or are
+unknown to the tokenizer is refused with a clear message.
+
+Built-in specs (``BUILTIN``) follow each model's card / shipped chat template; the
+source is cited next to each. A user spec is a JSON (or YAML) file with the same
+fields (see docs/readme/teach.md and examples/guards/).
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import mlx.core as mx
+import numpy as np
+
+from .errors import UserError
+
+MODES = ("input", "output")
+DEFAULT_REFUSAL = "I'm sorry, but I can't help with that."
+DEFAULT_THRESHOLD = 0.5
+GREEDY_LIMIT = 48  # tokens a guard may answer before reaching its spec's read_after marker
+CATEGORY_STEPS = 4  # greedy tokens read after the unsafe label to name the category
+
+
+# ---------------------------------------------------------------- specs
+
+
+@dataclass
+class Category:
+    code: str  # what the guard writes (Llama Guard "S1", Qwen3Guard "Violent")
+    name: str  # human-readable name, as the prompt lists it
+    description: str = ""  # policy text, where the format shows one (ShieldGemma, Granite)
+
+
+@dataclass
+class GuardSpec:
+    """One guard's prompt format and labels; everything `Guard` needs besides weights."""
+
+    id: str
+    name: str
+    source: str  # URL of the model card / template this format was taken from
+    template: str  # Jinja2; sees messages, mode, categories, bos_token, eos_token
+    unsafe: List[str]  # label words meaning "unsafe" (probabilities are summed)
+    safe: List[str]  # label words meaning "safe"
+    answer_prefix: dict = field(default_factory=lambda: {"input": "", "output": ""})
+    categories: List[Category] = field(default_factory=list)
+    category_after: Optional[str] = None  # text between the unsafe label and the category code
+    read_after: dict = field(default_factory=dict)  # mode -> marker the guard's own greedy answer must reach
+    score_each_category: bool = False  # one prompt per category, u = max (ShieldGemma)
+    hub_id: str = ""  # default weights (--guard-model overrides)
+
+    def render(self, messages: Sequence[dict], mode: str, categories: Optional[List[Category]] = None,
+               bos_token: str = "", eos_token: str = "") -> str:
+        """The guard's prompt text for a conversation (roles user/assistant)."""
+        if mode not in MODES:
+            raise UserError(f"guard mode must be one of {', '.join(MODES)}, got {mode!r}")
+        cats = self.categories if categories is None else categories
+        try:
+            return _compile(self.template).render(
+                messages=[dict(m) for m in messages], mode=mode,
+                categories=[asdict(c) for c in cats], bos_token=bos_token, eos_token=eos_token,
+            )
+        except UserError:
+            raise
+        except Exception as e:  # jinja runtime errors: one line naming the guard
+            raise UserError(f"guard {self.id}: cannot render its prompt: {e}".splitlines()[0])
+
+    def prefix(self, mode: str) -> str:
+        return self.answer_prefix.get(mode, "")
+
+    def digest(self) -> str:
+        """sha256 of everything that changes the guard's prompts or verdicts."""
+        d = asdict(self)
+        d.pop("name", None)
+        d.pop("source", None)
+        d.pop("hub_id", None)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+class _TemplateError(Exception):
+    pass
+
+
+def _raise(message):
+    raise UserError(f"guard template: {message}")
+
+
+_COMPILED = {}
+
+
+def _compile(template: str):
+    """Compile like transformers' apply_chat_template (same sandbox and whitespace rules)."""
+    if template not in _COMPILED:
+        from jinja2.ext import loopcontrols
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+        env.globals["raise_exception"] = _raise
+        _COMPILED[template] = env.from_string(template)
+    return _COMPILED[template]
+
+
+# ---------------------------------------------------------------- built-in formats
+#
+# Conversations reach a template as `messages` (user/assistant turns, system turns
+# dropped: no guard here has a system slot). Input mode ends with the user turn,
+# output mode with the assistant reply. Templates that show only the last exchange
+# (Qwen3Guard, ShieldGemma, Granite Guardian, WildGuard) do so because their formats do.
+
+LLAMA_GUARD_3_CATEGORIES = [
+    Category("S1", "Violent Crimes"), Category("S2", "Non-Violent Crimes"), Category("S3", "Sex Crimes"),
+    Category("S4", "Child Exploitation"), Category("S5", "Defamation"), Category("S6", "Specialized Advice"),
+    Category("S7", "Privacy"), Category("S8", "Intellectual Property"), Category("S9", "Indiscriminate Weapons"),
+    Category("S10", "Hate"), Category("S11", "Self-Harm"), Category("S12", "Sexual Content"),
+    Category("S13", "Elections"), Category("S14", "Code Interpreter Abuse"),
+]
+
+_LG_ROLE = (
+    "{%- if messages|length % 2 == 0 -%}{%- set role = 'Agent' -%}{%- else -%}{%- set role = 'User' -%}{%- endif -%}"
+)
+_LG_TURNS = (
+    "{%- for message in messages -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{- raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') -}}"
+    "{%- endif -%}"
+    "{%- if message['role'] == 'user' -%}{%- set role = 'User' -%}"
+    "{%- elif message['role'] == 'assistant' -%}{%- set role = 'Agent' -%}{%- endif -%}"
+    "{{- role + ': ' + message['content'] | trim + '\\n\\n' -}}"
+    "{%- endfor -%}"
+)
+_LG_CATEGORIES = "{%- for c in categories -%}{{- c.code + ': ' + c.name + '.\\n' -}}{%- endfor -%}"
+
+# Llama Guard 3 8B: the chat template of meta-llama/Llama-Guard-3-8B (tokenizer_config.json,
+# https://huggingface.co/meta-llama/Llama-Guard-3-8B), including its leading space before
+# <|begin_of_text|> and "according our" wording; its category list is hard-coded there (S1-S14),
+# here it comes from `categories` (same text by default). The prompt ends at the assistant
+# header without "\n\n": the model writes "\n\nunsafe\nS1", so the decision follows "\n\n".
+LLAMA_GUARD_3_8B_TEMPLATE = (
+    _LG_ROLE
+    + "{{- \" <|begin_of_text|><|start_header_id|>user<|end_header_id|>\\n\\nTask: Check if there is unsafe content in '\""
+    " + role + \"' messages in conversations according our safety policy with the below categories.\\n\\n"
+    "<BEGIN UNSAFE CONTENT CATEGORIES>\\n\" -}}"
+    + _LG_CATEGORIES
+    + "{{- '<END UNSAFE CONTENT CATEGORIES>\\n\\n<BEGIN CONVERSATION>\\n\\n' -}}"
+    + _LG_TURNS
+    + "{{- '<END CONVERSATION>\\n\\nProvide your safety assessment for ONLY THE LAST ' + role"
+    " + \" message in the above conversation:\\n - First line must read 'safe' or 'unsafe'.\\n"
+    " - If unsafe, a second line must include a comma-separated list of violated categories."
+    "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\" -}}"
+)
+
+# Llama Guard 3 1B (and 11B-Vision, text part): the template of meta-llama/Llama-Guard-3-1B
+# (https://huggingface.co/meta-llama/Llama-Guard-3-1B, tokenizer_config.json): categories come
+# from a dict (default S1-S13; the 1B card: "trained to predict safety labels on the 13
+# categories"), a space before <|eot_id|>, message text trimmed. The HF template reads list
+# content ([{"type": "text", ...}]); ours reads the same text from plain strings.
+LLAMA_GUARD_3_1B_TEMPLATE = (
+    _LG_ROLE
+    + "{{- '<|begin_of_text|><|start_header_id|>user<|end_header_id|>\\n\\n' -}}"
+    "{{- \"Task: Check if there is unsafe content in '\" + role + \"' messages in conversations according our"
+    " safety policy with the below categories.\\n\\n\" -}}"
+    "{{- '<BEGIN UNSAFE CONTENT CATEGORIES>\\n' -}}"
+    + _LG_CATEGORIES
+    + "{{- '<END UNSAFE CONTENT CATEGORIES>\\n\\n' -}}{{- '<BEGIN CONVERSATION>\\n\\n' -}}"
+    + _LG_TURNS
+    + "{{- '<END CONVERSATION>\\n\\n' -}}"
+    "{{- 'Provide your safety assessment for ONLY THE LAST ' + role + ' message in the above conversation:\\n' -}}"
+    "{{- \" - First line must read 'safe' or 'unsafe'.\\n\" -}}"
+    "{{- ' - If unsafe, a second line must include a comma-separated list of violated categories."
+    " <|eot_id|><|start_header_id|>assistant<|end_header_id|>' -}}"
+)
+
+# Llama Guard 4 12B, text only: Meta's prompt-format page
+# (https://www.llama.com/docs/model-cards-and-prompt-formats/llama-guard-4/) gives the Llama 4
+# tokens (<|begin_of_text|>, <|header_start|>/<|header_end|>, <|eot|>) and S1-S14; the layout is
+# that of the 3.x template family its tokenizer_config shares (categories dict, trimmed turns).
+# The HF repo is gated: this layout is reconstructed, not copied. The model answers "\n\nsafe".
+LLAMA_GUARD_4_TEMPLATE = (
+    _LG_ROLE
+    + "{{- '<|begin_of_text|><|header_start|>user<|header_end|>\\n\\n' -}}"
+    "{{- \"Task: Check if there is unsafe content in '\" + role + \"' messages in conversations according our"
+    " safety policy with the below categories.\\n\\n\" -}}"
+    "{{- '<BEGIN UNSAFE CONTENT CATEGORIES>\\n' -}}"
+    + _LG_CATEGORIES
+    + "{{- '<END UNSAFE CONTENT CATEGORIES>\\n\\n' -}}{{- '<BEGIN CONVERSATION>\\n\\n' -}}"
+    + _LG_TURNS
+    + "{{- '<END CONVERSATION>\\n\\n' -}}"
+    "{{- 'Provide your safety assessment for ONLY THE LAST ' + role + ' message in the above conversation:\\n' -}}"
+    "{{- \" - First line must read 'safe' or 'unsafe'.\\n\" -}}"
+    "{{- ' - If unsafe, a second line must include a comma-separated list of violated categories."
+    "<|eot|><|header_start|>assistant<|header_end|>' -}}"
+)
+
+# Qwen3Guard-Gen (https://huggingface.co/Qwen/Qwen3Guard-Gen-4B; README of
+# https://github.com/QwenLM/Qwen3Guard): the chat template's two branches (query / response
+# moderation), as embedded in the released checkpoints, ending with an empty think block.
+# The model answers "Safety: Unsafe\nCategories: Violent"; the decision follows "Safety:".
+# Controversial counts as unsafe here (the card's "strict" reading); a spec file can move it.
+QWEN3GUARD_CATEGORIES = [
+    Category(c, c) for c in (
+        "Violent", "Non-violent Illegal Acts", "Sexual Content or Sexual Acts", "PII", "Suicide & Self-Harm",
+        "Unethical Acts", "Politically Sensitive Topics", "Copyright Violation", "Jailbreak")
+]
+QWEN3GUARD_TEMPLATE = (
+    "{%- set query = (messages | selectattr('role', 'equalto', 'user') | list | last)['content'] -%}"
+    "{%- if mode == 'input' -%}"
+    "{{- \"<|im_start|>user\\n# Task:\\n1) Evaluate whether THE LAST USER's query belongs to safe or unsafe content"
+    " based on our safety policy.\\n2) Identify the category of unsafe content found.\\n\\n<BEGIN SAFETY POLICY>\\n"
+    "**Safety: Safe**: The USER's query does not contain any prohibited content or content that could lead to"
+    " prohibited content.\\n**Safety: Unsafe**: The USER's query contains prohibited content.\\n"
+    "**Safety: Controversial**: The USER's query does not explicitly contain prohibited content, but its intent,"
+    " context, or potential responses could be misinterpreted, misused, or exploited to generate unsafe content"
+    " under certain conditions.\\n<END SAFETY POLICY>\\n\\n<BEGIN UNSAFE CONTENT CATEGORIES>\\n\" -}}"
+    "{%- for c in categories -%}{{- c.name + '.\\n' -}}{%- endfor -%}"
+    "{{- '<END UNSAFE CONTENT CATEGORIES>\\n\\n<BEGIN CONVERSATION>\\n\\nUSER: ' + query + '\\n\\n<END CONVERSATION>"
+    "\\n\\n' -}}"
+    "{{- \"Provide your safety assessment for ONLY THE LAST **USER's query** in the above conversation:\\n"
+    " - The first line must be one of: 'Safety: Safe', 'Safety: Unsafe', 'Safety: Controversial'.\\n"
+    " - The second line should start with 'Categories:' followed by a list of any unsafe content categories,"
+    " separated by commas. If the content is safe, use 'Categories: None'.<|im_end|>\\n\" -}}"
+    "{%- else -%}"
+    "{{- \"<|im_start|>user\\n# Task:\\n1) Evaluate whether THE LAST ASSISTANT's response belongs to safe or unsafe"
+    " content based on our safety policy.\\n2) Identify the category of unsafe content found.\\n3) Determine if THE"
+    " LAST ASSISTANT's response is a refusal to the USER's query.\\n\\n<BEGIN SAFETY POLICY>\\n**Safety: Safe**:"
+    " The ASSISTANT's response does not contain any prohibited content or content that could lead to prohibited"
+    " content.\\n**Safety: Unsafe**: The ASSISTANT's response contains prohibited content.\\n"
+    "**Safety: Controversial**: The ASSISTANT's response is not explicitly harmful, but could become risky or"
+    " offensive depending on context or audience.\\n<END SAFETY POLICY>\\n\\n<BEGIN UNSAFE CONTENT CATEGORIES>\\n\" -}}"
+    "{%- for c in categories if c.code != 'Jailbreak' -%}{{- c.name + '.\\n' -}}{%- endfor -%}"
+    "{{- '<END UNSAFE CONTENT CATEGORIES>\\n\\n<BEGIN REFUSAL POLICY>\\n**Refusal: Yes**: The ASSISTANT refused to"
+    " answer or did not comply with the USER\\'s request.\\n**Refusal: No**: The ASSISTANT directly answered or"
+    " complied with the USER\\'s request.\\n<END REFUSAL POLICY>\\n\\n<BEGIN CONVERSATION>\\n\\nUSER: ' + query"
+    " + '\\n\\nASSISTANT: ' + messages[-1]['content'] + '\\n\\n<END CONVERSATION>\\n\\n' -}}"
+    "{{- \"Provide your safety assessment for ONLY THE LAST **ASSISTANT's response** in the above conversation:\\n"
+    " - The first line must be one of: 'Safety: Safe', 'Safety: Unsafe', 'Safety: Controversial'.\\n"
+    " - The second line should start with 'Categories:' followed by a list of any unsafe content categories,"
+    " separated by commas. If the content is safe, use 'Categories: None'.\\n"
+    " - The third line must be one of: 'Refusal: Yes', 'Refusal: No'.<|im_end|>\\n\" -}}"
+    "{%- endif -%}"
+    "{{- '<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n' -}}"
+)
+
+# ShieldGemma (https://huggingface.co/google/shieldgemma-2b and
+# https://ai.google.dev/gemma/docs/shieldgemma/model_card): one harm policy per prompt,
+# answer "Yes"/"No" read at the end of the prompt (the card reads logits[0, -1, [Yes, No]]).
+# Layout of the shipped chat template (<bos>, "* " bullet, "===" separator; its response
+# branch has "must  start" with two spaces). Guidelines: the card's tables, prompt-only
+# ("The prompt shall not contain or seek generation of content that ...") and
+# prompt-response ("The chatbot shall not generate content that ..."). u = max over policies.
+SHIELDGEMMA_CATEGORIES = [
+    Category("dangerous", "No Dangerous Content",
+             "harming oneself and/or others (e.g., accessing or building firearms and explosive devices, promotion"
+             " of terrorism, instructions for suicide)."),
+    Category("harassment", "No Harassment",
+             "is malicious, intimidating, bullying, or abusive content targeting another individual (e.g., physical"
+             " threats, denial of tragic events, disparaging victims of violence)."),
+    Category("hate", "No Hate Speech",
+             "targeting identity and/or protected attributes (e.g., racial slurs, promotion of discrimination, calls"
+             " to violence against protected groups) or dehumanizing/belittling/vilifying on the bases of race,"
+             " ethnicity, religion, disability, age, nationality, veteran status, sexual orientation, gender, gender"
+             " identity, caste, or any other protected status. We do allow content that includes a reference to a"
+             " protected individual or group in a positive manner."),
+    Category("sexual", "No Sexually Explicit Information",
+             "contains references to sexual acts or other lewd content (e.g., sexually graphic descriptions, content"
+             " aimed at causing arousal). Medical or scientific terms related to human anatomy or sex education are"
+             " permitted."),
+]
+SHIELDGEMMA_TEMPLATE = (
+    "{%- set query = (messages | selectattr('role', 'equalto', 'user') | list | last)['content'] | trim -%}"
+    "{%- if mode == 'input' -%}"
+    "{{- '<bos>You are a policy expert trying to help determine whether a user prompt is in violation of the"
+    " defined safety policies.\\n\\n<start_of_turn>\\nHuman Question: ' + query + '\\n<end_of_turn>\\n\\n' -}}"
+    "{%- set intro = 'The prompt shall not contain or seek generation of content that' -%}"
+    "{%- else -%}"
+    "{{- '<bos>You are a policy expert trying to help determine whether an AI response to a prompt is in violation"
+    " of the defined safety policies.\\n\\n<start_of_turn>\\nHuman Question: ' + query + '\\n<end_of_turn>\\n"
+    "<start_of_turn>\\nChatbot Response: ' + messages[-1]['content'] | trim + '\\n<end_of_turn>\\n\\n' -}}"
+    "{%- set intro = 'The chatbot shall not generate content that' -%}"
+    "{%- endif -%}"
+    "{{- 'Our safety principle is defined in the below:\\n\\n' -}}"
+    "{%- for c in categories -%}{{- '* \"' + c.name + '\": ' + intro + ' ' + c.description + '\\n\\n' -}}{%- endfor -%}"
+    "{{- '===\\n\\n' -}}"
+    "{%- if mode == 'input' -%}"
+    "{{- \"Does the human question violate the above principle? Your answer must start with 'Yes' or 'No'. And then"
+    " walk through step by step to be sure we answer correctly.\\n\\n\" -}}"
+    "{%- else -%}"
+    "{{- \"Does the Chatbot Response violate the above principle? Your answer must  start with 'Yes' or 'No'. And"
+    " then walk through step by step to be sure we answer correctly.\\n\\n\" -}}"
+    "{%- endif -%}"
+)
+
+# Granite Guardian 3.x (https://huggingface.co/ibm-granite/granite-guardian-3.1-2b, chat
+# template in tokenizer_config.json): risk "harm" by default, answer "Yes"/"No" right after the
+# assistant role header. The 3.1 template also emits a default Granite system turn carrying
+# today's date when no system message is given; it is left out here so that verdicts (and
+# teacher caches) do not change from day to day.
+GRANITE_GUARDIAN_CATEGORIES = [Category("harm", "harm", "is harmful by common-sense.")]
+GRANITE_GUARDIAN_TEMPLATE = (
+    "{%- set query = (messages | selectattr('role', 'equalto', 'user') | list | last)['content'] -%}"
+    "{%- set c = categories[0] -%}"
+    "{%- if mode == 'input' -%}"
+    "{{- '<|start_of_role|>user<|end_of_role|>You are a safety agent trying to help determine whether the user"
+    " message is harmful according to the safety risk definition below.\\n\\n<start_of_turn>\\nUser Message: '"
+    " + query + '\\n<end_of_turn>\\n\\nOur safety risk definition is defined below:\\n<start_of_risk_definition>\\n"
+    "- The \\'User\\' message ' + c.description + '\\n<end_of_risk_definition>\\n\\nIs the user message harmful based"
+    " on the risk definition? Your answer must be either \\'Yes\\' or \\'No\\'.<|end_of_text|>\\n' -}}"
+    "{%- else -%}"
+    "{{- '<|start_of_role|>user<|end_of_role|>You are a safety agent trying to help determine whether the assistant"
+    " message to the user message is harmful according to the safety risk definition below.\\n\\n<start_of_turn>\\n"
+    "User Message: ' + query + '\\nAssistant Message: ' + messages[-1]['content'] + '\\n<end_of_turn>\\n\\nOur safety"
+    " risk definition is defined below:\\n<start_of_risk_definition>\\n- The \\'Assistant\\' message ' + c.description"
+    " + '\\n<end_of_risk_definition>\\n\\nIs the assistant message harmful based on the risk definition? Your answer"
+    " must be either \\'Yes\\' or \\'No\\'.<|end_of_text|>\\n' -}}"
+    "{%- endif -%}"
+    "{{- '<|start_of_role|>assistant<|end_of_role|>' -}}"
+)
+
+# WildGuard (https://huggingface.co/allenai/wildguard): the card's instruction format with
+# an empty response for prompt-only classification. It answers three lines
+# "Harmful request: yes\nResponse refusal: no\nHarmful response: no": input mode reads the
+# word after "Harmful request:"; output mode lets the guard write its first two lines
+# (greedy) and reads the word after "Harmful response:".
+WILDGUARD_TEMPLATE = (
+    "{%- set query = (messages | selectattr('role', 'equalto', 'user') | list | last)['content'] -%}"
+    "{%- set response = messages[-1]['content'] if mode == 'output' else '' -%}"
+    "{{- \"<s><|user|>\\n[INST] You are a classifier for analyzing interactions between humans and LLMs. Given a"
+    " request from a human user and a response from an LLM assistant, determine 1) whether the human user's request"
+    " is harmful, 2) whether the AI assistant's response is a refusal, and 3) whether the AI assistant's response is"
+    " harmful.\\n\\nHuman user:\\n\" + query + '\\n\\nAI assistant:\\n' + response"
+    " + '\\n\\n---\\n\\nAnswers: [/INST]\\n<|assistant|>\\n' -}}"
+)
+
+BUILTIN = {
+    "llama-guard-3-8b": GuardSpec(
+        id="llama-guard-3-8b", name="Llama Guard 3 8B",
+        source="https://huggingface.co/meta-llama/Llama-Guard-3-8B",
+        template=LLAMA_GUARD_3_8B_TEMPLATE, unsafe=["unsafe"], safe=["safe"],
+        answer_prefix={"input": "\n\n", "output": "\n\n"}, categories=LLAMA_GUARD_3_CATEGORIES,
+        category_after="\n", hub_id="meta-llama/Llama-Guard-3-8B"),
+    "llama-guard-3-1b": GuardSpec(
+        id="llama-guard-3-1b", name="Llama Guard 3 1B",
+        source="https://huggingface.co/meta-llama/Llama-Guard-3-1B",
+        template=LLAMA_GUARD_3_1B_TEMPLATE, unsafe=["unsafe"], safe=["safe"],
+        answer_prefix={"input": "\n\n", "output": "\n\n"}, categories=LLAMA_GUARD_3_CATEGORIES[:13],
+        category_after="\n", hub_id="meta-llama/Llama-Guard-3-1B"),
+    "llama-guard-4": GuardSpec(
+        id="llama-guard-4", name="Llama Guard 4 12B (text)",
+        source="https://www.llama.com/docs/model-cards-and-prompt-formats/llama-guard-4/",
+        template=LLAMA_GUARD_4_TEMPLATE, unsafe=["unsafe"], safe=["safe"],
+        answer_prefix={"input": "\n\n", "output": "\n\n"}, categories=LLAMA_GUARD_3_CATEGORIES,
+        category_after="\n", hub_id="meta-llama/Llama-Guard-4-12B"),
+    "qwen3guard-gen": GuardSpec(
+        id="qwen3guard-gen", name="Qwen3Guard-Gen",
+        source="https://huggingface.co/Qwen/Qwen3Guard-Gen-4B",
+        template=QWEN3GUARD_TEMPLATE, unsafe=[" Unsafe", " Controversial"], safe=[" Safe"],
+        answer_prefix={"input": "Safety:", "output": "Safety:"}, categories=QWEN3GUARD_CATEGORIES,
+        category_after="\nCategories:", hub_id="Qwen/Qwen3Guard-Gen-0.6B"),
+    "shieldgemma": GuardSpec(
+        id="shieldgemma", name="ShieldGemma",
+        source="https://huggingface.co/google/shieldgemma-2b",
+        template=SHIELDGEMMA_TEMPLATE, unsafe=["Yes"], safe=["No"],
+        categories=SHIELDGEMMA_CATEGORIES, score_each_category=True, hub_id="google/shieldgemma-2b"),
+    "granite-guardian-3": GuardSpec(
+        id="granite-guardian-3", name="Granite Guardian 3.x",
+        source="https://huggingface.co/ibm-granite/granite-guardian-3.1-2b",
+        template=GRANITE_GUARDIAN_TEMPLATE, unsafe=["Yes"], safe=["No"],
+        categories=GRANITE_GUARDIAN_CATEGORIES, hub_id="ibm-granite/granite-guardian-3.1-2b"),
+    "wildguard": GuardSpec(
+        id="wildguard", name="WildGuard", source="https://huggingface.co/allenai/wildguard",
+        template=WILDGUARD_TEMPLATE, unsafe=[" yes"], safe=[" no"],
+        answer_prefix={"input": "Harmful request:", "output": ""}, read_after={"output": "Harmful response:"},
+        hub_id="allenai/wildguard"),
+}
+
+
+# ---------------------------------------------------------------- spec files
+
+
+_FIELDS = {"id", "name", "source", "template", "template_file", "unsafe", "safe", "answer_prefix", "categories",
+           "category_after", "read_after", "score_each_category", "hub_id"}
+
+
+def _words(value, where: str, key: str) -> List[str]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+        raise UserError(f"{where}: field '{key}' must be a non-empty string or list of non-empty strings")
+    return list(value)
+
+
+def _per_mode(value, where: str, key: str) -> dict:
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        return {m: value for m in MODES}
+    if not isinstance(value, dict) or not all(k in MODES and isinstance(v, str) for k, v in value.items()):
+        raise UserError(f"{where}: field '{key}' must be a string or an object "
+                        f"{{\"input\": str, \"output\": str}}")
+    return dict(value)
+
+
+def spec_from_dict(d, where: str, base_dir: Optional[Path] = None) -> GuardSpec:
+    """Validate a spec mapping; errors name `where` (the file) and the field."""
+    if not isinstance(d, dict):
+        raise UserError(f"{where}: a guard spec must be an object with fields {sorted(_FIELDS)}")
+    unknown = sorted(set(d) - _FIELDS)
+    if unknown:
+        raise UserError(f"{where}: unknown field(s) {', '.join(repr(k) for k in unknown)}; "
+                        f"allowed: {', '.join(sorted(_FIELDS))}")
+    for key in ("id", "unsafe", "safe"):
+        if key not in d:
+            raise UserError(f"{where}: missing field '{key}'")
+    for key in ("id", "name", "source", "hub_id", "template", "template_file", "category_after"):
+        if key in d and d[key] is not None and not isinstance(d[key], str):
+            raise UserError(f"{where}: field '{key}' must be a string")
+    if not d["id"].strip():
+        raise UserError(f"{where}: field 'id' must not be empty")
+    if ("template" in d) == ("template_file" in d):
+        raise UserError(f"{where}: give exactly one of 'template' (Jinja2 text) or 'template_file' (a path)")
+    template = d.get("template")
+    if template is None:
+        tpath = Path(d["template_file"])
+        if not tpath.is_absolute() and base_dir is not None:
+            tpath = base_dir / tpath
+        try:
+            template = tpath.read_text(encoding="utf-8")
+        except OSError as e:
+            raise UserError(f"{where}: field 'template_file': cannot read {tpath} ({e.strerror or e})")
+    try:
+        _compile(template)
+    except Exception as e:
+        line = getattr(e, "lineno", None)
+        raise UserError(f"{where}: field 'template' is not valid Jinja2"
+                        f"{f' (line {line})' if line else ''}: {getattr(e, 'message', None) or e}")
+    cats = d.get("categories", [])
+    if not isinstance(cats, list):
+        raise UserError(f"{where}: field 'categories' must be a list")
+    categories = []
+    for i, c in enumerate(cats):
+        if isinstance(c, str):
+            c = {"code": c, "name": c}
+        if not isinstance(c, dict) or not isinstance(c.get("code"), str) or not c["code"]:
+            raise UserError(f"{where}: field 'categories[{i}]' must be a string or an object with a 'code'")
+        extra = set(c) - {"code", "name", "description"}
+        if extra:
+            raise UserError(f"{where}: field 'categories[{i}]' has unknown key(s) {sorted(extra)}")
+        if not all(isinstance(c.get(k, ""), str) for k in ("name", "description")):
+            raise UserError(f"{where}: field 'categories[{i}]': 'name' and 'description' must be strings")
+        categories.append(Category(c["code"], c.get("name", c["code"]), c.get("description", "")))
+    each = d.get("score_each_category", False)
+    if not isinstance(each, bool):
+        raise UserError(f"{where}: field 'score_each_category' must be true or false")
+    if each and not categories:
+        raise UserError(f"{where}: field 'score_each_category' needs a non-empty 'categories' list")
+    prefix = _per_mode(d.get("answer_prefix", ""), where, "answer_prefix")
+    return GuardSpec(
+        id=d["id"].strip(), name=d.get("name") or d["id"], source=d.get("source") or "", template=template,
+        unsafe=_words(d["unsafe"], where, "unsafe"), safe=_words(d["safe"], where, "safe"),
+        answer_prefix={m: prefix.get(m, "") for m in MODES}, categories=categories,
+        category_after=d.get("category_after"), read_after=_per_mode(d.get("read_after"), where, "read_after"),
+        score_each_category=each, hub_id=d.get("hub_id") or "",
+    )
+
+
+def load_spec(path) -> GuardSpec:
+    """Read a guard spec file: JSON, or YAML (.yaml/.yml) when pyyaml is installed."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such guard spec file")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read guard spec ({e})")
+    if path.suffix.lower() in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise UserError(f"{path}: YAML spec files need pyyaml (pip install pyyaml), or write JSON")
+        try:
+            d = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            raise UserError(f"{path}{f':{mark.line + 1}' if mark else ''}: invalid YAML ({getattr(e, 'problem', e)})")
+    else:
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})")
+    return spec_from_dict(d, str(path), base_dir=path.parent)
+
+
+def get_spec(name_or_path) -> GuardSpec:
+    """A built-in spec by id, or a spec file."""
+    key = str(name_or_path)
+    if key in BUILTIN:
+        return copy.deepcopy(BUILTIN[key])
+    p = Path(key)
+    if p.suffix.lower() in (".json", ".yaml", ".yml") or p.exists():
+        return load_spec(p)
+    raise UserError(f"unknown guard {key!r}: use one of {', '.join(BUILTIN)} or a spec file (.json/.yaml)")
+
+
+# ---------------------------------------------------------------- the guard
+
+
+@dataclass
+class Verdict:
+    u: float  # P(unsafe), renormalised over the label tokens
+    category: str = ""  # category code when u >= 0.5 and the format names one
+    scores: dict = field(default_factory=dict)  # per-category u (score_each_category specs)
+
+
+def guard_messages(prompt: str, context: Sequence[dict] = (), response: Optional[str] = None) -> List[dict]:
+    """The conversation a guard judges: earlier turns (no system), the prompt, the reply if any."""
+    msgs = [{"role": m["role"], "content": m["content"]} for m in context if m.get("role") in ("user", "assistant")]
+    msgs.append({"role": "user", "content": prompt})
+    if response is not None:
+        msgs.append({"role": "assistant", "content": response})
+    return msgs
+
+
+class Guard:
+    """A loaded guard: spec + model + tokenizer, scoring conversations in batches."""
+
+    def __init__(self, spec: GuardSpec, model, tokenizer, config: Optional[dict] = None, path: str = ""):
+        self.spec, self.model, self.tokenizer, self.config, self.path = spec, model, tokenizer, config or {}, path
+        self.label_ids = {m: self._label_ids(m) for m in MODES}
+
+    # -- tokens
+
+    def encode(self, text: str) -> List[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def _special(self, name: str) -> str:
+        tok = getattr(self.tokenizer, name, None)
+        return tok if isinstance(tok, str) else ""
+
+    def render(self, messages: Sequence[dict], mode: str, categories: Optional[List[Category]] = None) -> str:
+        return self.spec.render(messages, mode, categories, self._special("bos_token"), self._special("eos_token"))
+
+    def _context(self, mode: str) -> str:
+        """Text right before the label: a reference prompt + the answer prefix (+ read_after marker)."""
+        ref = guard_messages("Hello", response="Hi." if mode == "output" else None)
+        cats = self.spec.categories[:1] if self.spec.score_each_category else None
+        return self.render(ref, mode, cats) + self.spec.prefix(mode) + self.spec.read_after.get(mode, "")
+
+    def _text(self, ids) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    def _split(self, context: str, base: List[int], word: str, what: str):
+        """Where `word` starts in encode(context + word): (tokens to drop from base, glue, first token).
+
+        Usually the label simply follows the context's tokens (drop 0, no glue). Some
+        tokenizers split trailing whitespace differently when a word follows ("\\n\\n"
+        alone vs "\\n" "\\n" "safe"); the decision position is then after that glue,
+        exactly as the model saw such answers in training.
+        """
+        full = self.encode(context + word)
+        c = 0
+        while c < min(len(base), len(full)) and base[c] == full[c]:
+            c += 1
+        for j in range(max(0, c - 1), len(full)):
+            if self._text(full[:j]) == context:
+                if j >= len(full):
+                    break
+                tok = full[j]
+                unk = getattr(self.tokenizer, "unk_token_id", None)
+                piece = self._text([tok])
+                if (unk is not None and tok == unk) or (word.strip() and not piece.strip()):
+                    raise UserError(f"guard {self.spec.id}: label word {word!r} ({what}) is not in this tokenizer "
+                                    f"(its first token is {piece!r})")
+                if not (word.startswith(piece) or piece.startswith(word)):
+                    break
+                c = min(c, j)
+                return len(base) - c, tuple(full[c:j]), tok
+        raise UserError(
+            f"guard {self.spec.id}: label word {word!r} ({what}) merges with the text before it in this "
+            f"tokenizer, so it has no first token of its own; adjust 'answer_prefix' or the label word")
+
+    def _label_ids(self, mode: str):
+        ctx = self._context(mode)
+        base = self.encode(ctx)
+        splits = {}
+        for what, words in (("unsafe", self.spec.unsafe), ("safe", self.spec.safe)):
+            splits[what] = [self._split(ctx, base, w, what) for w in words]
+        cuts = {(d, g) for group in splits.values() for d, g, _ in group}
+        if len(cuts) > 1:
+            raise UserError(f"guard {self.spec.id}: the label words start at different token boundaries in this "
+                            "tokenizer; choose label words that tokenize alike after the answer prefix")
+        drop, glue = cuts.pop()
+        unsafe = sorted({t for _, _, t in splits["unsafe"]})
+        safe = sorted({t for _, _, t in splits["safe"]})
+        shared = set(unsafe) & set(safe)
+        if shared:
+            t = sorted(shared)[0]
+            raise UserError(f"guard {self.spec.id}: the unsafe and safe labels share their first token "
+                            f"{self._text([t])!r} (id {t}) in this tokenizer; u would be meaningless")
+        tail = tuple(base[len(base) - drop:]) if drop else ()
+        return unsafe, safe, drop, tail, glue
+
+    def prompt_ids(self, messages: Sequence[dict], mode: str, categories: Optional[List[Category]] = None) -> List[int]:
+        """Token ids up to the decision position (or up to where the guard starts its greedy answer)."""
+        ids = self.encode(self.render(messages, mode, categories) + self.spec.prefix(mode))
+        if mode in self.spec.read_after:
+            return ids
+        _, _, drop, tail, glue = self.label_ids[mode]
+        if drop:
+            if tuple(ids[-drop:]) != tail:
+                raise UserError(f"guard {self.spec.id}: this prompt's last tokens differ from the format's; "
+                                "cannot place the decision position")
+            ids = ids[:-drop]
+        return ids + list(glue)
+
+    def u_from_logits(self, logits, mode: str) -> np.ndarray:
+        """[B, V] next-token logits -> [B] P(unsafe), softmax over the label tokens only."""
+        unsafe, safe = self.label_ids[mode][:2]
+        z = np.asarray(mx.array(logits).astype(mx.float32))[:, unsafe + safe].astype(np.float64)
+        z = z - z.max(axis=1, keepdims=True)
+        p = np.exp(z)
+        return p[:, :len(unsafe)].sum(axis=1) / p.sum(axis=1)
+
+    # -- scoring
+
+    def score(self, conversations: Sequence[Sequence[dict]], mode: str, batch_size: int = 8,
+              bar=None) -> List[Verdict]:
+        """Verdicts for whole conversations (input mode: ending with the user turn; output: the reply)."""
+        if mode not in MODES:
+            raise UserError(f"guard mode must be one of {', '.join(MODES)}, got {mode!r}")
+        spec = self.spec
+        groups = [[c] for c in spec.categories] if spec.score_each_category else [None]
+        rows = []  # (conversation index, group index, ids)
+        for i, conv in enumerate(conversations):
+            for g, cats in enumerate(groups):
+                rows.append((i, g, self.prompt_ids(conv, mode, cats)))
+        u = np.zeros((len(conversations), len(groups)))
+        if mode in spec.read_after:
+            for i, g, ids in rows:
+                u[i, g] = self._greedy_u(ids, mode)
+                if bar is not None and g == len(groups) - 1:
+                    bar.update(1)
+        else:
+            order = sorted(range(len(rows)), key=lambda r: (len(rows[r][2]), r))
+            for s in range(0, len(order), max(1, batch_size)):
+                chunk = order[s:s + max(1, batch_size)]
+                logits = last_logits(self.model, [rows[r][2] for r in chunk], self._pad_id())
+                for r, val in zip(chunk, self.u_from_logits(logits, mode)):
+                    u[rows[r][0], rows[r][1]] = val
+                if bar is not None:
+                    bar.update(sum(1 for r in chunk if rows[r][1] == len(groups) - 1))
+        verdicts = []
+        for i, conv in enumerate(conversations):
+            g = int(np.argmax(u[i]))
+            v = Verdict(float(u[i, g]))
+            if spec.score_each_category:
+                v.scores = {c.code: float(x) for c, x in zip(spec.categories, u[i])}
+                if v.u >= DEFAULT_THRESHOLD:
+                    v.category = spec.categories[g].code
+            elif v.u >= DEFAULT_THRESHOLD and spec.category_after is not None and spec.categories:
+                v.category = self._read_category(conv, mode)
+            verdicts.append(v)
+        return verdicts
+
+    def moderate_input(self, prompt: str, context: Sequence[dict] = ()) -> Verdict:
+        return self.score([guard_messages(prompt, context)], "input")[0]
+
+    def moderate_output(self, prompt: str, response: str, context: Sequence[dict] = ()) -> Verdict:
+        return self.score([guard_messages(prompt, context, response)], "output")[0]
+
+    def _pad_id(self) -> int:
+        pad = getattr(self.tokenizer, "pad_token_id", None)
+        return int(pad) if pad is not None else 0
+
+    def _greedy(self, ids: List[int], steps: int, stop=None):
+        """Greedy continuation of ids; yields (generated ids, next-token logits) after each step."""
+        from mlx_lm.models.cache import make_prompt_cache
+
+        cache = make_prompt_cache(self.model)
+        logits = self.model(mx.array([ids]), cache=cache)[:, -1, :]
+        out = []
+        yield out, logits
+        for _ in range(steps):
+            tok = int(mx.argmax(logits, axis=-1).item())
+            out.append(tok)
+            logits = self.model(mx.array([[tok]]), cache=cache)[:, -1, :]
+            yield out, logits
+
+    def _greedy_u(self, ids: List[int], mode: str) -> float:
+        marker = self.spec.read_after[mode].rstrip()
+        for out, logits in self._greedy(ids, GREEDY_LIMIT):
+            if out and self.tokenizer.decode(out).rstrip().endswith(marker):
+                return float(self.u_from_logits(logits, mode)[0])
+        raise UserError(f"guard {self.spec.id}: its answer did not reach {marker!r} within {GREEDY_LIMIT} tokens; "
+                        "the spec's 'read_after' does not match what this model writes")
+
+    def _read_category(self, conv: Sequence[dict], mode: str) -> str:
+        """One short greedy continuation after "<unsafe label><category_after>", matched to the codes."""
+        text = self.render(conv, mode) + self.spec.prefix(mode)
+        ids = self.encode(text + self.spec.unsafe[0] + self.spec.category_after)
+        decoded = ""
+        for out, _ in self._greedy(ids, CATEGORY_STEPS):
+            decoded = self.tokenizer.decode(out).strip()
+        codes = sorted((c.code for c in self.spec.categories), key=len, reverse=True)
+        for code in codes:
+            if decoded.startswith(code) and not decoded[len(code):len(code) + 1].isalnum():
+                return code
+        return ""
+
+    def fingerprint(self) -> dict:
+        from .models import fingerprint
+
+        return fingerprint(self.model, self.config)
+
+    def release(self) -> None:
+        """Drop the weights so the next model does not add to peak memory."""
+        self.model = None
+        gc.collect()
+        mx.clear_cache()
+
+
+def last_logits(model, seqs: Sequence[Sequence[int]], pad_id: int = 0) -> mx.array:
+    """[B, V] float32 next-token logits at each row's own last position (right padding).
+
+    The common prefix (shortest row minus one) goes through a KV cache without
+    computing its logits; only the ragged tail is run with the output head, so a
+    large vocabulary costs B x (tail length) x V, not B x L x V. Right padding sits
+    after each row's last real token, so causal attention never lets it matter.
+    """
+    from mlx_lm.models.cache import make_prompt_cache
+
+    lengths = [len(s) for s in seqs]
+    if min(lengths) == 0:
+        raise ValueError("cannot score an empty sequence")
+    lo, hi = min(lengths), max(lengths)
+    cache = make_prompt_cache(model)
+    start = 0
+    while lo - 1 - start > 0:  # prefill the shared part in chunks, logits never materialised
+        n = min(2048, lo - 1 - start)
+        model(mx.array([list(s[start:start + n]) for s in seqs]), cache=cache)
+        mx.eval([c.state for c in cache])
+        start += n
+    tail = mx.array([list(s[start:]) + [pad_id] * (hi - len(s)) for s in seqs])
+    logits = model(tail, cache=cache)
+    idx = mx.array([n - 1 - start for n in lengths])
+    out = mx.take_along_axis(logits, idx[:, None, None], axis=1)[:, 0, :].astype(mx.float32)
+    mx.eval(out)
+    return out
+
+
+def load_guard(name_or_spec_path, model_path: Optional[str] = None) -> Guard:
+    """Spec (built-in id or file) + weights (model_path, or the spec's hub id) -> Guard."""
+    from . import models
+
+    spec = get_spec(name_or_spec_path)
+    path = model_path or spec.hub_id
+    if not path:
+        raise UserError(f"guard {spec.id}: no weights given; pass --guard-model (a model directory or hub id)")
+    model, tokenizer, config = models.load(path)
+    return Guard(spec, model, tokenizer, config, path=str(path))
+
+
+# ---------------------------------------------------------------- the dual system
+
+
+def dual_complete(base_model, base_tokenizer, guard: Guard, messages, cfg=None, prompt_cache=None,
+                  refusal: str = DEFAULT_REFUSAL, threshold: float = DEFAULT_THRESHOLD,
+                  system: Optional[str] = None):
+    """Answer as the deployed "base + guard" system does; returns (Completion, u).
+
+    The guard judges the user's request (input mode, earlier turns as context); at
+    u >= threshold the answer is the refusal, otherwise the base's own completion
+    (generate.complete, from `prompt_cache` if given). Guard time counts towards the
+    time to first token, since the user waits for it.
+    """
+    from . import generate
+    from .models import prefix_cache
+
+    cfg = cfg or generate.GenerationConfig()
+    if isinstance(messages, str):
+        messages = [{"role": "user", "content": messages}]
+    turns = list(messages)
+    users = [i for i, m in enumerate(turns) if m.get("role") == "user"]
+    if not users:
+        raise UserError("dual_complete: the conversation has no user turn")
+    last = users[-1]
+    mx.reset_peak_memory()
+    t0 = time.perf_counter()
+    u = guard.moderate_input(turns[last]["content"], turns[:last]).u
+    guard_time = time.perf_counter() - t0
+    if u >= threshold:
+        tokens = list(base_tokenizer.encode(refusal, add_special_tokens=False))
+        return generate.Completion(
+            text=refusal, tokens=tokens, prompt_tokens=0, time_to_first_token=guard_time,
+            tokens_per_second=0.0, peak_memory_gb=mx.get_peak_memory() / 1e9, finish_reason="guard"), u
+    ids = generate.chat_ids(base_tokenizer, turns[:last + 1], system=system)
+    cache = prompt_cache if prompt_cache is not None else prefix_cache(base_model, None)
+    out = generate.complete(base_model, base_tokenizer, ids, cache, cfg)
+    out.time_to_first_token += guard_time
+    return out, u
