@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import mlx.core as mx
+
 from . import __version__, models, prompt_file as pf
 from .errors import UserError
 
@@ -302,6 +304,7 @@ def open_bundle(path, prompt_file_override: Optional[Path] = None):
         cache, meta = load_prompt_cache(str(cpath), return_metadata=True)
     except Exception as e:
         raise UserError(f"{cpath}: not a readable prompt cache ({type(e).__name__}: {e})".splitlines()[0])
+    mx.eval([c.state for c in cache])  # read now: lazy loads are tied to this thread's stream
     if meta.get("prompt_sha256") != manifest["files"][PROMPT]["sha256"]:
         raise UserError(f"{cpath}: computed for another prompt file than {PROMPT}")
     if meta.get("base_embedding_hash") != fp["embedding_hash"]:

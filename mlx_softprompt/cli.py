@@ -111,6 +111,135 @@ def generate(
         typer.echo(out.text)
 
 
+# ---------------------------------------------------------------- shipping and local use
+
+
+@app.command()
+def bundle(
+    base: str = typer.Option(..., "--base", help="The MLX base model (directory or hub id)."),
+    prompt_file: Path = typer.Option(..., "--prompt-file", help="The trained soft prompt."),
+    out: Path = typer.Option(..., "--out", help="Bundle directory to create (must not exist or be empty)."),
+    quantize: bool = typer.Option(False, "-q", "--quantize", help="Quantize the base (mlx-lm affine)."),
+    q_bits: int = typer.Option(4, "--q-bits", help="Bits per weight."),
+    q_group_size: int = typer.Option(64, "--q-group-size", help="Quantization group size."),
+    eval_report: Optional[Path] = typer.Option(None, "--eval-report", help="An eval report.json to summarise."),
+):
+    """Base (optionally quantized) + prompt file + P's KV cache + model card -> one directory."""
+    from .bundle import BundleConfig, make_bundle
+
+    cfg = BundleConfig(base=base, prompt_file=prompt_file, out=out, quantize=quantize, q_bits=q_bits,
+                       q_group_size=q_group_size, eval_report=eval_report)
+    typer.echo(f"wrote {make_bundle(cfg, log=lambda s: typer.echo(s, err=True))}")
+
+
+def _open_for_use(path: Optional[str], model: Optional[str], prompt_file: Optional[Path]):
+    from .session import open_system
+
+    if path is not None and model is not None:
+        raise UserError("give either a bundle directory or --model, not both")
+    return open_system(path or model, prompt_file)
+
+
+@app.command()
+def chat(
+    path: Optional[str] = typer.Argument(None, help="A bundle directory (or use --model/--prompt-file)."),
+    model: Optional[str] = typer.Option(None, "--model", help="MLX model dir or hub id."),
+    prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", help="Soft prompt to put in front."),
+    system: Optional[str] = typer.Option(None, "--system", help="A system message (after the soft prompt)."),
+    max_tokens: int = typer.Option(256, "--max-tokens"),
+    temp: float = typer.Option(0.0, "--temp"),
+    top_p: float = typer.Option(1.0, "--top-p"),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    guard: Optional[str] = typer.Option(None, "--guard", help="Chat with the dual system (base + this guard) instead."),
+    compare: Optional[str] = typer.Option(None, "--compare", help="Show the soft prompt's and the dual system's "
+                                                                  "(base + this guard) answers, one after the other."),
+    guard_model: Optional[str] = typer.Option(None, "--guard-model", help="The guard's weights (dir or hub id)."),
+):
+    """Interactive multi-turn chat (stdin may be a pipe: one user message per line)."""
+    from .chat import ChatConfig, Conversation, DualConversation, run
+
+    if guard and compare:
+        raise UserError("give --guard or --compare, not both")
+    sys_ = _open_for_use(path, model, prompt_file)
+    if sys_.prompt is None and not guard:
+        typer.echo("warning: no soft prompt given: this is the bare base model", err=True)
+    cfg = ChatConfig(max_tokens=max_tokens, temp=temp, top_p=top_p, seed=seed, system=system)
+    conversations = []
+    if not guard:
+        conversations.append(Conversation(sys_, system))
+    if guard or compare:
+        from .guards import load_guard
+
+        g = load_guard(guard or compare, guard_model)
+        conversations.append(DualConversation(sys_, g, system))
+    n = sys_.prompt.shape[0] if sys_.prompt is not None else 0
+    mode = "dual system" if guard else f"soft prompt of {n} virtual tokens" + (" vs the dual system" if compare else "")
+    run(conversations, cfg, banner=f"{sys_.name}: {mode}")
+
+
+@app.command()
+def serve(
+    path: Optional[str] = typer.Argument(None, help="A bundle directory (or use --model/--prompt-file)."),
+    model: Optional[str] = typer.Option(None, "--model", help="MLX model dir or hub id."),
+    prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", help="Soft prompt to put in front."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (loopback by default)."),
+    port: int = typer.Option(8080, "--port"),
+    model_id: Optional[str] = typer.Option(None, "--model-id", help="The id clients use (default: the bundle name or model path)."),
+    max_tokens: int = typer.Option(256, "--max-tokens", help="Default when a request sets none."),
+    temp: float = typer.Option(0.0, "--temp", help="Default temperature when a request sets none."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Default top-p when a request sets none."),
+    context_length: Optional[int] = typer.Option(None, "--context-length", help="Default: the base's max_position_embeddings."),
+):
+    """OpenAI-compatible HTTP server (/v1/chat/completions, /v1/models); the soft prompt is always applied."""
+    from .server import ServerConfig, serve as run
+
+    sys_ = _open_for_use(path, model, prompt_file)
+    if sys_.prompt is None:
+        typer.echo("warning: no soft prompt given: serving the bare base model", err=True)
+    run(sys_, ServerConfig(host=host, port=port, model_id=model_id, max_tokens=max_tokens, temp=temp,
+                           top_p=top_p, context_length=context_length))
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+@app.command("eval")
+def eval_(
+    model: str = typer.Option(..., "--model", help="The base model (MLX dir or hub id)."),
+    prompt_file: List[Path] = typer.Option([], "--prompt-file", help="A soft-prompt file to evaluate (repeatable)."),
+    adapter: List[Path] = typer.Option([], "--adapter", help="A LoRA adapter file (repeatable)."),
+    steer: List[Path] = typer.Option([], "--steer", help="A steering-vector file (repeatable)."),
+    system_prompt: Optional[str] = typer.Option(None, "--system-prompt", help="A textual safety system prompt to evaluate."),
+    guard: Optional[str] = typer.Option(None, "--guard", "--dual-guard",
+                                        help="Guard spec (built-in id or spec file): adds the dual system and the guard judge."),
+    guard_model: Optional[str] = typer.Option(None, "--guard-model", help="The guard's weights (MLX dir or hub id)."),
+    suite: str = typer.Option("harmful,benign,borderline", "--suite",
+                              help="Comma-separated sources (harmful, harmbench, strongreject, benign, borderline) or .jsonl files."),
+    split: str = typer.Option("test", "--split", help="train | val | test | all (the data layer's fixed splits)."),
+    seed: int = typer.Option(0, "--seed", help="Split seed (must match training's)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="At most N prompts of each label."),
+    max_tokens: int = typer.Option(64, "--max-tokens", help="Tokens generated per answer (greedy)."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Prompts generated together."),
+    timing_prompts: int = typer.Option(8, "--timing-prompts", help="Requests timed one by one for the cost figures."),
+    refusal: Optional[str] = typer.Option(None, "--refusal", help="The dual system's refusal text."),
+    threshold: float = typer.Option(0.5, "--threshold", help="Guard threshold (u >= threshold is unsafe)."),
+    mc: Optional[Path] = typer.Option(None, "--mc", help="Optional multiple-choice JSONL {question, choices, answer}."),
+    out: Path = typer.Option(Path("report.json"), "--out", help="Where to write the report (atomically)."),
+):
+    """Safety, over-refusal, agreement with the dual system, utility and cost -> report.json."""
+    from . import evaluate as ev
+
+    cfg = ev.EvalConfig(max_tokens=max_tokens, batch_size=batch_size, timing_prompts=timing_prompts,
+                        threshold=threshold, refusal=refusal or ev.DEFAULT_REFUSAL)
+    args = ev.EvalArgs(model=model, prompt_files=[str(p) for p in prompt_file], adapters=[str(p) for p in adapter],
+                       steers=[str(p) for p in steer], system_prompt=system_prompt, guard=guard,
+                       guard_model=guard_model, suite=suite, split=split, seed=seed, limit=limit,
+                       mc=str(mc) if mc else None, out=str(out))
+    report = ev.run(args, cfg)
+    typer.echo(ev.summary_table(report))
+    typer.echo(f"wrote {out}")
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     from .blas import maybe_reexec
 

@@ -1,0 +1,191 @@
+"""Interactive multi-turn chat with the soft prompt always in front.
+
+A conversation keeps one key/value cache that starts as a copy of P's cache
+and grows turn by turn: each new turn prefills only the tokens the cache does
+not hold yet (the common prefix with the re-templated conversation is kept,
+a divergent tail is trimmed), so P is never recomputed and earlier turns are
+not prefilled again. Caches that cannot be trimmed fall back to a fresh copy
+of P's cache plus the whole conversation: still no P prefill.
+
+`--guard G` answers as the dual system (base + guard, guards.dual_complete);
+`--compare G` prints the soft prompt's answer and the dual system's, labelled,
+one after the other. Reads one user message per line from a pipe as well as
+from a terminal.
+"""
+
+import sys
+from dataclasses import dataclass
+from typing import Iterator, List, Optional
+
+import mlx.core as mx
+
+from . import generate
+from .generate import GenerationConfig
+
+COMMANDS = {"/reset": "forget the conversation (the soft prompt stays)", "/quit": "leave", "/exit": "leave",
+            "/help": "this help"}
+
+
+@dataclass
+class ChatConfig:
+    max_tokens: int = 256
+    temp: float = 0.0
+    top_p: float = 1.0
+    seed: Optional[int] = None
+    system: Optional[str] = None  # a system message at the start of every conversation
+
+    def generation(self) -> GenerationConfig:
+        # seeded once per chat (in `run`), not per turn: turns are fresh samples
+        return GenerationConfig(max_tokens=self.max_tokens, temp=self.temp, top_p=self.top_p, seed=None)
+
+
+class Conversation:
+    """Messages plus a cache holding [P; the tokens fed so far], extended turn by turn."""
+
+    label = "soft prompt"
+
+    def __init__(self, system, system_text: Optional[str] = None):
+        self.sys, self.system_text = system, system_text
+        self.reset()
+
+    def reset(self) -> None:
+        self.messages: List[dict] = []
+        self.cache = generate.copy_cache(self.sys.cache)
+        self.held: Optional[List[int]] = []  # conversation tokens whose keys/values the cache holds
+        self.n = self._offset()
+
+    def _offset(self) -> Optional[int]:
+        offsets = {getattr(c, "offset", None) for c in self.cache}
+        return offsets.pop() if len(offsets) == 1 and None not in offsets else None
+
+    def _start(self, ids: List[int]) -> int:
+        """Make the cache hold a prefix of `ids`; return its length (what needs no prefill)."""
+        from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
+        from mlx_lm.utils import common_prefix_len
+
+        if self.held is not None and self.n is not None:
+            keep = min(common_prefix_len(self.held, ids), len(ids) - 1)
+            drop = len(self.held) - keep
+            if drop == 0:
+                return keep
+            if can_trim_prompt_cache(self.cache) and trim_prompt_cache(self.cache, drop) == drop:
+                self.held = self.held[:keep]
+                return keep
+        self.cache = generate.copy_cache(self.sys.cache)
+        self.held = []
+        return 0
+
+    def reply(self, text: str, cfg: GenerationConfig) -> Iterator[str]:
+        """Stream the answer to `text` piece by piece; the turn is recorded even if cut short."""
+        self.messages.append({"role": "user", "content": text})
+        ids = generate.chat_ids(self.sys.tokenizer, self.messages, system=self.system_text)
+        start = self._start(ids)
+        pieces, tokens = [], []
+        try:
+            for r in generate.stream(self.sys.model, self.sys.tokenizer, ids[start:], self.cache, cfg):
+                tokens.append(int(r.token))
+                pieces.append(r.text)
+                yield r.text
+        finally:
+            self.messages.append({"role": "assistant", "content": "".join(pieces)})
+            offset = self._offset()
+            fed = ids + tokens
+            held = None if offset is None or self.n is None else offset - self.n
+            # the cache holds exactly the first `held` tokens of prompt + answer
+            self.held = fed[:held] if held is not None and 0 <= held <= len(fed) else None
+
+
+class DualConversation:
+    """The dual system (base + guard), turn by turn; answers arrive whole, after the guard."""
+
+    label = "dual system"
+
+    def __init__(self, system, guard, system_text: Optional[str] = None):
+        self.sys, self.guard, self.system_text = system, guard, system_text
+        self.label = f"dual system: base + {guard.spec.id}"
+        self.reset()
+
+    def reset(self) -> None:
+        self.messages: List[dict] = []
+        self.last_u: Optional[float] = None
+
+    def reply(self, text: str, cfg: GenerationConfig) -> Iterator[str]:
+        from .guards import dual_complete
+
+        self.messages.append({"role": "user", "content": text})
+        out, self.last_u = dual_complete(self.sys.model, self.sys.tokenizer, self.guard, self.messages, cfg,
+                                         system=self.system_text)
+        self.messages.append({"role": "assistant", "content": out.text})
+        yield out.text
+
+
+def _read_lines(stdin, tty: bool, out) -> Iterator[str]:
+    while True:
+        if tty:
+            try:
+                line = input(">> ")
+            except EOFError:
+                out.write("\n")
+                return
+        else:
+            line = stdin.readline()
+            if not line:
+                return
+        yield line.rstrip("\r\n")
+
+
+def run(conversations: list, cfg: ChatConfig, stdin=None, stdout=None, stderr=None, banner: str = "") -> None:
+    """The chat loop: one user message per line; /reset, /quit; answers streamed to stdout.
+
+    With several conversations (`--compare`) every message goes to each, and each
+    answer is printed under its label.
+    """
+    stdin, stdout, stderr = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
+    tty = stdin.isatty() and stdin is sys.stdin
+    if tty:
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:
+            pass
+    if cfg.seed is not None:
+        mx.random.seed(cfg.seed)
+    gen = cfg.generation()
+    if banner and tty:
+        stderr.write(banner + "\n")
+        stderr.write("Type a message; /reset starts over, /quit leaves.\n")
+        stderr.flush()
+    lines = _read_lines(stdin, tty, stdout)
+    while True:
+        try:
+            line = next(lines)
+        except (StopIteration, KeyboardInterrupt):
+            if tty:
+                stdout.write("\n")
+            return
+        cmd = line.strip()
+        if not cmd:
+            continue
+        if cmd in ("/quit", "/exit"):
+            return
+        if cmd == "/reset":
+            for c in conversations:
+                c.reset()
+            stderr.write("[conversation reset]\n")
+            stderr.flush()
+            continue
+        if cmd == "/help":
+            stderr.write("".join(f"  {k:8s} {v}\n" for k, v in COMMANDS.items()))
+            stderr.flush()
+            continue
+        for c in conversations:
+            if len(conversations) > 1:
+                stdout.write(f"[{c.label}] ")
+                stdout.flush()
+            try:
+                for piece in c.reply(line, gen):
+                    stdout.write(piece)
+                    stdout.flush()
+            except KeyboardInterrupt:
+                stdout.write(" [interrupted]")
+            stdout.write("\n")
+            stdout.flush()
