@@ -45,6 +45,7 @@ class Conversation:
     label = "soft prompt"
 
     def __init__(self, system, system_text: Optional[str] = None):
+        self.last_tokens: List[int] = []
         self.sys, self.system_text = system, system_text
         self.reset()
 
@@ -81,6 +82,7 @@ class Conversation:
         ids = generate.chat_ids(self.sys.tokenizer, self.messages, system=self.system_text)
         start = self._start(ids)
         pieces, tokens = [], []
+        self.last_tokens = tokens  # this turn's generated ids (EOS included when it stopped)
         try:
             for r in generate.stream(self.sys.model, self.sys.tokenizer, ids[start:], self.cache, cfg):
                 tokens.append(int(r.token))
@@ -98,10 +100,14 @@ class Conversation:
 class DualConversation:
     """The dual system (base + guard), turn by turn; answers arrive whole, after the guard."""
 
-    label = "dual system"
+    def __init__(self, system, guard, system_text: Optional[str] = None, threshold: float = 0.5,
+                 refusal: Optional[str] = None):
+        from .guards import DEFAULT_REFUSAL
 
-    def __init__(self, system, guard, system_text: Optional[str] = None):
-        self.sys, self.guard, self.system_text = system, guard, system_text
+        self.sys, self.guard, self.system_text, self.threshold = system, guard, system_text, threshold
+        # the refusal the soft prompt was trained towards, so the two answers are comparable
+        meta = system.prompt_file.metadata if system.prompt_file is not None else {}
+        self.refusal = refusal or meta.get("refusal") or DEFAULT_REFUSAL
         self.label = f"dual system: base + {guard.spec.id}"
         self.reset()
 
@@ -114,8 +120,9 @@ class DualConversation:
 
         self.messages.append({"role": "user", "content": text})
         out, self.last_u = dual_complete(self.sys.model, self.sys.tokenizer, self.guard, self.messages, cfg,
-                                         system=self.system_text)
+                                         refusal=self.refusal, threshold=self.threshold, system=self.system_text)
         self.messages.append({"role": "assistant", "content": out.text})
+        self.last_tokens = list(out.tokens)
         yield out.text
 
 

@@ -154,6 +154,7 @@ def chat(
     compare: Optional[str] = typer.Option(None, "--compare", help="Show the soft prompt's and the dual system's "
                                                                   "(base + this guard) answers, one after the other."),
     guard_model: Optional[str] = typer.Option(None, "--guard-model", help="The guard's weights (dir or hub id)."),
+    guard_threshold: float = typer.Option(0.5, "--guard-threshold", help="The dual system refuses when P(unsafe) >= this."),
 ):
     """Interactive multi-turn chat (stdin may be a pipe: one user message per line)."""
     from .chat import ChatConfig, Conversation, DualConversation, run
@@ -171,7 +172,7 @@ def chat(
         from .guards import load_guard
 
         g = load_guard(guard or compare, guard_model)
-        conversations.append(DualConversation(sys_, g, system))
+        conversations.append(DualConversation(sys_, g, system, threshold=guard_threshold))
     n = sys_.prompt.shape[0] if sys_.prompt is not None else 0
     mode = "dual system" if guard else f"soft prompt of {n} virtual tokens" + (" vs the dual system" if compare else "")
     run(conversations, cfg, banner=f"{sys_.name}: {mode}")
@@ -198,6 +199,44 @@ def serve(
         typer.echo("warning: no soft prompt given: serving the bare base model", err=True)
     run(sys_, ServerConfig(host=host, port=port, model_id=model_id, max_tokens=max_tokens, temp=temp,
                            top_p=top_p, context_length=context_length))
+
+
+# ---------------------------------------------------------------- teaching
+
+
+@app.command()
+def teach(
+    base: str = typer.Option(..., "--base", help="The base model (MLX dir or hub id)."),
+    guard: str = typer.Option(..., "--guard", help="Guard spec: a built-in id (see `mlx-softprompt teach --help`) or a .json/.yaml spec file."),
+    guard_model: Optional[str] = typer.Option(None, "--guard-model", help="The guard's weights (MLX dir or hub id); default: the spec's hub id."),
+    data_file: Path = typer.Option(..., "--data", help="Prompts: JSONL with {\"prompt\": ...} or {\"messages\": [...]}."),
+    out: Path = typer.Option(..., "--out", help="Teacher-cache directory (created, or resumed)."),
+    mode: str = typer.Option("input", "--mode", help="input (guard judges the prompt) | output (the prompt + response)."),
+    samples_per_prompt: int = typer.Option(1, "--samples-per-prompt", help="Teacher samples per prompt."),
+    max_tokens: int = typer.Option(256, "--max-tokens", help="Maximum tokens per teacher sample."),
+    top_k: int = typer.Option(64, "--top-k", help="Base log-probs kept per response position."),
+    refusal: str = typer.Option("I'm sorry, but I can't help with that.", "--refusal", help="The refusal r."),
+    hard_guard: bool = typer.Option(False, "--hard-guard", help="Use u in {0, 1} (threshold 0.5), as deployed."),
+    seed: int = typer.Option(0, "--seed", help="Sampling seed (per prompt and sample)."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Sequences per batched forward / generation."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip (and count) bad data lines instead of failing."),
+    shard_size: int = typer.Option(64, "--shard-size", help="Prompts per shard (the unit of resumable work)."),
+    temp: float = typer.Option(1.0, "--temp", help="Sampling temperature of the teacher (1.0 samples p_f itself)."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling of the teacher (1.0 = off)."),
+):
+    """Guard verdicts + base-model teacher samples and top-k log-probs -> a resumable teacher cache.
+
+    Built-in guards: llama-guard-3-1b, llama-guard-3-8b, llama-guard-4, qwen3guard-gen,
+    shieldgemma, granite-guardian-3, wildguard.
+    """
+    from . import teach as t
+
+    cfg = t.TeachConfig(base=base, guard=guard, guard_model=guard_model, data=str(data_file), out=str(out),
+                        mode=mode, samples_per_prompt=samples_per_prompt, max_tokens=max_tokens, top_k=top_k,
+                        refusal=refusal, hard_guard=hard_guard, seed=seed, batch_size=batch_size,
+                        skip_bad=skip_bad, shard_size=shard_size, temp=temp, top_p=top_p)
+    summary = t.teach(cfg)
+    typer.echo(t.format_summary(summary, out))
 
 
 # ---------------------------------------------------------------- evaluation

@@ -23,3 +23,44 @@ def tiny_model(tmp_path_factory):
         return str(made[key])
 
     return make
+
+
+@pytest.fixture(scope="session")
+def hf_tiny_model(tmp_path_factory):
+    """hf_tiny_model(arch="llama", **kw) -> path of a tiny random checkpoint saved by transformers."""
+    from hf_tiny import make_hf_checkpoint
+
+    made = {}
+
+    def make(arch="llama", **kw):
+        key = (arch, tuple(sorted(kw.items())))
+        if key not in made:
+            name = f"hf-{arch}-" + "-".join(f"{k}{v}" for k, v in sorted(kw.items()))
+            made[key] = make_hf_checkpoint(tmp_path_factory.mktemp(name), arch=arch, **kw)
+        return str(made[key])
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_softprompt(tiny_model, tmp_path_factory):
+    """tiny_softprompt(n=5, scale=1.0, p_seed=3, **model_kw) -> (model dir, prompt file) of a random P."""
+    made = {}
+
+    def make(n=5, scale=1.0, p_seed=3, **model_kw):
+        key = (n, scale, p_seed, tuple(sorted(model_kw.items())))
+        if key not in made:
+            import mlx.core as mx
+
+            from mlx_softprompt import models, prompt_file
+
+            path = tiny_model(**model_kw)
+            model, _, config = models.load(path)
+            P = mx.random.normal((n, models.hidden_size(model)), key=mx.random.key(p_seed)) * scale
+            out = tmp_path_factory.mktemp("softprompt") / "prompt.safetensors"
+            prompt_file.save(out, {"soft_prompt": P}, model, config, objective="tv", guard="llama-guard-3-1b",
+                             refusal="I'm sorry, but I can't help with that.")
+            made[key] = (path, out)
+        return made[key]
+
+    return make
