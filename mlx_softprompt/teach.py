@@ -1,0 +1,514 @@
+"""The `teach` stage: guard verdicts + base-model teacher samples and top-k log-probs -> teacher cache.
+
+One model is in memory at a time. Input moderation (default):
+
+  1. guard verdicts u(x) for every prompt (guard loaded, then released);
+  2. the base is loaded; per shard: K teacher samples y ~ p_f(.|x) per prompt (batched,
+     mlx-lm's BatchGenerator with one sampler per sample), then the base's top-k
+     log-probs along each sample (batched forwards); the shard is written.
+
+Output moderation: samples and log-probs first (written as partial shards), then the
+guard scores each (prompt, sample) pair and the final shards are written.
+
+Resumable: a shard (a fixed range of prompts) is the unit of work, its seeds depend only
+on (seed, prompt index, sample index), and its batches only on its own content, so a run
+killed at any moment and started again with the same arguments skips finished shards and
+ends with the same cache as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import math
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import mlx.core as mx
+import numpy as np
+
+from . import __version__, data, guards
+from . import teacher_cache as tc
+from .errors import UserError
+from .progress import Bar
+
+PARTIAL = "partial-{:05d}.safetensors"
+
+
+@dataclass
+class TeachConfig:
+    base: str
+    guard: str
+    data: str
+    out: str
+    guard_model: Optional[str] = None
+    mode: str = "input"
+    samples_per_prompt: int = 1
+    max_tokens: int = 256
+    top_k: int = 64
+    refusal: str = guards.DEFAULT_REFUSAL
+    hard_guard: bool = False
+    seed: int = 0
+    batch_size: int = 8
+    skip_bad: bool = False
+    shard_size: int = 64
+    temp: float = 1.0
+    top_p: float = 1.0
+
+
+def _check(cfg: TeachConfig) -> None:
+    if cfg.mode not in guards.MODES:
+        raise UserError(f"--mode must be one of {', '.join(guards.MODES)}, got {cfg.mode!r}")
+    for name, v in (("--samples-per-prompt", cfg.samples_per_prompt), ("--max-tokens", cfg.max_tokens),
+                    ("--top-k", cfg.top_k), ("--batch-size", cfg.batch_size), ("--shard-size", cfg.shard_size)):
+        if v < 1:
+            raise UserError(f"{name} must be at least 1, got {v}")
+    if cfg.temp < 0 or not 0 < cfg.top_p <= 1:
+        raise UserError("--temp must be >= 0 and --top-p in (0, 1]")
+    if not cfg.refusal.strip():
+        raise UserError("--refusal must not be empty")
+
+
+# ---------------------------------------------------------------- manifest
+
+
+def _fp(model, config) -> dict:
+    from .models import fingerprint
+
+    fp = fingerprint(model, config)
+    return {k: v for k, v in fp.items() if k != "sketch"}  # the exact embedding hash identifies the weights
+
+
+def _same_model(a: dict, b: dict) -> bool:
+    keys = ("architecture", "hidden_size", "vocab_size", "embedding_hash")
+    return all(str(a.get(k)) == str(b.get(k)) for k in keys)
+
+
+def _header(cfg: TeachConfig, examples, skipped: int, spec: guards.GuardSpec, guard_path: str) -> dict:
+    settings = {k: getattr(cfg, k) for k in ("mode", "samples_per_prompt", "max_tokens", "top_k", "refusal",
+                                             "hard_guard", "seed", "batch_size", "shard_size", "temp", "top_p")}
+    return {
+        "format": tc.FORMAT,
+        "library_version": __version__,
+        "inputs": {"data": str(cfg.data), "data_hash": data.dataset_hash(examples), "num_prompts": len(examples),
+                   "skipped_bad_lines": skipped},
+        "settings": settings,
+        "guard": {"spec": spec.id, "spec_digest": spec.digest(), "path": guard_path},
+        "base": {"path": str(cfg.base)},
+        "num_shards": math.ceil(len(examples) / cfg.shard_size),
+        "shards": [],
+        "verdicts": {},
+        "partials": {},
+        "phases": {},
+        "complete": False,
+    }
+
+
+def _mismatch(old: dict, new: dict) -> Optional[str]:
+    if old["inputs"]["data_hash"] != new["inputs"]["data_hash"]:
+        return "the prompts differ (data hash)"
+    for k, v in new["settings"].items():
+        if old["settings"].get(k) != v:
+            return f"setting {k} was {old['settings'].get(k)!r}, now {v!r}"
+    if old["guard"]["spec_digest"] != new["guard"]["spec_digest"]:
+        return f"the guard format differs (spec {old['guard']['spec']!r} vs {new['guard']['spec']!r})"
+    return None
+
+
+def _open_out(out: Path, header: dict) -> dict:
+    if (out / tc.MANIFEST).exists():
+        old = tc.read_manifest(out)
+        why = _mismatch(old, header)
+        if why:
+            raise UserError(f"{out}: a teacher cache made with other inputs or settings is there ({why}); "
+                            "use a new --out, or the original arguments to resume it")
+        return old
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"{out}: exists and is not a teacher cache; choose a new --out")
+    out.mkdir(parents=True, exist_ok=True)
+    tc.write_manifest(out, header)
+    return header
+
+
+def _clean_tmp(out: Path) -> None:
+    """Remove half-written files a killed run left behind (atomic writes never expose them)."""
+    for p in out.glob(".*.tmp*"):
+        p.unlink(missing_ok=True)
+
+
+@contextmanager
+def _phase(manifest: dict, name: str):
+    mx.synchronize()
+    mx.reset_peak_memory()
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        mx.synchronize()
+        ph = manifest["phases"].setdefault(name, {"seconds": 0.0, "peak_memory_gb": 0.0})
+        ph["seconds"] = round(ph["seconds"] + time.perf_counter() - t0, 3)
+        ph["peak_memory_gb"] = round(max(ph["peak_memory_gb"], mx.get_peak_memory() / 1e9), 4)
+
+
+def _release() -> None:
+    gc.collect()
+    mx.clear_cache()
+
+
+# ---------------------------------------------------------------- sampling
+
+
+def sample_seed(seed: int, prompt_index: int, sample_index: int, step: int) -> int:
+    """The RNG seed of one token: a function of (seed, prompt, sample, position) only."""
+    d = hashlib.sha256(f"{seed}:{prompt_index}:{sample_index}:{step}".encode()).digest()
+    return int.from_bytes(d[:7], "little")
+
+
+class _Sampler:
+    """One sample's sampler for mlx-lm's BatchGenerator: its own key per generated token."""
+
+    def __init__(self, seed: int, i: int, j: int, temp: float, top_p: float):
+        self.seed, self.i, self.j, self.temp, self.top_p, self.t = seed, i, j, temp, top_p, 0
+
+    def __call__(self, logprobs: mx.array) -> mx.array:
+        key = mx.random.key(sample_seed(self.seed, self.i, self.j, self.t))
+        self.t += 1
+        if self.temp == 0:
+            return mx.argmax(logprobs, axis=-1)
+        if self.top_p < 1.0:
+            from mlx_lm.sample_utils import apply_top_p
+
+            logprobs = apply_top_p(logprobs, self.top_p)
+        return mx.random.categorical(logprobs * (1.0 / self.temp), key=key)
+
+
+def sample_responses(model, tokenizer, prompts: Sequence[List[int]], keys: Sequence[tuple], cfg: TeachConfig,
+                     bar: Optional[Bar] = None) -> List[List[int]]:
+    """Teacher samples for (prompt ids, (prompt index, sample index)) rows; EOS kept when the base stopped."""
+    from mlx_lm.generate import BatchGenerator
+
+    if not prompts:
+        return []
+    gen = BatchGenerator(model, max_tokens=cfg.max_tokens, stop_tokens=[[t] for t in tokenizer.eos_token_ids],
+                         completion_batch_size=cfg.batch_size, prefill_batch_size=cfg.batch_size)
+    try:
+        samplers = [_Sampler(cfg.seed, i, j, cfg.temp, cfg.top_p) for i, j in keys]
+        uids = gen.insert([list(p) for p in prompts], [cfg.max_tokens] * len(prompts), samplers=samplers)
+        out = {uid: [] for uid in uids}
+        while responses := gen.next_generated():
+            for r in responses:
+                out[r.uid].append(int(r.token))
+                if r.finish_reason is not None and bar is not None:
+                    bar.update(1, tokens=bar.postfix.get("tokens", 0) + len(out[r.uid]))
+    finally:
+        gen.close()
+    return [out[uid] for uid in uids]
+
+
+def topk_logprobs(model, rows: Sequence[tuple], k: int, batch_size: int, pad_id: int = 0,
+                  bar: Optional[Bar] = None) -> List[tuple]:
+    """For (prompt ids, response ids) rows: (topk ids [T,k], topk log-probs [T,k], tail mass [T]).
+
+    Row t is the base's full-vocabulary distribution at the position that predicts
+    response[t]. Rows are batched by length; positions before the shortest prompt run
+    through a KV cache only, so the output head sees just the ragged tail.
+    """
+    from mlx_lm.models.cache import make_prompt_cache
+
+    out: List[Optional[tuple]] = [None] * len(rows)
+    empty = (np.zeros((0, k), np.int32), np.zeros((0, k), np.float32), np.zeros((0,), np.float32))
+    todo = [i for i, (_, r) in enumerate(rows) if len(r) > 0]
+    for i, (_, r) in enumerate(rows):
+        if not r:
+            out[i] = empty
+    todo.sort(key=lambda i: (len(rows[i][0]) + len(rows[i][1]), i))
+    for s in range(0, len(todo), batch_size):
+        chunk = todo[s:s + batch_size]
+        seqs = [list(rows[i][0]) + list(rows[i][1][:-1]) for i in chunk]
+        starts = [len(rows[i][0]) - 1 for i in chunk]  # position predicting response[0]
+        lo, hi = min(starts), max(len(q) for q in seqs)
+        cache = make_prompt_cache(model)
+        if lo > 0:
+            model(mx.array([q[:lo] for q in seqs]), cache=cache)
+            mx.eval([c.state for c in cache])
+        tail = mx.array([q[lo:] + [pad_id] * (hi - len(q)) for q in seqs])
+        logits = model(tail, cache=cache).astype(mx.float32)
+        lp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        if k > lp.shape[-1]:
+            raise UserError(f"--top-k {k} is larger than the base's vocabulary ({lp.shape[-1]})")
+        idx = mx.argpartition(-lp, kth=k - 1, axis=-1)[..., :k]
+        val = mx.take_along_axis(lp, idx, axis=-1)
+        mx.eval(idx, val)
+        idx, val = np.array(idx), np.array(val)
+        for b, i in enumerate(chunk):
+            T = len(rows[i][1])
+            a = starts[b] - lo
+            ids, vals = idx[b, a:a + T], val[b, a:a + T]
+            order = np.lexsort((ids, -vals), axis=-1)  # by log-prob, descending; ties by id
+            ids = np.take_along_axis(ids, order, axis=-1).astype(np.int32)
+            vals = np.take_along_axis(vals, order, axis=-1).astype(np.float32)
+            tail_mass = np.clip(1.0 - np.exp(vals.astype(np.float64)).sum(axis=-1), 0.0, None).astype(np.float32)
+            out[i] = (ids, vals, tail_mass)
+        if bar is not None:
+            bar.update(len(chunk))
+    return out
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def _shard_range(i: int, cfg: TeachConfig, n: int) -> range:
+    return range(i * cfg.shard_size, min(n, (i + 1) * cfg.shard_size))
+
+
+def _used_u(u_raw: float, cfg: TeachConfig) -> float:
+    return (1.0 if u_raw >= guards.DEFAULT_THRESHOLD else 0.0) if cfg.hard_guard else float(np.float32(u_raw))
+
+
+def _add_shard(manifest: dict, out: Path, i: int, records: List[tc.Record], u_raw: List[float], cfg) -> None:
+    f = tc.shard_name(i)
+    sha = tc.write_shard(out / f, records, cfg.top_k, u_raw)
+    prompts = sorted({r.prompt_index for r in records})
+    manifest["shards"] = [s for s in manifest["shards"] if s["index"] != i] + [{
+        "index": i, "file": f, "sha256": sha, "bytes": (out / f).stat().st_size,
+        "prompts": [prompts[0], prompts[-1] + 1] if prompts else [0, 0], "records": len(records),
+        "tokens": sum(len(r.response_ids) for r in records),
+        "flagged": sum(1 for u in u_raw if u >= guards.DEFAULT_THRESHOLD),
+        "u_sum": float(sum(u_raw)),
+    }]
+    manifest["shards"].sort(key=lambda s: s["index"])
+
+
+class _Models:
+    """Loads each model once, on first use, and checks it against the manifest."""
+
+    def __init__(self, cfg: TeachConfig, manifest: dict, out: Path):
+        self.cfg, self.manifest, self.out = cfg, manifest, out
+        self.base = self.guard = None
+
+    def get_base(self):
+        if self.base is None:
+            from .models import load
+
+            model, tok, config = load(self.cfg.base)
+            self._check("base", _fp(model, config))
+            self.base = (model, tok)
+            eos = getattr(tok, "eos_token_id", None)
+            if eos is None:
+                eos = sorted(tok.eos_token_ids)[0]
+            self.manifest["refusal_ids"] = list(tok.encode(self.cfg.refusal, add_special_tokens=False)) + [int(eos)]
+        return self.base
+
+    def get_guard(self) -> guards.Guard:
+        if self.guard is None:
+            g = guards.load_guard(self.cfg.guard, self.manifest["guard"]["path"])
+            self._check("guard", _fp(g.model, g.config))
+            self.guard = g
+        return self.guard
+
+    def _check(self, which: str, fp: dict) -> None:
+        old = self.manifest[which].get("fingerprint")
+        if old is not None and not _same_model(old, fp):
+            from .models import short
+
+            raise UserError(f"{self.out}: this cache was made with {which} {short(old)}, but "
+                            f"{getattr(self.cfg, which)} is {short(fp)}; use a new --out")
+        self.manifest[which]["fingerprint"] = fp
+        tc.write_manifest(self.out, self.manifest)
+
+    def drop_guard(self):
+        if self.guard is not None:
+            self.guard.release()
+            self.guard = None
+            _release()
+
+    def drop_base(self):
+        if self.base is not None:
+            self.base = None
+            _release()
+
+
+def teach(cfg: TeachConfig) -> dict:
+    """Run (or resume) the teach stage; returns the summary written into the manifest."""
+    _check(cfg)
+    examples, skipped = data.read_jsonl(cfg.data, skip_bad=cfg.skip_bad)
+    if not examples:
+        raise UserError(f"{cfg.data}: no prompts")
+    spec = guards.get_spec(cfg.guard)
+    guard_path = cfg.guard_model or spec.hub_id
+    if not guard_path:
+        raise UserError(f"guard {spec.id}: no weights given; pass --guard-model (a model directory or hub id)")
+    out = Path(cfg.out)
+    manifest = _open_out(out, _header(cfg, examples, skipped, spec, str(guard_path)))
+    _clean_tmp(out)
+    n, nshards = len(examples), manifest["num_shards"]
+    done = {s["index"] for s in manifest["shards"]}
+    m = _Models(cfg, manifest, out)
+    t_start = time.perf_counter()
+    try:
+        if cfg.mode == "input":
+            _input_mode(cfg, examples, manifest, out, m, done, nshards)
+        else:
+            _output_mode(cfg, examples, manifest, out, m, done, nshards)
+    finally:
+        m.drop_guard()
+        m.drop_base()
+    manifest["complete"] = len(manifest["shards"]) == nshards
+    manifest["summary"] = _summary(manifest, n, time.perf_counter() - t_start)
+    tc.write_manifest(out, manifest)
+    return manifest["summary"]
+
+
+def _input_mode(cfg, examples, manifest, out, m: _Models, done, nshards):
+    n = len(examples)
+    need = [i for i in range(nshards) if i not in done and str(i) not in manifest["verdicts"]]
+    if need:
+        with _phase(manifest, "guard"), Bar(total=sum(len(_shard_range(i, cfg, n)) for i in need),
+                                            desc="guard verdicts", unit="prompt") as bar:
+            g = m.get_guard()
+            for i in need:
+                convs = [guards.guard_messages(examples[p].prompt, examples[p].context) for p in _shard_range(i, cfg, n)]
+                verdicts = g.score(convs, "input", batch_size=cfg.batch_size, bar=bar)
+                manifest["verdicts"][str(i)] = [[v.u, v.category] for v in verdicts]
+                tc.write_manifest(out, manifest)
+        m.drop_guard()
+    pending = [i for i in range(nshards) if i not in done]
+    if not pending:
+        return
+    rows_total = sum(len(_shard_range(i, cfg, n)) * cfg.samples_per_prompt for i in pending)
+    sbar = Bar(total=rows_total, desc="teacher samples", unit="sample")
+    kbar = Bar(total=rows_total, desc="top-k log-probs", unit="sample")
+    try:
+        for i in pending:
+            prompts = list(_shard_range(i, cfg, n))
+            verdicts = manifest["verdicts"][str(i)]
+            with _phase(manifest, "sample"):
+                model, tok = m.get_base()
+                pids = {p: _prompt_ids(tok, examples[p]) for p in prompts}
+                keys = [(p, j) for p in prompts for j in range(cfg.samples_per_prompt)
+                        if _used_u(verdicts[p - prompts[0]][0], cfg) < 1.0]
+                skipped = len(prompts) * cfg.samples_per_prompt - len(keys)
+                sbar.update(skipped)
+                ys = sample_responses(model, tok, [pids[p] for p, _ in keys], keys, cfg, sbar)
+            with _phase(manifest, "topk"):
+                tk = topk_logprobs(model, [(pids[p], y) for (p, _), y in zip(keys, ys)], cfg.top_k, cfg.batch_size,
+                                   _pad(tok), kbar)
+                kbar.update(skipped)
+            got = {key: (y, t) for key, y, t in zip(keys, ys, tk)}
+            records, u_raw = [], []
+            for p in prompts:
+                ur, cat = verdicts[p - prompts[0]]
+                for j in range(cfg.samples_per_prompt):
+                    y, t = got.get((p, j), ([], _empty(cfg.top_k)))
+                    records.append(tc.Record(pids[p], list(y), _used_u(ur, cfg), t[0], t[1], t[2],
+                                             examples[p].label, p, j, cat))
+                    u_raw.append(ur)
+            _add_shard(manifest, out, i, records, u_raw, cfg)
+            manifest["verdicts"].pop(str(i), None)
+            tc.write_manifest(out, manifest)
+    finally:
+        sbar.close()
+        kbar.close()
+
+
+def _output_mode(cfg, examples, manifest, out, m: _Models, done, nshards):
+    n = len(examples)
+    need = [i for i in range(nshards) if i not in done and str(i) not in manifest["partials"]]
+    if need:
+        rows_total = sum(len(_shard_range(i, cfg, n)) * cfg.samples_per_prompt for i in need)
+        with Bar(total=rows_total, desc="teacher samples", unit="sample") as sbar, \
+                Bar(total=rows_total, desc="top-k log-probs", unit="sample") as kbar:
+            for i in need:
+                prompts = list(_shard_range(i, cfg, n))
+                with _phase(manifest, "sample"):
+                    model, tok = m.get_base()
+                    pids = {p: _prompt_ids(tok, examples[p]) for p in prompts}
+                    keys = [(p, j) for p in prompts for j in range(cfg.samples_per_prompt)]
+                    ys = sample_responses(model, tok, [pids[p] for p, _ in keys], keys, cfg, sbar)
+                with _phase(manifest, "topk"):
+                    tk = topk_logprobs(model, [(pids[p], y) for (p, _), y in zip(keys, ys)], cfg.top_k,
+                                       cfg.batch_size, _pad(tok), kbar)
+                records = [tc.Record(pids[p], list(y), 0.0, t[0], t[1], t[2], examples[p].label, p, j)
+                           for (p, j), y, t in zip(keys, ys, tk)]
+                f = PARTIAL.format(i)
+                sha = tc.write_shard(out / f, records, cfg.top_k)
+                manifest["partials"][str(i)] = {"file": f, "sha256": sha}
+                tc.write_manifest(out, manifest)
+    pending = [i for i in range(nshards) if i not in done]
+    if not pending:
+        return
+    base_tok = m.get_base()[1] if m.base is not None else None
+    m.drop_base()
+    if base_tok is None:
+        from mlx_lm.utils import load_tokenizer
+
+        from .models import resolve_model_path
+
+        base_tok = load_tokenizer(resolve_model_path(cfg.base))
+    with _phase(manifest, "guard"), Bar(total=sum(len(_shard_range(i, cfg, n)) * cfg.samples_per_prompt
+                                                  for i in pending), desc="guard verdicts", unit="sample") as bar:
+        g = m.get_guard()
+        eos = set(base_tok.eos_token_ids)
+        for i in pending:
+            part = manifest["partials"][str(i)]
+            records = tc.read_shard(out / part["file"], part["sha256"])
+            convs = []
+            for r in records:
+                ex = examples[r.prompt_index]
+                y = [t for t in r.response_ids if t not in eos]
+                convs.append(guards.guard_messages(ex.prompt, ex.context, base_tok.decode(y)))
+            verdicts = g.score(convs, "output", batch_size=cfg.batch_size, bar=bar)
+            for r, v in zip(records, verdicts):
+                r.u, r.category = _used_u(v.u, cfg), v.category
+            _add_shard(manifest, out, i, records, [v.u for v in verdicts], cfg)
+            manifest["partials"].pop(str(i), None)
+            tc.write_manifest(out, manifest)
+            (out / part["file"]).unlink(missing_ok=True)
+
+
+def _prompt_ids(tok, ex: data.Example) -> List[int]:
+    from .generate import chat_ids
+
+    return chat_ids(tok, list(ex.context) + [{"role": "user", "content": ex.prompt}])
+
+
+def _pad(tok) -> int:
+    pad = getattr(tok, "pad_token_id", None)
+    return int(pad) if pad is not None else 0
+
+
+def _empty(k: int):
+    return np.zeros((0, k), np.int32), np.zeros((0, k), np.float32), np.zeros((0,), np.float32)
+
+
+def _summary(manifest: dict, n: int, seconds: float) -> dict:
+    shards = manifest["shards"]
+    prompts = sum(s["prompts"][1] - s["prompts"][0] for s in shards)
+    records = sum(s["records"] for s in shards)
+    flagged = sum(s["flagged"] for s in shards)
+    return {
+        "prompts": n,
+        "prompts_done": prompts,
+        "records": records,
+        "flagged_share": round(flagged / records, 4) if records else 0.0,
+        "mean_u": round(sum(s["u_sum"] for s in shards) / records, 4) if records else 0.0,
+        "response_tokens": sum(s["tokens"] for s in shards),
+        "seconds_this_run": round(seconds, 2),
+        "phases": manifest["phases"],
+    }
+
+
+def format_summary(summary: dict, out) -> str:
+    lines = [f"teacher cache: {out}",
+             f"  prompts {summary['prompts_done']}/{summary['prompts']}, records {summary['records']}, "
+             f"flagged {100 * summary['flagged_share']:.1f}% (mean u {summary['mean_u']:.3f}), "
+             f"response tokens {summary['response_tokens']}, this run {summary['seconds_this_run']:.1f}s"]
+    for name, ph in summary["phases"].items():
+        lines.append(f"  {name:7s} {ph['seconds']:8.1f}s  peak memory {ph['peak_memory_gb']:.3f} GB")
+    return "\n".join(lines)
+
+
+__all__ = ["TeachConfig", "teach", "sample_responses", "topk_logprobs", "sample_seed", "format_summary"]
