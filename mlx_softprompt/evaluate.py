@@ -220,8 +220,7 @@ class SystemUnderTest:
     def cache(self):
         """P's prefix cache (or an empty cache), computed once; callers copy it."""
         if self._cache is None:
-            with self.bound():
-                self._cache = models.prefix_cache(self.model, self.prompt)
+            self._cache = models.prefix_cache(self.model, self.prompt)
         return self._cache
 
     def bound(self):
@@ -249,7 +248,7 @@ def softprompt_system(base: SystemUnderTest, prompt_file, name: Optional[str] = 
 
 def method_system(base: SystemUnderTest, path, name: Optional[str] = None) -> SystemUnderTest:
     """Base + a method file (LoRA adapter, steering vector): methods.get(...).load + bind."""
-    from . import methods, prompt_file as pf
+    from . import baselines, methods, prompt_file as pf  # noqa: F401 (baselines registers lora, steer-*)
 
     f = pf.load(path)
     if f.method == "softprompt":
