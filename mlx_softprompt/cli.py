@@ -279,6 +279,18 @@ def eval_(
     typer.echo(f"wrote {out}")
 
 
+@app.command()
+def bench(
+    config: Path = typer.Option(Path("examples/bench.yaml"), "--config", help="Bench config (YAML)."),
+    out: Path = typer.Option(Path("bench-out"), "--out", help="Output directory (resumable: finished cells are kept)."),
+):
+    """Every method x objective on the same base, guard and data -> results.json, table.md, tradeoff.png."""
+    from . import bench as run_bench
+
+    results = run_bench.run(run_bench.load_config(config), out, log=lambda s: typer.echo(s, err=True))
+    typer.echo(run_bench.table(results))
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     from .blas import maybe_reexec
 
