@@ -1,0 +1,226 @@
+"""Prompt files <-> Hugging Face PEFT prompt-tuning adapters.
+
+PEFT's prompt tuning (``PeftModelForCausalLM``) concatenates its virtual-token
+embeddings in front of the embeddings of every input token, BOS included: our
+placement. One difference: PEFT's virtual tokens are concatenated after the
+model's embedding module. mlx-lm's Gemma models multiply by sqrt(d) after the
+lookup, so our P gets that scale; transformers 5 (and Gemma 3 already in 4.x)
+does the multiplication inside the embedding module, so PEFT's tokens do not.
+The exported tensor is therefore P * s (``peft_scale``: s = sqrt(d) for the
+Gemma family, 1 elsewhere) and the import divides by s. A PEFT adapter is a directory with
+``adapter_config.json`` and ``adapter_model.safetensors`` holding one tensor,
+``prompt_embeddings`` [num_virtual_tokens * num_transformer_submodules,
+token_dim] (the key PEFT's ``get_peft_model_state_dict`` writes for prompt
+learning). Our own metadata (base fingerprint, objective, ...) rides along in
+the safetensors header under ``mlx_softprompt.*`` keys, which PEFT ignores, so
+an import can check the adapter belongs to the base it is given.
+"""
+
+import base64
+import json
+from pathlib import Path
+from typing import Optional
+
+import mlx.core as mx
+import numpy as np
+
+from . import models, prompt_file
+from .errors import UserError
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+TENSOR_KEY = "prompt_embeddings"
+META_PREFIX = "mlx_softprompt."
+SKETCH_META = META_PREFIX + prompt_file.SKETCH_KEY
+# transformers scales these models' embeddings inside the embedding module while
+# mlx-lm scales after the lookup; models we have not checked are refused.
+_SQRT_D = {"gemma", "gemma2"}
+_SQRT_D_BF16 = {"gemma3", "gemma3_text"}  # mlx-lm rounds this scale to bfloat16
+_UNVERIFIED = {"gemma3n", "gemma4", "gemma4_text", "minicpm3", "vaultgemma", "falcon_h1"}
+# Set by prompt_file.save for the base the prompt is imported into; not carried over.
+_OWN_KEYS = {"format", "placement", "library_version", "num_virtual_tokens", "base_architecture",
+             "base_hidden_size", "base_vocab_size", "base_embedding_hash"}
+
+
+def peft_scale(architecture: str, hidden_size: int) -> float:
+    """s such that PEFT's prompt_embeddings = s * our P for a base of this model_type."""
+    if architecture in _UNVERIFIED:
+        raise UserError(f"PEFT interop is not verified for model_type {architecture!r}: its embedding "
+                        "scaling differs between mlx-lm and transformers")
+    if architecture in _SQRT_D:
+        return float(hidden_size) ** 0.5
+    if architecture in _SQRT_D_BF16:
+        return mx.array(float(hidden_size) ** 0.5, dtype=mx.bfloat16).item()
+    return 1.0
+
+
+def adapter_config(num_virtual_tokens: int, token_dim: int, base_model_name: Optional[str] = None,
+                   num_layers: Optional[int] = None, num_attention_heads: Optional[int] = None) -> dict:
+    """The adapter_config.json PEFT writes for a causal-LM prompt-tuning adapter.
+
+    PEFT fills num_layers / num_attention_heads from the model when they are null.
+    """
+    return {
+        "auto_mapping": None,
+        "base_model_name_or_path": base_model_name,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "num_attention_heads": num_attention_heads,
+        "num_layers": num_layers,
+        "num_transformer_submodules": 1,
+        "num_virtual_tokens": int(num_virtual_tokens),
+        "peft_type": "PROMPT_TUNING",
+        "prompt_tuning_init": "RANDOM",
+        "prompt_tuning_init_text": None,
+        "revision": None,
+        "task_type": "CAUSAL_LM",
+        "token_dim": int(token_dim),
+        "tokenizer_kwargs": None,
+        "tokenizer_name_or_path": None,
+    }
+
+
+def _base_shape(base_model_name: Optional[str]):
+    """(num_layers, num_attention_heads) from a local base directory's config.json, else (None, None)."""
+    if not base_model_name:
+        return None, None
+    path = Path(base_model_name).expanduser() / "config.json"
+    if not path.is_file():
+        return None, None
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"{path}: invalid JSON")
+    config = config.get("text_config", config)
+    return config.get("num_hidden_layers"), config.get("num_attention_heads")
+
+
+def export_peft(path, out_dir, base_model_name: Optional[str] = None) -> Path:
+    """Write the soft prompt in `path` as a PEFT prompt-tuning adapter directory `out_dir`."""
+    pf = prompt_file.load(path)
+    if pf.method != "softprompt":
+        raise UserError(f"{path}: a {pf.method!r} file, not a soft prompt; only soft prompts export to PEFT")
+    P = pf.prompt
+    n, d = P.shape
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"{out_dir}: exists and is not a directory")
+    num_layers, num_heads = _base_shape(base_model_name)
+    config = adapter_config(n, d, base_model_name, num_layers, num_heads)
+    scale = peft_scale(pf.metadata.get("base_architecture", "?"), d)
+
+    meta = {"format": "pt"}  # what PEFT/transformers write for torch tensors
+    meta.update({META_PREFIX + k: v for k, v in pf.metadata.items()})
+    meta[META_PREFIX + "peft_scale"] = repr(scale)
+    if prompt_file.SKETCH_KEY in pf.tensors:
+        sketch = np.array(pf.tensors[prompt_file.SKETCH_KEY].astype(mx.float32))
+        meta[SKETCH_META] = json.dumps({"shape": list(sketch.shape),
+                                        "f32": base64.b64encode(sketch.tobytes()).decode()})
+    tensors = {TENSOR_KEY: P if scale == 1.0 else (P.astype(mx.float32) * scale).astype(P.dtype)}
+    mx.eval(tensors)
+    # weights first, then the config that announces them; each file atomically
+    prompt_file.atomic_write_bytes(out_dir / WEIGHTS_NAME,
+                                   lambda tmp: mx.save_safetensors(tmp, tensors, metadata=meta))
+    text = json.dumps(config, indent=2) + "\n"
+    prompt_file.atomic_write_bytes(out_dir / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+    return out_dir
+
+
+def _read_config(adapter_dir: Path) -> dict:
+    path = adapter_dir / CONFIG_NAME
+    if not path.is_file():
+        raise UserError(f"{adapter_dir}: no {CONFIG_NAME} (not a PEFT adapter directory)")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: invalid JSON ({e})")
+    if not isinstance(config, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    peft_type = config.get("peft_type")
+    if peft_type != "PROMPT_TUNING":
+        raise UserError(f"{path}: peft_type is {peft_type!r}; only PROMPT_TUNING adapters hold a soft prompt")
+    if config.get("task_type", "CAUSAL_LM") != "CAUSAL_LM":
+        raise UserError(f"{path}: task_type is {config.get('task_type')!r}; only CAUSAL_LM is supported")
+    if int(config.get("num_transformer_submodules") or 1) != 1:
+        raise UserError(f"{path}: num_transformer_submodules is {config['num_transformer_submodules']}; "
+                        "only decoder-only (1) adapters are supported")
+    for key in ("num_virtual_tokens", "token_dim"):
+        if not isinstance(config.get(key), int) or config[key] <= 0:
+            raise UserError(f"{path}: field {key!r} must be a positive integer (got {config.get(key)!r})")
+    return config
+
+
+def _read_weights(adapter_dir: Path, config: dict):
+    path = adapter_dir / WEIGHTS_NAME
+    if not path.is_file():
+        pickled = [p.name for p in adapter_dir.glob("adapter_model.*")]
+        found = f" (found {', '.join(pickled)})" if pickled else ""
+        raise UserError(f"{adapter_dir}: no {WEIGHTS_NAME}{found}; only safetensors are read")
+    prompt_file._check_header(path)
+    try:
+        tensors, meta = mx.load(str(path), return_metadata=True)
+    except Exception as e:
+        raise UserError(f"{path}: cannot read safetensors ({e})".splitlines()[0])
+    P = tensors.get(TENSOR_KEY)
+    if P is None:
+        raise UserError(f"{path}: no tensor {TENSOR_KEY!r} (found {', '.join(sorted(tensors)) or 'none'})")
+    n, d = config["num_virtual_tokens"], config["token_dim"]
+    if tuple(P.shape) != (n, d):
+        raise UserError(f"{path}: tensor {TENSOR_KEY!r} has shape {list(P.shape)}, but {CONFIG_NAME} says "
+                        f"num_virtual_tokens={n}, token_dim={d}")
+    P = P.astype(mx.float32)
+    if not bool(mx.all(mx.isfinite(P)).item()):
+        raise UserError(f"{path}: {TENSOR_KEY!r} holds NaN or infinite values")
+    return P, meta
+
+
+def _exported_fingerprint(meta: dict) -> Optional[dict]:
+    """The base fingerprint an mlx-softprompt export carries, or None for a foreign adapter."""
+    m = {k[len(META_PREFIX):]: v for k, v in meta.items() if k.startswith(META_PREFIX)}
+    if "base_embedding_hash" not in m:
+        return None
+    sketch = np.zeros(0, dtype=np.float32)
+    if SKETCH_META in meta:
+        try:
+            s = json.loads(meta[SKETCH_META])
+            sketch = np.frombuffer(base64.b64decode(s["f32"]), dtype=np.float32).reshape(s["shape"])
+        except (ValueError, KeyError, TypeError):
+            raise UserError(f"{WEIGHTS_NAME}: corrupt {SKETCH_META} metadata")
+    return {
+        "architecture": m.get("base_architecture", "?"),
+        "hidden_size": int(m.get("base_hidden_size", -1)),
+        "vocab_size": int(m.get("base_vocab_size", -1)),
+        "embedding_hash": m["base_embedding_hash"],
+        "sketch": sketch,
+    }
+
+
+def import_peft(adapter_dir, out, model: str) -> Path:
+    """Read a PEFT prompt-tuning adapter into a prompt file `out` for the MLX base `model`."""
+    adapter_dir = Path(adapter_dir)
+    if not adapter_dir.is_dir():
+        raise UserError(f"{adapter_dir}: no such adapter directory")
+    config = _read_config(adapter_dir)
+    P, meta = _read_weights(adapter_dir, config)
+
+    base, _, base_config = models.load(model)
+    hidden = models.hidden_size(base)
+    if P.shape[1] != hidden:
+        raise UserError(f"{adapter_dir}: token_dim {P.shape[1]} does not match the hidden size {hidden} of {model}")
+    ours = _exported_fingerprint(meta)
+    if ours is not None:
+        theirs = models.fingerprint(base, base_config)
+        if not models.fingerprints_match(ours, theirs):
+            raise UserError(f"{adapter_dir}: exported for base {models.short(ours)}, "
+                            f"but the model given is {models.short(theirs)}")
+
+    scale = peft_scale(str(base_config.get("model_type", "?")), hidden)
+    if scale != 1.0:
+        P = P / scale
+    carried = {k[len(META_PREFIX):]: v for k, v in meta.items()
+               if k.startswith(META_PREFIX) and k not in (SKETCH_META, META_PREFIX + "peft_scale")}
+    carried = {k: v for k, v in carried.items() if k not in _OWN_KEYS}
+    carried["method"] = "softprompt"
+    if config.get("base_model_name_or_path"):
+        carried.setdefault("peft_base_model", str(config["base_model_name_or_path"]))
+    return prompt_file.save(out, {"soft_prompt": P}, base, base_config, **carried)
