@@ -285,8 +285,8 @@ def _add_shard(manifest: dict, out: Path, i: int, records: List[tc.Record], u_ra
 class _Models:
     """Loads each model once, on first use, and checks it against the manifest."""
 
-    def __init__(self, cfg: TeachConfig, manifest: dict, out: Path):
-        self.cfg, self.manifest, self.out = cfg, manifest, out
+    def __init__(self, cfg: TeachConfig, manifest: dict, out: Path, guard_path: str):
+        self.cfg, self.manifest, self.out, self.guard_path = cfg, manifest, out, guard_path
         self.base = self.guard = None
 
     def get_base(self):
@@ -294,7 +294,10 @@ class _Models:
             from .models import load
 
             model, tok, config = load(self.cfg.base)
-            self._check("base", _fp(model, config))
+            fp = _fp(model, config)
+            if self.cfg.top_k > fp["vocab_size"]:
+                raise UserError(f"--top-k {self.cfg.top_k} is larger than the base's vocabulary ({fp['vocab_size']})")
+            self._check("base", fp)
             self.base = (model, tok)
             eos = getattr(tok, "eos_token_id", None)
             if eos is None:
@@ -304,7 +307,7 @@ class _Models:
 
     def get_guard(self) -> guards.Guard:
         if self.guard is None:
-            g = guards.load_guard(self.cfg.guard, self.manifest["guard"]["path"])
+            g = guards.load_guard(self.cfg.guard, self.guard_path)
             self._check("guard", _fp(g.model, g.config))
             self.guard = g
         return self.guard
@@ -314,8 +317,9 @@ class _Models:
         if old is not None and not _same_model(old, fp):
             from .models import short
 
+            given = self.cfg.base if which == "base" else self.guard_path
             raise UserError(f"{self.out}: this cache was made with {which} {short(old)}, but "
-                            f"{getattr(self.cfg, which)} is {short(fp)}; use a new --out")
+                            f"{given} is {short(fp)}; use a new --out")
         self.manifest[which]["fingerprint"] = fp
         tc.write_manifest(self.out, self.manifest)
 
@@ -346,9 +350,16 @@ def teach(cfg: TeachConfig) -> dict:
     _clean_tmp(out)
     n, nshards = len(examples), manifest["num_shards"]
     done = {s["index"] for s in manifest["shards"]}
-    m = _Models(cfg, manifest, out)
+    m = _Models(cfg, manifest, out, str(guard_path))
     t_start = time.perf_counter()
     try:
+        # Models given by another path than the cache was made with must be the same weights.
+        if manifest["base"].get("fingerprint") and str(cfg.base) != manifest["base"]["path"]:
+            m.get_base()
+            m.drop_base()
+        if manifest["guard"].get("fingerprint") and str(guard_path) != manifest["guard"]["path"]:
+            m.get_guard()
+            m.drop_guard()
         if cfg.mode == "input":
             _input_mode(cfg, examples, manifest, out, m, done, nshards)
         else:

@@ -325,3 +325,11 @@ def test_dual_complete_refuses_or_answers(tiny_model, tiny_guard):
     out, u2 = guards.dual_complete(base, tok, tiny_guard, USER, cfg, threshold=1.01)
     plain = generate.complete(base, tok, generate.chat_ids(tok, USER), models.prefix_cache(base, None), cfg)
     assert out.tokens == plain.tokens and out.text == plain.text and u2 == pytest.approx(u)
+
+
+@pytest.mark.parametrize("path", sorted(__import__("glob").glob("examples/guards/*.json")))
+def test_example_specs_load_and_score(path, guard_dir):
+    g = guards.load_guard(path, guard_dir)
+    v = g.moderate_input(USER)
+    assert 0.0 < v.u < 1.0
+    assert g.moderate_output(USER, REPLY).u != pytest.approx(v.u, abs=1e-7)
