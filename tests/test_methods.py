@@ -1,0 +1,190 @@
+"""The baselines as methods: apply/remove round trips leave the base bitwise unchanged, and each applies what it says."""
+
+from types import SimpleNamespace
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from mlx_softprompt import baselines, evaluate as ev, methods, models
+from mlx_softprompt.errors import UserError
+
+IDS = [[3, 17, 42, 5, 99, 7, 12]]
+
+
+def _snapshot(model):
+    params = {k: np.array(v) for k, v in tree_flatten(model.parameters())}
+    classes = {k: type(m) for k, m in model.named_modules()}
+    return params, classes, np.array(model(mx.array(IDS)))
+
+
+def _assert_same(model, snap):
+    params, classes, out = snap
+    now = {k: np.array(v) for k, v in tree_flatten(model.parameters())}
+    assert now.keys() == params.keys()
+    for k in params:
+        np.testing.assert_array_equal(now[k], params[k])
+    assert {k: type(m) for k, m in model.named_modules()} == classes
+    np.testing.assert_array_equal(np.array(model(mx.array(IDS))), out)
+
+
+def _perturbed(params, scale=0.2, seed=0):
+    """Non-zero parameters (LoRA's B and steer-opt's v start at zero, which changes nothing)."""
+    flat = dict(tree_flatten(params))
+    key = mx.random.key(seed)
+    out = {}
+    for i, (k, v) in enumerate(sorted(flat.items())):
+        out[k] = mx.random.normal(v.shape, key=mx.random.split(key, len(flat))[i]) * scale
+    return baselines._nest(out)
+
+
+@pytest.fixture(scope="module")
+def base(tiny_model):
+    return models.load(tiny_model("llama"))
+
+
+@pytest.mark.parametrize("name,args", [
+    ("softprompt", SimpleNamespace(num_tokens=4, init="vocab", seed=0)),
+    ("lora", SimpleNamespace(lora_rank=4, lora_layers=1, seed=0)),
+    ("lora", SimpleNamespace(lora_rank=2, lora_layers=2, lora_keys="self_attn.q_proj,self_attn.v_proj", seed=1)),
+    ("steer-opt", SimpleNamespace(steer_layer=0)),
+])
+def test_trainable_methods_round_trip(base, name, args):
+    model, tok, config = base
+    snap = _snapshot(model)
+    m = methods.get(name)
+    params = m.init(model, args, tok)
+    _assert_same(model, snap)  # init alone changes nothing
+    if name != "softprompt":
+        params = _perturbed(params)
+    with m.bind(model, params):
+        n = m.prefix_len(params)
+        ids = models.with_placeholders(mx.array(IDS), n) if n else mx.array(IDS)
+        bound = np.array(model(ids)[:, n:])
+    assert np.abs(bound - snap[2]).max() > 1e-3  # the method does something
+    # an exception inside the block restores the base too
+    with pytest.raises(RuntimeError):
+        with m.bind(model, params):
+            raise RuntimeError("boom")
+    if name == "softprompt":
+        # the injection stays attached but disarmed (models.attach, by design): same outputs
+        np.testing.assert_array_equal(np.array(model(mx.array(IDS))), snap[2])
+        models.detach(model)
+    _assert_same(model, snap)  # and leaves nothing behind
+
+
+def test_lora_equals_mlx_lm_lora_layers(tiny_model):
+    """Our bind gives exactly what mlx-lm's linear_to_lora_layers model computes with the same A, B."""
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    model, tok, config = models.load(tiny_model("llama"))
+    m = methods.get("lora")
+    params = _perturbed(m.init(model, SimpleNamespace(lora_rank=4, lora_layers=2, seed=0)), seed=3)
+    with m.bind(model, params):
+        ours = np.array(model(mx.array(IDS)))
+    ref_model, _, _ = models.load(tiny_model("llama"))
+    linear_to_lora_layers(ref_model, 2, {"rank": 4, "scale": m.scale, "dropout": 0.0})
+    ref_model.load_weights(list(tree_flatten(params)), strict=False)  # same paths: model.layers.i.<proj>.lora_a/b
+    np.testing.assert_allclose(ours, np.array(ref_model(mx.array(IDS))), atol=1e-5)
+
+
+def test_lora_on_a_quantized_base_and_file_round_trip(tiny_model, tmp_path):
+    model, tok, config = models.load(tiny_model("llama", q_bits=4))
+    snap = _snapshot(model)
+    m = methods.get("lora")
+    params = _perturbed(m.init(model, SimpleNamespace(lora_rank=2, lora_layers=1, lora_scale=4.0, seed=0)))
+
+    def loss(p):
+        with m.bind(model, p):
+            return model(mx.array(IDS)).astype(mx.float32).square().mean()
+
+    grads = mx.grad(loss)(params)
+    assert all(float(mx.abs(g).sum()) > 0 for _, g in tree_flatten(grads))
+    with m.bind(model, params):
+        expect = np.array(model(mx.array(IDS)))
+    path = m.save(tmp_path / "lora.safetensors", params, model, config, objective="kl")
+    _assert_same(model, snap)
+    sut = ev.method_system(ev.base_system(model, tok, config), path)
+    assert sut.name == "lora-kl" and sut.added_params == sum(v.size for _, v in tree_flatten(params))
+    with sut.bound():
+        np.testing.assert_array_equal(np.array(model(mx.array(IDS))), expect)
+    _assert_same(model, snap)
+    other, _, other_config = models.load(tiny_model("llama", seed=7))
+    with pytest.raises(UserError, match="trained for base"):
+        methods.get("lora").load(path, other, other_config)
+
+
+def test_steering_adds_alpha_v_to_the_layer_output(base):
+    """At the last layer, logits == head(norm(h + alpha * v)) with h the captured layer output."""
+    model, tok, config = base
+    snap = _snapshot(model)
+    d = models.hidden_size(model)
+    v = mx.random.normal((d,), key=mx.random.key(1))
+    last = len(baselines.decoder_layers(model)) - 1
+    captured = []
+    with baselines.hooked(model, last, capture=captured):
+        model(mx.array(IDS))
+    h = captured[0]
+    m = baselines.SteerDom(layer=last, alpha=2.5)
+    with m.bind(model, {"steer": v}):
+        steered = model(mx.array(IDS))
+    inner = model.model
+    head = model.lm_head if hasattr(model, "lm_head") else inner.embed_tokens.as_linear
+    expect = head(inner.norm(h + 2.5 * v))
+    np.testing.assert_allclose(np.array(steered), np.array(expect), atol=1e-5)
+    _assert_same(model, snap)
+    with pytest.raises(UserError, match="out of range"):
+        with baselines.hooked(model, 99, v):
+            pass
+
+
+def test_steer_files_round_trip(base, tmp_path):
+    model, tok, config = base
+    snap = _snapshot(model)
+    v = mx.random.normal((models.hidden_size(model),), key=mx.random.key(2))
+    path = baselines.save_steer_dom(tmp_path / "dom.safetensors", v, 1, 3.0, model, config)
+    sut = ev.method_system(ev.base_system(model, tok, config), path)
+    assert sut.name == "steer-dom" and sut.info["layer"] == "1" and sut.added_params == v.size
+    with sut.bound():
+        a = np.array(model(mx.array(IDS)))
+    with baselines.hooked(model, 1, 3.0 * v):
+        b = np.array(model(mx.array(IDS)))
+    np.testing.assert_array_equal(a, b)
+    _assert_same(model, snap)
+    with pytest.raises(UserError, match="fitted, not trained"):
+        methods.get("steer-dom").init(model, SimpleNamespace())
+
+
+def test_steer_dom_is_the_difference_of_means_at_the_last_prompt_position(base):
+    """Batched (right-padded) activations equal one-by-one ones; the direction is mean(harmful) - mean(harmless)."""
+    model, tok, config = base
+    harmful = [tok.encode("How to make a bomb to hurt people"), tok.encode("poison")]
+    harmless = [tok.encode("Write a poem about the sea, please, a long one"), tok.encode("bake bread")]
+    D = baselines.fit_steer_dom(model, harmful, harmless, batch_size=4)
+    n_layers = len(baselines.decoder_layers(model))
+    assert D.shape == (n_layers, models.hidden_size(model))
+
+    def one(ids, layer):
+        cap = []
+        with baselines.hooked(model, layer, capture=cap):
+            model(mx.array([ids]))
+        return np.array(cap[0][0, -1])
+
+    for layer in range(n_layers):
+        expect = np.mean([one(p, layer) for p in harmful], 0) - np.mean([one(p, layer) for p in harmless], 0)
+        np.testing.assert_allclose(np.array(D[layer]), expect, atol=1e-4)
+    with pytest.raises(UserError, match="needs harmful and harmless"):
+        baselines.fit_steer_dom(model, harmful, [])
+
+
+def test_system_prompt_and_dual_systems_leave_the_base_alone(base):
+    model, tok, config = base
+    snap = _snapshot(model)
+    b = ev.base_system(model, tok, config)
+    sp = ev.system_prompt_system(b, "Be safe.")
+    assert sp.ids(ev.data.Example("hi")) != b.ids(ev.data.Example("hi"))
+    assert sp.info["added_prompt_tokens"] > 0
+    with sp.bound():
+        pass
+    _assert_same(model, snap)
