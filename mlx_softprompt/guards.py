@@ -100,10 +100,6 @@ class GuardSpec:
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode("utf-8")).hexdigest()
 
 
-class _TemplateError(Exception):
-    pass
-
-
 def _raise(message):
     raise UserError(f"guard template: {message}")
 
