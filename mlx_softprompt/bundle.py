@@ -140,6 +140,19 @@ def model_card(manifest: dict, report: Optional[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def compact(cache) -> list:
+    """Drop the unused tail of KVCache buffers (mlx-lm allocates 256 positions at a time)
+    so the file holds n positions, not 256; generation grows the buffer again as needed."""
+    from mlx_lm.models.cache import KVCache
+
+    for c in cache:
+        if type(c) is KVCache and c.keys is not None and c.keys.shape[2] > c.offset:
+            c.keys, c.values = c.keys[..., :c.offset, :], c.values[..., :c.offset, :]
+    mx.eval([x for c in cache for x in (getattr(c, "keys", None), getattr(c, "values", None))
+             if isinstance(x, mx.array)])
+    return cache
+
+
 def _cache_info(cache) -> dict:
     return {"layers": len(cache), "types": [type(c).__name__ for c in cache],
             "offset": int(getattr(cache[0], "offset", -1))}
@@ -194,7 +207,7 @@ def make_bundle(cfg: BundleConfig, log=print) -> Path:
         bundled, _, bconfig = models.load(str(mdir))
         fp = models.fingerprint(bundled, bconfig)
         log(f"computing the key/value cache of {file.prompt.shape[0]} virtual tokens")
-        cache = models.prefix_cache(bundled, file.prompt)
+        cache = compact(models.prefix_cache(bundled, file.prompt))
         prompt_sha = sha256(tmp / PROMPT)
         save_prompt_cache(str(tmp / CACHE), cache, metadata={
             "format": FORMAT, "prompt_sha256": prompt_sha, "base_embedding_hash": fp["embedding_hash"],
