@@ -1,0 +1,708 @@
+"""The one training loop: any method (methods.py) x any objective (losses.py), from a teacher cache.
+
+Data. Each teacher record (prompt x, teacher sample y, guard verdict u) gives
+two rows: [x; r] weighted u (target: the refusal r) and [x; y] weighted 1-u
+(target: the base's distributions q_t along y, or y itself for ``ce``);
+zero-weight rows are skipped. Rows are right-padded with a mask and cut to
+--max-seq-length tokens (P's positions come on top). A held-out share of the
+prompts (--val-split, chosen by a seeded hash of the prompt index, so all
+samples of a prompt fall on one side) gives the validation loss.
+
+Order. The rows of epoch e are permuted by a generator seeded with (seed, e)
+alone; global batch m is slice m of that order. So the data position is just
+the number of batches consumed, and a resumed run sees the same batches.
+
+Step. One compiled function (mx.compile over the trainable params, the
+optimiser state and the RNG state, as mlx-lm's trainer) computes the summed
+objective and its gradient for a micro-batch, accumulates --grad-accum of
+them, sums them over machines (mx.distributed.all_sum), divides by the global
+weighted token count (so 1 machine x batch B, 2 machines x B/2 and 2
+micro-batches x B/2 all take the same step), clips the gradient norm and
+applies AdamW (linear warm-up, then cosine decay).
+
+Checkpoints. Every --save-every steps rank 0 writes, atomically, the method
+file (the out path) and a training-state file (params, optimiser state with
+its step, the RNG key, the data position, the settings); --resume continues
+from it and ends with the same P as an uninterrupted run.
+
+Machines. Under ``mlx.launch`` each rank reads its share (rows rank::size) of
+every global batch; rank 0 alone writes files and draws the progress bar.
+"""
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field, fields
+from functools import partial
+from pathlib import Path
+from typing import List, Optional
+
+import mlx.core as mx
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_map
+
+from . import baselines  # noqa: F401  (registers lora, steer-opt, steer-dom into methods.METHODS)
+from . import losses, methods, models, prompt_file
+from .errors import UserError
+from .progress import Bar
+
+STATE_FORMAT = "mlx-softprompt-train-state/1"
+PAD_TO = 32
+
+# Settings that shape the trajectory: a resumed run must use the same ones.
+RESUME_KEYS = ("objective", "method", "num_tokens", "init", "iters", "batch_size", "learning_rate",
+               "weight_decay", "warmup", "grad_accum", "grad_clip", "max_seq_length", "val_split",
+               "seed", "teacher_mode", "hard_guard")
+
+
+@dataclass
+class TrainArgs:
+    base: Optional[str] = field(default=None, metadata={"help": "MLX base model dir (or hub id)."})
+    teacher: Optional[str] = field(default=None, metadata={"help": "Teacher cache directory."})
+    out: Optional[str] = field(default=None, metadata={"help": "Output method file (.safetensors)."})
+    objective: str = field(default="tv", metadata={"help": "tv | kl | ce."})
+    method: str = field(default="softprompt", metadata={"help": "What is trained (methods.METHODS)."})
+    num_tokens: int = field(default=16, metadata={"help": "Soft-prompt length n."})
+    init: str = field(default="vocab", metadata={"help": 'text:"..." | vocab | random.'})
+    iters: int = field(default=200, metadata={"help": "Optimiser steps."})
+    batch_size: int = field(default=8, metadata={"help": "Rows per global micro-batch."})
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.0
+    warmup: int = field(default=0, metadata={"help": "Linear warm-up steps, then cosine decay."})
+    grad_accum: int = field(default=1, metadata={"help": "Micro-batches per optimiser step."})
+    grad_clip: float = field(default=1.0, metadata={"help": "Max global gradient norm (0: off)."})
+    max_seq_length: int = 1024
+    val_split: float = field(default=0.1, metadata={"help": "Share of prompts held out for validation."})
+    val_every: int = 50
+    val_batches: int = field(default=-1, metadata={"help": "Validation batches (-1: all)."})
+    save_every: int = 100
+    seed: int = 0
+    teacher_mode: str = field(default="cache", metadata={"help": "cache (top-k) | online (base without P)."})
+    hard_guard: bool = field(default=False, metadata={"help": "Weights 1[u >= 0.5] instead of u."})
+    steps_per_report: int = 10
+    metrics: Optional[str] = field(default=None, metadata={"help": "JSONL path (default: out + .metrics.jsonl)."})
+    shared_prefix: bool = field(default=True, metadata={"help": "Run P once per batch (shared KV)."})
+    resume: bool = False
+    compile: bool = True
+
+    def check(self) -> None:
+        """Every field in range, or a UserError naming the flag."""
+        for name in ("base", "teacher", "out"):
+            if not getattr(self, name):
+                raise UserError(f"--{name} is required (flag or config key)")
+        if not str(self.out).endswith(".safetensors"):
+            raise UserError(f"--out {self.out}: method files end in .safetensors")
+        if self.objective not in losses.OBJECTIVES:
+            raise UserError(f"--objective {self.objective!r}: use one of {', '.join(losses.OBJECTIVE_NAMES)}")
+        if self.method not in methods.METHODS:
+            raise UserError(f"--method {self.method!r}: available: {', '.join(sorted(methods.METHODS))}")
+        if self.teacher_mode not in ("cache", "online"):
+            raise UserError(f"--teacher-mode {self.teacher_mode!r}: use cache or online")
+        for name in ("iters", "batch_size", "grad_accum", "max_seq_length", "val_every", "save_every",
+                     "steps_per_report", "num_tokens"):
+            if int(getattr(self, name)) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
+        if self.max_seq_length < 2:
+            raise UserError("--max-seq-length must be >= 2")
+        if not 0.0 <= self.val_split < 1.0:
+            raise UserError(f"--val-split must be in [0, 1) (got {self.val_split})")
+        if self.warmup < 0 or self.warmup >= self.iters:
+            raise UserError(f"--warmup must be in [0, iters) (got {self.warmup} for {self.iters} iters)")
+        if self.learning_rate <= 0 or self.grad_clip < 0 or self.weight_decay < 0:
+            raise UserError("--learning-rate must be > 0, --grad-clip and --weight-decay >= 0")
+
+    @property
+    def state_path(self) -> Path:
+        out = Path(self.out)
+        return out.with_name(out.name[: -len(".safetensors")] + ".train-state.safetensors")
+
+    @property
+    def metrics_path(self) -> Path:
+        return Path(self.metrics) if self.metrics else Path(str(self.out) + ".metrics.jsonl")
+
+
+def _field_names() -> dict:
+    return {f.name: f for f in fields(TrainArgs)}
+
+
+def load_config(path) -> dict:
+    """A YAML (or JSON) mapping of TrainArgs keys (dashes or underscores); unknown keys are errors."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such config file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path}:{where} invalid YAML ({getattr(e, 'problem', e)})")
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: a config file is a mapping of keys to values")
+    known = _field_names()
+    out = {}
+    for key, value in raw.items():
+        name = str(key).replace("-", "_")
+        if name not in known or name in ("resume",):
+            raise UserError(f"{path}: unknown key {key!r} (known: {', '.join(k for k in known if k != 'resume')})")
+        out[name] = value
+    return out
+
+
+def make_args(config: Optional[str] = None, **flags) -> TrainArgs:
+    """Defaults, then the config file, then the flags that were given (None = not given)."""
+    values = load_config(config) if config else {}
+    known = _field_names()
+    for k, v in flags.items():
+        if k not in known:
+            raise ValueError(f"unknown training argument {k!r}")
+        if v is not None:
+            values[k] = v
+    args = TrainArgs()
+    for k, v in values.items():
+        try:
+            setattr(args, k, _coerce(getattr(args, k), v))
+        except (TypeError, ValueError):
+            where = f"{config}: " if config and flags.get(k) is None else ""
+            raise UserError(f"{where}{k}: expected {type(getattr(args, k)).__name__}, got {v!r}")
+    args.check()
+    return args
+
+
+def _coerce(default, v):
+    """A config/flag value as the field's type (YAML reads 1e-3 as a string: accept it for floats)."""
+    if isinstance(default, bool):
+        if not isinstance(v, bool):
+            raise ValueError
+        return v
+    if isinstance(default, int):
+        if isinstance(v, bool) or (isinstance(v, float) and v != int(v)):
+            raise ValueError
+        return int(v)
+    if isinstance(default, float):
+        if isinstance(v, bool):
+            raise ValueError
+        return float(v)
+    return None if v is None else str(v)
+
+
+# ---------------------------------------------------------------- data
+
+
+@dataclass
+class TeacherData:
+    """What training reads from a teacher cache (or builds in memory)."""
+
+    records: list
+    refusal_ids: List[int]
+    manifest: dict = field(default_factory=dict)
+
+
+def manifest_value(manifest: dict, key: str):
+    """A teacher-cache setting, top level first, then under "settings" (teach writes it there)."""
+    alias = {"k": "top_k"}
+    if key in manifest and not isinstance(manifest[key], dict):
+        return manifest[key]
+    settings = manifest.get("settings") or {}
+    return settings.get(key, settings.get(alias.get(key, key)))
+
+
+def manifest_base(manifest: dict) -> Optional[dict]:
+    """The base fingerprint the cache was made with (teach stores it under base.fingerprint)."""
+    base = manifest.get("base")
+    if isinstance(base, dict):
+        fp = base.get("fingerprint", base)
+        if isinstance(fp, dict) and "embedding_hash" in fp:
+            return fp
+    return None
+
+
+def manifest_guard(manifest: dict) -> Optional[str]:
+    g = manifest.get("guard")
+    if isinstance(g, dict):
+        return g.get("spec") or g.get("id") or g.get("path")
+    return g
+
+
+def open_teacher(path) -> TeacherData:
+    from . import teacher_cache
+
+    cache = teacher_cache.open_cache(path)
+    return TeacherData(list(cache), list(cache.refusal_ids), dict(cache.manifest))
+
+
+@dataclass
+class Row:
+    prompt: List[int]
+    target: List[int]
+    weight: float
+    soft: bool
+    prompt_index: int
+    topk_ids: Optional[np.ndarray] = None  # [T, k] for the target tokens (soft rows, cache mode)
+    topk_logprobs: Optional[np.ndarray] = None
+    tail_mass: Optional[np.ndarray] = None
+
+    def length(self, max_seq_length: int) -> int:
+        return min(len(self.prompt) + len(self.target), max_seq_length)
+
+
+def build_rows(data: TeacherData, objective: str, hard_guard: bool = False, topk: bool = False) -> List[Row]:
+    """Two rows per record ([x; r] weight u, [x; y] weight 1-u); zero-weight rows dropped."""
+    rows = []
+    r = list(data.refusal_ids)
+    if not r:
+        raise UserError("teacher cache: empty refusal (no refusal_ids)")
+    soft_rows = losses.needs_teacher(objective)
+    for rec in data.records:
+        u = float(rec.u)
+        if not 0.0 <= u <= 1.0 or u != u:
+            raise UserError(f"teacher record prompt {rec.prompt_index} sample {rec.sample_index}: u={u} not in [0, 1]")
+        w_ref, w_resp = losses.row_weights(objective, u, hard_guard)
+        prompt = [int(t) for t in rec.prompt_ids]
+        if w_ref > 0:
+            rows.append(Row(prompt, r, w_ref, False, int(rec.prompt_index)))
+        y = [int(t) for t in rec.response_ids]
+        if w_resp > 0 and y:
+            row = Row(prompt, y, w_resp, soft_rows, int(rec.prompt_index))
+            if soft_rows and topk:
+                ids, lps, tail = (np.asarray(rec.topk_ids), np.asarray(rec.topk_logprobs),
+                                  np.asarray(rec.tail_mass))
+                if ids.ndim != 2 or ids.shape[0] != len(y) or lps.shape != ids.shape or tail.shape != (len(y),):
+                    raise UserError(f"teacher record prompt {rec.prompt_index} sample {rec.sample_index}: "
+                                    f"top-k arrays {ids.shape}/{lps.shape}/{tail.shape} do not match "
+                                    f"{len(y)} response tokens")
+                row.topk_ids, row.topk_logprobs, row.tail_mass = ids, lps, tail
+            rows.append(row)
+    return rows
+
+
+def is_val(prompt_index: int, seed: int, fraction: float) -> bool:
+    """Seeded hash of the prompt index: all samples of one prompt land on the same side."""
+    h = hashlib.sha256(f"{seed}:{int(prompt_index)}".encode()).digest()
+    return int.from_bytes(h[:8], "big") / 2.0**64 < fraction
+
+
+def collate(rows: List[Row], max_seq_length: int, topk_k: int = 0):
+    """Right-padded arrays for a list of rows -> (batch dict, real token count).
+
+    inputs[b, j] predicts targets[b, j]; mask marks the target tokens (r or y).
+    With topk_k > 0 the soft rows' cached top-k teacher log-probs are laid out
+    at their target positions (zeros elsewhere, masked or ignored).
+    """
+    lens = [row.length(max_seq_length) - 1 for row in rows]
+    L = max(lens)
+    L = max(L, min(-(-L // PAD_TO) * PAD_TO, max_seq_length - 1))
+    B = len(rows)
+    inputs = np.zeros((B, L), np.int32)
+    targets = np.zeros((B, L), np.int32)
+    mask = np.zeros((B, L), np.float32)
+    if topk_k:
+        t_ids = np.zeros((B, L, topk_k), np.int32)
+        t_lps = np.zeros((B, L, topk_k), np.float32)
+        t_tail = np.zeros((B, L), np.float32)
+    for b, (row, n) in enumerate(zip(rows, lens)):
+        tokens = (row.prompt + row.target)[: n + 1]
+        inputs[b, :n] = tokens[:-1]
+        targets[b, :n] = tokens[1:]
+        start = len(row.prompt) - 1
+        mask[b, start:n] = 1.0
+        if topk_k and row.soft and row.topk_ids is not None and n > start:
+            T = n - start
+            t_ids[b, start:n] = row.topk_ids[:T]
+            t_lps[b, start:n] = row.topk_logprobs[:T]
+            t_tail[b, start:n] = row.tail_mass[:T]
+    batch = {
+        "inputs": mx.array(inputs),
+        "targets": mx.array(targets),
+        "mask": mx.array(mask),
+        "weight": mx.array(np.array([r.weight for r in rows], np.float32)),
+        "soft": mx.array(np.array([r.soft for r in rows], np.float32)),
+    }
+    if topk_k:
+        batch.update(topk_ids=mx.array(t_ids), topk_logprobs=mx.array(t_lps), tail_mass=mx.array(t_tail))
+    return batch, int(sum(n + 1 for n in lens))
+
+
+class Order:
+    """Global batch m = slice m of epoch e's permutation, seeded by (seed, e) only."""
+
+    def __init__(self, n_rows: int, batch_size: int, seed: int):
+        if n_rows < batch_size:
+            raise UserError(f"only {n_rows} training rows for --batch-size {batch_size}: "
+                            "use a smaller batch or a larger teacher cache")
+        self.n, self.bs, self.seed = n_rows, batch_size, seed
+        self.per_epoch = n_rows // batch_size
+        self._epoch, self._perm = None, None
+
+    def position(self, m: int):
+        return divmod(m, self.per_epoch)
+
+    def batch(self, m: int) -> np.ndarray:
+        epoch, j = self.position(m)
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+        return self._perm[j * self.bs:(j + 1) * self.bs]
+
+
+def data_hash(data: TeacherData) -> str:
+    h = hashlib.sha256(json.dumps(list(data.refusal_ids)).encode())
+    for rec in data.records:
+        h.update(f"{rec.prompt_index},{rec.sample_index},{float(rec.u)!r},{len(rec.prompt_ids)},"
+                 f"{len(rec.response_ids)};".encode())
+    return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- state
+
+
+def _assign(tree, flat: dict) -> None:
+    """Set tree[path] = value in place for "a.b.0.c"-style paths (compile needs the same containers)."""
+    for path, value in flat.items():
+        node, keys = tree, path.split(".")
+        for k in keys[:-1]:
+            node = node[int(k)] if isinstance(node, list) else node[k]
+        last = keys[-1]
+        if isinstance(node, list):
+            node[int(last)] = value
+        else:
+            node[last] = value
+
+
+def _rng_key() -> mx.array:
+    return mx.array(mx.random.state[0])
+
+
+def _set_rng_key(key) -> None:
+    """mx.random.seed(s) sets the key to [s >> 32, s & 0xffffffff]: any saved key is restorable."""
+    k = np.asarray(key).astype(np.uint64)
+    mx.random.seed(int((int(k[0]) << 32) | int(k[1])))
+
+
+def save_state(path, params, optimizer, step: int, micro_batch: int, args: TrainArgs, extra: dict) -> None:
+    tensors = {f"params.{k}": v for k, v in tree_flatten(params)}
+    tensors.update({f"optimizer.{k}": v for k, v in tree_flatten(optimizer.state)})
+    tensors["rng"] = _rng_key()
+    meta = {
+        "format": STATE_FORMAT,
+        "step": str(step),
+        "micro_batch": str(micro_batch),
+        "settings": json.dumps({k: getattr(args, k) for k in RESUME_KEYS}),
+        **{k: str(v) for k, v in extra.items()},
+    }
+    mx.eval(tensors)
+    prompt_file.atomic_write_bytes(path, lambda tmp: mx.save_safetensors(tmp, tensors, metadata=meta))
+
+
+def load_state(path, args: TrainArgs, expect: dict):
+    """(params, optimizer state, rng key, step, micro_batch) of a state file that matches `args`."""
+    path = Path(path)
+    try:
+        tensors, meta = mx.load(str(path), return_metadata=True)
+    except Exception as e:
+        raise UserError(f"{path}: cannot read training state ({e})".splitlines()[0])
+    if meta.get("format") != STATE_FORMAT:
+        raise UserError(f"{path}: not an mlx-softprompt training-state file")
+    saved = json.loads(meta.get("settings", "{}"))
+    for k in RESUME_KEYS:
+        if k in saved and saved[k] != getattr(args, k):
+            raise UserError(f"{path}: written with {k}={saved[k]!r}, now {k}={getattr(args, k)!r}; "
+                            "resume with the same settings (or start afresh without --resume)")
+    for k, v in expect.items():
+        if meta.get(k) != str(v):
+            raise UserError(f"{path}: written for {k}={meta.get(k)}, now {v}; the teacher data or base changed")
+    params = {k[len("params."):]: v for k, v in tensors.items() if k.startswith("params.")}
+    opt = {k[len("optimizer."):]: v for k, v in tensors.items() if k.startswith("optimizer.")}
+    return params, opt, tensors["rng"], int(meta["step"]), int(meta["micro_batch"])
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def make_schedule(args: TrainArgs):
+    decay = optim.cosine_decay(args.learning_rate, args.iters - args.warmup, 0.0)
+    if args.warmup == 0:
+        return decay
+    warm = optim.linear_schedule(0.0, args.learning_rate, args.warmup)
+    return optim.join_schedules([warm, decay], [args.warmup])
+
+
+def make_loss(model, method, objective: str, teacher_mode: str):
+    """loss(params, batch) -> (weighted sum of token terms, weighted token count)."""
+    objective_fn = losses.OBJECTIVES[objective]
+    needs = losses.needs_teacher(objective)
+
+    def loss(params, batch):
+        logits = method.logits(model, params, batch["inputs"])
+        teacher = None
+        if needs and teacher_mode == "online":
+            # q_t: the base itself (outside bind), one extra forward, no gradient
+            teacher = losses.Teacher(logprobs=mx.stop_gradient(losses.log_softmax(model(batch["inputs"]))))
+        elif needs:
+            teacher = losses.Teacher(topk_ids=batch["topk_ids"], topk_logprobs=batch["topk_logprobs"],
+                                     tail_mass=batch["tail_mass"])
+        return objective_fn(logits, batch["targets"], batch["mask"], batch["weight"], batch["soft"], teacher)
+
+    return loss
+
+
+def make_step(model, loss, params, optimizer, grad_clip: float, world_size: int, compile: bool = True):
+    """step(batch, acc, do_update): a micro-batch's gradient, accumulated; on update, the AdamW step."""
+    state = [params, optimizer.state, mx.random.state]
+    value_and_grad = mx.value_and_grad(loss)
+
+    def step(batch, acc, do_update):
+        (lsum, ntok), grads = value_and_grad(params, batch)
+        if acc is not None:
+            grads = tree_map(lambda a, b: a + b, grads, acc[0])
+            lsum, ntok = lsum + acc[1], ntok + acc[2]
+        if not do_update:
+            return (grads, lsum, ntok)
+        if world_size > 1:
+            grads = tree_map(lambda g: mx.distributed.all_sum(g), grads)
+            lsum, ntok = mx.distributed.all_sum(lsum), mx.distributed.all_sum(ntok)
+        grads = tree_map(lambda g: g / mx.maximum(ntok, 1e-12), grads)
+        if grad_clip > 0:
+            grads, norm = optim.clip_grad_norm(grads, grad_clip)
+        else:
+            norm = mx.sqrt(sum((g.astype(mx.float32) ** 2).sum() for _, g in tree_flatten(grads)))
+        _assign(params, dict(tree_flatten(optimizer.apply_gradients(grads, params))))
+        return lsum, ntok, norm
+
+    if compile:
+        step = partial(mx.compile, inputs=state, outputs=state)(step)
+    return step, state
+
+
+def evaluate_rows(loss, params, rows: List[Row], args: TrainArgs, topk_k: int, rank: int = 0, size: int = 1,
+                  max_batches: int = -1) -> float:
+    """The objective (per weighted target token) over rows; each rank takes rows[rank::size] of each batch."""
+    total, count = mx.array(0.0), mx.array(0.0)
+    nb = -(-len(rows) // args.batch_size)
+    if max_batches > 0:
+        nb = min(nb, max_batches)
+    for i in range(nb):
+        share = rows[i * args.batch_size:(i + 1) * args.batch_size][rank::size]
+        if not share:
+            continue
+        batch, _ = collate(share, args.max_seq_length, topk_k)
+        s, c = loss(params, batch)
+        total, count = total + s, count + c
+        mx.eval(total, count)
+    if size > 1:
+        total, count = mx.distributed.all_sum(total, stream=mx.cpu), mx.distributed.all_sum(count, stream=mx.cpu)
+    return float(total.item()) / max(float(count.item()), 1e-12)
+
+
+def _broadcast_from_rank0(arrays: dict, rank: int) -> dict:
+    """Rank 0's arrays on every rank: all_sum with zeros elsewhere (exact)."""
+    out = {}
+    for k, v in arrays.items():
+        x = v if rank == 0 else mx.zeros_like(v)
+        out[k] = mx.distributed.all_sum(x, stream=mx.cpu)
+    mx.eval(out)
+    return out
+
+
+class Metrics:
+    """JSONL metrics on rank 0; a resumed run drops the lines past its checkpoint."""
+
+    def __init__(self, path: Path, enabled: bool, resume_step: Optional[int]):
+        self.path, self.enabled = path, enabled
+        if not enabled:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if resume_step is not None and path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    if int(json.loads(line).get("step", 0)) <= resume_step:
+                        kept.append(line)
+                except (json.JSONDecodeError, AttributeError, ValueError):
+                    continue
+        path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, **record) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def train(args: TrainArgs, data: Optional[TeacherData] = None, model_bundle=None, log=print) -> dict:
+    """Train args.method with args.objective on the teacher data; write args.out. Returns a summary."""
+    args.check()
+    world = mx.distributed.init()
+    rank, size = world.rank(), world.size()
+    if args.batch_size % size:
+        raise UserError(f"--batch-size {args.batch_size} is not divisible by the {size} machines")
+    say = log if rank == 0 else (lambda *a, **k: None)
+
+    if data is None:
+        data = open_teacher(args.teacher)
+    model, tokenizer, config = model_bundle or models.load(args.base)
+    model.freeze()
+    fp = models.fingerprint(model, config)
+    _check_base(manifest_base(data.manifest), fp, args, say)
+    use_topk = losses.needs_teacher(args.objective) and args.teacher_mode == "cache"
+    topk_k = 0
+    if use_topk:
+        topk_k = int(manifest_value(data.manifest, "k") or 0) or next(
+            (np.asarray(r.topk_ids).shape[-1] for r in data.records if np.asarray(r.topk_ids).ndim == 2), 0)
+        if topk_k <= 0:
+            raise UserError(f"{args.teacher}: the cache has no top-k log-probs; use --teacher-mode online")
+
+    rows = build_rows(data, args.objective, args.hard_guard, topk=use_topk)
+    too_long = [r for r in rows if len(r.prompt) >= args.max_seq_length]
+    rows = [r for r in rows if len(r.prompt) < args.max_seq_length]
+    val_rows = [r for r in rows if is_val(r.prompt_index, args.seed, args.val_split)]
+    train_rows = [r for r in rows if not is_val(r.prompt_index, args.seed, args.val_split)]
+    if too_long:
+        say(f"note: {len(too_long)} rows skipped: prompt longer than --max-seq-length {args.max_seq_length}")
+    order = Order(len(train_rows), args.batch_size, args.seed)
+
+    method = methods.get(args.method, shared_prefix=args.shared_prefix)
+    params = method.init(model, args, tokenizer)
+    optimizer = optim.AdamW(learning_rate=make_schedule(args), weight_decay=args.weight_decay)
+    optimizer.init(params)
+    mx.random.seed(args.seed)
+    dhash = data_hash(data)
+    expect = {"data_hash": dhash, "base_embedding_hash": fp["embedding_hash"]}
+
+    start = 0
+    state_path = args.state_path
+    if args.resume:
+        found = state_path.exists() if rank == 0 else False
+        if size > 1:
+            found = bool(_broadcast_from_rank0({"f": mx.array(int(found))}, rank)["f"].item())
+        if found:
+            if rank == 0:
+                p, o, key, start, micro = load_state(state_path, args, expect)
+                _assign(params, p)
+                _assign(optimizer.state, o)
+                _set_rng_key(key)
+            say(f"resuming from {state_path} at step {start}")
+        else:
+            say(f"--resume: no training state at {state_path}; starting at step 0")
+    if size > 1:
+        flat = {f"p.{k}": v for k, v in tree_flatten(params)}
+        flat.update({f"o.{k}": v for k, v in tree_flatten(optimizer.state)})
+        flat["rng"] = _rng_key()
+        flat["start"] = mx.array(start, dtype=mx.int64)
+        got = _broadcast_from_rank0(flat, rank)
+        _assign(params, {k[2:]: v for k, v in got.items() if k.startswith("p.")})
+        _assign(optimizer.state, {k[2:]: v for k, v in got.items() if k.startswith("o.")})
+        _set_rng_key(got["rng"])
+        start = int(got["start"].item())
+    mx.eval(params, optimizer.state)
+
+    loss = make_loss(model, method, args.objective, args.teacher_mode)
+    step, state = make_step(model, loss, params, optimizer, args.grad_clip, size, compile=args.compile)
+    metrics = Metrics(args.metrics_path, rank == 0, start if args.resume else None)
+    meta = {
+        "objective": args.objective,
+        "guard": _text(manifest_guard(data.manifest)),
+        "refusal": _text(manifest_value(data.manifest, "refusal")),
+        "data_hash": dhash,
+        "teacher_mode": args.teacher_mode,
+        "moderation": _text(manifest_value(data.manifest, "mode")),
+        "hard_guard": str(bool(args.hard_guard)).lower(),
+        "init": args.init,
+    }
+
+    def checkpoint(at: int):
+        if rank != 0:
+            return
+        method.save(args.out, params, model, config, steps=str(at), **meta)
+        save_state(state_path, params, optimizer, at, at * args.grad_accum, args, expect)
+
+    def validate(at: int):
+        if not val_rows:
+            return None
+        v = evaluate_rows(loss, params, val_rows, args, topk_k, rank, size, args.val_batches)
+        metrics.write(step=at, val_loss=v)
+        return v
+
+    say(f"train: {args.method} x {args.objective} ({args.teacher_mode} teacher), {len(train_rows)} train rows / "
+        f"{len(val_rows)} val rows from {len(data.records)} records, {order.per_epoch} batches per epoch, "
+        f"{size} machine(s)")
+    val_loss = validate(start) if start == 0 else None
+    bar = Bar(total=args.iters - start, desc="train" if start == 0 else f"train (from step {start})",
+              unit="step", disable=rank != 0)
+    win_loss = win_tok = 0.0
+    win_tokens, win_time, trained = 0, 0.0, 0
+    last_loss = float("nan")
+    tic0 = time.perf_counter()
+    for it in range(start + 1, args.iters + 1):
+        tic = time.perf_counter()
+        acc, n_tokens = None, 0
+        for a in range(args.grad_accum):
+            m = (it - 1) * args.grad_accum + a
+            idx = order.batch(m)
+            share = [train_rows[i] for i in idx[rank::size]]
+            batch, toks = collate(share, args.max_seq_length, topk_k)
+            n_tokens += toks
+            out = step(batch, acc, a == args.grad_accum - 1)
+            if a < args.grad_accum - 1:
+                acc = out
+                mx.eval(acc)
+        lsum, ntok, norm = out
+        mx.eval(state, lsum, ntok, norm)
+        win_time += time.perf_counter() - tic
+        win_loss += float(lsum.item())
+        win_tok += float(ntok.item())
+        win_tokens += n_tokens
+        if it % args.steps_per_report == 0 or it == args.iters:
+            tokens = win_tokens
+            if size > 1:
+                tokens = int(mx.distributed.all_sum(mx.array(win_tokens), stream=mx.cpu).item())
+            trained += tokens
+            last_loss = win_loss / max(win_tok, 1e-12)
+            record = dict(step=it, loss=last_loss, learning_rate=float(optimizer.learning_rate.item()),
+                          grad_norm=float(norm.item()), tokens_per_second=tokens / max(win_time, 1e-9),
+                          trained_tokens=trained, peak_memory_gb=mx.get_peak_memory() / 1e9,
+                          elapsed=time.perf_counter() - tic0)
+            metrics.write(**record)
+            bar.set(loss=last_loss, tok_s=round(record["tokens_per_second"]),
+                    mem_gb=round(record["peak_memory_gb"], 3))
+            win_loss = win_tok = 0.0
+            win_tokens, win_time = 0, 0.0
+        if it % args.val_every == 0 or it == args.iters:
+            val_loss = validate(it)
+            if val_loss is not None:
+                bar.set(val=val_loss)
+        if it % args.save_every == 0 or it == args.iters:
+            checkpoint(it)
+        bar.update(1)
+    bar.close()
+    if start >= args.iters:
+        checkpoint(args.iters)
+    return {"out": str(args.out), "steps": args.iters, "resumed_from": start, "train_loss": last_loss,
+            "val_loss": val_loss, "train_rows": len(train_rows), "val_rows": len(val_rows),
+            "machines": size, "seconds": time.perf_counter() - tic0}
+
+
+def _check_base(cache_fp: Optional[dict], fp: dict, args: TrainArgs, say) -> None:
+    """The cache's base must be --base: same shape always; the same weights or a (quantized) copy."""
+    if not cache_fp:
+        return
+    for k in ("architecture", "hidden_size", "vocab_size"):
+        if str(cache_fp.get(k)) != str(fp[k]):
+            raise UserError(f"{args.teacher}: teacher cache was made with base {models.short(cache_fp)}, "
+                            f"but --base {args.base} is {models.short(fp)}")
+    if cache_fp.get("embedding_hash") != fp["embedding_hash"]:
+        if "sketch" in cache_fp and not models.fingerprints_match(cache_fp, fp):
+            raise UserError(f"{args.teacher}: teacher cache was made with base {models.short(cache_fp)}, "
+                            f"but --base {args.base} is {models.short(fp)}")
+        say(f"note: the teacher cache's base has embedding hash {cache_fp.get('embedding_hash')}, --base has "
+            f"{fp['embedding_hash']}: fine for a quantized copy of the same model, wrong targets otherwise")
+
+
+def _text(v) -> Optional[str]:
+    if v is None:
+        return None
+    return v if isinstance(v, str) else json.dumps(v)
