@@ -54,7 +54,7 @@ def chat_ids(tokenizer, messages, system: Optional[str] = None) -> List[int]:
         messages = [{"role": "system", "content": system}] + list(messages)
     if getattr(tokenizer, "chat_template", None):
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)  # transformers 5: BatchEncoding
     text = "\n".join(m["content"] for m in messages)
     return list(tokenizer.encode(text))
 
