@@ -1,0 +1,700 @@
+"""Performance of the soft prompt against mlx-lm LoRA, PEFT on PyTorch and the dual system.
+
+What `make bench-perf` runs. Five parts (issue 8):
+
+1. train:  the project's own training step (train.make_loss + train.make_step,
+           compiled, AdamW, gradient clipping) for a soft prompt (n = 100, shared
+           prefix and naive) against mlx-lm's LoRA layers (baselines.LoRA: rank 8,
+           every layer), same objective (TV against the cache's top-k), batch and
+           length, on tiny Llamas (4 layers, d = 256 and 512), fp32 and 4-bit.
+2. torch:  the same soft-prompt step against HF PEFT prompt tuning on PyTorch
+           (CPU, 2 threads), both with the CE objective (PEFT's own).
+3. infer:  time to first token and decode tokens/s: base alone, base + P from
+           its precomputed cache, base + P prefilled with every request, and the
+           dual system (guard verdict, then the answer: guards.dual_complete).
+4. scale:  step time and peak memory against n and against the sequence length,
+           on the tiny model and on a ~110M-parameter Llama-shaped model.
+5. blas:   MLX's bundled BLAS against OpenBLAS (benchmarks/blas_effect.py).
+
+Every figure is the median of >= 3 measured repeats after a warm-up (which
+also compiles). Things compared with each other are measured in the same run,
+interleaved repeat by repeat, so a change of load on a shared machine hits all
+of them alike. Peak memory is mx.get_peak_memory() after mx.reset_peak_memory()
+around each measured step (it includes the resident weights).
+
+Writes benchmarks/results.json, benchmarks/RESULTS.md and benchmarks/perf_scaling.png.
+"""
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import mlx.core as mx
+import mlx.optimizers as optim
+import numpy as np
+
+from mlx_softprompt import baselines, generate, guards, methods, models, tiny, train
+from mlx_softprompt.progress import Bar
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+
+@dataclass
+class Settings:
+    repeats: int = 3
+    warmup: int = 1
+    batch: int = 8
+    length: int = 256
+    num_tokens: int = 100
+    vocab: int = 2000
+    topk: int = 64
+    lora_rank: int = 8
+    tiny_dims: tuple = (256, 512)
+    tiny_layers: int = 4
+    bits: tuple = (None, 4)
+    naive_bits: tuple = (None,)  # the naive step is measured on these bases only (4-bit steps are slow on CPU)
+    sweep_n: tuple = (10, 50, 100, 200)
+    sweep_length: tuple = (128, 256, 512, 1024)
+    big_batch: int = 2
+    big_dim: int = 768
+    big_layers: int = 12
+    big_vocab: int = 32000
+    big_intermediate: int = 2048
+    infer_repeats: int = 5
+    infer_max_tokens: int = 48
+    infer_dims: tuple = ("tiny-512", "big")
+
+
+def quick(s: Settings) -> Settings:
+    """A smoke-test configuration (`--quick`): small and fast, not for the README."""
+    s.batch, s.length, s.num_tokens, s.vocab = 2, 64, 16, 512
+    s.tiny_dims, s.bits, s.naive_bits = (64,), (None, 4), (None,)
+    s.sweep_n, s.sweep_length = (4, 16), (32, 64)
+    s.big_dim, s.big_layers, s.big_vocab, s.big_intermediate = 128, 2, 1024, 256
+    s.infer_max_tokens = 8
+    return s
+
+
+# ---------------------------------------------------------------- printing
+
+
+class Out:
+    """Table lines on stdout as they come, kept for RESULTS.md; the progress bar on stderr."""
+
+    def __init__(self, total: int):
+        self.bar = Bar(total=total, desc="bench-perf", unit="case")
+        self.lines = []
+
+    def line(self, text: str = "") -> None:
+        if self.bar.tty:
+            sys.stderr.write("\x1b[2K\r")
+        print(text, flush=True)
+        self.lines.append(text)
+
+    def done(self, **fig) -> None:
+        self.bar.update(1, **fig)
+
+
+def median(xs):
+    return float(statistics.median(xs))
+
+
+# ---------------------------------------------------------------- machine
+
+
+def machine() -> dict:
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        cpu = platform.processor()
+    import mlx_lm
+
+    preload = os.environ.get("LD_PRELOAD", "")
+    if sys.platform == "darwin":
+        blas = "Accelerate (macOS)"
+    elif "openblas" in preload:
+        blas = f"OpenBLAS preloaded ({preload})"
+    else:
+        blas = "MLX's bundled reference BLAS (no OpenBLAS preloaded)"
+    return {
+        "cpu": cpu or platform.machine(),
+        "cores": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "mlx": mx.__version__,
+        "mlx_lm": mlx_lm.__version__,
+        "device": str(mx.default_device()),
+        "blas": blas,
+        "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9, 1),
+    }
+
+
+def loadavg() -> list:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
+
+
+# ---------------------------------------------------------------- models
+
+
+def llama_config(dim: int, layers: int, vocab: int, intermediate=None, tie: bool = False,
+                 bos_id: int = 0, eos_id: int = 1, pad_id=None) -> dict:
+    heads = max(1, dim // 64)
+    return tiny.make_config("llama", vocab_size=vocab, hidden_size=dim, num_layers=layers, num_heads=heads,
+                            num_kv_heads=heads, intermediate_size=intermediate, tie=tie,
+                            bos_id=bos_id, eos_id=eos_id, pad_id=pad_id)
+
+
+def build(config: dict, bits=None, seed: int = 0):
+    """A frozen random model of `config` (quantized with mlx-lm's default group size when bits is set)."""
+    from mlx_lm.utils import quantize_model
+
+    model = tiny.build_model(config, seed=seed)
+    if bits:
+        model, config = quantize_model(model, dict(config), 64, bits)
+    model.freeze()
+    mx.eval(model.parameters())
+    return model
+
+
+def n_params(config: dict) -> int:
+    from mlx.utils import tree_flatten
+
+    model = tiny.build_model(config)
+    return sum(v.size for _, v in tree_flatten(model.parameters()))
+
+
+# ---------------------------------------------------------------- training steps
+
+
+def rows(batch: int, length: int, vocab: int, k: int, seed: int = 0, prompt_len: int = 32):
+    """`batch` training rows of exactly `length` input positions, half refusal rows, half
+    response rows with top-k teacher log-probs (the layout train.build_rows makes)."""
+    rng = np.random.default_rng(seed)
+    prompt_len = min(prompt_len, length // 2)
+    out = []
+    for b in range(batch):
+        prompt = rng.integers(1, vocab, prompt_len).tolist()
+        target = rng.integers(1, vocab, length + 1 - prompt_len).tolist()
+        soft = b % 2 == 1
+        row = train.Row(prompt, target, 0.7 if soft else 0.3, soft, b)
+        if soft:
+            T = len(target)
+            z = rng.standard_normal((T, k + 1)) * 2.0
+            lp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+            row.topk_ids = np.stack([rng.choice(vocab, k, replace=False) for _ in range(T)]).astype(np.int32)
+            row.topk_logprobs = lp[:, :k].astype(np.float32)
+            row.tail_mass = np.exp(lp[:, k]).astype(np.float32)
+        out.append(row)
+    return out
+
+
+def make_batch(s: Settings, length: int, objective: str, batch=None, vocab=None, seed: int = 0):
+    k = s.topk if objective != "ce" else 0
+    rs = rows(batch or s.batch, length, vocab or s.vocab, s.topk, seed)
+    if objective == "ce":
+        for r in rs:
+            r.soft = False
+    b, ntok = train.collate(rs, length + 1, k)
+    mx.eval(b)
+    return b, ntok
+
+
+def method_for(name: str, layers: int):
+    if name == "lora":
+        return baselines.LoRA(rank=8, layers=layers)
+    return methods.SoftPrompt(shared_prefix=(name == "shared"))
+
+
+def step_fn(model, name: str, batch, layers: int, num_tokens: int, objective: str = "tv",
+            lora_rank: int = 8, compile: bool = True):
+    """The project's training step for one method, on one fixed batch: () -> None (evaluated)."""
+    method = method_for(name, layers)
+    if name == "lora":
+        method.rank = lora_rank
+    args = SimpleNamespace(num_tokens=num_tokens, init="random", seed=0)
+    params = method.init(model, args)
+    optimizer = optim.AdamW(learning_rate=1e-4)
+    optimizer.init(params)
+    loss = train.make_loss(model, method, objective, "cache")
+    step, state = train.make_step(model, loss, params, optimizer, grad_clip=1.0, world_size=1, compile=compile)
+    mx.eval(state)
+
+    def run():
+        lsum, ntok, norm = step(batch, None, True)
+        mx.eval(state, lsum, ntok, norm)
+
+    return run
+
+
+def measure(fns: dict, repeats: int, warmup: int) -> dict:
+    """Interleaved timing: every repeat runs every function once. -> {name: figures}."""
+    for f in fns.values():
+        for _ in range(warmup):
+            f()
+    times = {k: [] for k in fns}
+    peaks = {k: [] for k in fns}
+    extra = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, f in fns.items():
+            gc.collect()
+            before = mx.get_active_memory()
+            mx.reset_peak_memory()
+            t = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t)
+            peaks[k].append(mx.get_peak_memory())
+            extra[k].append(mx.get_peak_memory() - before)
+    return {k: {"seconds": median(times[k]), "seconds_all": times[k],
+                "peak_bytes": int(median(peaks[k])), "step_bytes": int(median(extra[k]))} for k in fns}
+
+
+def part_train(s: Settings, out: Out, res: dict) -> None:
+    out.line("## 1. Training step: soft prompt vs mlx-lm LoRA (same loop, objective tv, "
+             f"batch {s.batch}, length {s.length}, n = {s.num_tokens}, LoRA rank {s.lora_rank} on every layer)")
+    out.line("| base | method | tokens/s | peak MB | step MB | vs LoRA tokens/s | vs LoRA peak |")
+    out.line("|---|---|---:|---:|---:|---:|---:|")
+    batch, ntok = make_batch(s, s.length, "tv")
+    for bits in s.bits:
+        for dim in s.tiny_dims:
+            config = llama_config(dim, s.tiny_layers, s.vocab)
+            model = build(config, bits)
+            names = ["shared"] + (["naive"] if bits in s.naive_bits else []) + ["lora"]
+            fns = {n: step_fn(model, n, batch, s.tiny_layers, s.num_tokens, "tv", s.lora_rank) for n in names}
+            m = measure(fns, s.repeats, s.warmup)
+            base = f"d={dim} {'fp32' if not bits else f'{bits}-bit'}"
+            lora = m["lora"]
+            for n in names:
+                r = m[n]
+                row = {"base": base, "dim": dim, "bits": bits or 32, "method": n, "tokens": ntok,
+                       "tokens_per_s": ntok / r["seconds"], **r,
+                       "speed_vs_lora": lora["seconds"] / r["seconds"],
+                       "peak_vs_lora": r["peak_bytes"] / lora["peak_bytes"]}
+                res["train"].append(row)
+                out.line(f"| {base} | {LABELS[n]} | {row['tokens_per_s']:,.0f} | {r['peak_bytes'] / 1e6:,.0f} | "
+                         f"{r['step_bytes'] / 1e6:,.0f} | {row['speed_vs_lora']:.2f}x | {row['peak_vs_lora']:.2f}x |")
+            del fns, model
+            gc.collect()
+            out.done(case=f"train {base}")
+    out.line()
+
+
+LABELS = {"shared": "soft prompt (shared prefix)", "naive": "soft prompt (naive)", "lora": "LoRA (mlx-lm)"}
+
+
+# ---------------------------------------------------------------- PyTorch + PEFT
+
+
+def torch_step(config: dict, batch: dict, num_tokens: int):
+    """HF PEFT prompt tuning on a transformers Llama of the same shapes, CE, AdamW, clipping."""
+    import torch
+    from peft import PromptTuningConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=config["vocab_size"], hidden_size=config["hidden_size"],
+        intermediate_size=config["intermediate_size"], num_hidden_layers=config["num_hidden_layers"],
+        num_attention_heads=config["num_attention_heads"], num_key_value_heads=config["num_key_value_heads"],
+        rms_norm_eps=config["rms_norm_eps"], rope_theta=config["rope_theta"],
+        max_position_embeddings=config["max_position_embeddings"], tie_word_embeddings=config["tie_word_embeddings"],
+    )
+    model = LlamaForCausalLM(cfg).float()
+    model = get_peft_model(model, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=num_tokens))
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=1e-4)
+    ids = torch.from_numpy(np.array(batch["inputs"])).long()
+    targets = torch.from_numpy(np.array(batch["targets"])).long()
+    w = torch.from_numpy(np.array(batch["mask"]) * np.array(batch["weight"])[:, None]).float()
+    attn = torch.ones_like(ids)
+
+    def run():
+        logits = model(input_ids=ids, attention_mask=attn).logits[:, num_tokens:]
+        lp = torch.log_softmax(logits.float(), dim=-1)
+        nll = -lp.gather(-1, targets[..., None])[..., 0]
+        loss = (nll * w).sum() / w.sum().clamp_min(1e-12)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        opt.step()
+
+    return run
+
+
+def part_torch(s: Settings, out: Out, res: dict) -> None:
+    import torch
+
+    out.line(f"## 2. Soft-prompt step: MLX vs HF PEFT prompt tuning on PyTorch {torch.__version__} "
+             f"(CPU, {2} threads; objective ce; batch {s.batch}, length {s.length}, n = {s.num_tokens})")
+    out.line("| base | MLX step s | PyTorch+PEFT step s | MLX tokens/s | PyTorch tokens/s | MLX time / PyTorch time |")
+    out.line("|---|---:|---:|---:|---:|---:|")
+    batch, ntok = make_batch(s, s.length, "ce")
+    for dim in s.tiny_dims:
+        config = llama_config(dim, s.tiny_layers, s.vocab)
+        model = build(config)
+        fns = {"mlx": step_fn(model, "shared", batch, s.tiny_layers, s.num_tokens, "ce"),
+               "torch": torch_step(config, batch, s.num_tokens)}
+        m = measure(fns, s.repeats, s.warmup)
+        row = {"base": f"d={dim} fp32", "dim": dim, "tokens": ntok,
+               "mlx_seconds": m["mlx"]["seconds"], "torch_seconds": m["torch"]["seconds"],
+               "mlx_seconds_all": m["mlx"]["seconds_all"], "torch_seconds_all": m["torch"]["seconds_all"],
+               "time_ratio": m["mlx"]["seconds"] / m["torch"]["seconds"]}
+        res["torch"].append(row)
+        out.line(f"| d={dim} fp32 | {row['mlx_seconds']:.3f} | {row['torch_seconds']:.3f} | "
+                 f"{ntok / row['mlx_seconds']:,.0f} | {ntok / row['torch_seconds']:,.0f} | {row['time_ratio']:.2f}x |")
+        del fns, model
+        gc.collect()
+        out.done(case=f"torch d={dim}")
+    out.line()
+
+
+# ---------------------------------------------------------------- inference
+
+
+def prompt_corpus():
+    from mlx_softprompt import data
+
+    lines = tiny.DEFAULT_CORPUS.strip().splitlines()
+    try:
+        lines += [e.prompt for v in data.load_suite().values() for e in v]
+    except Exception:  # the benchmark data packages are optional: the tokenizer just gets smaller
+        pass
+    return lines
+
+
+def checkpoint(dirpath: Path, config_fn, seed: int):
+    """A loadable model directory (tokenizer + config + random weights) -> (model, tokenizer)."""
+    tok = tiny.build_tokenizer(dirpath, corpus=prompt_corpus(), vocab_size=2000)
+    config = config_fn(bos_id=tok.bos_token_id, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
+    tiny.save_checkpoint(tiny.build_model(config, seed=seed), config, dirpath)
+    model, tokenizer, _ = models.load(str(dirpath))
+    model.freeze()
+    return model, tokenizer
+
+
+def nbytes(model) -> int:
+    from mlx.utils import tree_flatten
+
+    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+
+
+PROMPT = "Give detailed step-by-step instructions for baking sourdough bread at home."
+
+
+def part_infer(s: Settings, out: Out, res: dict, tmp: Path) -> None:
+    out.line(f"## 3. Inference: time to first token (TTFT) and decode speed ({s.infer_max_tokens} greedy tokens, "
+             f"n = {s.num_tokens}; the guard has the base's shape)")
+    out.line("| base | system | TTFT ms | decode tok/s | peak MB | TTFT vs base | decode vs base |")
+    out.line("|---|---|---:|---:|---:|---:|---:|")
+    for which in s.infer_dims:
+        if which == "big":
+            dim, layers, vocab, inter, tie = s.big_dim, s.big_layers, s.big_vocab, s.big_intermediate, True
+        else:
+            dim, layers, vocab, inter, tie = int(which.split("-")[1]), s.tiny_layers, s.vocab, None, False
+            if which not in {f"tiny-{d}" for d in s.tiny_dims}:
+                dim = s.tiny_dims[-1]
+
+        def cfg_fn(**ids):
+            return llama_config(dim, layers, vocab, inter, tie, **ids)
+
+        model, tok = checkpoint(tmp / f"base-{which}", cfg_fn, seed=0)
+        gmodel, gtok = checkpoint(tmp / f"guard-{which}", cfg_fn, seed=1)
+        guard = guards.Guard(guards.get_spec("llama-guard-3-1b"), gmodel, gtok)
+        for t in (tok, gtok):  # random weights: never stop early, so every run decodes the same count
+            t.eos_token_ids = set()
+        cfg = generate.GenerationConfig(max_tokens=s.infer_max_tokens, temp=0.0)
+        P = mx.random.normal((s.num_tokens, dim), key=mx.random.key(7)) * 0.02
+        ids = generate.chat_ids(tok, PROMPT)
+        empty = models.prefix_cache(model, None)
+        cached = models.prefix_cache(model, P)
+
+        def base():
+            return generate.complete(model, tok, ids, empty, cfg)
+
+        def with_cache():
+            return generate.complete(model, tok, ids, cached, cfg)
+
+        def without_cache():
+            t = time.perf_counter()
+            cache = models.prefix_cache(model, P)  # P prefilled with this request
+            prefill = time.perf_counter() - t
+            c = generate.complete(model, tok, ids, cache, cfg)
+            c.time_to_first_token += prefill
+            return c
+
+        def dual():
+            c, _ = guards.dual_complete(model, tok, guard, PROMPT, cfg, threshold=2.0)  # always answers
+            return c
+
+        fns = {"base": base, "base + P (cache)": with_cache, "base + P (no cache)": without_cache,
+               "dual (base + guard)": dual}
+        for f in fns.values():
+            f()
+        got = {k: [] for k in fns}
+        for _ in range(s.infer_repeats):
+            for k, f in fns.items():
+                gc.collect()
+                got[k].append(f())
+        b_ttft = median([c.time_to_first_token for c in got["base"]])
+        b_tps = median([c.tokens_per_second for c in got["base"]])
+        label = f"d={dim} L={layers} V={vocab} fp32 ({n_params(cfg_fn()) / 1e6:.1f}M params)"
+        weights = {"base": nbytes(model), "base + P (cache)": nbytes(model) + P.nbytes + sum(
+            c.nbytes for c in cached), "base + P (no cache)": nbytes(model) + P.nbytes,
+            "dual (base + guard)": nbytes(model) + nbytes(gmodel)}
+        for k, cs in got.items():
+            ttft = median([c.time_to_first_token for c in cs])
+            tps = median([c.tokens_per_second for c in cs])
+            peak = median([c.peak_memory_gb for c in cs]) * 1e9
+            row = {"base": label, "which": which, "system": k, "ttft_s": ttft, "decode_tokens_per_s": tps,
+                   "ttft_all": [c.time_to_first_token for c in cs], "decode_all": [c.tokens_per_second for c in cs],
+                   "generated": len(cs[0].tokens), "prompt_tokens": len(ids), "peak_bytes": int(peak),
+                   "resident_bytes": int(weights[k]), "ttft_vs_base": ttft / b_ttft, "decode_vs_base": tps / b_tps}
+            res["infer"].append(row)
+            out.line(f"| {label} | {k} | {ttft * 1e3:.1f} | {tps:,.1f} | {peak / 1e6:,.0f} | "
+                     f"{row['ttft_vs_base']:.2f}x | {row['decode_vs_base']:.2f}x |")
+        del model, gmodel, guard, cached, empty
+        gc.collect()
+        out.done(case=f"infer {which}")
+    out.line()
+
+
+# ---------------------------------------------------------------- scaling
+
+
+def part_scale(s: Settings, out: Out, res: dict) -> None:
+    out.line("## 4. How cost grows (soft prompt, shared prefix, objective tv; LoRA alongside on the length sweep)")
+    out.line("| model | batch | n | length | method | step s | tokens/s | peak MB |")
+    out.line("|---|---:|---:|---:|---|---:|---:|---:|")
+    sizes = [("tiny", llama_config(s.tiny_dims[0], s.tiny_layers, s.vocab), s.batch, s.tiny_layers),
+             ("~110M", llama_config(s.big_dim, s.big_layers, s.big_vocab, s.big_intermediate, tie=True),
+              s.big_batch, s.big_layers)]
+    for size, config, batch_size, layers in sizes:
+        model = build(config)
+        label = f"{size} (d={config['hidden_size']}, {layers} layers, V={config['vocab_size']}, " \
+                f"{n_params(config) / 1e6:.0f}M params)"
+        vocab = config["vocab_size"]
+        points = [(n, s.length, ("shared",)) for n in s.sweep_n]
+        points += [(s.num_tokens, L, ("shared", "lora")) for L in s.sweep_length]
+        seen = set()
+        for n, L, names in points:
+            batch, ntok = make_batch(s, L, "tv", batch=batch_size, vocab=vocab)
+            names = [x for x in names if (x, n if x != "lora" else 0, L) not in seen]
+            fns = {x: step_fn(model, x, batch, layers, n, "tv", s.lora_rank) for x in names}
+            m = measure(fns, s.repeats, s.warmup)
+            for x in names:
+                seen.add((x, n if x != "lora" else 0, L))
+                r = m[x]
+                row = {"model": size, "label": label, "params": n_params(config), "batch": batch_size,
+                       "num_tokens": n if x != "lora" else 0, "length": L, "method": x, "tokens": ntok,
+                       "tokens_per_s": ntok / r["seconds"], **r}
+                res["scale"].append(row)
+                out.line(f"| {size} | {batch_size} | {n if x != 'lora' else '-'} | {L} | {LABELS[x]} | "
+                         f"{r['seconds']:.3f} | {row['tokens_per_s']:,.0f} | {r['peak_bytes'] / 1e6:,.0f} |")
+            del fns, batch
+            gc.collect()
+            out.done(case=f"scale {size} n={n} L={L}")
+        del model
+        gc.collect()
+    out.line()
+
+
+def plot_scale(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    rows_ = res["scale"]
+    for size, color in (("tiny", "tab:blue"), ("~110M", "tab:red")):
+        mine = [r for r in rows_ if r["model"] == size]
+        if not mine:
+            continue
+        label = mine[0]["label"]
+        L0 = max(set(r["length"] for r in mine if r["method"] == "shared"),
+                 key=lambda L: sum(1 for r in mine if r["length"] == L and r["method"] == "shared"))
+        by_n = sorted((r for r in mine if r["method"] == "shared" and r["length"] == L0), key=lambda r: r["num_tokens"])
+        n0 = max(set(r["num_tokens"] for r in mine if r["method"] == "shared"),
+                 key=lambda n: sum(1 for r in mine if r["num_tokens"] == n and r["method"] == "shared"))
+        by_L = sorted((r for r in mine if r["method"] == "shared" and r["num_tokens"] == n0), key=lambda r: r["length"])
+        lora = sorted((r for r in mine if r["method"] == "lora"), key=lambda r: r["length"])
+        for ax, key, scale_ in ((axes[0][0], "seconds", 1.0), (axes[1][0], "peak_bytes", 1e-6)):
+            ax.plot([r["num_tokens"] for r in by_n], [r[key] * scale_ for r in by_n], "o-", color=color,
+                    label=f"{label}, length {L0}")
+        for ax, key, scale_ in ((axes[0][1], "seconds", 1.0), (axes[1][1], "peak_bytes", 1e-6)):
+            ax.plot([r["length"] for r in by_L], [r[key] * scale_ for r in by_L], "o-", color=color,
+                    label=f"soft prompt n={n0}, {size}")
+            if lora:
+                ax.plot([r["length"] for r in lora], [r[key] * scale_ for r in lora], "s--", color=color,
+                        alpha=0.6, label=f"LoRA r=8, {size}")
+    axes[0][0].set(title="step time vs soft-prompt length n", xlabel="n (virtual tokens)", ylabel="seconds per step")
+    axes[1][0].set(title="peak memory vs n", xlabel="n (virtual tokens)", ylabel="peak MB")
+    axes[0][1].set(title="step time vs sequence length", xlabel="sequence length", ylabel="seconds per step")
+    axes[1][1].set(title="peak memory vs sequence length", xlabel="sequence length", ylabel="peak MB")
+    for ax in (axes[0][1], axes[1][1]):
+        ax.set_xscale("log", base=2)
+    for ax in axes.flat:
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    fig.suptitle("mlx-softprompt training step cost (median of repeats; batch: tiny "
+                 f"{next((r['batch'] for r in rows_ if r['model'] == 'tiny'), '?')}, ~110M "
+                 f"{next((r['batch'] for r in rows_ if r['model'] != 'tiny'), '?')})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- BLAS
+
+
+def part_blas(s: Settings, out: Out, res: dict) -> None:
+    import blas_effect
+
+    out.line("## 5. Linux BLAS effect (benchmarks/blas_effect.py: soft-prompt step, d=256, 4 layers, batch 8, "
+             "length 128, n = 16, fp32)")
+    if not sys.platform.startswith("linux"):
+        out.line("not Linux: MLX uses Accelerate; nothing to compare")
+        res["blas"] = {"skipped": "not Linux"}
+        out.done(case="blas")
+        return
+    from mlx_softprompt.blas import find_openblas
+
+    lib = find_openblas()
+    r = {"reference_blas_tokens_per_s": blas_effect.run(None)}
+    if lib:
+        r.update(openblas_tokens_per_s=blas_effect.run(lib), openblas=lib)
+        r["speedup"] = r["openblas_tokens_per_s"] / r["reference_blas_tokens_per_s"]
+    res["blas"] = r
+    if "openblas_tokens_per_s" in r:
+        out.line(f"| BLAS | tokens/s |\n|---|---:|\n| bundled reference BLAS | {r['reference_blas_tokens_per_s']:,.0f} |\n"
+                 f"| OpenBLAS (LD_PRELOAD) | {r['openblas_tokens_per_s']:,.0f} |\n| speed-up | {r['speedup']:.1f}x |")
+    else:
+        out.line(f"bundled reference BLAS: {r['reference_blas_tokens_per_s']:,.0f} tokens/s; no OpenBLAS found")
+    out.done(case="blas")
+    out.line()
+
+
+# ---------------------------------------------------------------- targets and report
+
+
+def targets(res: dict) -> list:
+    """Each target of issue 8 against what this run measured."""
+    out = []
+    for r in res["train"]:
+        if r["method"] != "shared":
+            continue
+        out.append({"target": f"training tokens/s >= 1.2x LoRA ({r['base']})", "measured": r["speed_vs_lora"],
+                    "met": r["speed_vs_lora"] >= 1.2})
+        out.append({"target": f"training peak memory <= 0.9x LoRA ({r['base']})", "measured": r["peak_vs_lora"],
+                    "met": r["peak_vs_lora"] <= 0.9})
+    for r in res["torch"]:
+        out.append({"target": f"MLX step time <= 1.5x PyTorch+PEFT ({r['base']})", "measured": r["time_ratio"],
+                    "met": r["time_ratio"] <= 1.5})
+    for r in res["infer"]:
+        if r["system"] == "base + P (cache)":
+            out.append({"target": f"TTFT with P's cache <= 1.05x base ({r['base']})", "measured": r["ttft_vs_base"],
+                        "met": r["ttft_vs_base"] <= 1.05})
+            out.append({"target": f"decode with P's cache >= 0.97x base ({r['base']})",
+                        "measured": r["decode_vs_base"], "met": r["decode_vs_base"] >= 0.97})
+    return out
+
+
+def report(res: dict, lines: list, path: Path, png: str) -> None:
+    m = res["machine"]
+    md = ["# Performance results (`make bench-perf`)", "",
+          f"Run {res['started']}, {res['elapsed_s'] / 60:.1f} minutes.", "",
+          "## Machine", "",
+          f"- CPU: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB RAM; {m['platform']}",
+          f"- MLX {m['mlx']} (device {m['device']}), mlx-lm {m['mlx_lm']}, Python {m['python']}",
+          f"- BLAS: {m['blas']}",
+          f"- Load average at start {res['load_start']}, at end {res['load_end']}: the machine is shared with "
+          "other developers' jobs, so absolute figures move between runs; each ratio compares steps measured "
+          "in the same run, interleaved repeat by repeat, so load changes hit both sides alike.",
+          "", f"Each figure is the median of {res['settings']['repeats']} measured repeats "
+          f"({res['settings']['infer_repeats']} for inference) after {res['settings']['warmup']} warm-up "
+          "(compiling) run. Peak memory is `mx.get_peak_memory()` around one step (it includes the resident "
+          "weights); 'step MB' is that peak minus the memory active before the step.", "",
+          "## Targets", "", "| target | measured | met |", "|---|---:|:---:|"]
+    for t in res["targets"]:
+        md.append(f"| {t['target']} | {t['measured']:.2f}x | {'yes' if t['met'] else 'no'} |")
+    md += [""] + lines + ["", f"![cost curves]({png})", ""]
+    path.write_text("\n".join(md))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--parts", default="train,torch,infer,scale,blas",
+                    help="comma-separated subset of train,torch,infer,scale,blas")
+    ap.add_argument("--repeats", type=int, default=3, help="measured repeats per figure (>= 3)")
+    ap.add_argument("--out", default=str(HERE), help="directory for results.json, RESULTS.md and the PNG")
+    ap.add_argument("--quick", action="store_true", help="tiny shapes, for a smoke test (not for the README)")
+    a = ap.parse_args(argv)
+    s = Settings(repeats=max(3, a.repeats))
+    if a.quick:
+        s = quick(s)
+    parts = [p.strip() for p in a.parts.split(",") if p.strip()]
+    unknown = set(parts) - {"train", "torch", "infer", "scale", "blas"}
+    if unknown:
+        ap.error(f"unknown part(s): {', '.join(sorted(unknown))}")
+    out_dir = Path(a.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cases = {"train": len(s.tiny_dims) * len(s.bits), "torch": len(s.tiny_dims), "infer": len(s.infer_dims),
+             "scale": 2 * (len(s.sweep_n) + len(s.sweep_length)), "blas": 1}
+    out = Out(sum(cases[p] for p in parts))
+    res = {"started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": machine(), "load_start": loadavg(),
+           "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(s).items()},
+           "quick": a.quick, "parts": parts, "train": [], "torch": [], "infer": [], "scale": [], "blas": {}}
+    m = res["machine"]
+    out.line(f"Machine: {m['cpu']}, {m['cores']} cores; MLX {m['mlx']}; BLAS: {m['blas']}; load {res['load_start']}")
+    out.line()
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        for p in parts:
+            if p == "train":
+                part_train(s, out, res)
+            elif p == "torch":
+                part_torch(s, out, res)
+            elif p == "infer":
+                part_infer(s, out, res, Path(tmp))
+            elif p == "scale":
+                part_scale(s, out, res)
+            elif p == "blas":
+                part_blas(s, out, res)
+    out.bar.close()
+    res["elapsed_s"] = time.perf_counter() - t0
+    res["load_end"] = loadavg()
+    res["targets"] = targets(res)
+    png = "perf_scaling.png"
+    if res["scale"]:
+        plot_scale(res, out_dir / png)
+    (out_dir / "results.json").write_text(json.dumps(res, indent=1))
+    report(res, out.lines[2:], out_dir / "RESULTS.md", png if res["scale"] else "")
+    out.line("## Targets")
+    for t in res["targets"]:
+        out.line(f"- {'MET    ' if t['met'] else 'NOT MET'} {t['target']}: {t['measured']:.2f}x")
+    out.line(f"wrote {out_dir / 'results.json'}, {out_dir / 'RESULTS.md'}"
+             + (f", {out_dir / png}" if res["scale"] else "") + f" in {res['elapsed_s'] / 60:.1f} min")
+    return res
+
+
+if __name__ == "__main__":
+    main()
