@@ -392,7 +392,7 @@ def utility(systems: Sequence[SystemUnderTest], base: SystemUnderTest, examples:
     """
     pairs = [(ex, _response_targets(a, base.tokenizer)) for ex, a in zip(examples, teacher)]
     pairs = [(ex, y) for ex, y in pairs if y]
-    vocab = None
+    vocab = models.find_embedding(base.model).weight.shape[0]  # the output head's size, near enough
     sums = {s.name: [0.0, 0.0] for s in systems}
     n_tokens = sum(len(y) for _, y in pairs)
     r_ids = list(base.tokenizer.encode(refusal, add_special_tokens=False)) + [int(base.tokenizer.eos_token_id)]
@@ -402,16 +402,15 @@ def utility(systems: Sequence[SystemUnderTest], base: SystemUnderTest, examples:
     try:
         while i < len(pairs):
             chunk, size = [], 0
-            while i < len(pairs) and (not chunk or size + len(pairs[i][1]) * (vocab or 1) <= budget):
+            while i < len(pairs) and (not chunk or size + len(pairs[i][1]) * vocab <= budget):
                 chunk.append(pairs[i])
-                size += len(pairs[i][1]) * (vocab or 1)
+                size += len(pairs[i][1]) * vocab
                 i += 1
             q = []
             with base.bound():
                 for ex, y in chunk:
                     lp = _logprobs_along(base, ex, y)
                     mx.eval(lp)
-                    vocab = lp.shape[-1]
                     q.append(lp)
             for s in systems:
                 if s.kind == "dual":
