@@ -313,9 +313,14 @@ def generate_answers(sut: SystemUnderTest, examples: Sequence[data.Example], max
                 chunk = examples[i:i + batch_size]
                 ids = [sut.ids(ex) for ex in chunk]
                 caches = [copy_cache(sut.cache()) for _ in chunk] if sut.prompt is not None else None
-                r = batch_generate(sut.model, tok, ids, prompt_caches=caches, max_tokens=max_tokens,
-                                   return_token_ids=True)
-                for ex, toks in zip(chunk, r.token_ids):
+                try:
+                    token_ids = batch_generate(sut.model, tok, ids, prompt_caches=caches, max_tokens=max_tokens,
+                                               return_token_ids=True).token_ids
+                except (NotImplementedError, ValueError, TypeError, AttributeError):
+                    # an architecture whose caches cannot be batched: the same greedy answers one by one
+                    cfg = GenerationConfig(max_tokens=max_tokens)
+                    token_ids = [complete(sut.model, tok, x, sut.cache(), cfg).tokens for x in ids]
+                for ex, toks in zip(chunk, token_ids):
                     toks = [int(t) for t in toks]
                     out.append(Answer(ex.prompt, ex.label, tok.decode(toks), toks, len(toks) < max_tokens))
                 bar.update(len(chunk))

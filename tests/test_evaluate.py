@@ -152,6 +152,22 @@ def test_batched_answers_equal_one_by_one(world):
             assert a.tokens == one.tokens and a.text == one.text
 
 
+def test_unbatchable_models_fall_back_to_one_by_one(world, monkeypatch):
+    import mlx_lm.generate
+
+    root, base_path, pfile, guard_dir, model, tok, config, guard = world
+    sp = ev.softprompt_system(ev.base_system(model, tok, config), pfile)
+    batched = ev.generate_answers(sp, EXAMPLES, 8)
+
+    def refuse(*a, **k):
+        raise NotImplementedError("no batching for this cache type")
+
+    monkeypatch.setattr(mlx_lm.generate, "batch_generate", refuse)
+    single = ev.generate_answers(sp, EXAMPLES, 8)
+    assert [a.tokens for a in single] == [a.tokens for a in batched]
+    assert [a.finished for a in single] == [a.finished for a in batched]
+
+
 def test_dual_answers_are_what_dual_complete_answers(world):
     root, base_path, pfile, guard_dir, model, tok, config, guard = world
     base = ev.base_system(model, tok, config)
