@@ -20,6 +20,7 @@ batch prefill; a small handler on the same standard-library server
 
 import json
 import queue
+import socket
 import sys
 import threading
 import time
@@ -433,8 +434,13 @@ def make_server(system, cfg: Optional[ServerConfig] = None):
     cfg = cfg or ServerConfig()
     app = App(system, cfg)
     handler = type("BoundHandler", (Handler,), {"app": app})
-    httpd = ThreadingHTTPServer((cfg.host, cfg.port), handler)
-    httpd.daemon_threads = True
+    family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
+    server_class = type("Server", (ThreadingHTTPServer,), {"address_family": family, "daemon_threads": True})
+    try:
+        httpd = server_class((cfg.host, cfg.port), handler)
+    except BaseException:
+        app.engine.close()
+        raise
     return httpd, app
 
 

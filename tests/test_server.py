@@ -233,3 +233,15 @@ def test_cli_serve_binds_loopback_and_shuts_down(served):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_busy_port_is_a_one_line_error(served):
+    from mlx_softprompt.errors import UserError
+
+    _, system, *_ = served
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        with pytest.raises(UserError, match=f"cannot listen on 127.0.0.1:{port}"):
+            server.serve(system, server.ServerConfig(port=port, log=False))
