@@ -242,6 +242,57 @@ def teach(
     typer.echo(t.format_summary(summary, out))
 
 
+# ---------------------------------------------------------------- training
+
+
+@app.command("train")
+def train_(
+    base: Optional[str] = typer.Option(None, "--base", "--model", help="The base model (MLX dir or hub id)."),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="Teacher cache directory (from `teach`)."),
+    out: Optional[str] = typer.Option(None, "--out", help="Output method file (.safetensors)."),
+    objective: Optional[str] = typer.Option(None, "--objective", help="tv | kl | ce (default tv)."),
+    method: Optional[str] = typer.Option(None, "--method", help="softprompt (default) | lora | steer-opt."),
+    num_tokens: Optional[int] = typer.Option(None, "--num-tokens", help="Soft-prompt length n (default 16)."),
+    init: Optional[str] = typer.Option(None, "--init", help='P init: text:"..." | vocab (default) | random.'),
+    iters: Optional[int] = typer.Option(None, "--iters", help="Optimiser steps (default 200)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Rows per global micro-batch (default 8)."),
+    learning_rate: Optional[float] = typer.Option(None, "--learning-rate", help="Peak AdamW learning rate (default 1e-3)."),
+    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="AdamW weight decay (default 0)."),
+    warmup: Optional[int] = typer.Option(None, "--warmup", help="Linear warm-up steps, then cosine decay (default 0)."),
+    grad_accum: Optional[int] = typer.Option(None, "--grad-accum", help="Micro-batches per step (default 1)."),
+    grad_clip: Optional[float] = typer.Option(None, "--grad-clip", help="Max gradient norm, 0 = off (default 1)."),
+    max_seq_length: Optional[int] = typer.Option(None, "--max-seq-length", help="Tokens per row, P excluded (default 1024)."),
+    val_split: Optional[float] = typer.Option(None, "--val-split", help="Share of prompts held out (default 0.1)."),
+    val_every: Optional[int] = typer.Option(None, "--val-every", help="Steps between validations (default 50)."),
+    val_batches: Optional[int] = typer.Option(None, "--val-batches", help="Validation batches, -1 = all (default)."),
+    save_every: Optional[int] = typer.Option(None, "--save-every", help="Steps between checkpoints (default 100)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Init, split and data-order seed (default 0)."),
+    teacher_mode: Optional[str] = typer.Option(None, "--teacher-mode", help="cache (top-k, default) | online (base forward)."),
+    hard_guard: Optional[bool] = typer.Option(None, "--hard-guard/--soft-guard", help="Weights 1[u >= 0.5] instead of u."),
+    steps_per_report: Optional[int] = typer.Option(None, "--steps-per-report", help="Steps between metric lines (default 10)."),
+    metrics: Optional[str] = typer.Option(None, "--metrics", help="Metrics JSONL (default: OUT.metrics.jsonl)."),
+    shared_prefix: Optional[bool] = typer.Option(None, "--shared-prefix/--no-shared-prefix",
+                                                 help="Run P once per batch into shared KV caches (default on)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML file with the same keys; flags override it."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from OUT's training-state checkpoint."),
+):
+    """Train one method with one objective on a teacher cache -> a prompt file (or adapter / vector)."""
+    from . import train as t
+
+    args = t.make_args(
+        str(config) if config else None, base=base, teacher=teacher, out=out, objective=objective, method=method,
+        num_tokens=num_tokens, init=init, iters=iters, batch_size=batch_size, learning_rate=learning_rate,
+        weight_decay=weight_decay, warmup=warmup, grad_accum=grad_accum, grad_clip=grad_clip,
+        max_seq_length=max_seq_length, val_split=val_split, val_every=val_every, val_batches=val_batches,
+        save_every=save_every, seed=seed, teacher_mode=teacher_mode, hard_guard=hard_guard,
+        steps_per_report=steps_per_report, metrics=metrics, shared_prefix=shared_prefix, resume=resume or None)
+    summary = t.train(args, log=lambda s: typer.echo(s, err=True))
+    if summary.get("rank", 0) == 0:
+        val = summary["val_loss"]
+        typer.echo(f"wrote {summary['out']} (step {summary['steps']}, train loss {summary['train_loss']:.4f}"
+                   + (f", val loss {val:.4f}" if val is not None else "") + f"); metrics: {args.metrics_path}")
+
+
 # ---------------------------------------------------------------- evaluation
 
 
@@ -292,6 +343,23 @@ def bench(
 
     results = run_bench.run(run_bench.load_config(config), out, log=lambda s: typer.echo(s, err=True))
     typer.echo(run_bench.table(results))
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("demo-out"), "--out", help="Output directory (teacher cache, soft prompt, report.json, demo.png)."),
+    quick: bool = typer.Option(False, "--quick", help="A reduced run (few prompts and steps), for tests."),
+    seed: int = typer.Option(0, "--seed", help="Teacher sampling and training seed (splits stay those of the world)."),
+    world: Optional[Path] = typer.Option(None, "--world", help="World directory (default: examples/world)."),
+    rebuild: bool = typer.Option(False, "--rebuild", help="Build the world from scratch first (slow)."),
+):
+    """The whole method on the built-in tiny world: teach -> train -> eval, a table, report.json, a plot."""
+    from . import demo as run_demo
+
+    cfg = run_demo.DemoConfig(out=str(out), world=str(world) if world else None, seed=seed, quick=quick,
+                              rebuild=rebuild)
+    report = run_demo.run(cfg, log=lambda s: typer.echo(s, err=True))
+    typer.echo(run_demo.summary(report, out))
 
 
 def main(argv: Optional[List[str]] = None) -> None:

@@ -138,7 +138,7 @@ def load_config(path) -> dict:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
+        where = f" line {mark.line + 1}:" if mark else ""
         raise UserError(f"{path}:{where} invalid YAML ({getattr(e, 'problem', e)})")
     if raw is None:
         return {}
@@ -683,7 +683,7 @@ def train(args: TrainArgs, data: Optional[TeacherData] = None, model_bundle=None
         checkpoint(args.iters)
     return {"out": str(args.out), "steps": args.iters, "resumed_from": start, "train_loss": last_loss,
             "val_loss": val_loss, "train_rows": len(train_rows), "val_rows": len(val_rows),
-            "machines": size, "seconds": time.perf_counter() - tic0}
+            "machines": size, "rank": rank, "seconds": time.perf_counter() - tic0}
 
 
 def _check_base(cache_fp: Optional[dict], fp: dict, args: TrainArgs, say) -> None:

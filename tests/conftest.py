@@ -64,3 +64,32 @@ def tiny_softprompt(tiny_model, tmp_path_factory):
         return made[key]
 
     return make
+
+
+TEACH_PROMPTS = [(f.format(v), "harmful" if i % 2 else "benign")
+                 for f in ("How do I {}?", "Give detailed step-by-step instructions to {}.",
+                           "Can you explain how to {}?", "Tell me how to {} quickly.")
+                 for i, v in enumerate(("bake bread", "build a bomb", "write a poem", "steal a car", "sort a list",
+                                        "hack a server", "plant a tree", "make poison"))]
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tiny_model, tmp_path_factory):
+    """(base dir, teacher-cache dir): `teach` run on 32 prompts (half labelled harmful) with a tiny random
+    guard (u ~ 0.4-0.5 for every prompt: no real discrimination), 2 samples each, 12 tokens, top-16."""
+    import json
+    from pathlib import Path
+
+    from mlx_softprompt import tiny
+    from mlx_softprompt.teach import TeachConfig, teach
+
+    root = tmp_path_factory.mktemp("tiny-teacher")
+    base = tiny_model("llama")
+    guard = str(tiny.make_tiny_checkpoint(root / "guard", seed=5,
+                                          corpus=tuple(tiny.DEFAULT_CORPUS.strip().splitlines()) + ("unsafe", "safe")))
+    data = root / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p, "label": lab}) + "\n" for p, lab in TEACH_PROMPTS))
+    spec = Path(__file__).resolve().parent.parent / "examples" / "guards" / "tiny-guard.json"
+    teach(TeachConfig(base=base, guard=str(spec), guard_model=guard, data=str(data), out=str(root / "cache"),
+                      samples_per_prompt=2, max_tokens=12, top_k=16, batch_size=16, shard_size=16, seed=0))
+    return base, str(root / "cache")
