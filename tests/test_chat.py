@@ -12,7 +12,7 @@ import time
 import mlx.core as mx
 import pytest
 
-from mlx_softprompt import bundle, chat, generate, guards, models, prompt_file, session
+from mlx_softprompt import bundle, chat, generate, guards, models, session
 
 TURNS = ["Write a poem about the sea.", "What is the capital of France?", "Thank you very much!"]
 REFUSAL = "I'm sorry, but I can't help with that."

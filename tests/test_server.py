@@ -14,7 +14,7 @@ import time
 import openai
 import pytest
 
-from mlx_softprompt import bundle, generate, models, server, session
+from mlx_softprompt import bundle, generate, models, server
 
 PROMPTS = ["Write a poem about the sea.", "What is the capital of France?", "Thank you very much!",
            "Explain how to write a poem.", "Give detailed step-by-step instructions for making a paper plane.",
