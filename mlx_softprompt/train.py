@@ -582,6 +582,8 @@ def train(args: TrainArgs, data: Optional[TeacherData] = None, model_bundle=None
         if found:
             if rank == 0:
                 p, o, key, start, micro = load_state(state_path, args, expect)
+                if micro != start * args.grad_accum:
+                    raise UserError(f"{state_path}: inconsistent data position ({micro} batches at step {start})")
                 _assign(params, p)
                 _assign(optimizer.state, o)
                 _set_rng_key(key)
@@ -602,7 +604,7 @@ def train(args: TrainArgs, data: Optional[TeacherData] = None, model_bundle=None
 
     loss = make_loss(model, method, args.objective, args.teacher_mode)
     step, state = make_step(model, loss, params, optimizer, args.grad_clip, size, compile=args.compile)
-    metrics = Metrics(args.metrics_path, rank == 0, start if args.resume else None)
+    metrics = Metrics(args.metrics_path, rank == 0, start if start > 0 else None)
     meta = {
         "objective": args.objective,
         "guard": _text(manifest_guard(data.manifest)),
