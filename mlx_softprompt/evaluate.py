@@ -139,7 +139,7 @@ def safety_metrics(answers: Sequence[Answer], dual: Optional[Sequence[Answer]] =
 def token_terms(teacher_logprobs: mx.array, logprobs: mx.array, targets: Sequence[int]):
     """(sum over t of KL(q_t || s_t), sum of -log s_t(y_t)) for one response; both [T, V] log-probs."""
     q, s = teacher_logprobs.astype(mx.float32), logprobs.astype(mx.float32)
-    kl = mx.sum(mx.exp(q) * (q - s), axis=-1)
+    kl = mx.maximum(mx.sum(mx.exp(q) * (q - s), axis=-1), 0.0)  # >= 0; float32 rounding can dip below
     y = mx.array(list(targets), dtype=mx.int32)
     nll = -mx.take_along_axis(s, y[:, None], axis=-1)[:, 0]
     return float(mx.sum(kl).item()), float(mx.sum(nll).item())
