@@ -51,7 +51,8 @@ sys.path.insert(0, str(HERE))
 
 @dataclass
 class Settings:
-    repeats: int = 3
+    repeats: int = 3  # measured repeats per figure (4-bit steps and the cost curves)
+    fast_repeats: int = 7  # for the quick ones: fp32 steps of the tiny models, PyTorch
     warmup: int = 1
     batch: int = 8
     length: int = 256
@@ -64,6 +65,7 @@ class Settings:
     bits: tuple = (None, 4)
     naive_bits: tuple = (None,)  # the naive step is measured on these bases only (4-bit steps are slow on CPU)
     ce_bits: tuple = (None,)  # the ce objective is measured too on these bases
+    eager_bits: tuple = (None,)  # and the uncompiled step (train.make_step(compile=False)) on these
     sweep_n: tuple = (10, 50, 100, 200)
     sweep_length: tuple = (128, 256, 512, 1024)
     big_batch: int = 2
@@ -73,8 +75,10 @@ class Settings:
     big_intermediate: int = 2048
     lora_lengths_tiny: tuple = (128, 256, 512, 1024)  # LoRA alongside the length sweep at these lengths
     lora_lengths_big: tuple = (256,)
-    infer_repeats: int = 5
-    infer_max_tokens: int = 48
+    infer_repeats: int = 15  # decode/TTFT of tiny models swing +-30 % with the load: many repeats
+    infer_repeats_big: int = 7
+    infer_max_tokens: int = 64
+    infer_max_tokens_big: int = 32
     infer_dims: tuple = ("tiny-512", "big")
 
 
@@ -85,7 +89,8 @@ def quick(s: Settings) -> Settings:
     s.sweep_n, s.sweep_length = (4, 16), (32, 64)
     s.lora_lengths_tiny, s.lora_lengths_big = (32, 64), (64,)
     s.big_dim, s.big_layers, s.big_vocab, s.big_intermediate = 128, 2, 1024, 256
-    s.infer_max_tokens = 8
+    s.infer_max_tokens = s.infer_max_tokens_big = 8
+    s.fast_repeats = s.infer_repeats = s.infer_repeats_big = 3
     return s
 
 
@@ -248,7 +253,9 @@ def step_fn(model, name: str, batch, layers: int, num_tokens: int, objective: st
 
 
 def measure(fns: dict, repeats: int, warmup: int) -> dict:
-    """Interleaved timing: every repeat runs every function once. -> {name: figures}."""
+    """Interleaved timing: every repeat runs every function once. -> {name: figures}.
+
+    A function may return its own elapsed seconds (a step timed in a child process)."""
     for f in fns.values():
         for _ in range(warmup):
             f()
@@ -261,8 +268,8 @@ def measure(fns: dict, repeats: int, warmup: int) -> dict:
             before = mx.get_active_memory()
             mx.reset_peak_memory()
             t = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t)
+            own = f()
+            times[k].append(own if isinstance(own, float) else time.perf_counter() - t)
             peaks[k].append(mx.get_peak_memory())
             extra[k].append(mx.get_peak_memory() - before)
     return {k: {"seconds": median(times[k]), "seconds_all": times[k],
@@ -272,7 +279,8 @@ def measure(fns: dict, repeats: int, warmup: int) -> dict:
 def part_train(s: Settings, out: Out, res: dict) -> None:
     out.line("## 1. Training step: soft prompt vs mlx-lm LoRA (the same training loop and objective; "
              f"batch {s.batch}, length {s.length}, n = {s.num_tokens}, LoRA rank {s.lora_rank} on every "
-             f"projection of all {s.tiny_layers} layers; tiny Llamas with vocabulary {s.vocab})")
+             f"projection of all {s.tiny_layers} layers; tiny Llamas with vocabulary {s.vocab}; the step compiled "
+             "as train.py does unless marked; 'not compiled' rows compare with LoRA not compiled)")
     out.line("| base | objective | method | tokens/s | peak MB | step MB | vs LoRA tokens/s | vs LoRA peak |")
     out.line("|---|---|---|---:|---:|---:|---:|---:|")
     batches = {o: make_batch(s, s.length, o) for o in ("tv", "ce")}
@@ -284,12 +292,14 @@ def part_train(s: Settings, out: Out, res: dict) -> None:
             for objective in ("tv", "ce") if bits in s.ce_bits else ("tv",):
                 batch, ntok = batches[objective]
                 names = ["shared"] + (["naive"] if bits in s.naive_bits and objective == "tv" else []) + ["lora"]
-                fns = {n: step_fn(model, n, batch, s.tiny_layers, s.num_tokens, objective, s.lora_rank)
-                       for n in names}
-                m = measure(fns, s.repeats, s.warmup)
-                lora = m["lora"]
+                if bits in s.eager_bits and objective == "tv":
+                    names += ["shared-eager", "lora-eager"]
+                fns = {n: step_fn(model, n.split("-")[0], batch, s.tiny_layers, s.num_tokens, objective, s.lora_rank,
+                                  compile=not n.endswith("-eager")) for n in names}
+                m = measure(fns, s.repeats if bits else s.fast_repeats, s.warmup)
                 for n in names:
                     r = m[n]
+                    lora = m["lora-eager" if n.endswith("-eager") else "lora"]
                     row = {"base": base, "dim": dim, "bits": bits or 32, "objective": objective, "method": n,
                            "tokens": ntok, "tokens_per_s": ntok / r["seconds"], **r,
                            "speed_vs_lora": lora["seconds"] / r["seconds"],
@@ -305,7 +315,8 @@ def part_train(s: Settings, out: Out, res: dict) -> None:
     out.line()
 
 
-LABELS = {"shared": "soft prompt (shared prefix)", "naive": "soft prompt (naive)", "lora": "LoRA (mlx-lm)"}
+LABELS = {"shared": "soft prompt (shared prefix)", "naive": "soft prompt (naive)", "lora": "LoRA (mlx-lm)",
+          "shared-eager": "soft prompt (shared prefix), not compiled", "lora-eager": "LoRA (mlx-lm), not compiled"}
 
 
 # ---------------------------------------------------------------- PyTorch + PEFT
@@ -349,20 +360,69 @@ def torch_step(config: dict, batch: dict, num_tokens: int):
     return run
 
 
-def part_torch(s: Settings, out: Out, res: dict) -> None:
-    import torch
+TORCH_CHILD = r"""
+import json, sys, time
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+import perf
+spec = json.loads(sys.argv[2])
+batch = dict(np.load(sys.argv[3]))
+run = perf.torch_step(spec["config"], batch, spec["num_tokens"])
+for line in sys.stdin:
+    if line.strip() != "step":
+        break
+    t = time.perf_counter()
+    run()
+    print(time.perf_counter() - t, flush=True)
+"""
 
-    out.line(f"## 2. Soft-prompt step: MLX vs HF PEFT prompt tuning on PyTorch {torch.__version__} "
-             f"(CPU, {2} threads; objective ce; batch {s.batch}, length {s.length}, n = {s.num_tokens})")
+
+class TorchChild:
+    """The PyTorch step in a child process without LD_PRELOAD: a preloaded OpenBLAS makes
+    torch's CPU kernels ~15x slower (its threads fight torch's), and a PyTorch user
+    would not preload it. Each call runs one step there and returns its seconds."""
+
+    def __init__(self, config: dict, batch: dict, num_tokens: int, tmp: Path):
+        import subprocess
+
+        npz = tmp / "torch-batch.npz"
+        np.savez(npz, **{k: np.array(v) for k, v in batch.items()})
+        env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+        spec = json.dumps({"config": config, "num_tokens": num_tokens})
+        self.proc = subprocess.Popen([sys.executable, "-c", TORCH_CHILD, str(HERE), spec, str(npz)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+
+    def __call__(self) -> float:
+        self.proc.stdin.write("step\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError("the PyTorch child process died (see its stderr above)")
+        return float(line)
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+def part_torch(s: Settings, out: Out, res: dict, tmp: Path) -> None:
+    from importlib.metadata import version
+
+    out.line(f"## 2. Soft-prompt step: MLX vs HF PEFT prompt tuning on PyTorch {version('torch')} "
+             f"(CPU, 2 threads, its own BLAS, in a child process; objective ce; batch {s.batch}, "
+             f"length {s.length}, n = {s.num_tokens})")
     out.line("| base | MLX step s | PyTorch+PEFT step s | MLX tokens/s | PyTorch tokens/s | MLX time / PyTorch time |")
     out.line("|---|---:|---:|---:|---:|---:|")
     batch, ntok = make_batch(s, s.length, "ce")
     for dim in s.tiny_dims:
         config = llama_config(dim, s.tiny_layers, s.vocab)
         model = build(config)
-        fns = {"mlx": step_fn(model, "shared", batch, s.tiny_layers, s.num_tokens, "ce"),
-               "torch": torch_step(config, batch, s.num_tokens)}
-        m = measure(fns, s.repeats, s.warmup)
+        child = TorchChild(config, batch, s.num_tokens, tmp)
+        fns = {"mlx": step_fn(model, "shared", batch, s.tiny_layers, s.num_tokens, "ce"), "torch": child}
+        try:
+            m = measure(fns, s.fast_repeats, max(s.warmup, 2))  # torch's first steps are slow (allocator warm-up)
+        finally:
+            child.close()
         row = {"base": f"d={dim} fp32", "dim": dim, "tokens": ntok,
                "mlx_seconds": m["mlx"]["seconds"], "torch_seconds": m["torch"]["seconds"],
                "mlx_seconds_all": m["mlx"]["seconds_all"], "torch_seconds_all": m["torch"]["seconds_all"],
@@ -410,8 +470,9 @@ PROMPT = "Give detailed step-by-step instructions for baking sourdough bread at 
 
 
 def part_infer(s: Settings, out: Out, res: dict, tmp: Path) -> None:
-    out.line(f"## 3. Inference: time to first token (TTFT) and decode speed ({s.infer_max_tokens} greedy tokens, "
-             f"n = {s.num_tokens}; the guard has the base's shape)")
+    out.line(f"## 3. Inference: time to first token (TTFT) and decode speed (greedy; {s.infer_max_tokens} tokens x "
+             f"{s.infer_repeats} repeats on the tiny base, {s.infer_max_tokens_big} x {s.infer_repeats_big} on the "
+             f"~110M one; n = {s.num_tokens}; the guard (Llama Guard 3 format) has the base's shape)")
     out.line("| base | system | TTFT ms | decode tok/s | peak MB | TTFT vs base | decode vs base |")
     out.line("|---|---|---:|---:|---:|---:|---:|")
     for which in s.infer_dims:
@@ -430,9 +491,12 @@ def part_infer(s: Settings, out: Out, res: dict, tmp: Path) -> None:
         guard = guards.Guard(guards.get_spec("llama-guard-3-1b"), gmodel, gtok)
         for t in (tok, gtok):  # random weights: never stop early, so every run decodes the same count
             t.eos_token_ids = set()
-        cfg = generate.GenerationConfig(max_tokens=s.infer_max_tokens, temp=0.0)
+        big = which == "big"
+        cfg = generate.GenerationConfig(max_tokens=s.infer_max_tokens_big if big else s.infer_max_tokens, temp=0.0)
+        repeats = s.infer_repeats_big if big else s.infer_repeats
         P = mx.random.normal((s.num_tokens, dim), key=mx.random.key(7)) * 0.02
         ids = generate.chat_ids(tok, PROMPT)
+        guard_tokens = len(guard.prompt_ids(guards.guard_messages(PROMPT), "input"))
         empty = models.prefix_cache(model, None)
         cached = models.prefix_cache(model, P)
 
@@ -459,7 +523,7 @@ def part_infer(s: Settings, out: Out, res: dict, tmp: Path) -> None:
         for f in fns.values():
             f()
         got = {k: [] for k in fns}
-        for _ in range(s.infer_repeats):
+        for _ in range(repeats):
             for k, f in fns.items():
                 gc.collect()
                 got[k].append(f())
@@ -475,10 +539,12 @@ def part_infer(s: Settings, out: Out, res: dict, tmp: Path) -> None:
             peak = median([c.peak_memory_gb for c in cs]) * 1e9
             row = {"base": label, "which": which, "system": k, "ttft_s": ttft, "decode_tokens_per_s": tps,
                    "ttft_all": [c.time_to_first_token for c in cs], "decode_all": [c.tokens_per_second for c in cs],
-                   "generated": len(cs[0].tokens), "prompt_tokens": len(ids), "peak_bytes": int(peak),
+                   "generated": len(cs[0].tokens), "prompt_tokens": len(ids), "repeats": repeats,
+                   "guard_prompt_tokens": guard_tokens if k.startswith("dual") else 0, "peak_bytes": int(peak),
                    "resident_bytes": int(weights[k]), "ttft_vs_base": ttft / b_ttft, "decode_vs_base": tps / b_tps}
             res["infer"].append(row)
-            out.line(f"| {label} | {k} | {ttft * 1e3:.1f} | {tps:,.1f} | {peak / 1e6:,.0f} | "
+            name = f"{k} (guard reads {guard_tokens} tokens)" if k.startswith("dual") else k
+            out.line(f"| {label} | {name} | {ttft * 1e3:.1f} | {tps:,.1f} | {peak / 1e6:,.0f} | "
                      f"{row['ttft_vs_base']:.2f}x | {row['decode_vs_base']:.2f}x |")
         del model, gmodel, guard, cached, empty
         gc.collect()
@@ -637,9 +703,10 @@ def report(res: dict, lines: list, path: Path, png: str) -> None:
           f"- Load average at start {res['load_start']}, at end {res['load_end']}: the machine is shared with "
           "other developers' jobs, so absolute figures move between runs; each ratio compares steps measured "
           "in the same run, interleaved repeat by repeat, so load changes hit both sides alike.",
-          "", f"Each figure is the median of {res['settings']['repeats']} measured repeats "
-          f"({res['settings']['infer_repeats']} for inference) after {res['settings']['warmup']} warm-up "
-          "(compiling) run. Peak memory is `mx.get_peak_memory()` around one step (it includes the resident "
+          "", f"Each figure is the median of {res['settings']['repeats']} measured repeats (4-bit steps, cost "
+          f"curves; {res['settings']['fast_repeats']} for the fp32 tiny steps and PyTorch, "
+          f"{res['settings']['infer_repeats']} / {res['settings']['infer_repeats_big']} for inference) after "
+          f"{res['settings']['warmup']} warm-up (compiling) run. Peak memory is `mx.get_peak_memory()` around one step (it includes the resident "
           "weights); 'step MB' is that peak minus the memory active before the step.", "",
           "## Targets", "", "| target | measured | met |", "|---|---:|:---:|"]
     for t in res["targets"]:
@@ -681,7 +748,7 @@ def main(argv=None):
             if p == "train":
                 part_train(s, out, res)
             elif p == "torch":
-                part_torch(s, out, res)
+                part_torch(s, out, res, Path(tmp))
             elif p == "infer":
                 part_infer(s, out, res, Path(tmp))
             elif p == "scale":
