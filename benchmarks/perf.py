@@ -711,8 +711,35 @@ def report(res: dict, lines: list, path: Path, png: str) -> None:
           "## Targets", "", "| target | measured | met |", "|---|---:|:---:|"]
     for t in res["targets"]:
         md.append(f"| {t['target']} | {t['measured']:.2f}x | {'yes' if t['met'] else 'no'} |")
-    md += [""] + lines + ["", f"![cost curves]({png})", ""]
+    pairs = shared_vs_naive(res)
+    if pairs:
+        md += ["", "## Shared prefix vs naive step (same run, same base, objective tv)", "",
+               "| base | shared tokens/s / naive tokens/s | shared peak / naive peak |", "|---|---:|---:|"]
+        md += [f"| {b} | {sp:.2f}x | {mem:.2f}x |" for b, sp, mem in pairs]
+    md += [""] + lines + ([f"![cost curves]({png})", ""] if png else [])
     path.write_text("\n".join(md))
+
+
+def shared_vs_naive(res: dict) -> list:
+    """[(base, speed-up of the shared step over the naive one, its peak-memory ratio)]."""
+    out = []
+    for r in res["train"]:
+        if r["method"] == "naive":
+            sh = next(x for x in res["train"] if x["base"] == r["base"] and x["objective"] == r["objective"]
+                      and x["method"] == "shared")
+            out.append((r["base"], r["seconds"] / sh["seconds"], sh["peak_bytes"] / r["peak_bytes"]))
+    return out
+
+
+def render(out_dir: Path) -> str:
+    """RESULTS.md (and the cost-curve PNG) from out_dir/results.json; returns the PNG's name or ''."""
+    res = json.loads((out_dir / "results.json").read_text())
+    s = Settings(**{k: tuple(v) if isinstance(v, list) else v for k, v in res["settings"].items()})
+    png = "perf_scaling.png" if res["scale"] else ""
+    if png:
+        plot_scale(res, s, out_dir / png)
+    report(res, res.get("lines", []), out_dir / "RESULTS.md", png)
+    return png
 
 
 def main(argv=None):
@@ -722,7 +749,11 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3, help="measured repeats per figure (>= 3)")
     ap.add_argument("--out", default=str(HERE), help="directory for results.json, RESULTS.md and the PNG")
     ap.add_argument("--quick", action="store_true", help="tiny shapes, for a smoke test (not for the README)")
+    ap.add_argument("--render", action="store_true",
+                    help="only rewrite RESULTS.md and the PNG from the results.json in --out")
     a = ap.parse_args(argv)
+    if a.render:
+        return render(Path(a.out))
     s = Settings(repeats=max(3, a.repeats))
     if a.quick:
         s = quick(s)
@@ -759,16 +790,14 @@ def main(argv=None):
     res["elapsed_s"] = time.perf_counter() - t0
     res["load_end"] = loadavg()
     res["targets"] = targets(res)
-    png = "perf_scaling.png"
-    if res["scale"]:
-        plot_scale(res, s, out_dir / png)
+    res["lines"] = out.lines[2:]
     (out_dir / "results.json").write_text(json.dumps(res, indent=1))
-    report(res, out.lines[2:], out_dir / "RESULTS.md", png if res["scale"] else "")
+    png = render(out_dir)
     out.line("## Targets")
     for t in res["targets"]:
         out.line(f"- {'MET    ' if t['met'] else 'NOT MET'} {t['target']}: {t['measured']:.2f}x")
     out.line(f"wrote {out_dir / 'results.json'}, {out_dir / 'RESULTS.md'}"
-             + (f", {out_dir / png}" if res["scale"] else "") + f" in {res['elapsed_s'] / 60:.1f} min")
+             + (f", {out_dir / png}" if png else "") + f" in {res['elapsed_s'] / 60:.1f} min")
     return res
 
 
