@@ -273,6 +273,11 @@ def train_(
     metrics: Optional[str] = typer.Option(None, "--metrics", help="Metrics JSONL (default: OUT.metrics.jsonl)."),
     shared_prefix: Optional[bool] = typer.Option(None, "--shared-prefix/--no-shared-prefix",
                                                  help="Run P once per batch into shared KV caches (default on)."),
+    lora_rank: Optional[int] = typer.Option(None, "--lora-rank", help="lora: rank (default 8)."),
+    lora_layers: Optional[int] = typer.Option(None, "--lora-layers", help="lora: adapt the last N blocks (default 16)."),
+    lora_keys: Optional[str] = typer.Option(None, "--lora-keys", help="lora: comma-separated projections, e.g. self_attn.q_proj,self_attn.v_proj."),
+    lora_scale: Optional[float] = typer.Option(None, "--lora-scale", help="lora: scale (default 20)."),
+    steer_layer: Optional[int] = typer.Option(None, "--steer-layer", help="steer-opt: decoder layer (default: the middle)."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file with the same keys; flags override it."),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT's training-state checkpoint."),
 ):
@@ -285,7 +290,9 @@ def train_(
         weight_decay=weight_decay, warmup=warmup, grad_accum=grad_accum, grad_clip=grad_clip,
         max_seq_length=max_seq_length, val_split=val_split, val_every=val_every, val_batches=val_batches,
         save_every=save_every, seed=seed, teacher_mode=teacher_mode, hard_guard=hard_guard,
-        steps_per_report=steps_per_report, metrics=metrics, shared_prefix=shared_prefix, resume=resume or None)
+        steps_per_report=steps_per_report, metrics=metrics, shared_prefix=shared_prefix, resume=resume or None,
+        lora_rank=lora_rank, lora_layers=lora_layers, lora_keys=lora_keys, lora_scale=lora_scale,
+        steer_layer=steer_layer)
     summary = t.train(args, log=lambda s: typer.echo(s, err=True))
     if summary.get("rank", 0) == 0:
         val = summary["val_loss"]
@@ -377,16 +384,15 @@ def main(argv: Optional[List[str]] = None) -> None:
         sys.exit(130)
     except (typer.Abort, EOFError):
         sys.exit(1)
-    except Exception as e:  # click usage errors are handled by standalone_mode below
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
+    except Exception as e:
+        # Usage errors from click (typer may vendor its own copy of click: match by shape).
+        code = getattr(e, "exit_code", None)
+        if code is not None and hasattr(e, "show"):
             e.show()
-            sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Exit):
-            sys.exit(e.exit_code)
+            sys.exit(code)
+        if code is not None and type(e).__name__ == "Exit":
+            sys.exit(code)
         raise
-
 
 if __name__ == "__main__":
     main()

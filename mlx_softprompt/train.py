@@ -86,6 +86,12 @@ class TrainArgs:
     shared_prefix: bool = field(default=True, metadata={"help": "Run P once per batch (shared KV)."})
     resume: bool = False
     compile: bool = True
+    # method options (None: the method's default; see baselines.py)
+    lora_rank: Optional[int] = field(default=None, metadata={"help": "LoRA rank (default 8)."})
+    lora_layers: Optional[int] = field(default=None, metadata={"help": "LoRA on the last N blocks (default 16)."})
+    lora_keys: Optional[str] = field(default=None, metadata={"help": "Comma-separated projections (default: mlx-lm's)."})
+    lora_scale: Optional[float] = field(default=None, metadata={"help": "LoRA scale (default 20, as mlx-lm)."})
+    steer_layer: Optional[int] = field(default=None, metadata={"help": "Steering layer (default: the middle)."})
 
     def check(self) -> None:
         """Every field in range, or a UserError naming the flag."""
@@ -166,7 +172,7 @@ def make_args(config: Optional[str] = None, **flags) -> TrainArgs:
     args = TrainArgs()
     for k, v in values.items():
         try:
-            setattr(args, k, _coerce(getattr(args, k), v))
+            setattr(args, k, _coerce(getattr(args, k), v, _OPTIONAL_TYPES.get(k)))
         except (TypeError, ValueError):
             where = f"{config}: " if config and flags.get(k) is None else ""
             raise UserError(f"{where}{k}: expected {type(getattr(args, k)).__name__}, got {v!r}")
@@ -174,8 +180,13 @@ def make_args(config: Optional[str] = None, **flags) -> TrainArgs:
     return args
 
 
-def _coerce(default, v):
+_OPTIONAL_TYPES = {"lora_rank": int, "lora_layers": int, "lora_scale": float, "steer_layer": int}
+
+
+def _coerce(default, v, optional_type=None):
     """A config/flag value as the field's type (YAML reads 1e-3 as a string: accept it for floats)."""
+    if default is None and optional_type is not None and v is not None:
+        return _coerce(optional_type(0), v)
     if isinstance(default, bool):
         if not isinstance(v, bool):
             raise ValueError

@@ -378,3 +378,30 @@ def test_end_to_end_teach_then_train_helps_on_held_out_prompts(teacher, base, tm
     lp0 = np.mean([_refusal_logprob(model, p, r, P0["soft_prompt"]) for p in harmful])
     lp1 = np.mean([_refusal_logprob(model, p, r, P1["soft_prompt"]) for p in harmful])
     assert lp1 > lp0 + 2.0, (lp0, lp1)  # measured: +3.9 (tv), +6.4 (kl), +3.0 (ce) nats over 13 tokens
+
+
+def test_cli_trains_lora_and_steer_opt_with_method_options(tiny_teacher, tmp_path):
+    """`train --method lora --lora-rank ...` and `--method steer-opt --steer-layer ...` through the CLI."""
+    import json as _json
+    import subprocess
+    import sys
+
+    from mlx_softprompt import prompt_file
+
+    base, cache = tiny_teacher
+    for method, extra in (("lora", ["--lora-rank", "2", "--lora-layers", "1"]),
+                          ("steer-opt", ["--steer-layer", "1"])):
+        out = tmp_path / f"{method}.safetensors"
+        r = subprocess.run([sys.executable, "-m", "mlx_softprompt", "train", "--base", base, "--teacher", cache,
+                            "--out", str(out), "--method", method, "--objective", "kl", "--iters", "3",
+                            "--batch-size", "4", *extra], capture_output=True, text=True,
+                           env={"MLX_SOFTPROMPT_NO_BLAS": "1", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+        assert r.returncode == 0, r.stderr
+        meta = prompt_file.load(out).metadata
+        assert meta["method"] == method
+        text = _json.dumps(meta)
+        assert ('"rank": 2' in text or "rank" in text) if method == "lora" else "1" in text
+    bad = subprocess.run([sys.executable, "-m", "mlx_softprompt", "train", "--base", base, "--teacher", cache,
+                          "--out", str(tmp_path / "x.safetensors"), "--method", "lora", "--lora-rank", "abc"],
+                         capture_output=True, text=True, env={"MLX_SOFTPROMPT_NO_BLAS": "1", "PATH": "/usr/bin:/bin"})
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr
