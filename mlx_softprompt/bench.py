@@ -211,10 +211,11 @@ def references(path: Path, base, examples, cfg: ev.EvalConfig, guard) -> ev.Refe
 
 def train_args(cfg: BenchConfig, method: str, objective: str, teacher: Path, out_file: Path):
     """train.TrainArgs for one cell: `train`, then `method_train[method]`; method options set as attributes."""
-    from .train import make_args
+    from .train import TrainArgs, make_args
 
     merged = {**cfg.train, **cfg.method_train.get(method, {})}
-    extra = {k: merged.pop(k) for k in list(merged) if k in EXTRA_TRAIN_KEYS}
+    known = {f.name for f in fields(TrainArgs)}
+    extra = {k: merged.pop(k) for k in list(merged) if k in EXTRA_TRAIN_KEYS and k not in known}
     try:
         args = make_args(None, **{**merged, "base": cfg.base, "teacher": str(teacher), "out": str(out_file),
                                   "method": method, "objective": objective, "resume": True})
