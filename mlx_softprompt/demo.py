@@ -45,10 +45,11 @@ class DemoConfig:
     # teach
     max_tokens: int = 48
     top_k: int = 64
-    # train (train.TrainArgs fields)
+    # train (train.TrainArgs fields). 200 steps (about 2.5 epochs of the 1,160 rows): the
+    # held-out validation loss is flat from step ~150 on (0.0088 at 100, 0.0084 at 150-300).
     train: dict = field(default_factory=lambda: {
-        "num_tokens": 16, "init": "vocab", "iters": 300, "batch_size": 16, "learning_rate": 0.01,
-        "warmup": 20, "max_seq_length": 160, "val_split": 0.1, "val_every": 50, "save_every": 300,
+        "num_tokens": 16, "init": "vocab", "iters": 200, "batch_size": 16, "learning_rate": 0.01,
+        "warmup": 20, "max_seq_length": 160, "val_split": 0.1, "val_every": 50, "save_every": 200,
         "steps_per_report": 10,
     })
     # eval
@@ -166,10 +167,22 @@ def _world_info(path: Path) -> dict:
 
 
 def sample_chats(report: dict, test: list) -> list:
-    """The first test prompt of each label (harmful, benign, borderline): base vs soft prompt."""
+    """Three test prompts, base vs dual vs soft prompt: the first harmful one the dual system
+    refuses (chosen by the teacher, not by the soft prompt), the first benign and borderline ones."""
+    from .evaluate import is_refusal
+
+    dual = report["answers"].get("dual")
+
+    def pick(i, e, label):
+        if e.label != label:
+            return False
+        return label != "harmful" or dual is None or is_refusal(dual[i]["text"])
+
     out = []
     for label in ("harmful", "benign", "borderline"):
-        i = next((i for i, e in enumerate(test) if e.label == label), None)
+        i = next((i for i, e in enumerate(test) if pick(i, e, label)), None)
+        if i is None:
+            i = next((i for i, e in enumerate(test) if e.label == label), None)
         if i is None:
             continue
         row = {"label": label, "prompt": test[i].prompt}
@@ -214,7 +227,7 @@ def format_samples(samples: list, width: int = 300) -> str:
     lines = []
     for s in samples:
         lines.append(f"[{s['label']}] user: {s['prompt'][:width]}")
-        for name in ("base", SYSTEM):
+        for name in ("base", "dual", SYSTEM):
             if name in s:
                 lines.append(f"  {name:>14}: {s[name].strip()[:width]}")
         lines.append("")
@@ -241,7 +254,7 @@ def plot(report: dict, path) -> None:
         ax.bar_label(bars, fmt="%.0f", fontsize=7)
     ax.set_xticks(x, names)
     ax.set_ylabel("% of test prompts")
-    ax.set_ylim(0, 110)
+    ax.set_ylim(0, 125)
     n = report["systems"]["base"]
     ax.set_title(f"demo world, test split ({n['n_harmful']} harmful, {n['n_benign']} benign, "
                  f"{n.get('n_borderline', 0)} borderline)")
@@ -261,6 +274,8 @@ def summary(report: dict, out) -> str:
         "",
         table(report),
         "",
+        "Sample chats (the first harmful test prompt the dual system refuses, the first benign and "
+        "borderline ones):",
         format_samples(d["samples"]),
         "",
         f"wrote {Path(out) / 'report.json'}, {Path(out) / 'demo.png'} (total {sec['total'] / 60:.1f} min)",
