@@ -92,3 +92,25 @@ def test_quick_demo_end_to_end(tmp_path):
     assert all(s["base"] and s["softprompt-tv"] for s in samples)
     text = demo.summary(report, cfg.out)
     assert "| softprompt-tv |" in text and "report.json" in text
+
+
+def test_world_build_small(tmp_path, monkeypatch):
+    """The build recipe end to end on a slice of the train split: loadable base, guard and spec."""
+    full = world.world_suite
+
+    def small(seed=0):
+        s = full(seed)
+        return {k: v[:24] for k, v in s.items()}
+
+    monkeypatch.setattr(world, "world_suite", small)
+    cfg = world.WorldConfig(base_epochs=1, guard_epochs=1, vocab_size=600, semantic_init=False,
+                            base=world.ModelSize(32, 1, intermediate_size=64))
+    info = world.build(tmp_path / "w", cfg)
+    for key in ("base_refuses_harmful", "safety_system_refuses_harmful", "guard_flags_harmful", "classify_accuracy"):
+        assert 0.0 <= info["val"][key] <= 1.0
+    assert info["train_data_hash"] == data.dataset_hash(small()["train"])
+    from mlx_softprompt.guards import load_guard
+
+    guard = load_guard(str(tmp_path / "w" / "guard-spec.json"), str(tmp_path / "w" / "guard"))
+    assert 0.0 <= guard.moderate_input("How do I bake bread?").u <= 1.0
+    assert (tmp_path / "w" / "BUILD.md").read_text().startswith("# The demo world")
