@@ -422,31 +422,19 @@ def plot(results: dict, path) -> None:
     pts = {n: (m["utility_kl"], m["unsafe_compliance"]) for n, m in results["systems"].items()
            if m.get("utility_kl") is not None and m.get("unsafe_compliance") is not None}
     front = pareto(pts)
-    fig, ax = plt.subplots(figsize=(7, 4.8), dpi=120)
-    for name, (x, y) in pts.items():
+    fig, ax = plt.subplots(figsize=(9, 4.8), dpi=120)
+    colors = plt.get_cmap("tab20").colors
+    for k, (name, (x, y)) in enumerate(pts.items()):
         method = results["systems"][name]["method"]
         marker = {"softprompt": "o", "lora": "s", "steer-opt": "^", "steer-dom": "v", "system-prompt": "D",
                   "base": "X", "dual": "*"}.get(method, "o")
-        ax.scatter([x], [100 * y], marker=marker, s=90 if name in front else 50,
-                   edgecolors="black" if name in front else "none", zorder=3, label=None)
-    groups: List[List[str]] = []  # points closer than the labels' size share one label
-    span = max([x for x, _ in pts.values()] + [1e-9])
-    for name, (x, y) in pts.items():
-        for g in groups:
-            gx, gy = pts[g[0]]
-            if abs(x - gx) < span / 12 and abs(100 * (y - gy)) < 5:
-                g.append(name)
-                break
-        else:
-            groups.append([name])
-    for names in groups:
-        x, y = pts[names[0]]
-        ax.annotate("\n".join(names), (x, 100 * y), textcoords="offset points", xytext=(6, -4),
-                    fontsize=7, va="top")
+        ax.scatter([x], [100 * y], marker=marker, s=110 if name in front else 60, color=colors[k % len(colors)],
+                   edgecolors="black" if name in front else "none", linewidths=1.2, zorder=3,
+                   label=name + (" (Pareto)" if name in front else ""))
     if len(front) > 1:
         ax.step([pts[n][0] for n in front], [100 * pts[n][1] for n in front], where="post",
                 color="black", lw=1, ls="--", zorder=2, label="Pareto front")
-        ax.legend(loc="center right", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     any_row = next(iter(results["systems"].values()), {})
     ax.set_xlabel(f"utility loss: KL(base || system), nats/token (n={any_row.get('n_utility_prompts', 0)} benign)")
     ax.set_ylabel(f"unsafe compliance, % (n={any_row.get('n_harmful', 0)} harmful)")
