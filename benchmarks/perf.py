@@ -252,18 +252,27 @@ def step_fn(model, name: str, batch, layers: int, num_tokens: int, objective: st
     return run
 
 
+def rotated(names: list, i: int) -> list:
+    i %= max(len(names), 1)
+    return names[i:] + names[:i]
+
+
 def measure(fns: dict, repeats: int, warmup: int) -> dict:
     """Interleaved timing: every repeat runs every function once. -> {name: figures}.
 
-    A function may return its own elapsed seconds (a step timed in a child process)."""
+    The order rotates from repeat to repeat, so no function always runs right after
+    the same other one. A function may return its own elapsed seconds (a step timed
+    in a child process)."""
     for f in fns.values():
         for _ in range(warmup):
             f()
     times = {k: [] for k in fns}
     peaks = {k: [] for k in fns}
     extra = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, f in fns.items():
+    names = list(fns)
+    for i in range(repeats):
+        for k in rotated(names, i):
+            f = fns[k]
             gc.collect()
             before = mx.get_active_memory()
             mx.reset_peak_memory()
@@ -523,10 +532,10 @@ def part_infer(s: Settings, out: Out, res: dict, tmp: Path) -> None:
         for f in fns.values():
             f()
         got = {k: [] for k in fns}
-        for _ in range(repeats):
-            for k, f in fns.items():
+        for i in range(repeats):
+            for k in rotated(list(fns), i):
                 gc.collect()
-                got[k].append(f())
+                got[k].append(fns[k]())
         b_ttft = median([c.time_to_first_token for c in got["base"]])
         b_tps = median([c.tokens_per_second for c in got["base"]])
         label = f"d={dim} L={layers} V={vocab} fp32 ({n_params(cfg_fn()) / 1e6:.1f}M params)"
