@@ -139,23 +139,13 @@ def cell_names(cfg: BenchConfig) -> List[str]:
 def split_data(cfg: BenchConfig) -> dict:
     suite = data.load_suite(cfg.data, seed=cfg.seed)
     eval_limit = cfg.eval.get("limit")
-    out = {"train": _limit(suite["train"], cfg.train_limit), "val": _limit(suite["val"], cfg.steer_dom.get("val_limit")),
-           "test": _limit(suite["test"], eval_limit)}
+    out = {"train": data.limit_per_label(suite["train"], cfg.train_limit),
+           "val": data.limit_per_label(suite["val"], cfg.steer_dom.get("val_limit")),
+           "test": data.limit_per_label(suite["test"], eval_limit)}
     for k in ("train", "test"):
         if not out[k]:
             raise UserError(f"bench: the {k} split of {', '.join(cfg.data)} is empty")
     return out
-
-
-def _limit(examples, n):
-    if n is None:
-        return list(examples)
-    counts, kept = {}, []
-    for e in examples:
-        counts[e.label] = counts.get(e.label, 0) + 1
-        if counts[e.label] <= int(n):
-            kept.append(e)
-    return kept
 
 
 def eval_config(cfg: BenchConfig) -> ev.EvalConfig:

@@ -356,3 +356,15 @@ def load_suite(sources=SOURCES, seed: int = DEFAULT_SEED, fractions=DEFAULT_FRAC
     for ex in examples:
         suite[split_of(ex.prompt, seed, fractions)].append(ex)
     return suite
+
+
+def limit_per_label(examples, n: "int | None") -> "list[Example]":
+    """The first `n` examples of each label, in order (all of them when n is None): quick runs stay balanced."""
+    if n is None:
+        return list(examples)
+    counts, kept = {}, []
+    for e in examples:
+        counts[e.label] = counts.get(e.label, 0) + 1
+        if counts[e.label] <= int(n):
+            kept.append(e)
+    return kept

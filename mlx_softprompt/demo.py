@@ -65,17 +65,6 @@ class DemoConfig:
                           "save_every": 20, "steps_per_report": 5}
 
 
-def _limit(examples, n):
-    if n is None:
-        return list(examples)
-    counts, kept = {}, []
-    for e in examples:
-        counts[e.label] = counts.get(e.label, 0) + 1
-        if counts[e.label] <= n:
-            kept.append(e)
-    return kept
-
-
 def ensure_world(cfg: DemoConfig, log=print) -> Path:
     """The world's directory: shipped weights, or built now with --rebuild."""
     from . import world
@@ -107,7 +96,7 @@ def run(cfg: DemoConfig, log=print) -> dict:
     base_path, guard_path, spec_path = wpath / "base", wpath / "guard", wpath / "guard-spec.json"
 
     suite = data.load_suite(data.SOURCES, seed=data.DEFAULT_SEED)
-    train, test = _limit(suite["train"], cfg.limit), _limit(suite["test"], cfg.limit)
+    train, test = data.limit_per_label(suite["train"], cfg.limit), data.limit_per_label(suite["test"], cfg.limit)
     log(f"demo: world {wpath}; {len(train)} train / {len(test)} test prompts (split seed {data.DEFAULT_SEED})")
 
     # 1. teach

@@ -689,13 +689,7 @@ def load_eval_examples(suite: str, split: str = "test", seed: int = data.DEFAULT
         raise UserError(f"--split: {split!r}; choose train, val, test or all")
     suite_ = data.load_suite(sources, seed=seed)
     examples = [e for k in data.SPLITS for e in suite_[k]] if split == "all" else suite_[split]
-    if limit is not None:
-        counts, kept = {}, []
-        for e in examples:
-            counts[e.label] = counts.get(e.label, 0) + 1
-            if counts[e.label] <= limit:
-                kept.append(e)
-        examples = kept
+    examples = data.limit_per_label(examples, limit)
     unlabelled = sum(1 for e in examples if e.label not in ("harmful", "benign", "borderline"))
     if unlabelled == len(examples):
         raise UserError(f"--suite {suite}: no labelled prompts (label harmful/benign/borderline) in split {split!r}")
