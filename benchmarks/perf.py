@@ -183,9 +183,12 @@ def build(config: dict, bits=None, seed: int = 0):
 
 
 def n_params(config: dict) -> int:
+    """Parameter count of `config`'s model (shapes only: no weights are drawn)."""
     from mlx.utils import tree_flatten
+    from mlx_lm.utils import _get_classes
 
-    model = tiny.build_model(config)
+    model_class, args_class = _get_classes(config)
+    model = model_class(args_class.from_dict(config))
     return sum(v.size for _, v in tree_flatten(model.parameters()))
 
 
@@ -575,8 +578,9 @@ def part_scale(s: Settings, out: Out, res: dict) -> None:
               s.big_batch, s.big_layers, s.lora_lengths_big)]
     for size, config, batch_size, layers, lora_lengths in sizes:
         model = build(config)
+        params = n_params(config)
         label = f"{size} (d={config['hidden_size']}, {layers} layers, V={config['vocab_size']}, " \
-                f"{n_params(config) / 1e6:.1f}M params)"
+                f"{params / 1e6:.1f}M params)"
         vocab = config["vocab_size"]
         points = [(n, s.length) for n in s.sweep_n]
         points += [(s.num_tokens, L) for L in s.sweep_length if (s.num_tokens, L) not in points]
@@ -587,7 +591,7 @@ def part_scale(s: Settings, out: Out, res: dict) -> None:
             m = measure(fns, s.repeats, s.warmup)
             for x in names:
                 r = m[x]
-                row = {"model": size, "label": label, "params": n_params(config), "batch": batch_size,
+                row = {"model": size, "label": label, "params": params, "batch": batch_size,
                        "num_tokens": n if x != "lora" else 0, "length": L, "method": x, "tokens": ntok,
                        "tokens_per_s": ntok / r["seconds"], **r}
                 res["scale"].append(row)
