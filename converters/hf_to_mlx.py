@@ -26,7 +26,7 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
-from mlx_softprompt.errors import UserError
+from mlx_softprompt.errors import UserError, read_json_object
 from mlx_softprompt.models import resolve_model_path
 from mlx_softprompt.prompt_file import _check_header
 
@@ -46,13 +46,7 @@ def _read_config(src: Path, name: str) -> dict:
     path = src / "config.json"
     if not path.is_file():
         raise UserError(f"{name}: no config.json (not a Hugging Face model checkpoint)")
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: invalid JSON ({e})")
-    if not isinstance(config, dict):
-        raise UserError(f"{path}: expected a JSON object")
-    return config
+    return read_json_object(path)
 
 
 def _check_weights(src: Path, name: str) -> None:

@@ -27,7 +27,7 @@ from typing import Optional
 import mlx.core as mx
 
 from . import __version__, models, prompt_file as pf
-from .errors import UserError
+from .errors import UserError, read_json_object
 
 FORMAT = "mlx-softprompt-bundle/1"
 MANIFEST = "bundle.json"
@@ -247,11 +247,8 @@ def read_manifest(path) -> dict:
     mpath = path / MANIFEST
     if not mpath.is_file():
         raise UserError(f"{path}: not a bundle (no {MANIFEST})")
-    try:
-        manifest = json.loads(mpath.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{mpath}: invalid JSON ({e})".splitlines()[0])
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+    manifest = read_json_object(mpath)
+    if manifest.get("format") != FORMAT:
         got = manifest.get("format") if isinstance(manifest, dict) else None
         raise UserError(f"{mpath}: not an mlx-softprompt bundle manifest (format={got!r})")
     for key in ("files", "base", "cache"):

@@ -3,3 +3,20 @@
 
 class UserError(Exception):
     """Bad input (file, field, flag). The message names what and where; no traceback is shown."""
+
+
+def read_json_object(path) -> dict:
+    """A JSON file holding an object, or a UserError naming the file (not found, bad JSON, not an object)."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    try:
+        value = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: invalid JSON ({e})".splitlines()[0])
+    if not isinstance(value, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    return value

@@ -25,7 +25,7 @@ import mlx.core as mx
 import numpy as np
 
 from . import models, prompt_file
-from .errors import UserError
+from .errors import UserError, read_json_object
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -130,12 +130,7 @@ def _read_config(adapter_dir: Path) -> dict:
     path = adapter_dir / CONFIG_NAME
     if not path.is_file():
         raise UserError(f"{adapter_dir}: no {CONFIG_NAME} (not a PEFT adapter directory)")
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: invalid JSON ({e})")
-    if not isinstance(config, dict):
-        raise UserError(f"{path}: expected a JSON object")
+    config = read_json_object(path)
     peft_type = config.get("peft_type")
     if peft_type != "PROMPT_TUNING":
         raise UserError(f"{path}: peft_type is {peft_type!r}; only PROMPT_TUNING adapters hold a soft prompt")
