@@ -61,18 +61,6 @@ def _public_fingerprint(fp: dict) -> dict:
     return {k: fp[k] for k in ("architecture", "hidden_size", "vocab_size", "embedding_hash")}
 
 
-def _read_report(path: Path) -> dict:
-    try:
-        report = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such eval report")
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: invalid JSON ({e})".splitlines()[0])
-    if not isinstance(report, dict):
-        raise UserError(f"{path}: an eval report is a JSON object")
-    return report
-
-
 def report_summary(report: dict, limit: int = 24) -> list:
     """(name, value) pairs of the report's scalar figures, in the report's order.
 
@@ -170,7 +158,7 @@ def make_bundle(cfg: BundleConfig, log=print) -> Path:
         raise UserError(f"--q-bits {cfg.q_bits}: expected one of 2, 3, 4, 5, 6, 8")
     if cfg.quantize and cfg.q_group_size not in (32, 64, 128):
         raise UserError(f"--q-group-size {cfg.q_group_size}: expected 32, 64 or 128")
-    report = _read_report(cfg.eval_report) if cfg.eval_report else None
+    report = read_json_object(cfg.eval_report) if cfg.eval_report else None
     file = pf.load(cfg.prompt_file)
     if file.method != "softprompt":
         raise UserError(f"{cfg.prompt_file}: a {file.method!r} file; only soft prompts are bundled")

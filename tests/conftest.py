@@ -93,3 +93,16 @@ def tiny_teacher(tiny_model, tmp_path_factory):
     teach(TeachConfig(base=base, guard=str(spec), guard_model=guard, data=str(data), out=str(root / "cache"),
                       samples_per_prompt=2, max_tokens=12, top_k=16, batch_size=16, shard_size=16, seed=0))
     return base, str(root / "cache")
+
+
+def run_cli(capsys, *args):
+    """The CLI in-process (no interpreter start-up): (exit code, stdout, stderr)."""
+    from mlx_softprompt.cli import main
+
+    code = 0
+    try:
+        main(list(args))
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err

@@ -12,6 +12,7 @@ import pytest
 
 from mlx_softprompt import bundle, generate, models, prompt_file
 from mlx_softprompt.errors import UserError
+from conftest import run_cli
 
 TEXTS = ["Write a poem about the sea.", "What is the capital of France?"]
 
@@ -218,36 +219,23 @@ def test_refusals(made, tiny_softprompt, tiny_model, tmp_path):
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temp dirs left behind
 
 
-def _main(capsys, *args):
-    """The CLI in-process (no interpreter start-up): (exit code, stdout, stderr)."""
-    from mlx_softprompt.cli import main
-
-    code = 0
-    try:
-        main(list(args))
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def test_cli_bundle_inspect_and_generate(made, tmp_path, capsys):
     base, pfile, plain, _ = made
     out = tmp_path / "cli-bundle"
-    code, stdout, err = _main(capsys, "bundle", "--base", base, "--prompt-file", str(pfile), "--out", str(out),
+    code, stdout, err = run_cli(capsys, "bundle", "--base", base, "--prompt-file", str(pfile), "--out", str(out),
                               "-q", "--q-bits", "8")
     assert code == 0, err
     assert f"wrote {out}" in stdout
-    code, stdout, err = _main(capsys, "inspect", str(out))
+    code, stdout, err = run_cli(capsys, "inspect", str(out))
     assert code == 0, err
     meta = json.loads(stdout)
     assert meta["base"]["quantization"] == {"bits": 8, "group_size": 64} and meta["cache"]["offset"] == 5
-    code, stdout, err = _main(capsys, "generate", "--model", str(plain), "--text", TEXTS[0], "--max-tokens", "8",
+    code, stdout, err = run_cli(capsys, "generate", "--model", str(plain), "--text", TEXTS[0], "--max-tokens", "8",
                               "--json")
     assert code == 0, err
     model, tok, _ = models.load(base)
     assert json.loads(stdout)["tokens"] == greedy_by_hand(model, tok, TEXTS[0], prompt_file.load(pfile).prompt)
-    code, _, err = _main(capsys, "bundle", "--base", base, "--prompt-file", str(pfile), "--out", str(out))
+    code, _, err = run_cli(capsys, "bundle", "--base", base, "--prompt-file", str(pfile), "--out", str(out))
     assert code == 1 and err.startswith("error: ") and err.count("\n") == 1
     # the real entry point: a damaged bundle is one line on stderr, exit 1, no traceback
     _flip_byte(out / "prompt.safetensors")

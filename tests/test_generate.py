@@ -8,22 +8,11 @@ import sys
 import pytest
 
 from mlx_softprompt import generate, models, session
+from conftest import run_cli
 
 TEXT = "Write a poem about the sea."
 KEYS = {"text", "tokens", "prompt_tokens", "generation_tokens", "time_to_first_token", "tokens_per_second",
         "peak_memory_gb", "finish_reason"}
-
-
-def _main(capsys, *args):
-    from mlx_softprompt.cli import main
-
-    code = 0
-    try:
-        main(list(args))
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +52,7 @@ def test_json_output_through_the_real_entry_point(system):
 
 def test_text_mode_prints_only_the_answer(system, capsys):
     base, pfile, sys_ = system
-    code, out, err = _main(capsys, "generate", "--model", base, "--prompt-file", str(pfile), "--text", TEXT,
+    code, out, err = run_cli(capsys, "generate", "--model", base, "--prompt-file", str(pfile), "--text", TEXT,
                            "--max-tokens", "8")
     assert code == 0, err
     assert out == _complete(sys_, TEXT, max_tokens=8).text + "\n"
@@ -71,11 +60,11 @@ def test_text_mode_prints_only_the_answer(system, capsys):
 
 def test_system_message_and_bare_base(system, capsys):
     base, pfile, sys_ = system
-    code, out, err = _main(capsys, "generate", "--model", base, "--prompt-file", str(pfile), "--text", TEXT,
+    code, out, err = run_cli(capsys, "generate", "--model", base, "--prompt-file", str(pfile), "--text", TEXT,
                            "--system", "Be brief.", "--max-tokens", "8", "--json")
     assert code == 0, err
     assert json.loads(out)["tokens"] == _complete(sys_, TEXT, system_text="Be brief.", max_tokens=8).tokens
-    code, out, err = _main(capsys, "generate", "--model", base, "--text", TEXT, "--max-tokens", "8", "--json")
+    code, out, err = run_cli(capsys, "generate", "--model", base, "--text", TEXT, "--max-tokens", "8", "--json")
     assert code == 0, err
     bare = _complete(sys_, TEXT, cache=models.prefix_cache(sys_.model, None), max_tokens=8)
     assert json.loads(out)["tokens"] == bare.tokens
@@ -86,7 +75,7 @@ def test_sampling_is_reproducible_with_a_seed(system, capsys):
     base, pfile, _ = system
 
     def sample(seed):
-        code, out, err = _main(capsys, "generate", "--model", base, "--prompt-file", str(pfile), "--text", TEXT,
+        code, out, err = run_cli(capsys, "generate", "--model", base, "--prompt-file", str(pfile), "--text", TEXT,
                                "--max-tokens", "12", "--temp", "1.0", "--top-p", "0.95", "--seed", str(seed),
                                "--json")
         assert code == 0, err
