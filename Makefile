@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# On Linux, preload the system OpenBLAS for MLX's CPU backend when present (see README, "Linux speed").
+# On Linux, preload the system OpenBLAS for MLX's CPU backend when present (see docs/PERFORMANCE.md, "Linux speed").
 OPENBLAS = $(shell $(PY) -c "import sys; sys.path.insert(0, '.'); from mlx_softprompt.blas import find_openblas; print(find_openblas() or '')" 2>/dev/null)
 RUN = $(if $(OPENBLAS),LD_PRELOAD=$(OPENBLAS) ,)
 

@@ -19,7 +19,7 @@ unknown to the tokenizer is refused with a clear message.
 
 Built-in specs (``BUILTIN``) follow each model's card / shipped chat template; the
 source is cited next to each. A user spec is a JSON (or YAML) file with the same
-fields (see the README section "Guard spec files" and examples/guards/).
+fields (see docs/GUARDS.md, "Guard spec files", and examples/guards/).
 """
 
 from __future__ import annotations
