@@ -63,9 +63,10 @@ def export_peft(
     prompt_file: Path = typer.Argument(..., help="A soft-prompt file."),
     out_dir: Path = typer.Argument(..., help="Directory for adapter_config.json + adapter_model.safetensors."),
     base_model_name: Optional[str] = typer.Option(
-        None, "--base-model-name",
-        help="The HF model the adapter is for (hub id or directory), recorded as base_model_name_or_path; "
-             "a local directory also fills num_layers / num_attention_heads."),
+        None, "--model", "--base-model-name",
+        help="The HF model the adapter is for (hub id or directory), recorded as base_model_name_or_path "
+             "(default: the base the prompt was trained on); a local directory also fills num_layers / "
+             "num_attention_heads."),
 ):
     """Write a soft-prompt file as an HF PEFT prompt-tuning adapter."""
     from .peft_io import export_peft as run

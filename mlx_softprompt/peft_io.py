@@ -95,11 +95,25 @@ def _base_shape(base_model_name: Optional[str]):
     return config.get("num_hidden_layers"), config.get("num_attention_heads")
 
 
+def base_model_of(pf, given: Optional[str] = None) -> str:
+    """The HF base an exported adapter names: `given`, else the base the prompt was trained on.
+
+    PEFT's ``AutoPeftModelForCausalLM`` loads the base from ``base_model_name_or_path``;
+    an adapter with ``null`` there cannot be loaded, so none is ever written.
+    """
+    for name in (given, pf.metadata.get("base_model"), pf.metadata.get("peft_base_model")):
+        if name:
+            return str(name)
+    raise UserError(f"{pf.path}: the prompt file does not record its base model; pass --model with the "
+                    "Hugging Face model it belongs to (hub id or directory)")
+
+
 def export_peft(path, out_dir, base_model_name: Optional[str] = None) -> Path:
     """Write the soft prompt in `path` as a PEFT prompt-tuning adapter directory `out_dir`."""
     pf = prompt_file.load(path)
     if pf.method != "softprompt":
         raise UserError(f"{path}: a {pf.method!r} file, not a soft prompt; only soft prompts export to PEFT")
+    base_model_name = base_model_of(pf, base_model_name)
     P = pf.prompt
     n, d = P.shape
     out_dir = Path(out_dir)

@@ -625,6 +625,7 @@ def train(args: TrainArgs, data: Optional[TeacherData] = None, model_bundle=None
         "moderation": _text(manifest_value(data.manifest, "mode")),
         "hard_guard": str(bool(args.hard_guard)).lower(),
         "init": args.init,
+        "base_model": str(args.base),  # as given (hub id or directory): export-peft's default base
     }
 
     def checkpoint(at: int):

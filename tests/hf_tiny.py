@@ -24,6 +24,13 @@ EXTRA_ARCHS = {
         "architectures": ["Gemma3ForCausalLM"], "query_pre_attn_scalar": 16, "sliding_window": 8,
         "layer_types": ["sliding_attention", "full_attention"],
     }),
+    # configs as transformers 5 writes them (rope_parameters, layer_types, ...)
+    "granite": ("llama", {
+        "architectures": ["GraniteForCausalLM"], "embedding_multiplier": 2.0, "residual_multiplier": 0.5,
+        "attention_multiplier": 0.25, "logits_scaling": 4.0,
+    }),
+    "olmo2": ("llama", {"architectures": ["Olmo2ForCausalLM"]}),
+    "smollm3": ("llama", {"architectures": ["SmolLM3ForCausalLM"], "no_rope_layers": [1, 0]}),
 }
 
 

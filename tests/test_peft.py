@@ -6,6 +6,7 @@ by our converter, so MLX and transformers+PEFT run the same weights.
 
 import json
 import os
+import re
 from pathlib import Path
 
 import mlx.core as mx
@@ -19,13 +20,32 @@ from mlx_softprompt import cli, models, prompt_file
 from mlx_softprompt.generate import GenerationConfig, chat_ids, generate
 from mlx_softprompt.peft_io import CONFIG_NAME, TENSOR_KEY, WEIGHTS_NAME, export_peft, import_peft, peft_scale
 
-TEXT = "Write a poem about the sea."
-ATOL = 1e-4  # max |logit difference|, MLX vs transformers+PEFT (measured <= 1.6e-5, 4 archs x 3 seeds)
-GREEDY = 20  # tokens compared, greedy
+TEXT = "Write a poem about the sea, the wind and the long grey evening over the harbour."
+OTHERS = ["Tell me how to sort a list of numbers in Python, step by step, with an example.",
+          "hello", "What is 2 + 2?", "Describe a cat."]
+ATOL = 1e-4  # max |logit difference|, MLX vs transformers+PEFT (measured <= 1.9e-5 over the ARCHS)
+GREEDY = 16  # tokens compared, greedy
 
 # llama and qwen2: plain; gemma2 and gemma3_text: the model scales its embeddings by sqrt(d),
-# which PEFT's virtual tokens skip under transformers 5 (see peft_io).
-ARCHS = ["llama", "qwen2", "gemma2", "gemma3_text"]
+# which PEFT's virtual tokens skip under transformers 5 (see peft_io); granite scales the
+# embeddings by a multiplier after the lookup (as mlx-lm does); olmo2, phi3 and smollm3 have
+# configs as transformers 5 writes them.
+ARCHS = ["llama", "qwen2", "gemma2", "gemma3_text", "granite", "olmo2", "phi3", "smollm3"]
+# peft's cached generate() for prompt tuning gives other tokens than full forward passes
+# with transformers >= 5.24 on these (the same family as huggingface/peft#2123).
+# the Gemma family's sqrt(d) scaling saturates tiny models at the sharp default init
+# (every request continues with one token): a softer init keeps the input visible.
+HF_KWARGS = {"gemma2": {"init_std": 0.05}, "gemma3_text": {"init_std": 0.05}}
+CACHED_GENERATE_BROKEN = ["llama", "qwen2", "granite", "olmo2", "phi3", "smollm3"]
+
+
+def _transformers_at_least(version: str) -> bool:
+    import transformers
+
+    def key(v):
+        return tuple(int(x) for x in v.split(".")[:2] if x.isdigit())
+
+    return key(transformers.__version__) >= key(version)
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +55,7 @@ def base(hf_tiny_model, tmp_path_factory):
 
     def make(arch):
         if arch not in made:
-            hf = hf_tiny_model(arch)
+            hf = hf_tiny_model(arch, **HF_KWARGS.get(arch, {}))
             mlx_dir = convert(hf, tmp_path_factory.mktemp(f"peft-{arch}") / "mlx")
             made[arch] = (hf, str(mlx_dir)) + models.load(str(mlx_dir))
         return made[arch]
@@ -59,26 +79,44 @@ def _peft_logits(peft_model, ids):
         return peft_model(input_ids=torch.tensor([ids])).logits[0].numpy()
 
 
-def _peft_greedy(peft_model, ids, eos_id, pad_id):
+def _peft_greedy_full(peft_model, ids, n, eos_ids):
+    """Greedy decoding by full forward passes of transformers + PEFT: no KV cache involved."""
+    seq, out = list(ids), []
+    with torch.no_grad():
+        for _ in range(n):
+            token = int(peft_model(input_ids=torch.tensor([seq])).logits[0, -1].argmax())
+            if token in eos_ids:
+                break
+            out.append(token)
+            seq.append(token)
+    return out
+
+
+def _peft_generate(peft_model, ids, n, **kw):
     with torch.no_grad():
         out = peft_model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                  max_new_tokens=GREEDY, do_sample=False, eos_token_id=eos_id, pad_token_id=pad_id)
+                                  max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0, **kw)
     return out[0, len(ids):].tolist()
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_exported_prompt_runs_the_same_in_peft(base, tmp_path, arch):
+def _exported(base, tmp_path, arch):
     from peft import PeftModel
 
     hf_dir, mlx_dir, model, tok, config = base(arch)
     P = _random_prompt(model, 8, seed=3)
     pf = prompt_file.save(tmp_path / "p.safetensors", {"soft_prompt": P}, model, config, objective="tv")
     out = export_peft(pf, tmp_path / "adapter", base_model_name=hf_dir)
-    assert sorted(os.listdir(out)) == [CONFIG_NAME, WEIGHTS_NAME]  # no temporary files left
+    return P, out, PeftModel.from_pretrained(_hf(hf_dir), out).eval()
 
-    peft_model = PeftModel.from_pretrained(_hf(hf_dir), out).eval()
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_exported_prompt_runs_the_same_in_peft(base, tmp_path, arch):
+    hf_dir, mlx_dir, model, tok, config = base(arch)
+    P, out, peft_model = _exported(base, tmp_path, arch)
+    assert sorted(os.listdir(out)) == [CONFIG_NAME, WEIGHTS_NAME]  # no temporary files left
     cfg = peft_model.peft_config["default"]
     assert (cfg.peft_type.value, cfg.num_virtual_tokens, cfg.token_dim, cfg.num_layers) == ("PROMPT_TUNING", 8, 64, 2)
+    assert cfg.base_model_name_or_path == hf_dir
     scale = peft_scale(arch, 64)
     assert scale == (8.0 if arch.startswith("gemma") else 1.0)
     loaded = peft_model.prompt_encoder["default"].embedding.weight.detach().numpy()
@@ -93,9 +131,110 @@ def test_exported_prompt_runs_the_same_in_peft(base, tmp_path, arch):
     plain = np.array(models.forward(model, ids)[0])
     assert np.abs(ours[8:] - plain).max() > 100 * ATOL
 
-    greedy = generate(model, tok, TEXT, prompt=P, cfg=GenerationConfig(max_tokens=GREEDY, temp=0.0)).tokens
-    assert len(greedy) >= 16
-    assert greedy == _peft_greedy(peft_model, ids, tok.eos_token_id, tok.pad_token_id)[: len(greedy)]
+    # the reference: greedy decoding by full forward passes of transformers + PEFT
+    cfg_g = GenerationConfig(max_tokens=GREEDY, temp=0.0)
+    greedy = generate(model, tok, TEXT, prompt=P, cfg=cfg_g).tokens
+    assert len(greedy) >= 10
+    assert greedy == _peft_greedy_full(peft_model, ids, GREEDY, set(tok.eos_token_ids))[: len(greedy)]
+    # the input matters: other requests continue differently (at least one; tiny random models
+    # can repeat one token whatever they are asked), and the same in both
+    differs = False
+    for text in OTHERS:
+        other = generate(model, tok, text, prompt=P, cfg=cfg_g).tokens
+        assert other == _peft_greedy_full(peft_model, chat_ids(tok, text), GREEDY, set(tok.eos_token_ids))[: len(other)]
+        differs = differs or other != greedy
+    assert differs
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_peft_generate_without_cache_matches_ours(base, tmp_path, arch):
+    """What the docs tell PEFT users to run: generate(..., use_cache=False) gives our tokens."""
+    hf_dir, mlx_dir, model, tok, config = base(arch)
+    P, _, peft_model = _exported(base, tmp_path, arch)
+    ids = chat_ids(tok, TEXT)
+    reference = _peft_greedy_full(peft_model, ids, GREEDY, set())
+    assert _peft_generate(peft_model, ids, GREEDY, use_cache=False) == reference
+
+
+@pytest.mark.parametrize("arch", [
+    pytest.param(a, marks=pytest.mark.xfail(
+        _transformers_at_least("5.24"), strict=True,
+        reason="peft's cached generate() for prompt tuning diverges from full forward passes with "
+               "transformers >= 5.24 (huggingface/peft#2123 family); an XPASS means upstream fixed it"))
+    for a in CACHED_GENERATE_BROKEN])
+def test_peft_cached_generate_is_a_reference(base, tmp_path, arch):
+    """Records an upstream bug, both ways: fails (xfail) while it lasts, XPASS-fails when it is fixed."""
+    hf_dir, mlx_dir, model, tok, config = base(arch)
+    P, _, peft_model = _exported(base, tmp_path, arch)
+    ids = chat_ids(tok, TEXT)
+    assert _peft_generate(peft_model, ids, GREEDY) == _peft_greedy_full(peft_model, ids, GREEDY, set())
+
+
+def _docs_snippet() -> str:
+    """The python block of docs/PEFT.md that loads an exported adapter with peft."""
+    text = (Path(__file__).resolve().parent.parent / "docs" / "PEFT.md").read_text()
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "PeftModel" in b]
+    assert len(blocks) == 1, "docs/PEFT.md must hold exactly one peft loading snippet"
+    return blocks[0]
+
+
+def test_docs_peft_snippet_gives_the_text_of_generate(base, tmp_path, capsys):
+    """The documented snippet, run as written on a local base, prints what `mlx-softprompt generate` prints."""
+    from conftest import run_cli
+
+    hf_dir, mlx_dir, model, tok, config = base("llama")
+    P = _random_prompt(model, 8, seed=5)
+    pf = prompt_file.save(tmp_path / "safety.safetensors", {"soft_prompt": P}, model, config)
+    adapter = export_peft(pf, tmp_path / "safety-adapter", base_model_name=hf_dir)
+    snippet = _docs_snippet()
+    assert '"safety-adapter"' in snippet and "Write a poem about the sea." in snippet
+    source = snippet.replace('"safety-adapter"', repr(str(adapter))).replace("max_new_tokens=64", "max_new_tokens=24")
+    namespace = {}
+    exec(compile(source, "docs/PEFT.md", "exec"), namespace)
+    theirs_text = capsys.readouterr().out.rstrip("\n")
+    theirs = namespace["out"][0, namespace["inputs"]["input_ids"].shape[1]:].tolist()
+    code, ours, err = run_cli(capsys, "generate", "--model", mlx_dir, "--prompt-file", str(pf), "--text",
+                              "Write a poem about the sea.", "--max-tokens", "24", "--json")
+    assert code == 0, err
+    ours = json.loads(ours)
+    assert len(ours["tokens"]) >= 10
+    assert ours["tokens"] == [t for t in theirs if t not in tok.eos_token_ids]
+    # the same text (the snippet hides special tokens, as chat front ends do)
+    assert theirs_text == tok.decode(ours["tokens"], skip_special_tokens=True)
+
+
+def test_exported_trained_prompt_loads_with_auto_peft(tiny_teacher, tmp_path, capsys):
+    """`train` records its base; `export-peft` names it; AutoPeftModelForCausalLM loads the adapter from it."""
+    from conftest import run_cli
+    from peft import AutoPeftModelForCausalLM
+
+    base_dir, cache = tiny_teacher
+    pf = tmp_path / "trained.safetensors"
+    code, _, err = run_cli(capsys, "train", "--base", base_dir, "--teacher", cache, "--out", str(pf),
+                           "--num-tokens", "4", "--iters", "2", "--batch-size", "4")
+    assert code == 0, err
+    assert prompt_file.load(pf).metadata["base_model"] == base_dir
+    code, out, err = run_cli(capsys, "export-peft", str(pf), str(tmp_path / "ad"))
+    assert code == 0, err
+    assert json.loads((tmp_path / "ad" / CONFIG_NAME).read_text())["base_model_name_or_path"] == base_dir
+    peft_model = AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "ad"), dtype=torch.float32).eval()
+    model, tok, config = models.load(base_dir)
+    ids = chat_ids(tok, TEXT)
+    ours = np.array(models.forward(model, ids, prompt_file.load(pf).prompt)[0])
+    assert np.abs(ours - _peft_logits(peft_model, ids)).max() <= ATOL
+
+
+def test_export_refuses_to_write_a_null_base(base, tmp_path, capsys):
+    from conftest import run_cli
+
+    hf_dir, mlx_dir, model, tok, config = base("llama")
+    pf = prompt_file.save(tmp_path / "p.safetensors", {"soft_prompt": _random_prompt(model, 4, 0)}, model, config)
+    code, out, err = run_cli(capsys, "export-peft", str(pf), str(tmp_path / "ad"))
+    assert code == 1 and err.count("\n") == 1 and "does not record its base model; pass --model" in err
+    assert not (tmp_path / "ad").exists()
+    code, out, err = run_cli(capsys, "export-peft", str(pf), str(tmp_path / "ad"), "--model", hf_dir)
+    assert code == 0, err
+    assert json.loads((tmp_path / "ad" / CONFIG_NAME).read_text())["base_model_name_or_path"] == hf_dir
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma2"])
@@ -178,7 +317,7 @@ def _edit_config(adapter: Path, **fields):
 def test_cli_import_errors_are_one_line(base, tiny_model, tmp_path, capsys, case):
     hf_dir, mlx_dir, model, tok, config = base("llama")
     adapter = export_peft(prompt_file.save(tmp_path / "p.safetensors", {"soft_prompt": _random_prompt(model, 4, 0)},
-                                           model, config), tmp_path / "ad")
+                                           model, config), tmp_path / "ad", base_model_name="org/tiny")
     target = mlx_dir
     if case == "lora":
         _edit_config(adapter, peft_type="LORA")
@@ -220,6 +359,6 @@ def test_export_refusals(base, tmp_path, capsys):
     # a base whose embedding scaling we have not checked against transformers
     odd = prompt_file.save(tmp_path / "o.safetensors", {"soft_prompt": mx.zeros((2, 64))}, model,
                            dict(config, model_type="gemma3n"))
-    code, _, err = _run(capsys, "export-peft", odd, tmp_path / "b")
+    code, _, err = _run(capsys, "export-peft", odd, tmp_path / "b", "--model", "org/x")
     assert code == 1 and "not verified for model_type 'gemma3n'" in err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
