@@ -28,7 +28,7 @@ from typing import Optional
 
 from mlx_softprompt.errors import UserError, read_json_object
 from mlx_softprompt.models import resolve_model_path
-from mlx_softprompt.prompt_file import _check_header
+from mlx_softprompt.prompt_file import _check_header, as_if_created
 
 DTYPES = ("float16", "bfloat16", "float32")
 Q_BITS = (4, 8)
@@ -160,6 +160,7 @@ def convert(hf_path: str, mlx_path, quantize: bool = False, q_bits: int = 4, q_g
 
     mlx_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=mlx_path.parent, prefix=f".{mlx_path.name}.", suffix=".tmp"))
+    as_if_created(tmp, directory=True)  # 0755 under umask 022, as mkdir would make it
     try:
         out = tmp / "model"
         staged = _stage(src, config, tmp / "source")

@@ -178,6 +178,7 @@ def make_bundle(cfg: BundleConfig, log=print) -> Path:
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    pf.as_if_created(tmp, directory=True)
     try:
         mdir = tmp / MODEL_DIR
         save_model(mdir, model, donate_model=True)

@@ -13,13 +13,29 @@ from typing import List, Optional
 import typer
 
 from .errors import UserError
+from .flags import CONFIG, App
 
-app = typer.Typer(
+app = App(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
     help="Distil an LLM + guard model into a soft prompt, and run it safely on a laptop.",
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(f"mlx-softprompt {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _app(version: bool = typer.Option(False, "--version", is_eager=True, callback=_version,
+                                      help="Print the version and exit.")):
+    """Distil an LLM + guard model into a soft prompt, and run it safely on a laptop."""
 
 
 def _echo_json(obj) -> None:
@@ -44,12 +60,13 @@ def inspect(path: Path = typer.Argument(..., help="A prompt/method file (.safete
 
 @app.command()
 def convert(
-    hf_path: str = typer.Option(..., "--hf-path", help="HF checkpoint: local directory or hub id."),
+    hf_path: str = typer.Option(..., "--hf-path", "--model", help="HF checkpoint: local directory or hub id."),
     mlx_path: Path = typer.Option(Path("mlx_model"), "--mlx-path", help="Output MLX directory."),
     quantize: bool = typer.Option(False, "-q", "--quantize", help="Quantize the weights."),
     q_bits: int = typer.Option(4, "--q-bits", help="Bits per weight (4 or 8)."),
     q_group_size: int = typer.Option(64, "--q-group-size", help="Quantization group size."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float16 | bfloat16 | float32 (unquantized params)."),
+    config: Optional[Path] = CONFIG,
 ):
     """Convert a Hugging Face checkpoint to MLX, optionally quantized."""
     from converters.hf_to_mlx import convert as run
@@ -93,13 +110,14 @@ def import_peft(
 def generate(
     model: Optional[str] = typer.Option(None, "--model", help="MLX model dir or hub id (or a bundle dir)."),
     prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", help="Soft prompt to put in front."),
-    text: str = typer.Option(..., "--text", help="The user message."),
-    system: Optional[str] = typer.Option(None, "--system", help="A system message."),
+    prompt: str = typer.Option(..., "-p", "--prompt", help="The user message; '-' reads it from stdin."),
+    system_prompt: Optional[str] = typer.Option(None, "--system-prompt", help="A system message (after the soft prompt)."),
     max_tokens: int = typer.Option(256, "--max-tokens"),
     temp: float = typer.Option(0.0, "--temp"),
     top_p: float = typer.Option(1.0, "--top-p"),
     seed: Optional[int] = typer.Option(None, "--seed"),
     as_json: bool = typer.Option(False, "--json", help="Print text, tokens and timings as JSON."),
+    config: Optional[Path] = CONFIG,
 ):
     """One chat-templated completion with the soft prompt in front."""
     from .generate import GenerationConfig, complete, chat_ids
@@ -107,7 +125,9 @@ def generate(
 
     system_ = open_system(model, prompt_file)
     cfg = GenerationConfig(max_tokens=max_tokens, temp=temp, top_p=top_p, seed=seed)
-    ids = chat_ids(system_.tokenizer, text, system=system)
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    ids = chat_ids(system_.tokenizer, prompt, system=system_prompt)
     out = complete(system_.model, system_.tokenizer, ids, system_.cache, cfg)
     if as_json:
         _echo_json(out.as_dict())
@@ -120,18 +140,19 @@ def generate(
 
 @app.command()
 def bundle(
-    base: str = typer.Option(..., "--base", help="The MLX base model (directory or hub id)."),
+    model: str = typer.Option(..., "--model", help="The MLX base model (directory or hub id)."),
     prompt_file: Path = typer.Option(..., "--prompt-file", help="The trained soft prompt."),
     out: Path = typer.Option(..., "--out", help="Bundle directory to create (must not exist or be empty)."),
     quantize: bool = typer.Option(False, "-q", "--quantize", help="Quantize the base (mlx-lm affine)."),
     q_bits: int = typer.Option(4, "--q-bits", help="Bits per weight."),
     q_group_size: int = typer.Option(64, "--q-group-size", help="Quantization group size."),
     eval_report: Optional[Path] = typer.Option(None, "--eval-report", help="An eval report.json to summarise."),
+    config: Optional[Path] = CONFIG,
 ):
     """Base (optionally quantized) + prompt file + P's KV cache + model card -> one directory."""
     from .bundle import BundleConfig, make_bundle
 
-    cfg = BundleConfig(base=base, prompt_file=prompt_file, out=out, quantize=quantize, q_bits=q_bits,
+    cfg = BundleConfig(base=model, prompt_file=prompt_file, out=out, quantize=quantize, q_bits=q_bits,
                        q_group_size=q_group_size, eval_report=eval_report)
     typer.echo(f"wrote {make_bundle(cfg, log=lambda s: typer.echo(s, err=True))}")
 
@@ -146,10 +167,11 @@ def _open_for_use(path: Optional[str], model: Optional[str], prompt_file: Option
 
 @app.command()
 def chat(
-    path: Optional[str] = typer.Argument(None, help="A bundle directory (or use --model/--prompt-file)."),
-    model: Optional[str] = typer.Option(None, "--model", help="MLX model dir or hub id."),
+    path: Optional[str] = typer.Argument(None, hidden=True, help="A bundle directory (same as --model)."),
+    model: Optional[str] = typer.Option(None, "--model", help="A bundle directory, or an MLX model (dir or hub id) "
+                                                              "with --prompt-file."),
     prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", help="Soft prompt to put in front."),
-    system: Optional[str] = typer.Option(None, "--system", help="A system message (after the soft prompt)."),
+    system_prompt: Optional[str] = typer.Option(None, "--system-prompt", help="A system message (after the soft prompt)."),
     max_tokens: int = typer.Option(256, "--max-tokens"),
     temp: float = typer.Option(0.0, "--temp"),
     top_p: float = typer.Option(1.0, "--top-p"),
@@ -159,6 +181,7 @@ def chat(
                                                                   "(base + this guard) answers, one after the other."),
     guard_model: Optional[str] = typer.Option(None, "--guard-model", help="The guard's weights (dir or hub id)."),
     guard_threshold: float = typer.Option(0.5, "--guard-threshold", help="The dual system refuses when P(unsafe) >= this."),
+    config: Optional[Path] = CONFIG,
 ):
     """Interactive multi-turn chat (stdin may be a pipe: one user message per line)."""
     from .chat import ChatConfig, Conversation, DualConversation, run
@@ -168,15 +191,15 @@ def chat(
     sys_ = _open_for_use(path, model, prompt_file)
     if sys_.prompt is None and not guard:
         typer.echo("warning: no soft prompt given: this is the bare base model", err=True)
-    cfg = ChatConfig(max_tokens=max_tokens, temp=temp, top_p=top_p, seed=seed, system=system)
+    cfg = ChatConfig(max_tokens=max_tokens, temp=temp, top_p=top_p, seed=seed, system=system_prompt)
     conversations = []
     if not guard:
-        conversations.append(Conversation(sys_, system))
+        conversations.append(Conversation(sys_, system_prompt))
     if guard or compare:
         from .guards import load_guard
 
         g = load_guard(guard or compare, guard_model)
-        conversations.append(DualConversation(sys_, g, system, threshold=guard_threshold))
+        conversations.append(DualConversation(sys_, g, system_prompt, threshold=guard_threshold))
     n = sys_.prompt.shape[0] if sys_.prompt is not None else 0
     mode = "dual system" if guard else f"soft prompt of {n} virtual tokens" + (" vs the dual system" if compare else "")
     run(conversations, cfg, banner=f"{sys_.name}: {mode}")
@@ -184,8 +207,9 @@ def chat(
 
 @app.command()
 def serve(
-    path: Optional[str] = typer.Argument(None, help="A bundle directory (or use --model/--prompt-file)."),
-    model: Optional[str] = typer.Option(None, "--model", help="MLX model dir or hub id."),
+    path: Optional[str] = typer.Argument(None, hidden=True, help="A bundle directory (same as --model)."),
+    model: Optional[str] = typer.Option(None, "--model", help="A bundle directory, or an MLX model (dir or hub id) "
+                                                              "with --prompt-file."),
     prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", help="Soft prompt to put in front."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (loopback by default)."),
     port: int = typer.Option(8080, "--port"),
@@ -194,6 +218,7 @@ def serve(
     temp: float = typer.Option(0.0, "--temp", help="Default temperature when a request sets none."),
     top_p: float = typer.Option(1.0, "--top-p", help="Default top-p when a request sets none."),
     context_length: Optional[int] = typer.Option(None, "--context-length", help="Default: the base's max_position_embeddings."),
+    config: Optional[Path] = CONFIG,
 ):
     """OpenAI-compatible HTTP server (/v1/chat/completions, /v1/models); the soft prompt is always applied."""
     from .server import ServerConfig, serve as run
@@ -210,10 +235,11 @@ def serve(
 
 @app.command()
 def teach(
-    base: str = typer.Option(..., "--base", help="The base model (MLX dir or hub id)."),
+    model: str = typer.Option(..., "--model", help="The base model (MLX dir or hub id)."),
     guard: str = typer.Option(..., "--guard", help="Guard spec: a built-in id (see `mlx-softprompt teach --help`) or a .json/.yaml spec file."),
     guard_model: Optional[str] = typer.Option(None, "--guard-model", help="The guard's weights (MLX dir or hub id); default: the spec's hub id."),
-    data_file: Path = typer.Option(..., "--data", help="Prompts: JSONL with {\"prompt\": ...} or {\"messages\": [...]}."),
+    data_file: Path = typer.Option(..., "--data", help="Prompts: JSONL with {\"prompt\": ...} or {\"messages\": [...]}, "
+                                                      "or an mlx-lm data directory (its train.jsonl)."),
     out: Path = typer.Option(..., "--out", help="Teacher-cache directory (created, or resumed)."),
     mode: str = typer.Option("input", "--mode", help="input (guard judges the prompt) | output (the prompt + response)."),
     samples_per_prompt: int = typer.Option(1, "--samples-per-prompt", help="Teacher samples per prompt."),
@@ -227,6 +253,7 @@ def teach(
     shard_size: int = typer.Option(64, "--shard-size", help="Prompts per shard (the unit of resumable work)."),
     temp: float = typer.Option(1.0, "--temp", help="Sampling temperature of the teacher (1.0 samples p_f itself)."),
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling of the teacher (1.0 = off)."),
+    config: Optional[Path] = CONFIG,
 ):
     """Guard verdicts + base-model teacher samples and top-k log-probs -> a resumable teacher cache.
 
@@ -235,7 +262,9 @@ def teach(
     """
     from . import teach as t
 
-    cfg = t.TeachConfig(base=base, guard=guard, guard_model=guard_model, data=str(data_file), out=str(out),
+    from .data import data_file as resolve_data
+
+    cfg = t.TeachConfig(base=model, guard=guard, guard_model=guard_model, data=str(resolve_data(data_file, "train")), out=str(out),
                         mode=mode, samples_per_prompt=samples_per_prompt, max_tokens=max_tokens, top_k=top_k,
                         refusal=refusal, hard_guard=hard_guard, seed=seed, batch_size=batch_size,
                         skip_bad=skip_bad, shard_size=shard_size, temp=temp, top_p=top_p)
@@ -248,7 +277,7 @@ def teach(
 
 @app.command("train")
 def train_(
-    base: Optional[str] = typer.Option(None, "--base", "--model", help="The base model (MLX dir or hub id)."),
+    model: Optional[str] = typer.Option(None, "--model", help="The base model (MLX dir or hub id)."),
     teacher: Optional[str] = typer.Option(None, "--teacher", help="Teacher cache directory (from `teach`)."),
     out: Optional[str] = typer.Option(None, "--out", help="Output method file (.safetensors)."),
     objective: Optional[str] = typer.Option(None, "--objective", help="tv | kl | ce (default tv)."),
@@ -279,14 +308,14 @@ def train_(
     lora_keys: Optional[str] = typer.Option(None, "--lora-keys", help="lora: comma-separated projections, e.g. self_attn.q_proj,self_attn.v_proj."),
     lora_scale: Optional[float] = typer.Option(None, "--lora-scale", help="lora: scale (default 20)."),
     steer_layer: Optional[int] = typer.Option(None, "--steer-layer", help="steer-opt: decoder layer (default: the middle)."),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML file with the same keys; flags override it."),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT's training-state checkpoint."),
+    config: Optional[Path] = CONFIG,
 ):
     """Train one method with one objective on a teacher cache -> a prompt file (or adapter / vector)."""
     from . import train as t
 
     args = t.make_args(
-        str(config) if config else None, base=base, teacher=teacher, out=out, objective=objective, method=method,
+        None, base=model, teacher=teacher, out=out, objective=objective, method=method,
         num_tokens=num_tokens, init=init, iters=iters, batch_size=batch_size, learning_rate=learning_rate,
         weight_decay=weight_decay, warmup=warmup, grad_accum=grad_accum, grad_clip=grad_clip,
         max_seq_length=max_seq_length, val_split=val_split, val_every=val_every, val_batches=val_batches,
@@ -311,12 +340,13 @@ def eval_(
     adapter: List[Path] = typer.Option([], "--adapter", help="A LoRA adapter file (repeatable)."),
     steer: List[Path] = typer.Option([], "--steer", help="A steering-vector file (repeatable)."),
     system_prompt: Optional[str] = typer.Option(None, "--system-prompt", help="A textual safety system prompt to evaluate."),
-    guard: Optional[str] = typer.Option(None, "--guard", "--dual-guard",
+    guard: Optional[str] = typer.Option(None, "--guard",
                                         help="Guard spec (built-in id or spec file): adds the dual system and the guard judge."),
     guard_model: Optional[str] = typer.Option(None, "--guard-model", help="The guard's weights (MLX dir or hub id)."),
     suite: str = typer.Option("harmful,benign,borderline", "--suite",
                               help="Comma-separated sources (harmful, harmbench, strongreject, benign, borderline) or .jsonl files."),
-    split: str = typer.Option("test", "--split", help="train | val | test | all (the data layer's fixed splits)."),
+    split: Optional[str] = typer.Option(None, "--split", help="train | val | test | all (the data layer's fixed "
+                                                            "splits); default: test for built-in sources, all of a file."),
     seed: int = typer.Option(0, "--seed", help="Split seed (must match training's)."),
     limit: Optional[int] = typer.Option(None, "--limit", help="At most N prompts of each label."),
     max_tokens: int = typer.Option(64, "--max-tokens", help="Tokens generated per answer (greedy)."),
@@ -326,6 +356,7 @@ def eval_(
     threshold: float = typer.Option(0.5, "--threshold", help="Guard threshold (u >= threshold is unsafe)."),
     mc: Optional[Path] = typer.Option(None, "--mc", help="Optional multiple-choice JSONL {question, choices, answer}."),
     out: Path = typer.Option(Path("report.json"), "--out", help="Where to write the report (atomically)."),
+    config: Optional[Path] = CONFIG,
 ):
     """Safety, over-refusal, agreement with the dual system, utility and cost -> report.json."""
     from . import evaluate as ev
@@ -343,7 +374,7 @@ def eval_(
 
 @app.command()
 def bench(
-    config: Path = typer.Option(Path("examples/bench.yaml"), "--config", help="Bench config (YAML)."),
+    config: Path = typer.Option(Path("examples/bench.yaml"), "-c", "--config", help="Bench config (YAML)."),
     out: Path = typer.Option(Path("bench-out"), "--out", help="Output directory (resumable: finished cells are kept)."),
 ):
     """Every method x objective on the same base, guard and data -> results.json, table.md, tradeoff.png."""
@@ -360,6 +391,7 @@ def demo(
     seed: int = typer.Option(0, "--seed", help="Teacher sampling and training seed (splits stay those of the world)."),
     world: Optional[Path] = typer.Option(None, "--world", help="World directory (default: examples/world)."),
     rebuild: bool = typer.Option(False, "--rebuild", help="Build the world from scratch first (slow)."),
+    config: Optional[Path] = CONFIG,
 ):
     """The whole method on the built-in tiny world: teach -> train -> eval, a table, report.json, a plot."""
     from . import demo as run_demo

@@ -185,6 +185,9 @@ def write_jsonl(path, examples: Iterable[Example]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        from .prompt_file import as_if_created
+
+        as_if_created(tmp)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             for ex in examples:
                 f.write(json.dumps(_record(ex), ensure_ascii=False) + "\n")
@@ -338,14 +341,39 @@ def split_of(text: str, seed: int = DEFAULT_SEED, fractions=DEFAULT_FRACTIONS) -
     return "test"
 
 
+MLX_LM_PARTS = ("train", "valid", "test")
+
+
+def data_file(path, part: str) -> Path:
+    """`path` itself, or `path/<part>.jsonl` when `path` is a directory in mlx-lm's data layout
+    (train.jsonl, valid.jsonl, test.jsonl, as `mlx_lm.lora --data DIR` reads)."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    file = path / f"{part}.jsonl"
+    if not file.is_file():
+        have = [f"{p}.jsonl" for p in MLX_LM_PARTS if (path / f"{p}.jsonl").is_file()]
+        raise UserError(f"{path}: a data directory needs {part}.jsonl here "
+                        f"(it has {', '.join(have) if have else 'no train/valid/test.jsonl'})")
+    return file
+
+
+def is_file_source(source) -> bool:
+    """A user's own prompts (a .jsonl file or an mlx-lm data directory), not a built-in set."""
+    return str(source).endswith(".jsonl") or Path(source).is_dir()
+
+
 def load_source(source: str) -> list[Example]:
-    """One named source ("harmbench", "strongreject", "benign", "borderline") or a .jsonl file."""
+    """One named source ("harmbench", "strongreject", "benign", "borderline"), a .jsonl file,
+    or an mlx-lm data directory (its test.jsonl: sources are read to evaluate)."""
     if source in _BENCH:
         return harmful_prompts(source)
     if source in ("benign", "borderline"):
         return project_prompts(source)
     if str(source).endswith(".jsonl"):
         return read_jsonl(source)[0]
+    if Path(source).is_dir():
+        return read_jsonl(data_file(source, "test"))[0]
     raise UserError(f"unknown prompt source {source!r}; choose from {', '.join(SOURCES)} or a .jsonl file")
 
 

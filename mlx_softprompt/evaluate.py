@@ -672,27 +672,35 @@ def evaluate(systems: Sequence[SystemUnderTest], examples: Sequence[data.Example
 # ---------------------------------------------------------------- data and files
 
 
-def load_eval_examples(suite: str, split: str = "test", seed: int = data.DEFAULT_SEED,
+def load_eval_examples(suite: str, split: Optional[str] = None, seed: int = data.DEFAULT_SEED,
                        limit: Optional[int] = None) -> List[data.Example]:
     """Prompts for evaluation: comma-separated sources ("harmful" = HarmBench + StrongREJECT).
 
     `split` is train | val | test | all; the split of every prompt, a file's included, is
     data.split_of with `seed`, the same function training uses, so a test prompt is never a
-    training prompt. `limit` keeps the first N prompts of each label.
+    training prompt. Without a split, built-in sources give their test split and a user's
+    file (or an mlx-lm data directory's test.jsonl) all its prompts: a file made to be
+    evaluated is evaluated whole. `limit` keeps the first N prompts of each label.
     """
     sources = []
     for s in [x.strip() for x in suite.split(",") if x.strip()]:
         sources.extend(HARMFUL_SOURCES if s == "harmful" else (s,))
     if not sources:
         raise UserError("--suite: no sources given (e.g. harmful,benign,borderline or a .jsonl file)")
-    if split not in data.SPLITS + ("all",):
+    if split is not None and split not in data.SPLITS + ("all",):
         raise UserError(f"--split: {split!r}; choose train, val, test or all")
-    suite_ = data.load_suite(sources, seed=seed)
-    examples = [e for k in data.SPLITS for e in suite_[k]] if split == "all" else suite_[split]
+    if split is not None:
+        suite_ = data.load_suite(sources, seed=seed)
+        examples = [e for k in data.SPLITS for e in suite_[k]] if split == "all" else suite_[split]
+    else:
+        loaded = [(s, data.load_source(s)) for s in sources]
+        files = {data.normalise(e.prompt) for s, exs in loaded if data.is_file_source(s) for e in exs}
+        examples = [e for e in data._dedup(e for _, exs in loaded for e in exs)
+                    if data.normalise(e.prompt) in files or data.split_of(e.prompt, seed) == "test"]
     examples = data.limit_per_label(examples, limit)
     unlabelled = sum(1 for e in examples if e.label not in ("harmful", "benign", "borderline"))
     if unlabelled == len(examples):
-        raise UserError(f"--suite {suite}: no labelled prompts (label harmful/benign/borderline) in split {split!r}")
+        raise UserError(f"--suite {suite}: no labelled prompts (label harmful/benign/borderline) in split {split or 'test'!r}")
     return examples
 
 
@@ -742,7 +750,7 @@ class EvalArgs:
     guard: Optional[str] = None
     guard_model: Optional[str] = None
     suite: str = "harmful,benign,borderline"
-    split: str = "test"
+    split: Optional[str] = None  # None: test for built-in sources, all of a user's file
     seed: int = data.DEFAULT_SEED
     limit: Optional[int] = None
     mc: Optional[str] = None

@@ -69,12 +69,32 @@ class PromptFile:
             )
 
 
+def umask() -> int:
+    """The process's umask (read without changing it where /proc allows)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def as_if_created(path, directory: bool = False) -> None:
+    """Give a mkstemp/mkdtemp result (0600/0700) the mode open()/mkdir() would have given it:
+    outputs are meant to be shared (0644/0755 under umask 022)."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~umask())
+
+
 def atomic_write_bytes(path, write_fn) -> None:
     """Call write_fn(tmp_path) then rename over `path`: readers never see half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp" + path.suffix)
     os.close(fd)
+    as_if_created(tmp)
     try:
         write_fn(tmp)
         with open(tmp, "rb+") as f:
