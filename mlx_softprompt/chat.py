@@ -10,9 +10,12 @@ of P's cache plus the whole conversation: still no P prefill.
 `--guard G` answers as the dual system (base + guard, guards.dual_complete);
 `--compare G` prints the soft prompt's answer and the dual system's, labelled,
 one after the other. Reads one user message per line from a pipe as well as
-from a terminal.
+from a terminal. Through a pipe every answer is one line (its line breaks written
+as the two characters \\n, backslashes doubled), or, with `--jsonl`, one JSON
+object per answer, so a script reads exactly one line per message it sent.
 """
 
+import json
 import sys
 from dataclasses import dataclass
 from typing import Iterator, List, Optional
@@ -33,6 +36,7 @@ class ChatConfig:
     top_p: float = 1.0
     seed: Optional[int] = None
     system: Optional[str] = None  # a system message at the start of every conversation
+    jsonl: bool = False  # stdin lines may be JSON; every answer is a JSON object on one line
 
     def generation(self) -> GenerationConfig:
         # seeded once per chat (in `run`), not per turn: turns are fresh samples
@@ -126,6 +130,29 @@ class DualConversation:
         yield out.text
 
 
+def one_line(text: str) -> str:
+    """An answer on one line, reversibly: backslash, newline and carriage return escaped."""
+    return text.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
+
+
+def _message(line: str, number: int) -> str:
+    """--jsonl input: a JSON string, an object with "content" (or "prompt"), or plain text."""
+    from .errors import UserError
+
+    if not line.lstrip().startswith(("{", '"')):
+        return line
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise UserError(f"stdin line {number}: not valid JSON ({e.msg})")
+    if isinstance(obj, str):
+        return obj
+    text = obj.get("content", obj.get("prompt")) if isinstance(obj, dict) else None
+    if not isinstance(text, str):
+        raise UserError(f"stdin line {number}: expected a string or an object with a string 'content'")
+    return text
+
+
 def _read_lines(stdin, tty: bool, out) -> Iterator[str]:
     while True:
         if tty:
@@ -162,13 +189,17 @@ def run(conversations: list, cfg: ChatConfig, stdin=None, stdout=None, stderr=No
         stderr.write("Type a message; /reset starts over, /quit leaves.\n")
         stderr.flush()
     lines = _read_lines(stdin, tty, stdout)
+    number = 0
     while True:
         try:
             line = next(lines)
+            number += 1
         except (StopIteration, KeyboardInterrupt):
             if tty:
                 stdout.write("\n")
             return
+        if cfg.jsonl:
+            line = _message(line, number)
         cmd = line.strip()
         if not cmd:
             continue
@@ -185,12 +216,24 @@ def run(conversations: list, cfg: ChatConfig, stdin=None, stdout=None, stderr=No
             stderr.flush()
             continue
         for c in conversations:
+            if cfg.jsonl:
+                pieces = []
+                try:
+                    pieces.extend(c.reply(line, gen))
+                except KeyboardInterrupt:
+                    pass
+                answer = {"role": "assistant", "content": "".join(pieces)}
+                if len(conversations) > 1:
+                    answer["name"] = c.label
+                stdout.write(json.dumps(answer, ensure_ascii=False) + "\n")
+                stdout.flush()
+                continue
             if len(conversations) > 1:
                 stdout.write(f"[{c.label}] ")
                 stdout.flush()
             try:
                 for piece in c.reply(line, gen):
-                    stdout.write(piece)
+                    stdout.write(piece if tty else one_line(piece))
                     stdout.flush()
             except KeyboardInterrupt:
                 stdout.write(" [interrupted]")

@@ -181,6 +181,8 @@ def chat(
                                                                   "(base + this guard) answers, one after the other."),
     guard_model: Optional[str] = typer.Option(None, "--guard-model", help="The guard's weights (dir or hub id)."),
     guard_threshold: float = typer.Option(0.5, "--guard-threshold", help="The dual system refuses when P(unsafe) >= this."),
+    jsonl: bool = typer.Option(False, "--jsonl", help="Pipe mode: stdin lines may be JSON ({\"content\": ...}); "
+                                                       "each answer is printed as one JSON object per line."),
     config: Optional[Path] = CONFIG,
 ):
     """Interactive multi-turn chat (stdin may be a pipe: one user message per line)."""
@@ -191,7 +193,8 @@ def chat(
     sys_ = _open_for_use(path, model, prompt_file)
     if sys_.prompt is None and not guard:
         typer.echo("warning: no soft prompt given: this is the bare base model", err=True)
-    cfg = ChatConfig(max_tokens=max_tokens, temp=temp, top_p=top_p, seed=seed, system=system_prompt)
+    cfg = ChatConfig(max_tokens=max_tokens, temp=temp, top_p=top_p, seed=seed, system=system_prompt,
+                     jsonl=jsonl)
     conversations = []
     if not guard:
         conversations.append(Conversation(sys_, system_prompt))

@@ -1,6 +1,7 @@
 """Chat: P's cache reused across turns (same tokens as recomputing P), pipes, a real terminal, --compare."""
 
 import io
+import json
 import os
 import pty
 import re
@@ -117,7 +118,7 @@ def test_pipe_two_turns_and_reset(setup):
     assert answers[2] == answers[0] and answers[0]
     r = _cli(["chat", str(path), "--max-tokens", "6"], "\n".join(lines) + "\n")
     assert r.returncode == 0, r.stderr
-    assert r.stdout == "".join(a + "\n" for a in answers)
+    assert r.stdout == "".join(chat.one_line(a) + "\n" for a in answers)
     assert "[conversation reset]" in r.stderr and "Traceback" not in r.stderr
     # the in-process loop prints the same thing
     buf = io.StringIO()
@@ -225,3 +226,56 @@ def test_chat_flag_errors(setup, capsys):
         assert e.value.code == 1
         err = capsys.readouterr().err
         assert err.startswith("error: ") and msg in err
+
+
+class _TwoLines:
+    """A conversation whose answers span lines, as real models' answers often do."""
+
+    label = "stub"
+
+    def reset(self):
+        pass
+
+    def reply(self, text, cfg):
+        yield f"You said: {text}\n"
+        yield "a second line with a \\ backslash\r\n"
+
+
+def test_pipe_gives_one_line_per_answer_and_jsonl_the_exact_text():
+    want = [f"You said: {t}\na second line with a \\ backslash\r\n" for t in TURNS[:2]]
+    buf = io.StringIO()
+    chat.run([_TwoLines()], chat.ChatConfig(), stdin=io.StringIO(f"{TURNS[0]}\n{TURNS[1]}\n"), stdout=buf,
+             stderr=io.StringIO())
+    lines = buf.getvalue().splitlines()
+    assert len(lines) == 2 and lines == [chat.one_line(w) for w in want]
+    unescape = {"\\\\": "\\", "\\n": "\n", "\\r": "\r"}
+    assert [re.sub(r"\\\\|\\n|\\r", lambda m: unescape[m.group()], line) for line in lines] == want
+
+    buf = io.StringIO()
+    stdin = "\n".join([json.dumps({"role": "user", "content": TURNS[0]}), json.dumps(TURNS[1]), "/reset",
+                        "plain text"]) + "\n"
+    chat.run([_TwoLines(), _TwoLines()], chat.ChatConfig(jsonl=True), stdin=io.StringIO(stdin), stdout=buf,
+             stderr=io.StringIO())
+    got = [json.loads(line) for line in buf.getvalue().splitlines()]
+    assert [g["content"] for g in got] == [w for w in want for _ in (0, 1)] + [want[0].replace(TURNS[0], "plain text")] * 2
+    assert {g["role"] for g in got} == {"assistant"} and {g["name"] for g in got} == {"stub"}
+
+
+def test_jsonl_mode_through_the_cli(setup, capsys):
+    from conftest import run_cli
+
+    _, _, path = setup
+    answers = _expected_transcript(path, TURNS[:2], 6)
+    sys.stdin, old = io.StringIO(json.dumps({"content": TURNS[0]}) + "\n" + json.dumps(TURNS[1]) + "\n"), sys.stdin
+    try:
+        code, out, err = run_cli(capsys, "chat", "--model", str(path), "--max-tokens", "6", "--jsonl")
+    finally:
+        sys.stdin = old
+    assert code == 0, err
+    assert [json.loads(line)["content"] for line in out.splitlines()] == answers
+    sys.stdin, old = io.StringIO("{not json\n"), sys.stdin
+    try:
+        code, out, err = run_cli(capsys, "chat", "--model", str(path), "--max-tokens", "6", "--jsonl")
+    finally:
+        sys.stdin = old
+    assert code == 1 and err.startswith("error: stdin line 1: not valid JSON")
