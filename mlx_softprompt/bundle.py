@@ -1,7 +1,7 @@
 """The bundle: what ships to a device, a directory that `chat` and `serve` open directly.
 
     DIR/bundle.json               parts and their sha256, base fingerprint, prompt metadata
-    DIR/README.md                 a short model card
+    DIR/README.md                 the model card (model_card.py: YAML metadata, a warning, the eval table)
     DIR/model/                    the MLX base as bundled (optionally quantized by mlx-lm)
     DIR/prompt.safetensors        the prompt file, byte for byte
     DIR/prompt_cache.safetensors  P's key/value cache (mlx-lm's prompt-cache format),
@@ -28,6 +28,7 @@ import mlx.core as mx
 
 from . import __version__, models, prompt_file as pf
 from .errors import UserError, read_json_object
+from .model_card import model_card
 
 FORMAT = "mlx-softprompt-bundle/1"
 MANIFEST = "bundle.json"
@@ -59,73 +60,6 @@ def sha256(path: Path) -> str:
 
 def _public_fingerprint(fp: dict) -> dict:
     return {k: fp[k] for k in ("architecture", "hidden_size", "vocab_size", "embedding_hash")}
-
-
-def report_summary(report: dict, limit: int = 24) -> list:
-    """(name, value) pairs of the report's scalar figures, in the report's order.
-
-    The card repeats what the report says rather than interpreting it: numbers,
-    booleans and short strings, with their dotted paths, at most `limit` of them.
-    """
-    rows = []
-
-    def walk(prefix, node, depth):
-        if len(rows) >= limit:
-            return
-        if isinstance(node, dict) and depth < 3:
-            for k, v in node.items():
-                walk(f"{prefix}.{k}" if prefix else str(k), v, depth + 1)
-        elif isinstance(node, bool) or isinstance(node, (int, float)):
-            rows.append((prefix, node))
-        elif isinstance(node, str) and len(node) <= 80:
-            rows.append((prefix, node))
-
-    walk("", report, 0)
-    return rows[:limit]
-
-
-def model_card(manifest: dict, report: Optional[dict]) -> str:
-    base, prompt = manifest["base"], manifest["prompt"]
-    q = base.get("quantization")
-    quant = f"{q['bits']}-bit, group size {q['group_size']} (mlx-lm affine)" if q else "not quantized"
-    lines = [
-        f"# {manifest['name']}: a safe local chat model (mlx-softprompt bundle)",
-        "",
-        "A base language model plus a learned soft prompt, distilled from a dual system "
-        "(base + guard model) so that one model runs instead of two. The soft prompt's "
-        "key/value cache is precomputed: it costs no prefill at run time.",
-        "",
-        "| part | value |",
-        "| --- | --- |",
-        f"| base | `{base['source']}` ({models.short(base['fingerprint'])}) |",
-        f"| quantization | {quant} |",
-        f"| soft prompt | {prompt.get('num_virtual_tokens', '?')} virtual tokens, {prompt.get('placement', '?')} |",
-        f"| guard distilled | {prompt.get('guard', 'not recorded')} |",
-        f"| objective | {prompt.get('objective', 'not recorded')} |",
-        f"| refusal | {prompt.get('refusal', 'not recorded')} |",
-        f"| training data hash | {prompt.get('data_hash', 'not recorded')} |",
-        f"| made with | mlx-softprompt {manifest['library_version']} |",
-        "",
-        "## Use",
-        "",
-        "```sh",
-        f"mlx-softprompt chat {manifest['name']}",
-        f"mlx-softprompt serve {manifest['name']} --port 8080",
-        "```",
-        "",
-        "The soft prompt is always applied in front of the conversation; a system message "
-        "from a user or client is an ordinary message after it.",
-        "",
-        "## Evaluation",
-        "",
-    ]
-    if report is None:
-        lines.append("No eval report was bundled.")
-    else:
-        lines += [f"From `{REPORT}` (the full report is in the bundle):", "", "| figure | value |", "| --- | --- |"]
-        for k, v in report_summary(report):
-            lines.append(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |")
-    return "\n".join(lines) + "\n"
 
 
 def compact(cache) -> list:
@@ -217,7 +151,7 @@ def make_bundle(cfg: BundleConfig, log=print) -> Path:
             "files": {p.relative_to(tmp).as_posix(): {"sha256": sha256(p), "bytes": p.stat().st_size}
                       for p in parts},
         }
-        (tmp / CARD).write_text(model_card(manifest, report))
+        model_card(manifest, report, REPORT, prompt_sha, PROMPT).save(tmp / CARD)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         for p in [tmp / CARD, tmp / MANIFEST]:
             with open(p, "rb+") as f:

@@ -147,6 +147,9 @@ def bundle(
     q_bits: int = typer.Option(4, "--q-bits", help="Bits per weight."),
     q_group_size: int = typer.Option(64, "--q-group-size", help="Quantization group size."),
     eval_report: Optional[Path] = typer.Option(None, "--eval-report", help="An eval report.json to summarise."),
+    upload_repo: Optional[str] = typer.Option(None, "--upload-repo", help="Then push the bundle to this Hub "
+                                                                           "repository (ORG/NAME; `hf auth login` first)."),
+    private: bool = typer.Option(False, "--private", help="With --upload-repo: create the repository private."),
     config: Optional[Path] = CONFIG,
 ):
     """Base (optionally quantized) + prompt file + P's KV cache + model card -> one directory."""
@@ -154,7 +157,25 @@ def bundle(
 
     cfg = BundleConfig(base=model, prompt_file=prompt_file, out=out, quantize=quantize, q_bits=q_bits,
                        q_group_size=q_group_size, eval_report=eval_report)
-    typer.echo(f"wrote {make_bundle(cfg, log=lambda s: typer.echo(s, err=True))}")
+    out = make_bundle(cfg, log=lambda s: typer.echo(s, err=True))
+    typer.echo(f"wrote {out}")
+    if upload_repo:
+        from .upload import upload_bundle
+
+        typer.echo(f"uploaded to {upload_bundle(out, upload_repo, private=private)}")
+
+
+@app.command()
+def upload(
+    path: Path = typer.Option(..., "--path", "--model", help="The bundle directory to push."),
+    upload_repo: str = typer.Option(..., "--upload-repo", help="Hub repository id, ORG/NAME (created if needed)."),
+    private: bool = typer.Option(False, "--private", help="Create the repository private."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Branch to push to (default: main)."),
+):
+    """Push a bundle to the Hugging Face Hub (after checking every part's sha256)."""
+    from .upload import upload_bundle
+
+    typer.echo(f"uploaded to {upload_bundle(path, upload_repo, private=private, revision=revision)}")
 
 
 def _open_for_use(path: Optional[str], model: Optional[str], prompt_file: Optional[Path]):

@@ -721,19 +721,20 @@ def write_report(report: dict, path) -> Path:
 def summary_table(report: dict) -> str:
     """A short Markdown table of the main figures (what `eval` prints)."""
     def f(v, pct=True):
-        if v is None:
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
             return "-"
         return f"{100 * v:.1f}%" if pct else f"{v:.3g}"
 
     rows = ["| system | unsafe compl. | (guard judge) | over-refusal | borderline | agree w/ dual | KL (nats/tok) | ppl | TTFT x base | n harmful/benign/borderline |",
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, m in report["systems"].items():
-        c = m["cost"]
+        m = m if isinstance(m, dict) else {}  # a figure missing from a report is shown as "-"
+        c = m.get("cost") or {}
         rows.append(
-            f"| {name} | {f(m['unsafe_compliance'])} | {f(m['unsafe_compliance_guard'])} | {f(m['over_refusal'])} "
-            f"| {f(m['over_refusal_borderline'])} | {f(m['agreement_with_dual'])} | {f(m['utility_kl'], False)} "
-            f"| {f(m['perplexity'], False)} | {f(c.get('ttft_ratio_base'), False)} "
-            f"| {m['n_harmful']}/{m['n_benign']}/{m['n_borderline']} |")
+            f"| {name} | {f(m.get('unsafe_compliance'))} | {f(m.get('unsafe_compliance_guard'))} "
+            f"| {f(m.get('over_refusal'))} | {f(m.get('over_refusal_borderline'))} | {f(m.get('agreement_with_dual'))} "
+            f"| {f(m.get('utility_kl'), False)} | {f(m.get('perplexity'), False)} | {f(c.get('ttft_ratio_base'), False)} "
+            f"| {m.get('n_harmful', '-')}/{m.get('n_benign', '-')}/{m.get('n_borderline', '-')} |")
     return "\n".join(rows)
 
 

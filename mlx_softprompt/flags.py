@@ -123,7 +123,10 @@ class Command(TyperCommand):
             if p.multiple and not isinstance(value, list):
                 value = [value]
             try:
-                values[p.name] = p.get_runtime_param().coerce(value, param=p, ctx=ctx)
+                if hasattr(p, "get_runtime_param"):  # typer >= 0.20 converts values itself
+                    values[p.name] = p.get_runtime_param().coerce(value, param=p, ctx=ctx)
+                else:
+                    values[p.name] = p.type_cast_value(ctx, value)
             except typer.BadParameter as e:
                 raise UserError(f"{path}: {key}: {e.message}")
         return values
