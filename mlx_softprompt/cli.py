@@ -242,16 +242,24 @@ def serve(
     temp: float = typer.Option(0.0, "--temp", help="Default temperature when a request sets none."),
     top_p: float = typer.Option(1.0, "--top-p", help="Default top-p when a request sets none."),
     context_length: Optional[int] = typer.Option(None, "--context-length", help="Default: the base's max_position_embeddings."),
+    allowed_host: List[str] = typer.Option([], "--allowed-host", help="Also answer this Host header (repeatable; '*' for any). Default: the bound address only."),
+    cors_origin: List[str] = typer.Option([], "--cors-origin", help="Let this web origin call the API, e.g. http://localhost:3000 (repeatable; '*' for any)."),
+    decode_concurrency: int = typer.Option(32, "--decode-concurrency", help="Requests decoded together in one batch."),
+    prompt_concurrency: int = typer.Option(8, "--prompt-concurrency", help="Prompts prefilled together in one batch."),
+    max_pending: int = typer.Option(64, "--max-pending", help="Requests running or waiting; beyond it: 503 + Retry-After."),
+    max_body: int = typer.Option(1 << 20, "--max-body", help="Largest request body in bytes (413 beyond)."),
     config: Optional[Path] = CONFIG,
 ):
-    """OpenAI-compatible HTTP server (/v1/chat/completions, /v1/models); the soft prompt is always applied."""
+    """OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /v1/models); the soft prompt is always applied."""
     from .server import ServerConfig, serve as run
 
     sys_ = _open_for_use(path, model, prompt_file)
     if sys_.prompt is None:
         typer.echo("warning: no soft prompt given: serving the bare base model", err=True)
-    run(sys_, ServerConfig(host=host, port=port, model_id=model_id, max_tokens=max_tokens, temp=temp,
-                           top_p=top_p, context_length=context_length))
+    run(sys_, ServerConfig(host=host, port=port, model_id=model_id, model_path=path or model, max_tokens=max_tokens,
+                           temp=temp, top_p=top_p, context_length=context_length, allowed_hosts=allowed_host,
+                           cors_origins=cors_origin, max_batch=decode_concurrency, prefill_batch=prompt_concurrency,
+                           max_pending=max_pending, max_body=max_body))
 
 
 # ---------------------------------------------------------------- teaching

@@ -338,7 +338,10 @@ class TextLogprobs:
     def add(self, tokenizer, token: int, logprob: float, top, offset: int) -> None:
         self.tokens.append(token_text(tokenizer, token))
         self.token_logprobs.append(logprob)
-        self.top_logprobs.append({token_text(tokenizer, t): lp for t, lp in top or []})
+        alts = {}
+        for t, lp in top or []:  # best first; tokens with the same text keep the best
+            alts.setdefault(token_text(tokenizer, t), lp)
+        self.top_logprobs.append(alts)
         self.text_offset.append(offset)
 
     def as_dict(self) -> dict:
