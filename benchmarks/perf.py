@@ -4,7 +4,7 @@ What `make bench-perf` runs. Five parts (issue 8):
 
 1. train:  the project's own training step (train.make_loss + train.make_step,
            compiled, AdamW, gradient clipping) for a soft prompt (n = 100, shared
-           prefix and naive) against mlx-lm's LoRA layers (baselines.LoRA: rank 8,
+           prefix and naive) against mlx-lm's LoRA layers (methods.lora.LoRA: rank 8,
            every layer), same objective (TV against the cache's top-k), batch and
            length, on tiny Llamas (4 layers, d = 256 and 512), fp32 and 4-bit.
 2. torch:  the same soft-prompt step against HF PEFT prompt tuning on PyTorch
@@ -42,7 +42,7 @@ import mlx.core as mx
 import mlx.optimizers as optim
 import numpy as np
 
-from mlx_softprompt import baselines, generate, guards, methods, models, tiny, train
+from mlx_softprompt import generate, guards, methods, models, tiny, train
 from mlx_softprompt.progress import Bar
 
 HERE = Path(__file__).resolve().parent
@@ -228,20 +228,17 @@ def make_batch(s: Settings, length: int, objective: str, batch=None, vocab=None,
     return b, ntok
 
 
-def method_for(name: str, layers: int):
+def method_for(name: str, layers: int, num_tokens: int = 16, lora_rank: int = 8):
     if name == "lora":
-        return baselines.LoRA(rank=8, layers=layers)
-    return methods.SoftPrompt(shared_prefix=(name == "shared"))
+        return methods.get("lora", rank=lora_rank, layers=layers)
+    return methods.get("softprompt", num_tokens=num_tokens, init="random", shared_prefix=(name == "shared"))
 
 
 def step_fn(model, name: str, batch, layers: int, num_tokens: int, objective: str = "tv",
             lora_rank: int = 8, compile: bool = True):
     """The project's training step for one method, on one fixed batch: () -> None (evaluated)."""
-    method = method_for(name, layers)
-    if name == "lora":
-        method.rank = lora_rank
-    args = SimpleNamespace(num_tokens=num_tokens, init="random", seed=0)
-    params = method.init(model, args)
+    method = method_for(name, layers, num_tokens, lora_rank)
+    params = method.init(model, None, 0)
     optimizer = optim.AdamW(learning_rate=1e-4)
     optimizer.init(params)
     loss = train.make_loss(model, method, objective, "cache")

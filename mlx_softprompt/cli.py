@@ -312,10 +312,10 @@ def train_(
     model: Optional[str] = typer.Option(None, "--model", help="The base model (MLX dir or hub id)."),
     teacher: Optional[str] = typer.Option(None, "--teacher", help="Teacher cache directory (from `teach`)."),
     out: Optional[str] = typer.Option(None, "--out", help="Output method file (.safetensors)."),
-    objective: Optional[str] = typer.Option(None, "--objective", help="tv | kl | ce (default tv)."),
-    method: Optional[str] = typer.Option(None, "--method", help="softprompt (default) | lora | steer-opt."),
-    num_tokens: Optional[int] = typer.Option(None, "--num-tokens", help="Soft-prompt length n (default 16)."),
-    init: Optional[str] = typer.Option(None, "--init", help='P init: text:"..." | vocab (default) | random.'),
+    objective: Optional[str] = typer.Option(None, "--objective", help="A row of the objectives table: tv (default) | kl | ce."),
+    method: Optional[str] = typer.Option(None, "--method", help="softprompt (default) | prefix | lora | steer-opt."),
+    num_tokens: Optional[int] = typer.Option(None, "--num-tokens", help="softprompt/prefix: length n (default 16)."),
+    init: Optional[str] = typer.Option(None, "--init", help='softprompt/prefix init: text:"..." | vocab (default) | random.'),
     iters: Optional[int] = typer.Option(None, "--iters", help="Optimiser steps (default 200)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Rows per global micro-batch (default 8)."),
     learning_rate: Optional[float] = typer.Option(None, "--learning-rate", help="Peak AdamW learning rate (default 1e-3)."),
@@ -340,6 +340,9 @@ def train_(
     lora_keys: Optional[str] = typer.Option(None, "--lora-keys", help="lora: comma-separated projections, e.g. self_attn.q_proj,self_attn.v_proj."),
     lora_scale: Optional[float] = typer.Option(None, "--lora-scale", help="lora: scale (default 20)."),
     steer_layer: Optional[int] = typer.Option(None, "--steer-layer", help="steer-opt: decoder layer (default: the middle)."),
+    method_options: Optional[str] = typer.Option(
+        None, "--method-options", help="The method's options as a mapping, e.g. '{rank: 4, layers: 2}' "
+                                       "(in a -c file: a method_options: mapping); the flags above fill it too."),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT's training-state checkpoint."),
     config: Optional[Path] = CONFIG,
 ):
@@ -354,7 +357,7 @@ def train_(
         save_every=save_every, seed=seed, teacher_mode=teacher_mode, hard_guard=hard_guard,
         steps_per_report=steps_per_report, metrics=metrics, shared_prefix=shared_prefix, resume=resume or None,
         lora_rank=lora_rank, lora_layers=lora_layers, lora_keys=lora_keys, lora_scale=lora_scale,
-        steer_layer=steer_layer)
+        steer_layer=steer_layer, method_options=t.parse_mapping(method_options, "--method-options"))
     summary = t.train(args, log=lambda s: typer.echo(s, err=True))
     if summary.get("rank", 0) == 0:
         val = summary["val_loss"]

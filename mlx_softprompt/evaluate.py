@@ -233,32 +233,24 @@ def base_system(model, tokenizer, config, name: str = "base") -> SystemUnderTest
 
 def softprompt_system(base: SystemUnderTest, prompt_file, name: Optional[str] = None) -> SystemUnderTest:
     """Base + a soft-prompt file (checked against the base's fingerprint)."""
-    from . import prompt_file as pf
-
-    f = pf.load(prompt_file)
-    if f.method != "softprompt":
-        raise UserError(f"{prompt_file}: a {f.method!r} file, not a soft prompt (use --adapter / --steer)")
-    f.check_base(base.model, base.config)
-    P = f.prompt
-    name = name or _file_name(f)
-    return SystemUnderTest(name, "softprompt", base.model, base.tokenizer, base.config, prompt=P,
-                           added_params=int(P.size), added_bytes=int(P.nbytes),
-                           info={"file": str(prompt_file), **_meta(f)})
+    return method_system(base, prompt_file, name, expect=["softprompt"])
 
 
-def method_system(base: SystemUnderTest, path, name: Optional[str] = None) -> SystemUnderTest:
-    """Base + a method file (LoRA adapter, steering vector): methods.get(...).load + bind."""
-    from . import baselines, methods, prompt_file as pf  # noqa: F401 (baselines registers lora, steer-*)
+def method_system(base: SystemUnderTest, path, name: Optional[str] = None, expect=None) -> SystemUnderTest:
+    """Base + any method file (methods.load checks it against the base)."""
+    from . import methods
 
-    f = pf.load(path)
+    loaded = methods.load(path, base.model, base.config, expect)
+    method, params, f = loaded.method, loaded.params, loaded.file
+    added_params, added_bytes = method.size(params)
+    info = {"file": str(path), **_meta(f), **method.describe()}
     if f.method == "softprompt":
-        return softprompt_system(base, path, name)
-    method = methods.get(f.method)
-    params = method.load(path, base.model, base.config)
-    tensors = dict(tree_flatten(params))
+        P = params["soft_prompt"]
+        return SystemUnderTest(name or _file_name(f), "softprompt", base.model, base.tokenizer, base.config,
+                               prompt=P, added_params=added_params, added_bytes=added_bytes, info=info)
     return SystemUnderTest(name or _file_name(f), "method", base.model, base.tokenizer, base.config,
-                           bind=lambda: method.bind(base.model, params), added_params=_nparams(tensors),
-                           added_bytes=_nbytes(tensors), info={"file": str(path), **_meta(f)})
+                           bind=lambda: method.bind(base.model, params), added_params=added_params,
+                           added_bytes=added_bytes, info=info)
 
 
 def system_prompt_system(base: SystemUnderTest, text: str, name: str = "system-prompt") -> SystemUnderTest:

@@ -1,4 +1,10 @@
-"""The training objectives: the TV and KL bounds of DESIGN.md section 2, and CE.
+"""The training objectives: the TV and KL bounds of docs/METHOD.md, and CE, as one table.
+
+``OBJECTIVES`` maps a name to its terms (an ``Objective``): the per-token term
+for a hard target, the per-token divergence from the teacher's q_t (full or
+top-k), and whether the rows take the guard's hard decision. The loop, bench
+and the CLI read the table; a new objective is one row, and an unknown name is
+an error, never a silent fallback.
 
 The dual system answers p_S(y|x) = (1-u) p_f(y|x) + u 1[y = r]. Each teacher
 record (prompt x, teacher sample y ~ p_f, guard verdict u) gives two rows:
@@ -12,7 +18,7 @@ record (prompt x, teacher sample y ~ p_f, guard verdict u) gives two rows:
 Summed over t, these bound TV(p_S, p_theta) and KL(p_S || p_theta) from above
 (joint convexity, the union bound for the refusal, the chain rule for y).
 ``ce`` is direct optimisation: hard labels, cross-entropy on r where the guard
-says unsafe (u >= 0.5) and on the teacher sample y where it says safe.
+says unsafe (u >= the guard threshold) and on the teacher sample y where it says safe.
 
 Normalisation is per token: a batch's loss is the weighted sum of its token
 terms divided by the number of target tokens in the batch, each token counted
@@ -48,11 +54,13 @@ the teacher cache stores them; padded positions are masked).
 """
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import mlx.core as mx
 
-OBJECTIVE_NAMES = ("tv", "kl", "ce")
+from .errors import UserError
+from .guards import DEFAULT_THRESHOLD
+
 _FILL = -1e30  # a finite -inf: keeps log-sum-exp and its gradient NaN-free on empty sets
 
 
@@ -127,37 +135,20 @@ def kl_topk(s_logprobs, topk_ids, topk_logprobs, tail_mass) -> mx.array:
     return head + tail
 
 
-def soft_terms(kind: str, s_logprobs: mx.array, teacher: Teacher) -> mx.array:
-    """Per-token TV(q_t, s_t) or KL(q_t || s_t), [B, L], from full or top-k teacher log-probs."""
-    if teacher.logprobs is not None:
-        q = teacher.logprobs.astype(mx.float32)
-        return tv_full(q, s_logprobs) if kind == "tv" else kl_full(q, s_logprobs)
-    f = tv_topk if kind == "tv" else kl_topk
-    return f(s_logprobs, teacher.topk_ids, teacher.topk_logprobs, teacher.tail_mass)
+# ---------------------------------------------------------------- per-token hard terms
 
 
-def hard_terms(kind: str, s_logprobs: mx.array, targets: mx.array) -> mx.array:
-    """Per-token terms for a hard target: 1 - p(target) for TV, -log p(target) for KL/CE."""
-    lp = gather(s_logprobs, targets)
-    return 1.0 - mx.exp(lp) if kind == "tv" else -lp
+def tv_hard(s_logprobs: mx.array, targets: mx.array) -> mx.array:
+    """1 - p(target): the TV bound's term for the refusal."""
+    return 1.0 - mx.exp(gather(s_logprobs, targets))
 
 
-# ---------------------------------------------------------------- the objectives
+def nll(s_logprobs: mx.array, targets: mx.array) -> mx.array:
+    """-log p(target): the KL bound's term for the refusal, and cross-entropy."""
+    return -gather(s_logprobs, targets)
 
 
-def token_terms(kind: str, logits: mx.array, targets: mx.array, soft: mx.array,
-                teacher: Optional[Teacher] = None) -> mx.array:
-    """[B, L] terms: soft rows (soft[b] true) against q_t, the others against their targets.
-
-    logits[:, t] predicts targets[:, t]; `soft` is [B] (1 for response rows).
-    """
-    s_lp = log_softmax(logits)
-    hard = hard_terms(kind, s_lp, targets)
-    if kind == "ce":
-        return hard
-    if teacher is None:
-        raise ValueError(f"objective {kind!r} needs teacher distributions for the response rows")
-    return mx.where(soft[:, None].astype(mx.bool_), soft_terms(kind, s_lp, teacher), hard)
+# ---------------------------------------------------------------- the table
 
 
 def reduce(terms: mx.array, mask: mx.array, weight: mx.array) -> Tuple[mx.array, mx.array]:
@@ -166,37 +157,78 @@ def reduce(terms: mx.array, mask: mx.array, weight: mx.array) -> Tuple[mx.array,
     return (terms * w).sum(), w.sum()
 
 
-def tv(logits, targets, mask, weight, soft, teacher: Optional[Teacher] = None):
-    """The TV bound: u sum_t (1 - p_theta(r_t)) + (1-u) sum_t TV(q_t, s_t); returns (sum, count)."""
-    return reduce(token_terms("tv", logits, targets, soft, teacher), mask, weight)
+@dataclass(frozen=True)
+class Objective:
+    """One objective: its terms. Called as obj(logits, targets, mask, weight, soft, teacher) -> (sum, count).
+
+    Rows with soft[b] true (the response branch) are scored against the teacher's q_t
+    with `soft_full` / `soft_topk`; the others (the refusal, or every row when the
+    objective has no soft terms) with `hard` against their own targets.
+    """
+
+    name: str
+    label: str
+    hard: Callable
+    soft_full: Optional[Callable] = None  # (q_logprobs [.., V], s_logprobs [.., V]) -> [..]
+    soft_topk: Optional[Callable] = None  # (s_logprobs, topk_ids, topk_logprobs, tail_mass) -> [..]
+    hard_labels: bool = False  # rows weighted by the guard's decision u >= threshold, not by u
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.soft_full is not None
+
+    def soft_terms(self, s_logprobs: mx.array, teacher: "Teacher") -> mx.array:
+        if teacher.logprobs is not None:
+            return self.soft_full(teacher.logprobs.astype(mx.float32), s_logprobs)
+        return self.soft_topk(s_logprobs, teacher.topk_ids, teacher.topk_logprobs, teacher.tail_mass)
+
+    def token_terms(self, logits: mx.array, targets: mx.array, soft: Optional[mx.array] = None,
+                    teacher: Optional["Teacher"] = None) -> mx.array:
+        """[B, L] terms; logits[:, t] predicts targets[:, t]; `soft` is [B] (1 for response rows)."""
+        s_lp = log_softmax(logits)
+        hard = self.hard(s_lp, targets)
+        if not self.needs_teacher:
+            return hard
+        if teacher is None:
+            raise ValueError(f"objective {self.name!r} needs teacher distributions for the response rows")
+        return mx.where(soft[:, None].astype(mx.bool_), self.soft_terms(s_lp, teacher), hard)
+
+    def __call__(self, logits, targets, mask, weight, soft=None, teacher: Optional["Teacher"] = None):
+        return reduce(self.token_terms(logits, targets, soft, teacher), mask, weight)
 
 
-def kl(logits, targets, mask, weight, soft, teacher: Optional[Teacher] = None):
-    """The KL bound: u sum_t -log p_theta(r_t) + (1-u) sum_t KL(q_t || s_t); returns (sum, count)."""
-    return reduce(token_terms("kl", logits, targets, soft, teacher), mask, weight)
+OBJECTIVES: Dict[str, Objective] = {
+    # u sum_t (1 - p_theta(r_t)) + (1-u) sum_t TV(q_t, s_t)
+    "tv": Objective("tv", "TV", hard=tv_hard, soft_full=tv_full, soft_topk=tv_topk),
+    # u sum_t -log p_theta(r_t) + (1-u) sum_t KL(q_t || s_t)
+    "kl": Objective("kl", "KL", hard=nll, soft_full=kl_full, soft_topk=kl_topk),
+    # direct optimisation: cross-entropy on r where the guard says unsafe, on y where it says safe
+    "ce": Objective("ce", "CE (direct)", hard=nll, hard_labels=True),
+}
+tv, kl, ce = OBJECTIVES["tv"], OBJECTIVES["kl"], OBJECTIVES["ce"]
 
 
-def ce(logits, targets, mask, weight, soft=None, teacher: Optional[Teacher] = None):
-    """Direct optimisation: cross-entropy on each row's own tokens (r or y); returns (sum, count)."""
-    return reduce(hard_terms("ce", log_softmax(logits), targets), mask, weight)
+def objective(name: str) -> Objective:
+    """The table row for `name`; an unknown name is a UserError listing the table."""
+    if name not in OBJECTIVES:
+        raise UserError(f"unknown objective {name!r}; choose one of {', '.join(OBJECTIVES)}")
+    return OBJECTIVES[name]
 
 
-OBJECTIVES = {"tv": tv, "kl": kl, "ce": ce}
-
-
-def row_weights(objective: str, u: float, hard_guard: bool = False) -> Tuple[float, float]:
+def row_weights(name: str, u: float, hard_guard: bool = False, threshold: float = DEFAULT_THRESHOLD) -> Tuple[float, float]:
     """(refusal-row weight, response-row weight) for a guard verdict u.
 
-    tv/kl: (u, 1-u), or the hard guard's (1[u >= 0.5], 1[u < 0.5]); ce always uses hard labels.
+    Soft objectives: (u, 1-u), or the hard guard's (1[u >= threshold], 1[u < threshold]);
+    objectives with hard labels always take the guard's decision.
     """
-    if objective not in OBJECTIVES:
-        raise ValueError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVE_NAMES)}")
+    if name not in OBJECTIVES:
+        raise ValueError(f"unknown objective {name!r}; choose one of {', '.join(OBJECTIVES)}")
     u = float(u)
-    if objective == "ce" or hard_guard:
-        return (1.0, 0.0) if u >= 0.5 else (0.0, 1.0)
+    if OBJECTIVES[name].hard_labels or hard_guard:
+        return (1.0, 0.0) if u >= threshold else (0.0, 1.0)
     return u, 1.0 - u
 
 
-def needs_teacher(objective: str) -> bool:
+def needs_teacher(name: str) -> bool:
     """Whether response rows need the teacher's distributions q_t (tv, kl) or only y (ce)."""
-    return objective != "ce"
+    return objective(name).needs_teacher

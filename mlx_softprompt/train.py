@@ -1,4 +1,4 @@
-"""The one training loop: any method (methods.py) x any objective (losses.py), from a teacher cache.
+"""The one training loop: any method (methods/) x any objective (losses.py), from a teacher cache.
 
 Data. Each teacher record (prompt x, teacher sample y, guard verdict u) gives
 two rows: [x; r] weighted u (target: the refusal r) and [x; y] weighted 1-u
@@ -36,14 +36,13 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from functools import partial
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import mlx.core as mx
 import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
-from . import baselines  # noqa: F401  (registers lora, steer-opt, steer-dom into methods.METHODS)
 from . import losses, methods, models, prompt_file
 from .errors import UserError
 from .progress import Bar
@@ -52,20 +51,21 @@ STATE_FORMAT = "mlx-softprompt-train-state/1"
 PAD_TO = 32
 
 # Settings that shape the trajectory: a resumed run must use the same ones.
-RESUME_KEYS = ("objective", "method", "num_tokens", "init", "iters", "batch_size", "learning_rate",
+RESUME_KEYS = ("objective", "method", "method_options", "iters", "batch_size", "learning_rate",
                "weight_decay", "warmup", "grad_accum", "grad_clip", "max_seq_length", "val_split",
                "seed", "teacher_mode", "hard_guard")
 
 
 @dataclass
 class TrainArgs:
+    """The loop's settings; the method's own options travel in `method_options` (checked by the method)."""
+
     base: Optional[str] = field(default=None, metadata={"help": "MLX base model dir (or hub id)."})
     teacher: Optional[str] = field(default=None, metadata={"help": "Teacher cache directory."})
     out: Optional[str] = field(default=None, metadata={"help": "Output method file (.safetensors)."})
-    objective: str = field(default="tv", metadata={"help": "tv | kl | ce."})
+    objective: str = field(default="tv", metadata={"help": "A row of losses.OBJECTIVES (tv | kl | ce)."})
     method: str = field(default="softprompt", metadata={"help": "What is trained (methods.METHODS)."})
-    num_tokens: int = field(default=16, metadata={"help": "Soft-prompt length n."})
-    init: str = field(default="vocab", metadata={"help": 'text:"..." | vocab | random.'})
+    method_options: dict = field(default_factory=dict, metadata={"help": "The method's options (see its module)."})
     iters: int = field(default=200, metadata={"help": "Optimiser steps."})
     batch_size: int = field(default=8, metadata={"help": "Rows per global micro-batch."})
     learning_rate: float = 1e-3
@@ -80,18 +80,11 @@ class TrainArgs:
     save_every: int = 100
     seed: int = 0
     teacher_mode: str = field(default="cache", metadata={"help": "cache (top-k) | online (base without P)."})
-    hard_guard: bool = field(default=False, metadata={"help": "Weights 1[u >= 0.5] instead of u."})
+    hard_guard: bool = field(default=False, metadata={"help": "Weights 1[u >= threshold] instead of u."})
     steps_per_report: int = 10
     metrics: Optional[str] = field(default=None, metadata={"help": "JSONL path (default: out + .metrics.jsonl)."})
-    shared_prefix: bool = field(default=True, metadata={"help": "Run P once per batch (shared KV)."})
     resume: bool = False
     compile: bool = True
-    # method options (None: the method's default; see baselines.py)
-    lora_rank: Optional[int] = field(default=None, metadata={"help": "LoRA rank (default 8)."})
-    lora_layers: Optional[int] = field(default=None, metadata={"help": "LoRA on the last N blocks (default 16)."})
-    lora_keys: Optional[str] = field(default=None, metadata={"help": "Comma-separated projections (default: mlx-lm's)."})
-    lora_scale: Optional[float] = field(default=None, metadata={"help": "LoRA scale (default 20, as mlx-lm)."})
-    steer_layer: Optional[int] = field(default=None, metadata={"help": "Steering layer (default: the middle)."})
 
     def check(self) -> None:
         """Every field in range, or a UserError naming the flag."""
@@ -101,13 +94,14 @@ class TrainArgs:
         if not str(self.out).endswith(".safetensors"):
             raise UserError(f"--out {self.out}: method files end in .safetensors")
         if self.objective not in losses.OBJECTIVES:
-            raise UserError(f"--objective {self.objective!r}: use one of {', '.join(losses.OBJECTIVE_NAMES)}")
-        if self.method not in methods.METHODS:
-            raise UserError(f"--method {self.method!r}: available: {', '.join(sorted(methods.METHODS))}")
+            raise UserError(f"--objective {self.objective!r}: unknown; choose one of {', '.join(losses.OBJECTIVES)}")
+        if self.method not in methods.METHODS or not methods.METHODS[self.method].trainable:
+            raise UserError(f"--method {self.method!r}: trainable methods: {', '.join(methods.trainable())}")
+        self.method_options = methods.options_from(self.method, self.method_options)
         if self.teacher_mode not in ("cache", "online"):
             raise UserError(f"--teacher-mode {self.teacher_mode!r}: use cache or online")
         for name in ("iters", "batch_size", "grad_accum", "max_seq_length", "val_every", "save_every",
-                     "steps_per_report", "num_tokens"):
+                     "steps_per_report"):
             if int(getattr(self, name)) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
         if self.max_seq_length < 2:
@@ -134,7 +128,8 @@ def _field_names() -> dict:
 
 
 def load_config(path) -> dict:
-    """A YAML (or JSON) mapping of TrainArgs keys (dashes or underscores); unknown keys are errors."""
+    """A YAML (or JSON) mapping of TrainArgs keys (dashes or underscores), a `method_options`
+    mapping, and the methods' shorthand keys (num_tokens, lora_rank, ...); unknown keys are errors."""
     import yaml
 
     path = Path(path)
@@ -150,43 +145,64 @@ def load_config(path) -> dict:
         return {}
     if not isinstance(raw, dict):
         raise UserError(f"{path}: a config file is a mapping of keys to values")
-    known = _field_names()
+    known = set(_field_names()) | methods.shorthand_keys()
     out = {}
     for key, value in raw.items():
         name = str(key).replace("-", "_")
         if name not in known or name in ("resume",):
-            raise UserError(f"{path}: unknown key {key!r} (known: {', '.join(k for k in known if k != 'resume')})")
+            raise UserError(f"{path}: unknown key {key!r} (known: {', '.join(sorted(k for k in known if k != 'resume'))})")
+        if name == "method_options" and not isinstance(value, (dict, type(None))):
+            raise UserError(f"{path}: method_options must be a mapping of option names to values")
         out[name] = value
     return out
 
 
 def make_args(config: Optional[str] = None, **flags) -> TrainArgs:
-    """Defaults, then the config file, then the flags that were given (None = not given)."""
+    """Defaults, then the config file, then the flags that were given (None = not given).
+
+    Shorthands (num_tokens, init, lora_rank, ...) fill `method_options` of the chosen method."""
     values = load_config(config) if config else {}
     known = _field_names()
+    shorts = methods.shorthand_keys()
     for k, v in flags.items():
-        if k not in known:
+        if k not in known and k not in shorts:
             raise ValueError(f"unknown training argument {k!r}")
         if v is not None:
             values[k] = v
+    given = {k: values.pop(k) for k in list(values) if k in shorts}
     args = TrainArgs()
     for k, v in values.items():
+        if k == "method_options":
+            args.method_options = dict(v or {})
+            continue
         try:
-            setattr(args, k, _coerce(getattr(args, k), v, _OPTIONAL_TYPES.get(k)))
+            setattr(args, k, _coerce(getattr(args, k), v))
         except (TypeError, ValueError):
             where = f"{config}: " if config and flags.get(k) is None else ""
             raise UserError(f"{where}{k}: expected {type(getattr(args, k)).__name__}, got {v!r}")
+    if args.method in methods.METHODS:
+        args.method_options = methods.options_from(args.method, args.method_options, given)
     args.check()
     return args
 
 
-_OPTIONAL_TYPES = {"lora_rank": int, "lora_layers": int, "lora_scale": float, "steer_layer": int}
+def parse_mapping(text: Optional[str], where: str) -> Optional[dict]:
+    """A YAML/JSON flow mapping given as text (a -c file's mapping arrives as its repr): dict or UserError."""
+    if text is None:
+        return None
+    import yaml
+
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = None
+    if not isinstance(value, dict):
+        raise UserError(f"{where}: expected a mapping like '{{rank: 4, layers: 2}}', got {text!r}")
+    return value
 
 
-def _coerce(default, v, optional_type=None):
+def _coerce(default, v):
     """A config/flag value as the field's type (YAML reads 1e-3 as a string: accept it for floats)."""
-    if default is None and optional_type is not None and v is not None:
-        return _coerce(optional_type(0), v)
     if isinstance(default, bool):
         if not isinstance(v, bool):
             raise ValueError
@@ -445,8 +461,8 @@ def make_schedule(args: TrainArgs):
 
 def make_loss(model, method, objective: str, teacher_mode: str):
     """loss(params, batch) -> (weighted sum of token terms, weighted token count)."""
-    objective_fn = losses.OBJECTIVES[objective]
-    needs = losses.needs_teacher(objective)
+    objective_fn = losses.objective(objective)
+    needs = objective_fn.needs_teacher
 
     def loss(params, batch):
         logits = method.logits(model, params, batch["inputs"])
@@ -544,8 +560,111 @@ class Metrics:
                 f.write(json.dumps(record) + "\n")
 
 
-def train(args: TrainArgs, data: Optional[TeacherData] = None, model_bundle=None, log=print) -> dict:
-    """Train args.method with args.objective on the teacher data; write args.out. Returns a summary."""
+def iterate_batches(rows: List[Row], args: TrainArgs, topk_k: int, start: int = 0, rank: int = 0, size: int = 1):
+    """(batch, real token count) for global micro-batches start, start+1, ...: this rank's share.
+
+    Global micro-batch m is slice m of epoch e's seeded permutation (Order), so the
+    data position is the number of micro-batches consumed and a resumed run sees
+    the same batches. Another batching scheme plugs into `loop` in its place.
+    """
+    order = Order(len(rows), args.batch_size, args.seed)
+    m = start
+    while True:
+        idx = order.batch(m)
+        yield collate([rows[i] for i in idx[rank::size]], args.max_seq_length, topk_k)
+        m += 1
+
+
+class TrainingCallback:
+    """What the loop reports (mlx-lm's callback shape): train-loss windows and validation losses."""
+
+    def on_train_loss_report(self, info: dict) -> None:
+        pass
+
+    def on_val_loss_report(self, info: dict) -> None:
+        pass
+
+
+class Reporter(TrainingCallback):
+    """Metrics JSONL (rank 0) and the progress bar."""
+
+    def __init__(self, metrics: "Metrics", bar: Bar):
+        self.metrics, self.bar = metrics, bar
+
+    def on_train_loss_report(self, info: dict) -> None:
+        self.metrics.write(**info)
+        self.bar.set(loss=info["loss"], tok_s=round(info["tokens_per_second"]), mem_gb=round(info["peak_memory_gb"], 3))
+
+    def on_val_loss_report(self, info: dict) -> None:
+        self.metrics.write(**info)
+        self.bar.set(val=info["val_loss"])
+
+
+def loop(params, optimizer, step, state, batches, args: TrainArgs, start: int = 0,
+         validate: Optional[Callable[[int], Optional[float]]] = None, checkpoint: Optional[Callable[[int], None]] = None,
+         callback: Optional[TrainingCallback] = None, size: int = 1, tick: Optional[Callable[[], None]] = None) -> dict:
+    """Steps start+1 .. args.iters: `batches` yields (batch, tokens) micro-batches, `step` (make_step)
+    takes them; `callback` gets the reports, `validate`/`checkpoint` run on their schedules."""
+    callback = callback or TrainingCallback()
+    win_loss = win_tok = 0.0
+    win_tokens, win_time, trained = 0, 0.0, 0
+    last_loss, val_loss = float("nan"), None
+    tic0 = time.perf_counter()
+    for it in range(start + 1, args.iters + 1):
+        tic = time.perf_counter()
+        acc, n_tokens = None, 0
+        for a in range(args.grad_accum):
+            batch, toks = next(batches)
+            n_tokens += toks
+            out = step(batch, acc, a == args.grad_accum - 1)
+            if a < args.grad_accum - 1:
+                acc = out
+                mx.eval(acc)
+        lsum, ntok, norm = out
+        mx.eval(state, lsum, ntok, norm)
+        win_time += time.perf_counter() - tic
+        win_loss += float(lsum.item())
+        win_tok += float(ntok.item())
+        win_tokens += n_tokens
+        if it % args.steps_per_report == 0 or it == args.iters:
+            tokens = win_tokens
+            if size > 1:
+                tokens = int(mx.distributed.all_sum(mx.array(win_tokens), stream=mx.cpu).item())
+            trained += tokens
+            last_loss = win_loss / max(win_tok, 1e-12)
+            callback.on_train_loss_report(dict(
+                step=it, loss=last_loss, learning_rate=float(optimizer.learning_rate.item()),
+                grad_norm=float(norm.item()), tokens_per_second=tokens / max(win_time, 1e-9),
+                trained_tokens=trained, peak_memory_gb=mx.get_peak_memory() / 1e9,
+                elapsed=time.perf_counter() - tic0))
+            win_loss = win_tok = 0.0
+            win_tokens, win_time = 0, 0.0
+        if validate is not None and (it % args.val_every == 0 or it == args.iters):
+            v = validate(it)
+            if v is not None:
+                val_loss = v
+                callback.on_val_loss_report(dict(step=it, val_loss=v))
+        if checkpoint is not None and (it % args.save_every == 0 or it == args.iters):
+            checkpoint(it)
+        if tick is not None:
+            tick()
+    return {"train_loss": last_loss, "val_loss": val_loss, "seconds": time.perf_counter() - tic0}
+
+
+def make_method(args: TrainArgs) -> methods.Method:
+    return methods.get(args.method, args.method_options)
+
+
+def train(args: TrainArgs, data: Optional[TeacherData] = None, model_bundle=None, log=print,
+          loss: Optional[Callable] = None, iterate_batches: Callable = iterate_batches,
+          callback: Optional[TrainingCallback] = None) -> dict:
+    """Train args.method with args.objective on the teacher data; write args.out. Returns a summary.
+
+    The parts can be swapped, as in mlx-lm's trainer: `loss(params, batch) -> (sum, count)`
+    (default: make_loss for the method and objective), `iterate_batches(rows, args, topk_k,
+    start, rank, size)` and a TrainingCallback that receives the reports (besides the
+    metrics file and the bar).
+    """
     args.check()
     world = mx.distributed.init()
     rank, size = world.rank(), world.size()
@@ -574,10 +693,10 @@ def train(args: TrainArgs, data: Optional[TeacherData] = None, model_bundle=None
     train_rows = [r for r in rows if not is_val(r.prompt_index, args.seed, args.val_split)]
     if too_long:
         say(f"note: {len(too_long)} rows skipped: prompt longer than --max-seq-length {args.max_seq_length}")
-    order = Order(len(train_rows), args.batch_size, args.seed)
+    per_epoch = Order(len(train_rows), args.batch_size, args.seed).per_epoch
 
-    method = methods.get(args.method, shared_prefix=args.shared_prefix)
-    params = method.init(model, args, tokenizer)
+    method = make_method(args)
+    params = method.init(model, tokenizer, args.seed)
     optimizer = optim.AdamW(learning_rate=make_schedule(args), weight_decay=args.weight_decay)
     optimizer.init(params)
     mx.random.seed(args.seed)
@@ -613,7 +732,7 @@ def train(args: TrainArgs, data: Optional[TeacherData] = None, model_bundle=None
         start = int(got["start"].item())
     mx.eval(params, optimizer.state)
 
-    loss = make_loss(model, method, args.objective, args.teacher_mode)
+    loss = loss or make_loss(model, method, args.objective, args.teacher_mode)
     step, state = make_step(model, loss, params, optimizer, args.grad_clip, size, compile=args.compile)
     metrics = Metrics(args.metrics_path, rank == 0, start if start > 0 else None)
     meta = {
@@ -624,7 +743,6 @@ def train(args: TrainArgs, data: Optional[TeacherData] = None, model_bundle=None
         "teacher_mode": args.teacher_mode,
         "moderation": _text(manifest_value(data.manifest, "mode")),
         "hard_guard": str(bool(args.hard_guard)).lower(),
-        "init": args.init,
         "base_model": str(args.base),  # as given (hub id or directory): export-peft's default base
     }
 
@@ -637,67 +755,41 @@ def train(args: TrainArgs, data: Optional[TeacherData] = None, model_bundle=None
     def validate(at: int):
         if not val_rows:
             return None
-        v = evaluate_rows(loss, params, val_rows, args, topk_k, rank, size, args.val_batches)
-        metrics.write(step=at, val_loss=v)
-        return v
+        return evaluate_rows(loss, params, val_rows, args, topk_k, rank, size, args.val_batches)
 
     say(f"train: {args.method} x {args.objective} ({args.teacher_mode} teacher), {len(train_rows)} train rows / "
-        f"{len(val_rows)} val rows from {len(data.records)} records, {order.per_epoch} batches per epoch, "
+        f"{len(val_rows)} val rows from {len(data.records)} records, {per_epoch} batches per epoch, "
         f"{size} machine(s)")
-    val_loss = validate(start) if start == 0 else None
     bar = Bar(total=args.iters - start, desc="train" if start == 0 else f"train (from step {start})",
               unit="step", disable=rank != 0)
-    win_loss = win_tok = 0.0
-    win_tokens, win_time, trained = 0, 0.0, 0
-    last_loss = float("nan")
-    tic0 = time.perf_counter()
-    for it in range(start + 1, args.iters + 1):
-        tic = time.perf_counter()
-        acc, n_tokens = None, 0
-        for a in range(args.grad_accum):
-            m = (it - 1) * args.grad_accum + a
-            idx = order.batch(m)
-            share = [train_rows[i] for i in idx[rank::size]]
-            batch, toks = collate(share, args.max_seq_length, topk_k)
-            n_tokens += toks
-            out = step(batch, acc, a == args.grad_accum - 1)
-            if a < args.grad_accum - 1:
-                acc = out
-                mx.eval(acc)
-        lsum, ntok, norm = out
-        mx.eval(state, lsum, ntok, norm)
-        win_time += time.perf_counter() - tic
-        win_loss += float(lsum.item())
-        win_tok += float(ntok.item())
-        win_tokens += n_tokens
-        if it % args.steps_per_report == 0 or it == args.iters:
-            tokens = win_tokens
-            if size > 1:
-                tokens = int(mx.distributed.all_sum(mx.array(win_tokens), stream=mx.cpu).item())
-            trained += tokens
-            last_loss = win_loss / max(win_tok, 1e-12)
-            record = dict(step=it, loss=last_loss, learning_rate=float(optimizer.learning_rate.item()),
-                          grad_norm=float(norm.item()), tokens_per_second=tokens / max(win_time, 1e-9),
-                          trained_tokens=trained, peak_memory_gb=mx.get_peak_memory() / 1e9,
-                          elapsed=time.perf_counter() - tic0)
-            metrics.write(**record)
-            bar.set(loss=last_loss, tok_s=round(record["tokens_per_second"]),
-                    mem_gb=round(record["peak_memory_gb"], 3))
-            win_loss = win_tok = 0.0
-            win_tokens, win_time = 0, 0.0
-        if it % args.val_every == 0 or it == args.iters:
-            val_loss = validate(it)
-            if val_loss is not None:
-                bar.set(val=val_loss)
-        if it % args.save_every == 0 or it == args.iters:
-            checkpoint(it)
-        bar.update(1)
+    reporter = Reporter(metrics, bar)
+    callbacks = [reporter] + ([callback] if callback is not None else [])
+
+    class _All(TrainingCallback):
+        def on_train_loss_report(self, info):
+            for c in callbacks:
+                c.on_train_loss_report(info)
+
+        def on_val_loss_report(self, info):
+            for c in callbacks:
+                c.on_val_loss_report(info)
+
+    both = _All()
+    val_loss = None
+    if start == 0:
+        val_loss = validate(0)
+        if val_loss is not None:
+            both.on_val_loss_report(dict(step=0, val_loss=val_loss))
+    batches = iterate_batches(train_rows, args, topk_k, start * args.grad_accum, rank, size)
+    out = loop(params, optimizer, step, state, batches, args, start, validate, checkpoint, both, size,
+               tick=lambda: bar.update(1))
     bar.close()
     if start >= args.iters:
         checkpoint(args.iters)
-    return {"out": str(args.out), "steps": args.iters, "resumed_from": start, "train_loss": last_loss,
+    val_loss = out["val_loss"] if out["val_loss"] is not None else val_loss
+    return {"out": str(args.out), "steps": args.iters, "resumed_from": start, "train_loss": out["train_loss"],
             "val_loss": val_loss, "train_rows": len(train_rows), "val_rows": len(val_rows),
-            "machines": size, "rank": rank, "seconds": time.perf_counter() - tic0}
+            "machines": size, "rank": rank, "seconds": out["seconds"]}
 
 
 def _check_base(cache_fp: Optional[dict], fp: dict, args: TrainArgs, say) -> None:

@@ -1,4 +1,4 @@
-"""The baselines as methods: apply/remove round trips leave the base bitwise unchanged, and each applies what it says."""
+"""The methods: apply/remove round trips leave the base bitwise unchanged, and each applies what it says."""
 
 from types import SimpleNamespace
 
@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from mlx_softprompt import baselines, evaluate as ev, methods, models
+from mlx_softprompt import evaluate as ev, methods, models
+from mlx_softprompt.methods import base as mbase, steering
 from mlx_softprompt.errors import UserError
 
 IDS = [[3, 17, 42, 5, 99, 7, 12]]
@@ -36,7 +37,7 @@ def _perturbed(params, scale=0.2, seed=0):
     out = {}
     for i, (k, v) in enumerate(sorted(flat.items())):
         out[k] = mx.random.normal(v.shape, key=mx.random.split(key, len(flat))[i]) * scale
-    return baselines._nest(out)
+    return mbase.nest(out)
 
 
 @pytest.fixture(scope="module")
@@ -44,24 +45,22 @@ def base(tiny_model):
     return models.load(tiny_model("llama"))
 
 
-@pytest.mark.parametrize("name,args", [
-    ("softprompt", SimpleNamespace(num_tokens=4, init="vocab", seed=0)),
-    ("lora", SimpleNamespace(lora_rank=4, lora_layers=1, seed=0)),
-    ("lora", SimpleNamespace(lora_rank=2, lora_layers=2, lora_keys="self_attn.q_proj,self_attn.v_proj", seed=1)),
-    ("steer-opt", SimpleNamespace(steer_layer=0)),
+@pytest.mark.parametrize("name,options,seed", [
+    ("softprompt", dict(num_tokens=4, init="vocab"), 0),
+    ("prefix", dict(num_tokens=3, init="vocab"), 0),
+    ("lora", dict(rank=4, layers=1), 0),
+    ("lora", dict(rank=2, layers=2, keys="self_attn.q_proj,self_attn.v_proj"), 1),
+    ("steer-opt", dict(layer=0), 0),
 ])
-def test_trainable_methods_round_trip(base, name, args):
+def test_trainable_methods_round_trip(base, name, options, seed):
     model, tok, config = base
     snap = _snapshot(model)
-    m = methods.get(name)
-    params = m.init(model, args, tok)
+    m = methods.get(name, options)
+    params = m.init(model, tok, seed)
     _assert_same(model, snap)  # init alone changes nothing
-    if name != "softprompt":
+    if name not in ("softprompt", "prefix"):
         params = _perturbed(params)
-    with m.bind(model, params):
-        n = m.prefix_len(params)
-        ids = models.with_placeholders(mx.array(IDS), n) if n else mx.array(IDS)
-        bound = np.array(model(ids)[:, n:])
+    bound = np.array(m.logits(model, params, mx.array(IDS)))
     assert np.abs(bound - snap[2]).max() > 1e-3  # the method does something
     # an exception inside the block restores the base too
     with pytest.raises(RuntimeError):
@@ -79,12 +78,12 @@ def test_lora_equals_mlx_lm_lora_layers(tiny_model):
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
     model, tok, config = models.load(tiny_model("llama"))
-    m = methods.get("lora")
-    params = _perturbed(m.init(model, SimpleNamespace(lora_rank=4, lora_layers=2, seed=0)), seed=3)
+    m = methods.get("lora", rank=4, layers=2)
+    params = _perturbed(m.init(model, tok, 0), seed=3)
     with m.bind(model, params):
         ours = np.array(model(mx.array(IDS)))
     ref_model, _, _ = models.load(tiny_model("llama"))
-    linear_to_lora_layers(ref_model, 2, {"rank": 4, "scale": m.scale, "dropout": 0.0})
+    linear_to_lora_layers(ref_model, 2, {"rank": 4, "scale": m.options.scale, "dropout": 0.0})
     ref_model.load_weights(list(tree_flatten(params)), strict=False)  # same paths: model.layers.i.<proj>.lora_a/b
     np.testing.assert_allclose(ours, np.array(ref_model(mx.array(IDS))), atol=1e-5)
 
@@ -92,8 +91,8 @@ def test_lora_equals_mlx_lm_lora_layers(tiny_model):
 def test_lora_on_a_quantized_base_and_file_round_trip(tiny_model, tmp_path):
     model, tok, config = models.load(tiny_model("llama", q_bits=4))
     snap = _snapshot(model)
-    m = methods.get("lora")
-    params = _perturbed(m.init(model, SimpleNamespace(lora_rank=2, lora_layers=1, lora_scale=4.0, seed=0)))
+    m = methods.get("lora", rank=2, layers=1, scale=4.0)
+    params = _perturbed(m.init(model, tok, 0))
 
     def loss(p):
         with m.bind(model, p):
@@ -107,12 +106,13 @@ def test_lora_on_a_quantized_base_and_file_round_trip(tiny_model, tmp_path):
     _assert_same(model, snap)
     sut = ev.method_system(ev.base_system(model, tok, config), path)
     assert sut.name == "lora-kl" and sut.added_params == sum(v.size for _, v in tree_flatten(params))
+    assert (sut.info["rank"], sut.info["scale"], sut.info["layers"]) == (2, 4.0, 1)  # the options reach the report
     with sut.bound():
         np.testing.assert_array_equal(np.array(model(mx.array(IDS))), expect)
     _assert_same(model, snap)
     other, _, other_config = models.load(tiny_model("llama", seed=7))
     with pytest.raises(UserError, match="trained for base"):
-        methods.get("lora").load(path, other, other_config)
+        methods.load(path, other, other_config)
 
 
 def test_steering_adds_alpha_v_to_the_layer_output(base):
@@ -121,12 +121,12 @@ def test_steering_adds_alpha_v_to_the_layer_output(base):
     snap = _snapshot(model)
     d = models.hidden_size(model)
     v = mx.random.normal((d,), key=mx.random.key(1))
-    last = len(baselines.decoder_layers(model)) - 1
+    last = len(methods.decoder_layers(model)) - 1
     captured = []
-    with baselines.hooked(model, last, capture=captured):
+    with steering.hooked(model, last, capture=captured):
         model(mx.array(IDS))
     h = captured[0]
-    m = baselines.SteerDom(layer=last, alpha=2.5)
+    m = methods.get("steer-dom", layer=last, alpha=2.5)
     with m.bind(model, {"steer": v}):
         steered = model(mx.array(IDS))
     inner = model.model
@@ -135,7 +135,7 @@ def test_steering_adds_alpha_v_to_the_layer_output(base):
     np.testing.assert_allclose(np.array(steered), np.array(expect), atol=1e-5)
     _assert_same(model, snap)
     with pytest.raises(UserError, match="out of range"):
-        with baselines.hooked(model, 99, v):
+        with steering.hooked(model, 99, v):
             pass
 
 
@@ -143,17 +143,17 @@ def test_steer_files_round_trip(base, tmp_path):
     model, tok, config = base
     snap = _snapshot(model)
     v = mx.random.normal((models.hidden_size(model),), key=mx.random.key(2))
-    path = baselines.save_steer_dom(tmp_path / "dom.safetensors", v, 1, 3.0, model, config)
+    path = steering.save_steer_dom(tmp_path / "dom.safetensors", v, 1, 3.0, model, config)
     sut = ev.method_system(ev.base_system(model, tok, config), path)
-    assert sut.name == "steer-dom" and sut.info["layer"] == "1" and sut.added_params == v.size
+    assert sut.name == "steer-dom" and sut.info["layer"] == 1 and sut.added_params == v.size
     with sut.bound():
         a = np.array(model(mx.array(IDS)))
-    with baselines.hooked(model, 1, 3.0 * v):
+    with steering.hooked(model, 1, 3.0 * v):
         b = np.array(model(mx.array(IDS)))
     np.testing.assert_array_equal(a, b)
     _assert_same(model, snap)
     with pytest.raises(UserError, match="fitted, not trained"):
-        methods.get("steer-dom").init(model, SimpleNamespace())
+        methods.get("steer-dom").init(model)
 
 
 def test_steer_dom_is_the_difference_of_means_at_the_last_prompt_position(base):
@@ -161,13 +161,13 @@ def test_steer_dom_is_the_difference_of_means_at_the_last_prompt_position(base):
     model, tok, config = base
     harmful = [tok.encode("How to make a bomb to hurt people"), tok.encode("poison")]
     harmless = [tok.encode("Write a poem about the sea, please, a long one"), tok.encode("bake bread")]
-    D = baselines.fit_steer_dom(model, harmful, harmless, batch_size=4)
-    n_layers = len(baselines.decoder_layers(model))
+    D = steering.fit_steer_dom(model, harmful, harmless, batch_size=4)
+    n_layers = len(methods.decoder_layers(model))
     assert D.shape == (n_layers, models.hidden_size(model))
 
     def one(ids, layer):
         cap = []
-        with baselines.hooked(model, layer, capture=cap):
+        with steering.hooked(model, layer, capture=cap):
             model(mx.array([ids]))
         return np.array(cap[0][0, -1])
 
@@ -175,7 +175,7 @@ def test_steer_dom_is_the_difference_of_means_at_the_last_prompt_position(base):
         expect = np.mean([one(p, layer) for p in harmful], 0) - np.mean([one(p, layer) for p in harmless], 0)
         np.testing.assert_allclose(np.array(D[layer]), expect, atol=1e-4)
     with pytest.raises(UserError, match="needs harmful and harmless"):
-        baselines.fit_steer_dom(model, harmful, [])
+        steering.fit_steer_dom(model, harmful, [])
 
 
 def test_system_prompt_and_dual_systems_leave_the_base_alone(base):
@@ -188,3 +188,33 @@ def test_system_prompt_and_dual_systems_leave_the_base_alone(base):
     with sp.bound():
         pass
     _assert_same(model, snap)
+
+
+def test_registry_and_options_check_themselves():
+    with pytest.raises(UserError, match="unknown method 'nope'"):
+        methods.get("nope")
+    with pytest.raises(UserError, match="unknown option 'rnak'"):
+        methods.get("lora", rnak=2)
+    with pytest.raises(UserError, match="rank and layers must be >= 1"):
+        methods.get("lora", rank=0)
+    with pytest.raises(UserError, match="expected int, got 'abc'"):
+        methods.get("lora", rank="abc")
+    with pytest.raises(UserError, match="num_tokens must be >= 1"):
+        methods.get("prefix", num_tokens=0)
+    with pytest.raises(UserError, match="init 'bogus'"):
+        methods.get("softprompt", init="bogus")
+    assert methods.get("lora", keys="a.q, a.v").options.keys == ["a.q", "a.v"]
+    assert set(methods.trainable()) == {"softprompt", "prefix", "lora", "steer-opt"}
+
+
+def test_method_file_loader_checks_method_and_base(base, tiny_model, tmp_path):
+    model, tok, config = base
+    m = methods.get("prefix", num_tokens=2)
+    path = m.save(tmp_path / "prefix.safetensors", m.init(model, tok, 0), model, config)
+    loaded = methods.load(path, model, config)
+    assert loaded.name == "prefix" and loaded.method.options.num_tokens == 2
+    with pytest.raises(UserError, match="a 'prefix' file, not 'softprompt'"):
+        methods.load(path, model, config, expect=["softprompt"])
+    other, _, other_config = models.load(tiny_model("llama", seed=7))
+    with pytest.raises(UserError, match="trained for base"):
+        methods.load(path, other, other_config)

@@ -130,6 +130,22 @@ def test_config_file_and_flags(tmp_path):
         train.make_args(None, base="m", out="p.safetensors")
 
 
+def test_method_options_block_and_shorthands(tmp_path):
+    cfg = tmp_path / "train.yaml"
+    cfg.write_text("base: m\nteacher: c\nout: p.safetensors\nmethod: lora\nmethod_options:\n  rank: 4\n  keys: [q_proj]\n")
+    args = train.make_args(str(cfg), lora_scale=2.0)
+    assert args.method_options == {"rank": 4, "layers": 16, "keys": ["q_proj"], "scale": 2.0}
+    assert train.make_args(None, base="m", teacher="c", out="p.safetensors", num_tokens=3).method_options == \
+        {"num_tokens": 3, "init": "vocab", "shared_prefix": True}
+    with pytest.raises(UserError, match="--lora-rank is an option of lora, not of --method softprompt"):
+        train.make_args(None, base="m", teacher="c", out="p.safetensors", lora_rank=4)
+    cfg.write_text("base: m\nteacher: c\nout: p.safetensors\nmethod: prefix\nmethod_options: {rank: 2}\n")
+    with pytest.raises(UserError, match="unknown option 'rank'"):
+        train.make_args(str(cfg))
+    with pytest.raises(UserError, match="--method 'steer-dom'"):
+        train.make_args(None, base="m", teacher="c", out="p.safetensors", method="steer-dom")
+
+
 def test_cli_reports_a_bad_config_key_in_one_line(tmp_path, capsys):
     from mlx_softprompt.cli import main
 
@@ -147,25 +163,19 @@ def test_cli_reports_a_bad_config_key_in_one_line(tmp_path, capsys):
 
 def test_softprompt_init(base):
     model, tok, config = base
-    m = methods.get("softprompt")
-
-    class A:
-        num_tokens, seed = 7, 0
-        init = "text:Paris is"
+    def init(how):
+        return methods.get("softprompt", num_tokens=7, init=how).init(model, tok, 0)["soft_prompt"]
 
     ids = tok.encode("Paris is", add_special_tokens=False)
-    P = m.init(model, A, tok)["soft_prompt"]
+    P = init("text:Paris is")
     np.testing.assert_array_equal(np.array(P), np.array(models.embed_rows(model, [ids[i % len(ids)] for i in range(7)])))
-    A.init = "vocab"
-    P = np.array(m.init(model, A, tok)["soft_prompt"])
+    P = np.array(init("vocab"))
     emb = np.array(models.embed_rows(model, list(range(models.find_embedding(model).weight.shape[0]))))
     assert all((np.abs(emb - row).sum(-1) == 0).any() for row in P)  # each row is a vocabulary row
-    A.init = "random"
-    P = np.array(m.init(model, A, tok)["soft_prompt"])
+    P = np.array(init("random"))
     assert P.shape == (7, emb.shape[1]) and 0.5 < P.std() / emb.std() < 2
-    A.init = "nonsense"
-    with pytest.raises(UserError, match="--init"):
-        m.init(model, A, tok)
+    with pytest.raises(UserError, match="init 'nonsense'"):
+        init("nonsense")
 
 
 def _batch(teacher, model, n_rows, objective="kl", teacher_mode="cache"):
@@ -183,13 +193,10 @@ def test_shared_prefix_gives_the_same_loss_and_gradient_as_the_naive_path(teache
     batch = _batch(teacher, model, 6, objective, mode)
     assert float(batch["mask"].sum()) < batch["mask"].size  # right padding is present
 
-    class A:
-        num_tokens, init, seed = 5, "random", 1
-
     out = {}
     for shared in (False, True):
-        m = methods.get("softprompt", shared_prefix=shared)
-        params = m.init(model, A, tok)
+        m = methods.get("softprompt", num_tokens=5, init="random", shared_prefix=shared)
+        params = m.init(model, tok, 1)
         loss = train.make_loss(model, m, objective, mode)
         (s, c), g = mx.value_and_grad(loss)(params, batch)
         out[shared] = (float(s), float(c), np.array(g["soft_prompt"]))
@@ -242,9 +249,8 @@ def test_training_moves_p_and_never_the_base(teacher, tiny_model, tmp_path, q_bi
     assert before.keys() == after.keys()
     for k in before:
         np.testing.assert_array_equal(before[k], after[k])
-    m = methods.get("softprompt")
-    P = m.load(args.out, bundle[0], bundle[2])["soft_prompt"]
-    P0 = m.init(bundle[0], args, bundle[1])["soft_prompt"]
+    P = methods.load(args.out, bundle[0], bundle[2]).params["soft_prompt"]
+    P0 = train.make_method(args).init(bundle[0], bundle[1], args.seed)["soft_prompt"]
     assert float(mx.abs(P - P0).max()) > 1e-4
     f = prompt_file.load(args.out)
     assert (f.method, f.metadata["objective"], f.metadata["steps"], f.metadata["teacher_mode"]) == \
@@ -261,7 +267,7 @@ def test_gradient_accumulation_equals_one_big_batch(teacher, base, tmp_path):
         train.train(args, data, model_bundle=base, log=_quiet)
         outs.append(np.array(prompt_file.load(args.out).prompt))
     np.testing.assert_allclose(outs[0], outs[1], atol=1e-6)
-    assert np.abs(outs[0] - np.array(methods.get("softprompt").init(base[0], args, base[1])["soft_prompt"])).max() > 1e-4
+    assert np.abs(outs[0] - np.array(train.make_method(args).init(base[0], base[1], args.seed)["soft_prompt"])).max() > 1e-4
 
 
 def test_metrics_checkpoints_and_mismatched_resume(teacher, base, tmp_path):
@@ -359,9 +365,9 @@ def test_end_to_end_teach_then_train_helps_on_held_out_prompts(teacher, base, tm
     args = _args(teacher[0], cache, tmp_path / "p.safetensors", objective=objective, iters=30, batch_size=8,
                  num_tokens=8, learning_rate=1e-2, warmup=3, val_every=30, save_every=30, init="random")
     train.train(args, data, model_bundle=base, log=_quiet)
-    m = methods.get("softprompt")
-    P1 = m.load(args.out, model, config)
-    P0 = m.init(model, args, tok)
+    m = train.make_method(args)
+    P1 = methods.load(args.out, model, config).params
+    P0 = m.init(model, tok, args.seed)
 
     rows = train.build_rows(data, objective, topk=objective != "ce")
     val = [r for r in rows if train.is_val(r.prompt_index, args.seed, args.val_split)]
@@ -390,7 +396,7 @@ def test_cli_trains_lora_and_steer_opt_with_method_options(tiny_teacher, tmp_pat
 
     base, cache = tiny_teacher
     for method, extra in (("lora", ["--lora-rank", "2", "--lora-layers", "1"]),
-                          ("steer-opt", ["--steer-layer", "1"])):
+                          ("steer-opt", ["--steer-layer", "1"]), ("prefix", ["--num-tokens", "3"])):
         out = tmp_path / f"{method}.safetensors"
         r = subprocess.run([sys.executable, "-m", "mlx_softprompt", "train", "--base", base, "--teacher", cache,
                             "--out", str(out), "--method", method, "--objective", "kl", "--iters", "3",
@@ -399,8 +405,9 @@ def test_cli_trains_lora_and_steer_opt_with_method_options(tiny_teacher, tmp_pat
         assert r.returncode == 0, r.stderr
         meta = prompt_file.load(out).metadata
         assert meta["method"] == method
-        text = _json.dumps(meta)
-        assert ('"rank": 2' in text or "rank" in text) if method == "lora" else "1" in text
+        options = _json.loads(meta["method_options"])
+        assert {"lora": options.get("rank") == 2 and options.get("layers") == 1,
+                "steer-opt": options.get("layer") == 1, "prefix": options.get("num_tokens") == 3}[method]
     bad = subprocess.run([sys.executable, "-m", "mlx_softprompt", "train", "--base", base, "--teacher", cache,
                           "--out", str(tmp_path / "x.safetensors"), "--method", "lora", "--lora-rank", "abc"],
                          capture_output=True, text=True, env={"MLX_SOFTPROMPT_NO_BLAS": "1", "PATH": "/usr/bin:/bin"})

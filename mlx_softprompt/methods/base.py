@@ -1,0 +1,235 @@
+"""What every method shares: typed options that check themselves, and the Method hooks.
+
+A method is a choice of trainable parameters (a dict tree of arrays) and of
+how they enter the frozen base's forward pass. The training loop, the
+objectives and the data are the same for all methods; each method module
+(softprompt.py, prefix.py, lora.py, steering.py) subclasses ``Method`` and
+``Options`` and is listed once in ``methods.METHODS``.
+
+Hooks a method provides:
+
+- ``init(model, tokenizer, seed)`` -> params, the trainable arrays;
+- ``bind(model, params)``: a context manager inside which the model's forward
+  uses them (outside it the model is exactly the base: that is the teacher);
+- ``logits(model, params, inputs)``: the student's logits for ``inputs``
+  ([B, L] ids) -> [B, L, V]; the default runs the model inside ``bind``
+  after the method's prefix cache (``prefix_cache``), if it has one;
+- ``prefix_cache(model, params)``: for a method that does not depend on the
+  conversation (soft prompt, prefix tuning) the key/value cache every request
+  starts from, computed once; None for methods that change the weights or
+  activations (LoRA, steering), which a System binds for its lifetime instead;
+- ``save`` / ``files.load``: the method file (tensors named by the params'
+  tree paths, metadata ``method=<name>`` and ``method_options``, fingerprint).
+"""
+
+import dataclasses
+import json
+from contextlib import contextmanager, nullcontext
+from typing import Any, ClassVar, Dict, Optional, Type
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from .. import prompt_file
+from ..errors import UserError
+
+
+# ---------------------------------------------------------------- options
+
+
+@dataclasses.dataclass
+class Options:
+    """A method's options: a dataclass whose ``__post_init__`` checks every field (UserError naming it)."""
+
+    def __post_init__(self):
+        self.check()
+
+    def check(self) -> None:
+        pass
+
+    @classmethod
+    def from_dict(cls, values: Optional[dict], where: str = "method_options") -> "Options":
+        """Options from a YAML/JSON/CLI mapping: unknown keys and wrong types are errors naming them."""
+        values = dict(values or {})
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        out = {}
+        for key, v in values.items():
+            name = str(key).replace("-", "_")
+            if name not in known:
+                raise UserError(f"{where}: unknown option {key!r} for this method "
+                                f"(known: {', '.join(known) or 'none'})")
+            out[name] = _coerce(known[name], v, f"{where}.{name}")
+        return cls(**out)
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_metadata(self) -> str:
+        return json.dumps(self.as_dict(), sort_keys=True)
+
+
+def _coerce(f: dataclasses.Field, v, where: str):
+    """A value as the field's declared type (YAML reads 1e-3 as a string: accept it for floats)."""
+    kind = f.metadata.get("type")
+    if kind is None and f.default not in (dataclasses.MISSING, None):
+        kind = type(f.default)
+    if v is None:
+        return None
+    try:
+        if kind is bool:
+            if not isinstance(v, bool):
+                raise ValueError
+            return v
+        if kind is int:
+            if isinstance(v, bool) or (isinstance(v, float) and v != int(v)):
+                raise ValueError
+            return int(v)
+        if kind is float:
+            if isinstance(v, bool):
+                raise ValueError
+            return float(v)
+        if kind is list:
+            if isinstance(v, str):
+                return [s.strip() for s in v.split(",") if s.strip()]
+            if not isinstance(v, (list, tuple)) or not all(isinstance(s, str) for s in v):
+                raise ValueError
+            return list(v)
+        if kind is str:
+            if not isinstance(v, (str, int, float)) or isinstance(v, bool):
+                raise ValueError
+            return str(v)
+    except (TypeError, ValueError):
+        name = getattr(kind, "__name__", str(kind))
+        raise UserError(f"{where}: expected {name}, got {v!r}")
+    return v
+
+
+def option(default, help: str, type=None):
+    """A documented option field; `type` for options whose default is None."""
+    md = {"help": help}
+    if type is not None:
+        md["type"] = type
+    return dataclasses.field(default=default, metadata=md)
+
+
+@dataclasses.dataclass
+class NoOptions(Options):
+    pass
+
+
+# ---------------------------------------------------------------- the method
+
+
+class Method:
+    name: ClassVar[str] = "?"
+    Options: ClassVar[Type[Options]] = NoOptions
+    trainable: ClassVar[bool] = True
+    # shorthand flags/config keys (train's CLI and flat YAML) -> this method's option names
+    shorthands: ClassVar[Dict[str, str]] = {}
+
+    def __init__(self, options: Optional[Options] = None, **kw):
+        if options is not None and kw:
+            raise ValueError("give options or keyword options, not both")
+        self.options = options if options is not None else self.Options.from_dict(kw, self.name)
+
+    # -- training
+    def init(self, model, tokenizer=None, seed: int = 0) -> dict:
+        raise UserError(f"{self.name}: not trainable")
+
+    @contextmanager
+    def bind(self, model, params):
+        yield
+
+    def prefix_cache(self, model, params):
+        """The cache every request starts from (precomputable methods), or None (bind instead)."""
+        return None
+
+    def logits(self, model, params, inputs: mx.array) -> mx.array:
+        """Student logits at the positions of `inputs` ([B, L] -> [B, L, V])."""
+        with self.bind(model, params):
+            return model(inputs)
+
+    # -- files
+    def tensors(self, params) -> dict:
+        return dict(tree_flatten(params))
+
+    def params_from(self, tensors: dict, path=None) -> dict:
+        return nest({k: v for k, v in tensors.items() if k != prompt_file.SKETCH_KEY})
+
+    def check_params(self, params, model, path) -> None:
+        """Refuse a file whose tensors do not fit this base (beyond the fingerprint)."""
+
+    def save(self, path, params, model, config, **meta):
+        """Write the method file atomically, with the base's fingerprint, `method` and its options."""
+        return prompt_file.save(path, self.tensors(params), model, config, method=self.name,
+                                method_options=self.options.to_metadata(), **meta)
+
+    @classmethod
+    def options_from_metadata(cls, meta: dict, path) -> Options:
+        raw = meta.get("method_options")
+        if raw is None:
+            return cls.Options()
+        try:
+            values = json.loads(raw)
+        except json.JSONDecodeError:
+            raise UserError(f"{path}: malformed method_options metadata (not JSON)")
+        if not isinstance(values, dict):
+            raise UserError(f"{path}: malformed method_options metadata (not a mapping)")
+        return cls.Options.from_dict(values, f"{path}: method_options")
+
+    def size(self, params) -> tuple:
+        """(added parameters, added bytes)."""
+        flat = [v for _, v in tree_flatten(params) if isinstance(v, mx.array)]
+        return sum(int(v.size) for v in flat), sum(int(v.nbytes) for v in flat)
+
+    def describe(self) -> dict:
+        return {"method": self.name, **{k: v for k, v in self.options.as_dict().items()}}
+
+
+# ---------------------------------------------------------------- module paths
+
+
+def decoder_layers(model) -> list:
+    """The list of decoder blocks, found as mlx-lm finds it (model.layers, model.model.layers, ...)."""
+    for path in ("layers", "model.layers", "language_model.model.layers", "language_model.layers"):
+        node = model
+        try:
+            for k in path.split("."):
+                node = getattr(node, k)
+        except AttributeError:
+            continue
+        if isinstance(node, list) and node:
+            return node
+    raise UserError(f"{type(model).__module__}: cannot find the decoder layers (model.layers)")
+
+
+def get_module(root, path: str):
+    node = root
+    for k in path.split("."):
+        node = node[int(k)] if isinstance(node, list) else getattr(node, k)
+    return node
+
+
+def set_module(root, path: str, module) -> None:
+    *parents, last = path.split(".")
+    node = get_module(root, ".".join(parents)) if parents else root
+    if isinstance(node, list):
+        node[int(last)] = module
+    else:
+        setattr(node, last, module)
+
+
+def nest(flat: Dict[str, Any]) -> dict:
+    """{"a.b.0.c": x} -> {"a": {"b": {"0": {"c": x}}}}: dicts only, so the loop's path assignment works."""
+    tree: dict = {}
+    for path, v in flat.items():
+        node = tree
+        *parents, last = path.split(".")
+        for k in parents:
+            node = node.setdefault(k, {})
+        node[last] = v
+    return tree
+
+
+def bound(method: Optional[Method], model, params):
+    return method.bind(model, params) if method is not None else nullcontext()
