@@ -146,6 +146,22 @@ def test_method_options_block_and_shorthands(tmp_path):
         train.make_args(None, base="m", teacher="c", out="p.safetensors", method="steer-dom")
 
 
+def test_cli_method_options_from_a_config_file_and_a_flag(tmp_path, capsys):
+    from mlx_softprompt.cli import main
+
+    cfg = tmp_path / "t.yaml"
+    cfg.write_text("model: m\nteacher: c\nout: p.safetensors\nmethod: lora\nmethod_options:\n  rank: 0\n")
+    for argv in (["train", "-c", str(cfg)],
+                 ["train", "--model", "m", "--teacher", "c", "--out", "p.safetensors", "--method", "lora",
+                  "--method-options", "{rank: 0}"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 1 and "rank and layers must be >= 1" in err and len(err.splitlines()) == 1, err
+    with pytest.raises(UserError, match="expected a mapping"):
+        train.parse_mapping("[1, 2]", "--method-options")
+
+
 def test_cli_reports_a_bad_config_key_in_one_line(tmp_path, capsys):
     from mlx_softprompt.cli import main
 
