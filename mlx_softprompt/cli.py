@@ -379,7 +379,8 @@ def eval_(
                                         help="Guard spec (built-in id or spec file): adds the dual system and the guard judge."),
     guard_model: Optional[str] = typer.Option(None, "--guard-model", help="The guard's weights (MLX dir or hub id)."),
     suite: str = typer.Option("harmful,benign,borderline", "--suite",
-                              help="Comma-separated sources (harmful, harmbench, strongreject, benign, borderline) or .jsonl files."),
+                              help="Comma-separated sources (harmful, harmbench, strongreject, benign, borderline, everyday, "
+                                   "jailbreak: the split's harmful prompts in GPTFuzzer's templates) or .jsonl files."),
     split: Optional[str] = typer.Option(None, "--split", help="train | val | test | all (the data layer's fixed "
                                                             "splits); default: test for built-in sources, all of a file."),
     seed: int = typer.Option(0, "--seed", help="Split seed (must match training's)."),
@@ -427,12 +428,21 @@ def demo(
     world: Optional[Path] = typer.Option(None, "--world", help="World directory (default: examples/world)."),
     rebuild: bool = typer.Option(False, "--rebuild", help="Build the world from scratch first (slow)."),
     config: Optional[Path] = CONFIG,
+    chat: bool = typer.Option(False, "--chat", help="Chat with the demo's soft prompt (runs the demo first if needed)."),
+    compare: bool = typer.Option(False, "--compare", help="With --chat: each answer followed by the dual system's."),
+    max_tokens: int = typer.Option(64, "--max-tokens", help="With --chat: tokens per answer."),
 ):
-    """The whole method on the built-in tiny world: teach -> train -> eval, a table, report.json, a plot."""
+    """The whole method on the built-in tiny world: teach -> train -> eval on the test split, the
+    everyday split and the jailbreak suite; a table, report.json, a plot. --chat: try your own prompts."""
     from . import demo as run_demo
 
+    if compare and not chat:
+        raise UserError("--compare goes with --chat (chat with the soft prompt and the dual system side by side)")
     cfg = run_demo.DemoConfig(out=str(out), world=str(world) if world else None, seed=seed, quick=quick,
                               rebuild=rebuild)
+    if chat:
+        run_demo.chat(cfg, compare=compare, log=lambda s: typer.echo(s, err=True), max_tokens=max_tokens)
+        return
     report = run_demo.run(cfg, log=lambda s: typer.echo(s, err=True))
     typer.echo(run_demo.summary(report, out))
 

