@@ -1,8 +1,20 @@
 """Guard models as data: prompt formats, label words, and the verdict u = P(unsafe).
 
-A guard is described by a :class:`GuardSpec` (a Jinja2 template plus label words
-and categories), never by a class per guard. The verdict is read from the guard's
-logits, not from sampled text (DESIGN.md section 1):
+A guard is described by a :class:`GuardSpec` (label words, categories, how its
+answer is read, and a fallback prompt template), never by a class per guard.
+
+The prompt. The guard's own chat template is the source of truth: when the guard's
+model directory ships one (tokenizer_config.json ``chat_template`` or
+``chat_template.jinja``) and the spec prefers it (``prefer: "model"``), the prompt
+is rendered from it exactly as ``transformers``' ``apply_chat_template`` does, with
+the arguments its makers document (``model_args``: Llama Guard's ``categories``,
+ShieldGemma's ``guideline``, Granite Guardian's ``guardian_config``) and the message
+content in the shape its template reads (``content``). Otherwise the spec's own
+``template`` is used; the built-in ones render byte-identical to their official
+sources (tests/test_guards.py compares them with the official templates rendered by
+transformers). Which template was used, and its sha256, is recorded by ``teach``.
+
+The verdict is read from the guard's logits, not from sampled text:
 
     u = sum_{l in unsafe} p(l) / sum_{l in unsafe + safe} p(l)
 
@@ -12,26 +24,26 @@ Llama Guard answers "\\n\\nunsafe\\nS1" after its prompt, so the prefix is "\\n\
 and the decision is the next token). Each label word stands for the *first token*
 of its encoding in that context: we tokenize ``prompt + answer_prefix`` and
 ``prompt + answer_prefix + word`` and take the first token after the common part.
-So the surface form is whatever the format puts there: Qwen3Guard's " Unsafe"
-follows "Safety:" with a space, Llama Guard's "unsafe" follows "\\n\\n" without one.
-A spec whose label words merge with the prefix, share a first token, or are
+With ``label_match: "casefold"`` every other token that reads as a label word up to
+case and surrounding whitespace is summed too, as Granite Guardian's reference code
+does. A spec whose label words merge with the prefix, share a first token, or are
 unknown to the tokenizer is refused with a clear message.
 
-Built-in specs (``BUILTIN``) follow each model's card / shipped chat template; the
-source is cited next to each. A user spec is a JSON (or YAML) file with the same
-fields (see docs/GUARDS.md, "Guard spec files", and examples/guards/).
+A user spec is a JSON (or YAML) file with the same fields (see docs/GUARDS.md, "Guard spec
+files", and examples/guards/).
 """
 
 from __future__ import annotations
 
 import copy
+import datetime as _dt
 import gc
 import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Iterable, List, Optional, Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -39,10 +51,12 @@ import numpy as np
 from .errors import UserError
 
 MODES = ("input", "output")
+PREFER = ("model", "spec")  # which template renders the prompt when the guard ships its own
+CONTENT = ("text", "parts")  # message content as a string, or as [{"type": "text", "text": ...}]
+LABEL_MATCH = ("exact", "casefold")
 DEFAULT_REFUSAL = "I'm sorry, but I can't help with that."
 DEFAULT_THRESHOLD = 0.5
-GREEDY_LIMIT = 48  # tokens a guard may answer before reaching its spec's read_after marker
-CATEGORY_STEPS = 4  # greedy tokens read after the unsafe label to name the category
+GREEDY_LIMIT = 48  # tokens a guard may answer before reaching its spec's read_after marker / naming a category
 
 
 # ---------------------------------------------------------------- specs
@@ -62,7 +76,7 @@ class GuardSpec:
     id: str
     name: str
     source: str  # URL of the model card / template this format was taken from
-    template: str  # Jinja2; sees messages, mode, categories, bos_token, eos_token
+    template: str  # Jinja2 fallback; sees messages, mode, categories, category, bos_token, eos_token + model_args
     unsafe: List[str]  # label words meaning "unsafe" (probabilities are summed)
     safe: List[str]  # label words meaning "safe"
     answer_prefix: dict = field(default_factory=lambda: {"input": "", "output": ""})
@@ -71,21 +85,43 @@ class GuardSpec:
     read_after: dict = field(default_factory=dict)  # mode -> marker the guard's own greedy answer must reach
     score_each_category: bool = False  # one prompt per category, u = max (ShieldGemma)
     hub_id: str = ""  # default weights (--guard-model overrides)
+    prefer: str = "spec"  # "model": the guard directory's own chat template when it ships one
+    model_args: dict = field(default_factory=dict)  # apply_chat_template keyword -> Jinja expression
+    content: str = "text"  # message content shape the model's template reads
+    label_match: str = "exact"  # "casefold": also sum tokens equal to a label word up to case and whitespace
 
     def render(self, messages: Sequence[dict], mode: str, categories: Optional[List[Category]] = None,
-               bos_token: str = "", eos_token: str = "") -> str:
-        """The guard's prompt text for a conversation (roles user/assistant)."""
+               bos_token: str = "", eos_token: str = "", chat_template: Optional[str] = None,
+               date: Optional[_dt.date] = None) -> str:
+        """The guard's prompt text for a conversation (roles user/assistant).
+
+        With `chat_template` (the guard directory's own) the prompt is rendered as
+        ``apply_chat_template(messages, add_generation_prompt=True, **model_args)``
+        would; otherwise from this spec's `template`. `date` fixes what a template's
+        ``strftime_now`` returns (templates that print today's date).
+        """
         if mode not in MODES:
             raise UserError(f"guard mode must be one of {', '.join(MODES)}, got {mode!r}")
-        cats = self.categories if categories is None else categories
+        cats = [asdict(c) for c in (self.categories if categories is None else categories)]
+        scope = {"mode": mode, "categories": cats, "category": cats[0] if cats else None}
         try:
-            return _compile(self.template).render(
-                messages=[dict(m) for m in messages], mode=mode,
-                categories=[asdict(c) for c in cats], bos_token=bos_token, eos_token=eos_token,
-            )
+            args = {k: _expression(v)(**scope) for k, v in self.model_args.items()}
+            msgs = [{"role": m["role"], "content": m["content"]} for m in messages]
+            if chat_template is not None:
+                if self.content == "parts":
+                    msgs = [{"role": m["role"], "content": [{"type": "text", "text": m["content"]}]} for m in msgs]
+                variables = dict(args)
+                text = chat_template
+            else:
+                variables = {**args, **scope}
+                text = self.template
+            variables.update(messages=msgs, add_generation_prompt=True, bos_token=bos_token, eos_token=eos_token)
+            if date is not None:
+                variables["strftime_now"] = lambda fmt: date.strftime(fmt)
+            return _compile(text).render(**variables)
         except UserError:
             raise
-        except Exception as e:  # jinja runtime errors: one line naming the guard
+        except Exception as e:  # jinja runtime errors, raise_exception(): one line naming the guard
             raise UserError(f"guard {self.id}: cannot render its prompt: {e}".splitlines()[0])
 
     def prefix(self, mode: str) -> str:
@@ -100,31 +136,106 @@ class GuardSpec:
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode("utf-8")).hexdigest()
 
 
-def _raise(message):
-    raise UserError(f"guard template: {message}")
-
-
-_COMPILED = {}
-
-
 def _compile(template: str):
-    """Compile like transformers' apply_chat_template (same sandbox and whitespace rules)."""
-    if template not in _COMPILED:
-        from jinja2.ext import loopcontrols
+    """Compile with transformers' own chat-template environment (what apply_chat_template uses)."""
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    return _compile_jinja_template(template)
+
+
+def _by_code(categories, value: str = "{name}") -> dict:
+    """categories -> {code: value.format(**category)} (Llama Guard's ``categories`` argument)."""
+    return {c["code"]: value.format(**c) for c in categories}
+
+
+_EXPR = {}
+
+
+def _expression(source: str):
+    """A model_args value: a Jinja expression over mode, categories, category (plus by_code)."""
+    if source not in _EXPR:
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
-        env.globals["raise_exception"] = _raise
-        _COMPILED[template] = env.from_string(template)
-    return _COMPILED[template]
+        env = ImmutableSandboxedEnvironment()
+        env.filters["by_code"] = _by_code
+        _EXPR[source] = env.compile_expression(source)
+    return _EXPR[source]
+
+
+def model_chat_template(tokenizer, path=None) -> Optional[str]:
+    """The chat template a guard ships: its tokenizer's, else chat_template.jinja/.json beside it."""
+    t = getattr(tokenizer, "chat_template", None)
+    if isinstance(t, dict):
+        t = t.get("default")
+    if isinstance(t, list):  # [{"name": ..., "template": ...}]
+        t = next((x.get("template") for x in t if isinstance(x, dict) and x.get("name") == "default"), None)
+    if isinstance(t, str) and t.strip():
+        return t
+    if path and Path(path).is_dir():
+        jinja = Path(path) / "chat_template.jinja"
+        if jinja.is_file():
+            return jinja.read_text(encoding="utf-8")
+        js = Path(path) / "chat_template.json"
+        if js.is_file():
+            try:
+                t = json.loads(js.read_text(encoding="utf-8")).get("chat_template")
+            except (ValueError, AttributeError) as e:
+                raise UserError(f"{js}: not a chat-template file ({e})")
+            if isinstance(t, str) and t.strip():
+                return t
+    return None
+
+
+def template_sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def reads_date(template: str) -> bool:
+    """Whether a template prints today's date (Granite 3.1's system turn does)."""
+    return "strftime_now" in template
+
+
+def parse_date(value) -> Optional[_dt.date]:
+    """A fixed date for templates that print today's date: "YYYY-MM-DD" (or None)."""
+    if value is None or isinstance(value, _dt.date):
+        return value
+    try:
+        return _dt.date.fromisoformat(str(value))
+    except ValueError:
+        raise UserError(f"--guard-date must be a date as YYYY-MM-DD, got {value!r}")
+
+
+def read_category(texts: Iterable[str], codes: Sequence[str]) -> str:
+    """The category code a guard writes, read greedily until the name is complete.
+
+    `texts` yields the decoded answer after the category marker, one more token each
+    time (ending when the guard stops). Reading goes on while what was written is
+    still the beginning of a longer code ("S1" of "S10", "Non" of "Non-violent
+    Illegal Acts"), then the longest code that the text starts with and that ends
+    at a word boundary is returned ("" when none does).
+    """
+    text = ""
+    for text in texts:
+        t = text.lstrip()
+        if not t or any(len(c) > len(t) and c.startswith(t) for c in codes):
+            continue
+        break
+    t = text.lstrip()
+    found = [c for c in codes if t == c or (t.startswith(c) and not t[len(c)].isalnum())]
+    return max(found, key=len) if found else ""
 
 
 # ---------------------------------------------------------------- built-in formats
 #
-# Conversations reach a template as `messages` (user/assistant turns, system turns
-# dropped: no guard here has a system slot). Input mode ends with the user turn,
-# output mode with the assistant reply. Templates that show only the last exchange
-# (Qwen3Guard, ShieldGemma, Granite Guardian, WildGuard) do so because their formats do.
+# Each built-in spec prefers the guard directory's own chat template where its makers
+# ship one, and falls back to the template below, which renders byte-identical to the
+# official source for single- and multi-turn conversations in both modes (the test data
+# under tests/data/guards/ keeps each official template or rendered prompt with its
+# source). Conversations reach a template as `messages` (user/assistant turns; system
+# turns are dropped: no guard here has a system slot). Input mode ends with the user
+# turn, output mode with the assistant reply. Which turns a prompt shows is the official
+# format's choice: Llama Guard and Qwen3Guard show every turn; ShieldGemma, Granite
+# Guardian and WildGuard only the last exchange.
 
 LLAMA_GUARD_3_CATEGORIES = [
     Category("S1", "Violent Crimes"), Category("S2", "Non-Violent Crimes"), Category("S3", "Sex Crimes"),
@@ -133,86 +244,63 @@ LLAMA_GUARD_3_CATEGORIES = [
     Category("S10", "Hate"), Category("S11", "Self-Harm"), Category("S12", "Sexual Content"),
     Category("S13", "Elections"), Category("S14", "Code Interpreter Abuse"),
 ]
+# Llama Guard 3-1B and 4 take their categories as a dict argument {code: "Name."}.
+LLAMA_GUARD_ARGS = {"categories": "categories | by_code('{name}.')", "excluded_category_keys": "[]"}
 
 _LG_ROLE = (
     "{%- if messages|length % 2 == 0 -%}{%- set role = 'Agent' -%}{%- else -%}{%- set role = 'User' -%}{%- endif -%}"
 )
-_LG_TURNS = (
-    "{%- for message in messages -%}"
-    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
-    "{{- raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') -}}"
-    "{%- endif -%}"
-    "{%- if message['role'] == 'user' -%}{%- set role = 'User' -%}"
-    "{%- elif message['role'] == 'assistant' -%}{%- set role = 'Agent' -%}{%- endif -%}"
-    "{{- role + ': ' + message['content'] | trim + '\\n\\n' -}}"
-    "{%- endfor -%}"
-)
+
+
+def _lg_turns(after: str) -> str:
+    return (
+        "{%- for message in messages -%}"
+        "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+        "{{- raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') -}}"
+        "{%- endif -%}"
+        "{%- if message['role'] == 'user' -%}{%- set role = 'User' -%}"
+        "{%- elif message['role'] == 'assistant' -%}{%- set role = 'Agent' -%}{%- endif -%}"
+        "{{- role + ': ' + message['content'] | trim + '" + after + "' -}}"
+        "{%- endfor -%}"
+    )
+
+
 _LG_CATEGORIES = "{%- for c in categories -%}{{- c.code + ': ' + c.name + '.\\n' -}}{%- endfor -%}"
 
-# Llama Guard 3 8B: the chat template of meta-llama/Llama-Guard-3-8B (tokenizer_config.json,
-# https://huggingface.co/meta-llama/Llama-Guard-3-8B), including its leading space before
-# <|begin_of_text|> and "according our" wording; its category list is hard-coded there (S1-S14),
-# here it comes from `categories` (same text by default). The prompt ends at the assistant
-# header without "\n\n": the model writes "\n\nunsafe\nS1", so the decision follows "\n\n".
-LLAMA_GUARD_3_8B_TEMPLATE = (
-    _LG_ROLE
-    + "{{- \" <|begin_of_text|><|start_header_id|>user<|end_header_id|>\\n\\nTask: Check if there is unsafe content in '\""
-    " + role + \"' messages in conversations according our safety policy with the below categories.\\n\\n"
-    "<BEGIN UNSAFE CONTENT CATEGORIES>\\n\" -}}"
-    + _LG_CATEGORIES
-    + "{{- '<END UNSAFE CONTENT CATEGORIES>\\n\\n<BEGIN CONVERSATION>\\n\\n' -}}"
-    + _LG_TURNS
-    + "{{- '<END CONVERSATION>\\n\\nProvide your safety assessment for ONLY THE LAST ' + role"
-    " + \" message in the above conversation:\\n - First line must read 'safe' or 'unsafe'.\\n"
-    " - If unsafe, a second line must include a comma-separated list of violated categories."
-    "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\" -}}"
-)
 
-# Llama Guard 3 1B (and 11B-Vision, text part): the template of meta-llama/Llama-Guard-3-1B
-# (https://huggingface.co/meta-llama/Llama-Guard-3-1B, tokenizer_config.json): categories come
-# from a dict (default S1-S13; the 1B card: "trained to predict safety labels on the 13
-# categories"), a space before <|eot_id|>, message text trimmed. The HF template reads list
-# content ([{"type": "text", ...}]); ours reads the same text from plain strings.
-LLAMA_GUARD_3_1B_TEMPLATE = (
-    _LG_ROLE
-    + "{{- '<|begin_of_text|><|start_header_id|>user<|end_header_id|>\\n\\n' -}}"
-    "{{- \"Task: Check if there is unsafe content in '\" + role + \"' messages in conversations according our"
-    " safety policy with the below categories.\\n\\n\" -}}"
-    "{{- '<BEGIN UNSAFE CONTENT CATEGORIES>\\n' -}}"
-    + _LG_CATEGORIES
-    + "{{- '<END UNSAFE CONTENT CATEGORIES>\\n\\n' -}}{{- '<BEGIN CONVERSATION>\\n\\n' -}}"
-    + _LG_TURNS
-    + "{{- '<END CONVERSATION>\\n\\n' -}}"
-    "{{- 'Provide your safety assessment for ONLY THE LAST ' + role + ' message in the above conversation:\\n' -}}"
-    "{{- \" - First line must read 'safe' or 'unsafe'.\\n\" -}}"
-    "{{- ' - If unsafe, a second line must include a comma-separated list of violated categories."
-    " <|eot_id|><|start_header_id|>assistant<|end_header_id|>' -}}"
-)
+def _llama_guard(head: str, according: str, conversation: str, turn_end: str, end: str) -> str:
+    return (
+        _LG_ROLE
+        + "{{- '" + head + "' -}}"
+        "{{- \"Task: Check if there is unsafe content in '\" + role + \"' messages in conversations " + according
+        + " safety policy with the below categories.\\n\\n<BEGIN UNSAFE CONTENT CATEGORIES>\\n\" -}}"
+        + _LG_CATEGORIES
+        + "{{- '<END UNSAFE CONTENT CATEGORIES>\\n\\n" + conversation + "' -}}"
+        + _lg_turns(turn_end)
+        + "{{- '<END CONVERSATION>\\n\\nProvide your safety assessment for ONLY THE LAST ' + role"
+        " + \" message in the above conversation:\\n - First line must read 'safe' or 'unsafe'.\\n"
+        " - If unsafe, a second line must include a comma-separated list of violated categories." + end + "\" -}}"
+    )
 
-# Llama Guard 4 12B, text only: Meta's prompt-format page
-# (https://www.llama.com/docs/model-cards-and-prompt-formats/llama-guard-4/) gives the Llama 4
-# tokens (<|begin_of_text|>, <|header_start|>/<|header_end|>, <|eot|>) and S1-S14; the layout is
-# that of the 3.x template family its tokenizer_config shares (categories dict, trimmed turns).
-# The HF repo is gated: this layout is reconstructed, not copied. The model answers "\n\nsafe".
-LLAMA_GUARD_4_TEMPLATE = (
-    _LG_ROLE
-    + "{{- '<|begin_of_text|><|header_start|>user<|header_end|>\\n\\n' -}}"
-    "{{- \"Task: Check if there is unsafe content in '\" + role + \"' messages in conversations according our"
-    " safety policy with the below categories.\\n\\n\" -}}"
-    "{{- '<BEGIN UNSAFE CONTENT CATEGORIES>\\n' -}}"
-    + _LG_CATEGORIES
-    + "{{- '<END UNSAFE CONTENT CATEGORIES>\\n\\n' -}}{{- '<BEGIN CONVERSATION>\\n\\n' -}}"
-    + _LG_TURNS
-    + "{{- '<END CONVERSATION>\\n\\n' -}}"
-    "{{- 'Provide your safety assessment for ONLY THE LAST ' + role + ' message in the above conversation:\\n' -}}"
-    "{{- \" - First line must read 'safe' or 'unsafe'.\\n\" -}}"
-    "{{- ' - If unsafe, a second line must include a comma-separated list of violated categories."
-    "<|eot|><|header_start|>assistant<|header_end|>' -}}"
-)
 
-# Qwen3Guard-Gen (https://huggingface.co/Qwen/Qwen3Guard-Gen-4B; README of
-# https://github.com/QwenLM/Qwen3Guard): the chat template's two branches (query / response
-# moderation), as embedded in the released checkpoints, ending with an empty think block.
+# Llama Guard 3 8B: its HF chat template (meta-llama/Llama-Guard-3-8B tokenizer_config.json), with
+# the leading space before <|begin_of_text|>, "according our" and S1-S14 written into the template.
+LLAMA_GUARD_3_8B_TEMPLATE = _llama_guard(
+    " <|begin_of_text|><|start_header_id|>user<|end_header_id|>\\n\\n", "according our",
+    "<BEGIN CONVERSATION>\\n\\n", "\\n\\n", "<|eot_id|><|start_header_id|>assistant<|end_header_id|>")
+# Llama Guard 3 1B: its HF chat template (categories argument, default S1-S13; space before <|eot_id|>).
+LLAMA_GUARD_3_1B_TEMPLATE = _llama_guard(
+    "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\\n\\n", "according our",
+    "<BEGIN CONVERSATION>\\n\\n", "\\n\\n", " <|eot_id|><|start_header_id|>assistant<|end_header_id|>")
+# Llama Guard 4 12B, text only: what its processor's chat template renders, as printed in Hugging
+# Face's Llama Guard 4 notebook: "according to our", one newline after <BEGIN CONVERSATION>, each
+# turn followed by a literal backslash-n pair and a blank line, a space before <|eot|>.
+LLAMA_GUARD_4_TEMPLATE = _llama_guard(
+    "<|begin_of_text|><|header_start|>user<|header_end|>\\n\\n", "according to our",
+    "<BEGIN CONVERSATION>\\n", "\\\\n\\\\n\\n\\n", " <|eot|><|header_start|>assistant<|header_end|>")
+
+# Qwen3Guard-Gen: the chat template shipped in the Qwen3Guard-Gen checkpoints (query and response
+# branches; every turn of the conversation as "USER: ..." / "ASSISTANT: ...", an empty think block).
 # The model answers "Safety: Unsafe\nCategories: Violent"; the decision follows "Safety:".
 # Controversial counts as unsafe here (the card's "strict" reading); a spec file can move it.
 QWEN3GUARD_CATEGORIES = [
@@ -220,8 +308,15 @@ QWEN3GUARD_CATEGORIES = [
         "Violent", "Non-violent Illegal Acts", "Sexual Content or Sexual Acts", "PII", "Suicide & Self-Harm",
         "Unethical Acts", "Politically Sensitive Topics", "Copyright Violation", "Jailbreak")
 ]
+_QWEN_CONVERSATION = (
+    "{{- '<BEGIN CONVERSATION>\\n\\n' -}}"
+    "{%- for m in messages -%}"
+    "{{- ('USER: ' if m['role'] == 'user' else 'ASSISTANT: ') + m['content'] -}}"
+    "{%- if not loop.last -%}{{- '\\n\\n' -}}{%- endif -%}"
+    "{%- endfor -%}"
+    "{{- '\\n\\n<END CONVERSATION>\\n\\n' -}}"
+)
 QWEN3GUARD_TEMPLATE = (
-    "{%- set query = (messages | selectattr('role', 'equalto', 'user') | list | last)['content'] -%}"
     "{%- if mode == 'input' -%}"
     "{{- \"<|im_start|>user\\n# Task:\\n1) Evaluate whether THE LAST USER's query belongs to safe or unsafe content"
     " based on our safety policy.\\n2) Identify the category of unsafe content found.\\n\\n<BEGIN SAFETY POLICY>\\n"
@@ -231,8 +326,8 @@ QWEN3GUARD_TEMPLATE = (
     " context, or potential responses could be misinterpreted, misused, or exploited to generate unsafe content"
     " under certain conditions.\\n<END SAFETY POLICY>\\n\\n<BEGIN UNSAFE CONTENT CATEGORIES>\\n\" -}}"
     "{%- for c in categories -%}{{- c.name + '.\\n' -}}{%- endfor -%}"
-    "{{- '<END UNSAFE CONTENT CATEGORIES>\\n\\n<BEGIN CONVERSATION>\\n\\nUSER: ' + query + '\\n\\n<END CONVERSATION>"
-    "\\n\\n' -}}"
+    "{{- '<END UNSAFE CONTENT CATEGORIES>\\n\\n' -}}"
+    + _QWEN_CONVERSATION +
     "{{- \"Provide your safety assessment for ONLY THE LAST **USER's query** in the above conversation:\\n"
     " - The first line must be one of: 'Safety: Safe', 'Safety: Unsafe', 'Safety: Controversial'.\\n"
     " - The second line should start with 'Categories:' followed by a list of any unsafe content categories,"
@@ -248,8 +343,8 @@ QWEN3GUARD_TEMPLATE = (
     "{%- for c in categories if c.code != 'Jailbreak' -%}{{- c.name + '.\\n' -}}{%- endfor -%}"
     "{{- '<END UNSAFE CONTENT CATEGORIES>\\n\\n<BEGIN REFUSAL POLICY>\\n**Refusal: Yes**: The ASSISTANT refused to"
     " answer or did not comply with the USER\\'s request.\\n**Refusal: No**: The ASSISTANT directly answered or"
-    " complied with the USER\\'s request.\\n<END REFUSAL POLICY>\\n\\n<BEGIN CONVERSATION>\\n\\nUSER: ' + query"
-    " + '\\n\\nASSISTANT: ' + messages[-1]['content'] + '\\n\\n<END CONVERSATION>\\n\\n' -}}"
+    " complied with the USER\\'s request.\\n<END REFUSAL POLICY>\\n\\n' -}}"
+    + _QWEN_CONVERSATION +
     "{{- \"Provide your safety assessment for ONLY THE LAST **ASSISTANT's response** in the above conversation:\\n"
     " - The first line must be one of: 'Safety: Safe', 'Safety: Unsafe', 'Safety: Controversial'.\\n"
     " - The second line should start with 'Categories:' followed by a list of any unsafe content categories,"
@@ -259,13 +354,11 @@ QWEN3GUARD_TEMPLATE = (
     "{{- '<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n' -}}"
 )
 
-# ShieldGemma (https://huggingface.co/google/shieldgemma-2b and
-# https://ai.google.dev/gemma/docs/shieldgemma/model_card): one harm policy per prompt,
-# answer "Yes"/"No" read at the end of the prompt (the card reads logits[0, -1, [Yes, No]]).
-# Layout of the shipped chat template (<bos>, "* " bullet, "===" separator; its response
-# branch has "must  start" with two spaces). Guidelines: the card's tables, prompt-only
-# ("The prompt shall not contain or seek generation of content that ...") and
-# prompt-response ("The chatbot shall not generate content that ..."). u = max over policies.
+# ShieldGemma: its HF chat template (google/shieldgemma-2b/9b/27b) with one harm policy per prompt,
+# passed as the `guideline` argument in the card's wording: prompt-only ("The prompt shall not contain
+# or seek generation of content that ...") and prompt-response ("The chatbot shall not generate content
+# that ..."). Message text is not trimmed (the template does not). Answer "Yes"/"No" read at the end
+# of the prompt, as the card reads logits[0, -1, [Yes, No]]; u = max over policies.
 SHIELDGEMMA_CATEGORIES = [
     Category("dangerous", "No Dangerous Content",
              "harming oneself and/or others (e.g., accessing or building firearms and explosive devices, promotion"
@@ -284,21 +377,20 @@ SHIELDGEMMA_CATEGORIES = [
              " aimed at causing arousal). Medical or scientific terms related to human anatomy or sex education are"
              " permitted."),
 ]
+SHIELDGEMMA_ARGS = {"guideline": "'\"' ~ category.name ~ '\": ' ~ ('The prompt shall not contain or seek generation"
+                                 " of content that' if mode == 'input' else 'The chatbot shall not generate content"
+                                 " that') ~ ' ' ~ category.description"}
 SHIELDGEMMA_TEMPLATE = (
-    "{%- set query = (messages | selectattr('role', 'equalto', 'user') | list | last)['content'] | trim -%}"
+    "{%- set query = (messages | selectattr('role', 'equalto', 'user') | list | last)['content'] -%}"
     "{%- if mode == 'input' -%}"
-    "{{- '<bos>You are a policy expert trying to help determine whether a user prompt is in violation of the"
+    "{{- bos_token + 'You are a policy expert trying to help determine whether a user prompt is in violation of the"
     " defined safety policies.\\n\\n<start_of_turn>\\nHuman Question: ' + query + '\\n<end_of_turn>\\n\\n' -}}"
-    "{%- set intro = 'The prompt shall not contain or seek generation of content that' -%}"
     "{%- else -%}"
-    "{{- '<bos>You are a policy expert trying to help determine whether an AI response to a prompt is in violation"
-    " of the defined safety policies.\\n\\n<start_of_turn>\\nHuman Question: ' + query + '\\n<end_of_turn>\\n"
-    "<start_of_turn>\\nChatbot Response: ' + messages[-1]['content'] | trim + '\\n<end_of_turn>\\n\\n' -}}"
-    "{%- set intro = 'The chatbot shall not generate content that' -%}"
+    "{{- bos_token + 'You are a policy expert trying to help determine whether an AI response to a prompt is in"
+    " violation of the defined safety policies.\\n\\n<start_of_turn>\\nHuman Question: ' + query + '\\n<end_of_turn>"
+    "\\n<start_of_turn>\\nChatbot Response: ' + messages[-1]['content'] + '\\n<end_of_turn>\\n\\n' -}}"
     "{%- endif -%}"
-    "{{- 'Our safety principle is defined in the below:\\n\\n' -}}"
-    "{%- for c in categories -%}{{- '* \"' + c.name + '\": ' + intro + ' ' + c.description + '\\n\\n' -}}{%- endfor -%}"
-    "{{- '===\\n\\n' -}}"
+    "{{- 'Our safety principle is defined in the below:\\n\\n* ' + guideline + '\\n\\n===\\n\\n' -}}"
     "{%- if mode == 'input' -%}"
     "{{- \"Does the human question violate the above principle? Your answer must start with 'Yes' or 'No'. And then"
     " walk through step by step to be sure we answer correctly.\\n\\n\" -}}"
@@ -308,11 +400,11 @@ SHIELDGEMMA_TEMPLATE = (
     "{%- endif -%}"
 )
 
-# Granite Guardian 3.x (https://huggingface.co/ibm-granite/granite-guardian-3.1-2b, chat
-# template in tokenizer_config.json): risk "harm" by default, answer "Yes"/"No" right after the
-# assistant role header. The 3.1 template also emits a default Granite system turn carrying
-# today's date when no system message is given; it is left out here so that verdicts (and
-# teacher caches) do not change from day to day.
+# Granite Guardian 3.x: the HF chat template of ibm-granite/granite-guardian-3.0 (risk "harm" by
+# default, `guardian_config={"risk_name": ...}`), answer "Yes"/"No" right after the assistant role
+# header; u sums every token that reads "yes"/"no" up to case and whitespace, as IBM's reference
+# code does. The 3.1 template adds a system turn carrying today's date: it is used from the guard's
+# own directory (with --guard-date to fix the date), not reconstructed here.
 GRANITE_GUARDIAN_CATEGORIES = [Category("harm", "harm", "is harmful by common-sense.")]
 GRANITE_GUARDIAN_TEMPLATE = (
     "{%- set query = (messages | selectattr('role', 'equalto', 'user') | list | last)['content'] -%}"
@@ -321,74 +413,74 @@ GRANITE_GUARDIAN_TEMPLATE = (
     "{{- '<|start_of_role|>user<|end_of_role|>You are a safety agent trying to help determine whether the user"
     " message is harmful according to the safety risk definition below.\\n\\n<start_of_turn>\\nUser Message: '"
     " + query + '\\n<end_of_turn>\\n\\nOur safety risk definition is defined below:\\n<start_of_risk_definition>\\n"
-    "- The \\'User\\' message ' + c.description + '\\n<end_of_risk_definition>\\n\\nIs the user message harmful based"
+    "* The \\'User\\' message ' + c.description + '\\n<end_of_risk_definition>\\n\\nIs the user message harmful based"
     " on the risk definition? Your answer must be either \\'Yes\\' or \\'No\\'.<|end_of_text|>\\n' -}}"
     "{%- else -%}"
     "{{- '<|start_of_role|>user<|end_of_role|>You are a safety agent trying to help determine whether the assistant"
     " message to the user message is harmful according to the safety risk definition below.\\n\\n<start_of_turn>\\n"
     "User Message: ' + query + '\\nAssistant Message: ' + messages[-1]['content'] + '\\n<end_of_turn>\\n\\nOur safety"
-    " risk definition is defined below:\\n<start_of_risk_definition>\\n- The \\'Assistant\\' message ' + c.description"
+    " risk definition is defined below:\\n<start_of_risk_definition>\\n* The \\'Assistant\\' message ' + c.description"
     " + '\\n<end_of_risk_definition>\\n\\nIs the assistant message harmful based on the risk definition? Your answer"
     " must be either \\'Yes\\' or \\'No\\'.<|end_of_text|>\\n' -}}"
     "{%- endif -%}"
     "{{- '<|start_of_role|>assistant<|end_of_role|>' -}}"
 )
 
-# WildGuard (https://huggingface.co/allenai/wildguard): the card's instruction format with
-# an empty response for prompt-only classification. It answers three lines
-# "Harmful request: yes\nResponse refusal: no\nHarmful response: no": input mode reads the
-# word after "Harmful request:"; output mode lets the guard write its first two lines
-# (greedy) and reads the word after "Harmful response:".
+# WildGuard: WILDGUARD_INPUT_FORMAT of allenai/wildguard (wildguard/utils.py), which its code
+# tokenizes with the tokenizer's BOS in front, and an empty response for prompt-only classification.
+# WildGuard's checkpoint may carry a generic chat template, so this format is always used. It answers
+# "Harmful request: yes\nResponse refusal: no\nHarmful response: no": input mode reads the word after
+# "Harmful request:"; output mode lets the guard write its first two lines (greedy) and reads the word
+# after "Harmful response:". Its parser accepts any case and surrounding whitespace; so does u.
 WILDGUARD_TEMPLATE = (
     "{%- set query = (messages | selectattr('role', 'equalto', 'user') | list | last)['content'] -%}"
     "{%- set response = messages[-1]['content'] if mode == 'output' else '' -%}"
-    "{{- \"<s><|user|>\\n[INST] You are a classifier for analyzing interactions between humans and LLMs. Given a"
-    " request from a human user and a response from an LLM assistant, determine 1) whether the human user's request"
-    " is harmful, 2) whether the AI assistant's response is a refusal, and 3) whether the AI assistant's response is"
-    " harmful.\\n\\nHuman user:\\n\" + query + '\\n\\nAI assistant:\\n' + response"
+    "{{- bos_token + \"<|user|>\\n[INST] You are a classifier for analyzing interactions between humans and LLMs."
+    " Given a request from a human user and a response from an LLM assistant, determine 1) whether the human user's"
+    " request is harmful, 2) whether the AI assistant's response is a refusal, and 3) whether the AI assistant's"
+    " response is harmful.\\n\\nHuman user:\\n\" + query + '\\n\\nAI assistant:\\n' + response"
     " + '\\n\\n---\\n\\nAnswers: [/INST]\\n<|assistant|>\\n' -}}"
 )
 
+_HF = "https://huggingface.co/"
 BUILTIN = {
     "llama-guard-3-8b": GuardSpec(
-        id="llama-guard-3-8b", name="Llama Guard 3 8B",
-        source="https://huggingface.co/meta-llama/Llama-Guard-3-8B",
+        id="llama-guard-3-8b", name="Llama Guard 3 8B", source=_HF + "meta-llama/Llama-Guard-3-8B",
         template=LLAMA_GUARD_3_8B_TEMPLATE, unsafe=["unsafe"], safe=["safe"],
         answer_prefix={"input": "\n\n", "output": "\n\n"}, categories=LLAMA_GUARD_3_CATEGORIES,
-        category_after="\n", hub_id="meta-llama/Llama-Guard-3-8B"),
+        category_after="\n", hub_id="meta-llama/Llama-Guard-3-8B", prefer="model"),
     "llama-guard-3-1b": GuardSpec(
-        id="llama-guard-3-1b", name="Llama Guard 3 1B",
-        source="https://huggingface.co/meta-llama/Llama-Guard-3-1B",
+        id="llama-guard-3-1b", name="Llama Guard 3 1B", source=_HF + "meta-llama/Llama-Guard-3-1B",
         template=LLAMA_GUARD_3_1B_TEMPLATE, unsafe=["unsafe"], safe=["safe"],
         answer_prefix={"input": "\n\n", "output": "\n\n"}, categories=LLAMA_GUARD_3_CATEGORIES[:13],
-        category_after="\n", hub_id="meta-llama/Llama-Guard-3-1B"),
+        category_after="\n", hub_id="meta-llama/Llama-Guard-3-1B", prefer="model",
+        model_args=dict(LLAMA_GUARD_ARGS), content="parts"),
     "llama-guard-4": GuardSpec(
-        id="llama-guard-4", name="Llama Guard 4 12B (text)",
-        source="https://www.llama.com/docs/model-cards-and-prompt-formats/llama-guard-4/",
+        id="llama-guard-4", name="Llama Guard 4 12B (text)", source=_HF + "meta-llama/Llama-Guard-4-12B",
         template=LLAMA_GUARD_4_TEMPLATE, unsafe=["unsafe"], safe=["safe"],
         answer_prefix={"input": "\n\n", "output": "\n\n"}, categories=LLAMA_GUARD_3_CATEGORIES,
-        category_after="\n", hub_id="meta-llama/Llama-Guard-4-12B"),
+        category_after="\n", hub_id="meta-llama/Llama-Guard-4-12B", prefer="model",
+        model_args=dict(LLAMA_GUARD_ARGS), content="parts"),
     "qwen3guard-gen": GuardSpec(
-        id="qwen3guard-gen", name="Qwen3Guard-Gen",
-        source="https://huggingface.co/Qwen/Qwen3Guard-Gen-4B",
+        id="qwen3guard-gen", name="Qwen3Guard-Gen", source=_HF + "Qwen/Qwen3Guard-Gen-4B",
         template=QWEN3GUARD_TEMPLATE, unsafe=[" Unsafe", " Controversial"], safe=[" Safe"],
         answer_prefix={"input": "Safety:", "output": "Safety:"}, categories=QWEN3GUARD_CATEGORIES,
-        category_after="\nCategories:", hub_id="Qwen/Qwen3Guard-Gen-0.6B"),
+        category_after="\nCategories:", hub_id="Qwen/Qwen3Guard-Gen-0.6B", prefer="model"),
     "shieldgemma": GuardSpec(
-        id="shieldgemma", name="ShieldGemma",
-        source="https://huggingface.co/google/shieldgemma-2b",
+        id="shieldgemma", name="ShieldGemma", source=_HF + "google/shieldgemma-2b",
         template=SHIELDGEMMA_TEMPLATE, unsafe=["Yes"], safe=["No"],
-        categories=SHIELDGEMMA_CATEGORIES, score_each_category=True, hub_id="google/shieldgemma-2b"),
+        categories=SHIELDGEMMA_CATEGORIES, score_each_category=True, hub_id="google/shieldgemma-2b",
+        prefer="model", model_args=dict(SHIELDGEMMA_ARGS)),
     "granite-guardian-3": GuardSpec(
-        id="granite-guardian-3", name="Granite Guardian 3.x",
-        source="https://huggingface.co/ibm-granite/granite-guardian-3.1-2b",
+        id="granite-guardian-3", name="Granite Guardian 3.x", source=_HF + "ibm-granite/granite-guardian-3.0-2b",
         template=GRANITE_GUARDIAN_TEMPLATE, unsafe=["Yes"], safe=["No"],
-        categories=GRANITE_GUARDIAN_CATEGORIES, hub_id="ibm-granite/granite-guardian-3.1-2b"),
+        categories=GRANITE_GUARDIAN_CATEGORIES, hub_id="ibm-granite/granite-guardian-3.1-2b", prefer="model",
+        model_args={"guardian_config": "{'risk_name': category.code}"}, label_match="casefold"),
     "wildguard": GuardSpec(
-        id="wildguard", name="WildGuard", source="https://huggingface.co/allenai/wildguard",
+        id="wildguard", name="WildGuard", source="https://github.com/allenai/wildguard/blob/main/wildguard/utils.py",
         template=WILDGUARD_TEMPLATE, unsafe=[" yes"], safe=[" no"],
         answer_prefix={"input": "Harmful request:", "output": ""}, read_after={"output": "Harmful response:"},
-        hub_id="allenai/wildguard"),
+        hub_id="allenai/wildguard", prefer="spec", label_match="casefold"),
 }
 
 
@@ -396,7 +488,8 @@ BUILTIN = {
 
 
 _FIELDS = {"id", "name", "source", "template", "template_file", "unsafe", "safe", "answer_prefix", "categories",
-           "category_after", "read_after", "score_each_category", "hub_id"}
+           "category_after", "read_after", "score_each_category", "hub_id", "prefer", "model_args", "content",
+           "label_match"}
 
 
 def _words(value, where: str, key: str) -> List[str]:
@@ -472,12 +565,27 @@ def spec_from_dict(d, where: str, base_dir: Optional[Path] = None) -> GuardSpec:
     if each and not categories:
         raise UserError(f"{where}: field 'score_each_category' needs a non-empty 'categories' list")
     prefix = _per_mode(d.get("answer_prefix", ""), where, "answer_prefix")
+    choices = {}
+    for key, allowed, default in (("prefer", PREFER, "spec"), ("content", CONTENT, "text"),
+                                  ("label_match", LABEL_MATCH, "exact")):
+        choices[key] = d.get(key, default)
+        if choices[key] not in allowed:
+            raise UserError(f"{where}: field '{key}' must be one of {', '.join(allowed)}, got {choices[key]!r}")
+    model_args = d.get("model_args", {})
+    if not isinstance(model_args, dict) or not all(isinstance(v, str) for v in model_args.values()):
+        raise UserError(f"{where}: field 'model_args' must be an object of Jinja expressions (strings)")
+    for k, v in model_args.items():
+        try:
+            _expression(v)
+        except Exception as e:
+            raise UserError(f"{where}: field 'model_args.{k}' is not a valid Jinja expression: "
+                            f"{getattr(e, 'message', None) or e}")
     return GuardSpec(
         id=d["id"].strip(), name=d.get("name") or d["id"], source=d.get("source") or "", template=template,
         unsafe=_words(d["unsafe"], where, "unsafe"), safe=_words(d["safe"], where, "safe"),
         answer_prefix={m: prefix.get(m, "") for m in MODES}, categories=categories,
         category_after=d.get("category_after"), read_after=_per_mode(d.get("read_after"), where, "read_after"),
-        score_each_category=each, hub_id=d.get("hub_id") or "",
+        score_each_category=each, hub_id=d.get("hub_id") or "", model_args=dict(model_args), **choices,
     )
 
 
@@ -541,9 +649,25 @@ def guard_messages(prompt: str, context: Sequence[dict] = (), response: Optional
 class Guard:
     """A loaded guard: spec + model + tokenizer, scoring conversations in batches."""
 
-    def __init__(self, spec: GuardSpec, model, tokenizer, config: Optional[dict] = None, path: str = ""):
+    def __init__(self, spec: GuardSpec, model, tokenizer, config: Optional[dict] = None, path: str = "",
+                 date=None):
         self.spec, self.model, self.tokenizer, self.config, self.path = spec, model, tokenizer, config or {}, path
+        shipped = model_chat_template(tokenizer, path) if spec.prefer == "model" else None
+        self.chat_template = shipped  # the guard's own template, when it is the one used
+        self.template_origin = "model" if shipped is not None else "spec"
+        text = shipped if shipped is not None else spec.template
+        self.date = parse_date(date)
+        if self.date is None and reads_date(text):
+            self.date = _dt.date.today()  # one date for the whole run (recorded, reused on resume)
         self.label_ids = {m: self._label_ids(m) for m in MODES}
+
+    def template_info(self) -> dict:
+        """Which template renders this guard's prompts (recorded in caches and prompt files)."""
+        text = self.chat_template if self.chat_template is not None else self.spec.template
+        info = {"template": self.template_origin, "template_sha256": template_sha256(text)}
+        if reads_date(text):
+            info["date"] = self.date.isoformat()
+        return info
 
     # -- tokens
 
@@ -555,7 +679,8 @@ class Guard:
         return tok if isinstance(tok, str) else ""
 
     def render(self, messages: Sequence[dict], mode: str, categories: Optional[List[Category]] = None) -> str:
-        return self.spec.render(messages, mode, categories, self._special("bos_token"), self._special("eos_token"))
+        return self.spec.render(messages, mode, categories, self._special("bos_token"), self._special("eos_token"),
+                                chat_template=self.chat_template, date=self.date)
 
     def _context(self, mode: str) -> str:
         """Text right before the label: a reference prompt + the answer prefix (+ read_after marker)."""
@@ -607,8 +732,12 @@ class Guard:
             raise UserError(f"guard {self.spec.id}: the label words start at different token boundaries in this "
                             "tokenizer; choose label words that tokenize alike after the answer prefix")
         drop, glue = cuts.pop()
-        unsafe = sorted({t for _, _, t in splits["unsafe"]})
-        safe = sorted({t for _, _, t in splits["safe"]})
+        unsafe = {t for _, _, t in splits["unsafe"]}
+        safe = {t for _, _, t in splits["safe"]}
+        if self.spec.label_match == "casefold":
+            unsafe |= self._variants(self.spec.unsafe)
+            safe |= self._variants(self.spec.safe)
+        unsafe, safe = sorted(unsafe), sorted(safe)
         shared = set(unsafe) & set(safe)
         if shared:
             t = sorted(shared)[0]
@@ -616,6 +745,16 @@ class Guard:
                             f"{self._text([t])!r} (id {t}) in this tokenizer; u would be meaningless")
         tail = tuple(base[len(base) - drop:]) if drop else ()
         return unsafe, safe, drop, tail, glue
+
+    def _variants(self, words: Sequence[str]) -> set:
+        """Every token that reads as one of `words` up to case and surrounding whitespace."""
+        targets = {w.strip().casefold() for w in words}
+        vocab = self.tokenizer.get_vocab() if hasattr(self.tokenizer, "get_vocab") else {}
+        found = set()
+        for piece, tok in vocab.items():
+            if any(t in piece.casefold() for t in targets) and self._text([tok]).strip().casefold() in targets:
+                found.add(int(tok))
+        return found
 
     def prompt_ids(self, messages: Sequence[dict], mode: str, categories: Optional[List[Category]] = None) -> List[int]:
         """Token ids up to the decision position (or up to where the guard starts its greedy answer)."""
@@ -712,17 +851,26 @@ class Guard:
                         "the spec's 'read_after' does not match what this model writes")
 
     def _read_category(self, conv: Sequence[dict], mode: str) -> str:
-        """One short greedy continuation after "<unsafe label><category_after>", matched to the codes."""
+        """The code the guard writes after "<unsafe label><category_after>", read until it is complete."""
         text = self.render(conv, mode) + self.spec.prefix(mode)
         ids = self.encode(text + self.spec.unsafe[0] + self.spec.category_after)
-        decoded = ""
-        for out, _ in self._greedy(ids, CATEGORY_STEPS):
-            decoded = self.tokenizer.decode(out).strip()
-        codes = sorted((c.code for c in self.spec.categories), key=len, reverse=True)
-        for code in codes:
-            if decoded.startswith(code) and not decoded[len(code):len(code) + 1].isalnum():
-                return code
-        return ""
+        codes = [c.code for c in self.spec.categories]
+        steps = min(GREEDY_LIMIT, 2 + max(len(self.encode(" " + c)) for c in codes))
+        eos = set()
+        for name in ("eos_token_ids", "eos_token_id"):
+            v = getattr(self.tokenizer, name, None)
+            eos |= set(v) if isinstance(v, (list, tuple, set)) else {v}
+
+        def written():
+            for out, _ in self._greedy(ids, steps):
+                if not out:
+                    continue
+                if out[-1] in eos:
+                    yield self._text(out[:-1])
+                    return
+                yield self._text(out)
+
+        return read_category(written(), codes)
 
     def fingerprint(self) -> dict:
         from .models import fingerprint
@@ -765,8 +913,11 @@ def last_logits(model, seqs: Sequence[Sequence[int]], pad_id: int = 0) -> mx.arr
     return out
 
 
-def load_guard(name_or_spec_path, model_path: Optional[str] = None) -> Guard:
-    """Spec (built-in id or file) + weights (model_path, or the spec's hub id) -> Guard."""
+def load_guard(name_or_spec_path, model_path: Optional[str] = None, date=None) -> Guard:
+    """Spec (built-in id or file) + weights (model_path, or the spec's hub id) -> Guard.
+
+    `date` ("YYYY-MM-DD") fixes the date a guard template prints (reproducible caches).
+    """
     from . import models
 
     spec = get_spec(name_or_spec_path)
@@ -774,7 +925,7 @@ def load_guard(name_or_spec_path, model_path: Optional[str] = None) -> Guard:
     if not path:
         raise UserError(f"guard {spec.id}: no weights given; pass --guard-model (a model directory or hub id)")
     model, tokenizer, config = models.load(path)
-    return Guard(spec, model, tokenizer, config, path=str(path))
+    return Guard(spec, model, tokenizer, config, path=str(path), date=date)
 
 
 # ---------------------------------------------------------------- the dual system
