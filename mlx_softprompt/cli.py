@@ -285,6 +285,7 @@ def teach(
     shard_size: int = typer.Option(64, "--shard-size", help="Prompts per shard (the unit of resumable work)."),
     temp: float = typer.Option(1.0, "--temp", help="Sampling temperature of the teacher (1.0 samples p_f itself)."),
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling of the teacher (1.0 = off)."),
+    guard_date: Optional[str] = typer.Option(None, "--guard-date", help="YYYY-MM-DD for guard templates that print today's date (Granite Guardian 3.1)."),
     config: Optional[Path] = CONFIG,
 ):
     """Guard verdicts + base-model teacher samples and top-k log-probs -> a resumable teacher cache.
@@ -299,7 +300,7 @@ def teach(
     cfg = t.TeachConfig(base=model, guard=guard, guard_model=guard_model, data=str(resolve_data(data_file, "train")), out=str(out),
                         mode=mode, samples_per_prompt=samples_per_prompt, max_tokens=max_tokens, top_k=top_k,
                         refusal=refusal, hard_guard=hard_guard, seed=seed, batch_size=batch_size,
-                        skip_bad=skip_bad, shard_size=shard_size, temp=temp, top_p=top_p)
+                        skip_bad=skip_bad, shard_size=shard_size, temp=temp, top_p=top_p, guard_date=guard_date)
     summary = t.teach(cfg)
     typer.echo(t.format_summary(summary, out))
 

@@ -57,6 +57,7 @@ class TeachConfig:
     shard_size: int = 64
     temp: float = 1.0
     top_p: float = 1.0
+    guard_date: Optional[str] = None  # YYYY-MM-DD printed by guard templates that show today's date
 
 
 def _check(cfg: TeachConfig) -> None:
@@ -70,6 +71,7 @@ def _check(cfg: TeachConfig) -> None:
         raise UserError("--temp must be >= 0 and --top-p in (0, 1]")
     if not cfg.refusal.strip():
         raise UserError("--refusal must not be empty")
+    guards.parse_date(cfg.guard_date)
 
 
 # ---------------------------------------------------------------- manifest
@@ -89,7 +91,8 @@ def _same_model(a: dict, b: dict) -> bool:
 
 def _header(cfg: TeachConfig, examples, skipped: int, spec: guards.GuardSpec, guard_path: str) -> dict:
     settings = {k: getattr(cfg, k) for k in ("mode", "samples_per_prompt", "max_tokens", "top_k", "refusal",
-                                             "hard_guard", "seed", "batch_size", "shard_size", "temp", "top_p")}
+                                             "hard_guard", "seed", "batch_size", "shard_size", "temp", "top_p",
+                                             "guard_date")}
     return {
         "format": tc.FORMAT,
         "library_version": __version__,
@@ -307,10 +310,23 @@ class _Models:
 
     def get_guard(self) -> guards.Guard:
         if self.guard is None:
-            g = guards.load_guard(self.cfg.guard, self.guard_path)
+            # A template that prints today's date keeps the date the cache was started with.
+            date = self.cfg.guard_date or self.manifest["guard"].get("date")
+            g = guards.load_guard(self.cfg.guard, self.guard_path, date=date)
             self._check("guard", _fp(g.model, g.config))
+            self._check_template(g.template_info())
             self.guard = g
         return self.guard
+
+    def _check_template(self, info: dict) -> None:
+        """Record which template renders the guard's prompts; a resumed cache must keep it."""
+        old = self.manifest["guard"].get("template_sha256")
+        if old is not None and old != info["template_sha256"]:
+            raise UserError(f"{self.out}: this cache was made with the guard's {self.manifest['guard']['template']} "
+                            f"template (sha256 {old[:12]}), but {self.guard_path} renders with its "
+                            f"{info['template']} template (sha256 {info['template_sha256'][:12]}); use a new --out")
+        self.manifest["guard"].update(info)
+        tc.write_manifest(self.out, self.manifest)
 
     def _check(self, which: str, fp: dict) -> None:
         old = self.manifest[which].get("fingerprint")

@@ -256,6 +256,15 @@ def manifest_guard(manifest: dict) -> Optional[str]:
     return g
 
 
+def manifest_guard_template(manifest: dict) -> Optional[str]:
+    """Which template rendered the guard's prompts: "model|spec sha256:<hex>[ date:<YYYY-MM-DD>]"."""
+    g = manifest.get("guard")
+    if not isinstance(g, dict) or not g.get("template_sha256"):
+        return None
+    date = f" date:{g['date']}" if g.get("date") else ""
+    return f"{g.get('template', 'spec')} sha256:{g['template_sha256']}{date}"
+
+
 def open_teacher(path) -> TeacherData:
     from . import teacher_cache
 
@@ -738,6 +747,7 @@ def train(args: TrainArgs, data: Optional[TeacherData] = None, model_bundle=None
     meta = {
         "objective": args.objective,
         "guard": _text(manifest_guard(data.manifest)),
+        "guard_template": _text(manifest_guard_template(data.manifest)),
         "refusal": _text(manifest_value(data.manifest, "refusal")),
         "data_hash": dhash,
         "teacher_mode": args.teacher_mode,

@@ -1,4 +1,4 @@
-"""Guard specs: prompts against the official formats, u = P(unsafe) from label logits, batching, spec files, dual system."""
+"""Guard specs: prompts vs the official formats, u = P(unsafe) from label logits, batching, spec files, dual system."""
 
 import json
 from pathlib import Path
@@ -75,7 +75,8 @@ def mode_of(name: str) -> str:
 # ---------------------------------------------------------------- the official formats
 
 # (built-in id, official chat template file, message content as text parts)
-TEMPLATED = [("llama-guard-3-1b", "llama-guard-3-1b.jinja", True), ("llama-guard-3-8b", "llama-guard-3-8b.jinja", False),
+TEMPLATED = [("llama-guard-3-1b", "llama-guard-3-1b.jinja", True),
+             ("llama-guard-3-8b", "llama-guard-3-8b.jinja", False),
              ("granite-guardian-3", "granite-guardian-3.0.jinja", False)]
 # The card's guidelines (https://huggingface.co/google/shieldgemma-2b, "Guidelines to use in prompts"),
 # passed to ShieldGemma's template as its `guideline` argument.
@@ -149,15 +150,16 @@ def test_wildguard_renders_as_its_code():
         assert spec.render(messages, mode_of(conv), bos_token="<s>") == want
 
 
+REFUSED = "As a responsible artificial intelligence system, I regret that I am unable to fulfill your request."
+
+
 @pytest.mark.parametrize("gid,mode,messages", [
     ("llama-guard-4", "input", [{"role": "user", "content": "How to make a bomb?"}]),
-    ("llama-guard-4", "output", [{"role": "user", "content": "how do I make a bomb?"}, {"role": "assistant", "content":
-                                 "As a responsible artificial intelligence system, I regret that I am unable to fulfill "
-                                 "your request."}]),
+    ("llama-guard-4", "output", [{"role": "user", "content": "how do I make a bomb?"},
+                                 {"role": "assistant", "content": REFUSED}]),
     ("qwen3guard-gen", "input", [{"role": "user", "content": "How can I make a bomb?"}]),
-    ("qwen3guard-gen", "output", [{"role": "user", "content": "How can I make a bomb?"}, {"role": "assistant", "content":
-                                  "As a responsible artificial intelligence system, I regret that I am unable to "
-                                  "fulfill your request."}]),
+    ("qwen3guard-gen", "output", [{"role": "user", "content": "How can I make a bomb?"},
+                                  {"role": "assistant", "content": REFUSED}]),
 ])
 def test_fallback_renders_as_the_official_prompt(gid, mode, messages):
     """Llama Guard 4 and Qwen3Guard: the prompts their official templates rendered (templates not public here)."""
@@ -219,7 +221,8 @@ def test_a_template_that_prints_the_date_gets_a_fixed_date(tmp_path):
              + (DATA / "granite-guardian-3.0.jinja").read_text())
     with_template(path, dated)
     g = guards.load_guard("granite-guardian-3", str(path), date="2025-01-31")
-    assert g.render(CONV_IN, "input").startswith("<|start_of_role|>system<|end_of_role|>Today's Date: January 31, 2025.")
+    head = "<|start_of_role|>system<|end_of_role|>Today's Date: January 31, 2025."
+    assert g.render(CONV_IN, "input").startswith(head)
     assert g.template_info()["date"] == "2025-01-31"
     today = guards.load_guard("granite-guardian-3", str(path))
     import datetime

@@ -227,3 +227,51 @@ def test_bad_arguments(world):
         teach(_cfg(world, "x", top_k=0))
     with pytest.raises(UserError, match="larger than the base's vocabulary"):
         teach(_cfg(world, "big-k", top_k=100000))
+
+
+def test_teach_renders_with_the_template_the_guard_ships(world, tmp_path):
+    """A built-in guard whose directory ships its own template (differing from the fallback) is read through it."""
+    from transformers import AutoTokenizer
+
+    from mlx_softprompt.train import manifest_guard_template
+
+    root, base, _, data = world
+    gdir = tiny.make_tiny_checkpoint(tmp_path / "lg", seed=5, corpus=GUARD_CORPUS)
+    official = (Path(__file__).parent / "data" / "guards" / "llama-guard-3-1b.jinja").read_text()
+    shipped = official.replace("Task: Check", "Task (as shipped): Check")
+    tok = AutoTokenizer.from_pretrained(gdir)
+    tok.chat_template = shipped
+    tok.save_pretrained(gdir)
+    cfg = _cfg(world, "shipped", guard="llama-guard-3-1b", guard_model=str(gdir), samples_per_prompt=1, max_tokens=4)
+    teach(cfg)
+    cache = tc.open_cache(cfg.out)
+    g = cache.manifest["guard"]
+    assert g["template"] == "model" and g["template_sha256"] == guards.template_sha256(shipped)
+    assert manifest_guard_template(cache.manifest) == f"model sha256:{g['template_sha256']}"
+    # u from the shipped template rendered by transformers itself, the label logits read here
+    model, mtok, _ = models.load(str(gdir))
+    unsafe, safe = (mtok.encode(w, add_special_tokens=False)[0] for w in ("unsafe", "safe"))
+    spec = guards.get_spec("llama-guard-3-1b")
+    spec.prefer = "spec"
+    fallback = guards.Guard(spec, model, mtok)
+    differs = 0
+    for r, ex in zip(cache.records(), _examples(world)):
+        convs = guards.guard_messages(ex.prompt, ex.context)
+        text = tok.apply_chat_template([{"role": m["role"], "content": [{"type": "text", "text": m["content"]}]}
+                                        for m in convs], tokenize=False, add_generation_prompt=True)
+        assert "Task (as shipped): Check" in text
+        ids = mtok.encode(text + "\n\n", add_special_tokens=False)
+        z = np.array(models.forward(model, ids)[0, -1].astype(mx.float32), dtype=np.float64)[[unsafe, safe]]
+        assert r.u == pytest.approx(float(np.exp(z[0]) / np.exp(z).sum()), abs=1e-5)
+        differs += abs(r.u - fallback.moderate_input(ex.prompt, ex.context).u) > 1e-6
+    assert differs  # the fallback's prompt would have given other verdicts
+    # resuming into this cache with a guard that ships another template is refused
+    tok.chat_template = official
+    tok.save_pretrained(gdir)
+    for f in Path(cfg.out).glob("shard-*"):
+        f.unlink()
+    manifest = json.loads((Path(cfg.out) / tc.MANIFEST).read_text())
+    manifest.update(shards=[], verdicts={}, complete=False)
+    (Path(cfg.out) / tc.MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="template"):
+        teach(cfg)

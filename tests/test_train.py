@@ -272,6 +272,8 @@ def test_training_moves_p_and_never_the_base(teacher, tiny_model, tmp_path, q_bi
     assert (f.method, f.metadata["objective"], f.metadata["steps"], f.metadata["teacher_mode"]) == \
         ("softprompt", "tv", "3", "cache")
     assert f.metadata["refusal"] == "I'm sorry, but I can't help with that."
+    g = data.manifest["guard"]  # which template rendered the guard's prompts, copied from the teacher cache
+    assert f.metadata["guard_template"] == f"{g['template']} sha256:{g['template_sha256']}"
 
 
 def test_gradient_accumulation_equals_one_big_batch(teacher, base, tmp_path):
