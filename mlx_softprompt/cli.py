@@ -336,6 +336,10 @@ def train_(
     metrics: Optional[str] = typer.Option(None, "--metrics", help="Metrics JSONL (default: OUT.metrics.jsonl)."),
     shared_prefix: Optional[bool] = typer.Option(None, "--shared-prefix/--no-shared-prefix",
                                                  help="Run P once per batch into shared KV caches (default on)."),
+    grad_checkpoint: Optional[bool] = typer.Option(None, "--grad-checkpoint/--no-grad-checkpoint",
+                                                   help="Recompute activations in the backward pass: less memory, ~1 more forward."),
+    loss_chunk: Optional[int] = typer.Option(None, "--loss-chunk", help="Compute the loss over N positions at a time "
+                                                                       "(no whole [B, L, vocab] logits); 0 = off (default)."),
     lora_rank: Optional[int] = typer.Option(None, "--lora-rank", help="lora: rank (default 8)."),
     lora_layers: Optional[int] = typer.Option(None, "--lora-layers", help="lora: adapt the last N blocks (default 16)."),
     lora_keys: Optional[str] = typer.Option(None, "--lora-keys", help="lora: comma-separated projections, e.g. self_attn.q_proj,self_attn.v_proj."),
@@ -357,6 +361,7 @@ def train_(
         max_seq_length=max_seq_length, val_split=val_split, val_every=val_every, val_batches=val_batches,
         save_every=save_every, seed=seed, teacher_mode=teacher_mode, hard_guard=hard_guard,
         steps_per_report=steps_per_report, metrics=metrics, shared_prefix=shared_prefix, resume=resume or None,
+        grad_checkpoint=grad_checkpoint, loss_chunk=loss_chunk,
         lora_rank=lora_rank, lora_layers=lora_layers, lora_keys=lora_keys, lora_scale=lora_scale,
         steer_layer=steer_layer, method_options=t.parse_mapping(method_options, "--method-options"))
     summary = t.train(args, log=lambda s: typer.echo(s, err=True))

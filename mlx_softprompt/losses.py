@@ -208,6 +208,58 @@ OBJECTIVES: Dict[str, Objective] = {
 tv, kl, ce = OBJECTIVES["tv"], OBJECTIVES["kl"], OBJECTIVES["ce"]
 
 
+def chunked(objective, head, hidden: mx.array, targets, mask, weight, soft, teacher: Optional[Teacher] = None,
+            teacher_hidden: Optional[mx.array] = None, chunk: int = 256) -> Tuple[mx.array, mx.array]:
+    """An objective of this module over the sequence in chunks of `chunk` positions: (sum, count).
+
+    The logits are head(hidden) one chunk at a time, in the forward pass and
+    again in the backward pass (a custom VJP recomputes them), and each chunk
+    waits for the previous one (mx.depends), so no [B, L, V] array is ever
+    whole: memory for the logits drops from ~4 x B x L x V floats to
+    ~4 x B x chunk x V, for one extra head matmul per chunk. The teacher's
+    full distributions (online mode) come the same way from
+    `teacher_hidden`, the base's hidden states. Sums of sums: the same value
+    and gradient as the whole objective, up to fp32 rounding. Only `hidden`
+    gets a gradient (the head and the batch are constants).
+    """
+    L = hidden.shape[1]
+    parts = [slice(start, min(start + chunk, L)) for start in range(0, L, chunk)]
+
+    def piece(h, part):
+        t = None
+        if teacher_hidden is not None:
+            t = Teacher(logprobs=mx.stop_gradient(log_softmax(head(teacher_hidden[:, part]))))
+        elif teacher is not None:
+            t = Teacher(topk_ids=teacher.topk_ids[:, part], topk_logprobs=teacher.topk_logprobs[:, part],
+                        tail_mass=teacher.tail_mass[:, part])
+        return objective(head(h), targets[:, part], mask[:, part], weight, soft, t)
+
+    def after(x, previous):
+        return mx.depends(x, previous) if previous is not None else x
+
+    @mx.custom_function
+    def whole(hidden):
+        total, count, previous = mx.array(0.0), mx.array(0.0), None
+        for part in parts:
+            s, c = piece(after(hidden[:, part], previous), part)
+            total, count, previous = total + s, count + c, s
+        return total, count
+
+    @whole.vjp
+    def whole_vjp(primals, cotangents, outputs):
+        hidden = primals[0] if isinstance(primals, (list, tuple)) else primals
+        d_total = cotangents[0]
+        grads, previous = [], outputs[0]  # after the forward chunks: one chunk alive at a time
+        for part in parts:
+            h = after(hidden[:, part], previous)
+            _, (g,) = mx.vjp(lambda h, part=part: piece(h, part)[0], [h], [d_total])
+            grads.append(g)
+            previous = g
+        return (mx.concatenate(grads, axis=1),)
+
+    return whole(hidden)
+
+
 def objective(name: str) -> Objective:
     """The table row for `name`; an unknown name is a UserError listing the table."""
     if name not in OBJECTIVES:

@@ -8,8 +8,9 @@ zero-weight rows are skipped. Rows are right-padded with a mask and cut to
 prompts (--val-split, chosen by a seeded hash of the prompt index, so all
 samples of a prompt fall on one side) gives the validation loss.
 
-Order. The rows of epoch e are permuted by a generator seeded with (seed, e)
-alone; global batch m is slice m of that order. So the data position is just
+Order. Rows are bucketed by length (batching.py: little padding), and the
+batches of epoch e are drawn by a generator seeded with (seed, e) alone;
+global micro-batch m is a function of (seed, m). So the data position is just
 the number of batches consumed, and a resumed run sees the same batches.
 
 Step. One compiled function (mx.compile over the trainable params, the
@@ -43,12 +44,11 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
-from . import losses, methods, models, prompt_file
+from . import batching, losses, memory, methods, models, prompt_file
 from .errors import UserError
 from .progress import Bar
 
 STATE_FORMAT = "mlx-softprompt-train-state/1"
-PAD_TO = 32
 
 # Settings that shape the trajectory: a resumed run must use the same ones.
 RESUME_KEYS = ("objective", "method", "method_options", "iters", "batch_size", "learning_rate",
@@ -85,6 +85,8 @@ class TrainArgs:
     metrics: Optional[str] = field(default=None, metadata={"help": "JSONL path (default: out + .metrics.jsonl)."})
     resume: bool = False
     compile: bool = True
+    grad_checkpoint: bool = field(default=False, metadata={"help": "Recompute blocks in the backward pass (memory.py)."})
+    loss_chunk: int = field(default=0, metadata={"help": "Loss over chunks of N positions, 0: whole (losses.chunked)."})
 
     def check(self) -> None:
         """Every field in range, or a UserError naming the flag."""
@@ -110,6 +112,8 @@ class TrainArgs:
             raise UserError(f"--val-split must be in [0, 1) (got {self.val_split})")
         if self.warmup < 0 or self.warmup >= self.iters:
             raise UserError(f"--warmup must be in [0, iters) (got {self.warmup} for {self.iters} iters)")
+        if int(self.loss_chunk) < 0:
+            raise UserError(f"--loss-chunk must be >= 0 (got {self.loss_chunk})")
         if self.learning_rate <= 0 or self.grad_clip < 0 or self.weight_decay < 0:
             raise UserError("--learning-rate must be > 0, --grad-clip and --weight-decay >= 0")
 
@@ -331,8 +335,7 @@ def collate(rows: List[Row], max_seq_length: int, topk_k: int = 0):
     at their target positions (zeros elsewhere, masked or ignored).
     """
     lens = [row.length(max_seq_length) - 1 for row in rows]
-    L = max(lens)
-    L = max(L, min(-(-L // PAD_TO) * PAD_TO, max_seq_length - 1))
+    L = batching.padded_length(max(lens), max_seq_length - 1)
     B = len(rows)
     inputs = np.zeros((B, L), np.int32)
     targets = np.zeros((B, L), np.int32)
@@ -362,28 +365,6 @@ def collate(rows: List[Row], max_seq_length: int, topk_k: int = 0):
     if topk_k:
         batch.update(topk_ids=mx.array(t_ids), topk_logprobs=mx.array(t_lps), tail_mass=mx.array(t_tail))
     return batch, int(sum(n + 1 for n in lens))
-
-
-class Order:
-    """Global batch m = slice m of epoch e's permutation, seeded by (seed, e) only."""
-
-    def __init__(self, n_rows: int, batch_size: int, seed: int):
-        if n_rows < batch_size:
-            raise UserError(f"only {n_rows} training rows for --batch-size {batch_size}: "
-                            "use a smaller batch or a larger teacher cache")
-        self.n, self.bs, self.seed = n_rows, batch_size, seed
-        self.per_epoch = n_rows // batch_size
-        self._epoch, self._perm = None, None
-
-    def position(self, m: int):
-        return divmod(m, self.per_epoch)
-
-    def batch(self, m: int) -> np.ndarray:
-        epoch, j = self.position(m)
-        if epoch != self._epoch:
-            self._epoch = epoch
-            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
-        return self._perm[j * self.bs:(j + 1) * self.bs]
 
 
 def data_hash(data: TeacherData) -> str:
@@ -468,10 +449,30 @@ def make_schedule(args: TrainArgs):
     return optim.join_schedules([warm, decay], [args.warmup])
 
 
-def make_loss(model, method, objective: str, teacher_mode: str):
-    """loss(params, batch) -> (weighted sum of token terms, weighted token count)."""
+def make_loss(model, method, objective: str, teacher_mode: str, loss_chunk: int = 0,
+              grad_checkpoint: bool = False):
+    """loss(params, batch) -> (weighted sum of token terms, weighted token count).
+
+    loss_chunk > 0: the objective in chunks of that many positions (losses.chunked), when the
+    model's logits are head(hidden) (memory.headless); else over the whole logits.
+    grad_checkpoint: the decoder blocks recompute their activations in the backward pass.
+    """
+    loss = _make_loss(model, method, objective, teacher_mode, loss_chunk)
+    if not grad_checkpoint:
+        return loss
+
+    def checkpointed(params, batch):
+        with memory.grad_checkpoint(model):
+            return loss(params, batch)
+
+    return checkpointed
+
+
+def _make_loss(model, method, objective: str, teacher_mode: str, loss_chunk: int):
     objective_fn = losses.objective(objective)
     needs = objective_fn.needs_teacher
+    if loss_chunk > 0 and memory.head_of(model) is not None:
+        return _chunked_loss(model, method, objective_fn, needs and teacher_mode == "online", needs, loss_chunk)
 
     def loss(params, batch):
         logits = method.logits(model, params, batch["inputs"])
@@ -483,6 +484,21 @@ def make_loss(model, method, objective: str, teacher_mode: str):
             teacher = losses.Teacher(topk_ids=batch["topk_ids"], topk_logprobs=batch["topk_logprobs"],
                                      tail_mass=batch["tail_mass"])
         return objective_fn(logits, batch["targets"], batch["mask"], batch["weight"], batch["soft"], teacher)
+
+    return loss
+
+
+def _chunked_loss(model, method, objective_fn, online: bool, needs: bool, chunk: int):
+    def loss(params, batch):
+        with memory.headless(model) as head:
+            hidden = method.logits(model, params, batch["inputs"])  # headless: the final hidden states
+            teacher_hidden = mx.stop_gradient(model(batch["inputs"])) if online else None
+        teacher = None
+        if needs and not online:
+            teacher = losses.Teacher(topk_ids=batch["topk_ids"], topk_logprobs=batch["topk_logprobs"],
+                                     tail_mass=batch["tail_mass"])
+        return losses.chunked(objective_fn, head, hidden, batch["targets"], batch["mask"], batch["weight"],
+                              batch["soft"], teacher, teacher_hidden, chunk)
 
     return loss
 
@@ -572,11 +588,13 @@ class Metrics:
 def iterate_batches(rows: List[Row], args: TrainArgs, topk_k: int, start: int = 0, rank: int = 0, size: int = 1):
     """(batch, real token count) for global micro-batches start, start+1, ...: this rank's share.
 
-    Global micro-batch m is slice m of epoch e's seeded permutation (Order), so the
-    data position is the number of micro-batches consumed and a resumed run sees
-    the same batches. Another batching scheme plugs into `loop` in its place.
+    Rows are bucketed by length (batching.Order) and global micro-batch m is a
+    function of (seed, m), so the data position is the number of micro-batches
+    consumed and a resumed run sees the same batches. Another batching scheme
+    plugs into `loop` in its place.
     """
-    order = Order(len(rows), args.batch_size, args.seed)
+    order = batching.Order([r.length(args.max_seq_length) for r in rows], args.batch_size, args.seed,
+                           args.grad_accum)
     m = start
     while True:
         idx = order.batch(m)
@@ -602,7 +620,8 @@ class Reporter(TrainingCallback):
 
     def on_train_loss_report(self, info: dict) -> None:
         self.metrics.write(**info)
-        self.bar.set(loss=info["loss"], tok_s=round(info["tokens_per_second"]), mem_gb=round(info["peak_memory_gb"], 3))
+        self.bar.set(loss=info["loss"], tok_s=round(info["tokens_per_second"]), pad=f"{info['padding_share']:.0%}",
+                     mem_gb=round(info["peak_memory_gb"], 3))
 
     def on_val_loss_report(self, info: dict) -> None:
         self.metrics.write(**info)
@@ -617,6 +636,7 @@ def loop(params, optimizer, step, state, batches, args: TrainArgs, start: int = 
     callback = callback or TrainingCallback()
     win_loss = win_tok = 0.0
     win_tokens, win_time, trained = 0, 0.0, 0
+    win_pad = np.zeros(2, np.int64)  # [computed positions, real positions] since the last report
     last_loss, val_loss = float("nan"), None
     tic0 = time.perf_counter()
     for it in range(start + 1, args.iters + 1):
@@ -625,6 +645,7 @@ def loop(params, optimizer, step, state, batches, args: TrainArgs, start: int = 
         for a in range(args.grad_accum):
             batch, toks = next(batches)
             n_tokens += toks
+            win_pad += [batch["inputs"].size, toks - batch["inputs"].shape[0]]  # a row of t tokens: t-1 positions
             out = step(batch, acc, a == args.grad_accum - 1)
             if a < args.grad_accum - 1:
                 acc = out
@@ -636,18 +657,21 @@ def loop(params, optimizer, step, state, batches, args: TrainArgs, start: int = 
         win_tok += float(ntok.item())
         win_tokens += n_tokens
         if it % args.steps_per_report == 0 or it == args.iters:
-            tokens = win_tokens
+            tokens, pad = win_tokens, win_pad
             if size > 1:
                 tokens = int(mx.distributed.all_sum(mx.array(win_tokens), stream=mx.cpu).item())
+                pad = np.array(mx.distributed.all_sum(mx.array(win_pad), stream=mx.cpu))
             trained += tokens
             last_loss = win_loss / max(win_tok, 1e-12)
             callback.on_train_loss_report(dict(
                 step=it, loss=last_loss, learning_rate=float(optimizer.learning_rate.item()),
                 grad_norm=float(norm.item()), tokens_per_second=tokens / max(win_time, 1e-9),
-                trained_tokens=trained, peak_memory_gb=mx.get_peak_memory() / 1e9,
+                trained_tokens=trained, padding_share=batching.padding_share(pad[0], int(pad[1])),
+                peak_memory_gb=mx.get_peak_memory() / 1e9,
                 elapsed=time.perf_counter() - tic0))
             win_loss = win_tok = 0.0
             win_tokens, win_time = 0, 0.0
+            win_pad[:] = 0
         if validate is not None and (it % args.val_every == 0 or it == args.iters):
             v = validate(it)
             if v is not None:
@@ -698,11 +722,13 @@ def train(args: TrainArgs, data: Optional[TeacherData] = None, model_bundle=None
     rows = build_rows(data, args.objective, args.hard_guard, topk=use_topk)
     too_long = [r for r in rows if len(r.prompt) >= args.max_seq_length]
     rows = [r for r in rows if len(r.prompt) < args.max_seq_length]
-    val_rows = [r for r in rows if is_val(r.prompt_index, args.seed, args.val_split)]
+    val_rows = sorted((r for r in rows if is_val(r.prompt_index, args.seed, args.val_split)),
+                      key=lambda r: r.length(args.max_seq_length))  # by length: little padding
     train_rows = [r for r in rows if not is_val(r.prompt_index, args.seed, args.val_split)]
     if too_long:
         say(f"note: {len(too_long)} rows skipped: prompt longer than --max-seq-length {args.max_seq_length}")
-    per_epoch = Order(len(train_rows), args.batch_size, args.seed).per_epoch
+    per_epoch = batching.Order([r.length(args.max_seq_length) for r in train_rows], args.batch_size, args.seed,
+                               args.grad_accum).per_epoch
 
     method = make_method(args)
     params = method.init(model, tokenizer, args.seed)
@@ -741,7 +767,11 @@ def train(args: TrainArgs, data: Optional[TeacherData] = None, model_bundle=None
         start = int(got["start"].item())
     mx.eval(params, optimizer.state)
 
-    loss = loss or make_loss(model, method, args.objective, args.teacher_mode)
+    if args.loss_chunk and memory.head_of(model) is None:
+        say(f"note: --loss-chunk {args.loss_chunk}: this model's logits are not head(hidden states) "
+            "(final soft-capping or scaling); the loss runs over the whole logits")
+    loss = loss or make_loss(model, method, args.objective, args.teacher_mode, args.loss_chunk,
+                             args.grad_checkpoint)
     step, state = make_step(model, loss, params, optimizer, args.grad_clip, size, compile=args.compile)
     metrics = Metrics(args.metrics_path, rank == 0, start if start > 0 else None)
     meta = {

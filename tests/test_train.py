@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from mlx_softprompt import losses, methods, models, prompt_file, train
+from mlx_softprompt import batching, losses, methods, models, prompt_file, train
 from mlx_softprompt.errors import UserError
 from mlx_softprompt.teacher_cache import Record
 
@@ -69,7 +69,7 @@ def test_rows_weights_and_layout():
 
     batch, ntok = train.collate(rows[:2], max_seq_length=1024, topk_k=3)
     ids = np.array(batch["inputs"])
-    assert ids.shape == (2, 32)  # padded to a multiple of 32
+    assert ids.shape == (2, 8)  # padded to a multiple of batching.PAD_TO
     # row 0: [1 5 6 7 90 91 2]: targets of positions 3..5 are r
     np.testing.assert_array_equal(np.array(batch["targets"])[0, :6], [5, 6, 7, 90, 91, 2])
     np.testing.assert_array_equal(np.array(batch["mask"])[0, :8], [0, 0, 0, 1, 1, 1, 0, 0])
@@ -97,13 +97,14 @@ def test_validation_split_keeps_prompts_together_and_order_depends_on_seed_and_e
     assert all(len(v) == 1 for v in sides.values())
     share = sum(train.is_val(p, 7, 0.2) for p in range(2000)) / 2000
     assert 0.15 < share < 0.25
-    a, b = train.Order(50, 8, seed=3), train.Order(50, 8, seed=3)
+    lengths = np.random.default_rng(0).integers(5, 300, 50)
+    a, b = batching.Order(lengths, 8, seed=3), batching.Order(lengths, 8, seed=3)
     seq = [a.batch(m).tolist() for m in range(20)]
     assert seq == [b.batch(m).tolist() for m in reversed(range(20))][::-1]  # random access = sequential
     assert a.per_epoch == 6 and sorted(sum(seq[:6], [])) == sorted(set(sum(seq[:6], [])))
-    assert seq[:6] != seq[6:12]  # a new permutation each epoch
+    assert seq[:6] != seq[6:12]  # a new order each epoch
     with pytest.raises(UserError, match="batch-size"):
-        train.Order(5, 8, 0)
+        batching.Order([3] * 5, 8, 0)
 
 
 def test_config_file_and_flags(tmp_path):
@@ -284,7 +285,7 @@ def test_gradient_accumulation_equals_one_big_batch(teacher, base, tmp_path):
                      val_split=0.0, init="vocab")
         train.train(args, data, model_bundle=base, log=_quiet)
         outs.append(np.array(prompt_file.load(args.out).prompt))
-    np.testing.assert_allclose(outs[0], outs[1], atol=1e-6)
+    np.testing.assert_allclose(outs[0], outs[1], atol=1e-6, rtol=1e-4)  # micro-batches pad less: fp32 sums
     assert np.abs(outs[0] - np.array(train.make_method(args).init(base[0], base[1], args.seed)["soft_prompt"])).max() > 1e-4
 
 
