@@ -133,6 +133,9 @@ class GuardSpec:
         d.pop("name", None)
         d.pop("source", None)
         d.pop("hub_id", None)
+        for key, default in (("prefer", "spec"), ("model_args", {}), ("content", "text"), ("label_match", "exact")):
+            if d[key] == default:  # fields added later: a spec that does not use them keeps its digest
+                d.pop(key)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode("utf-8")).hexdigest()
 
 
