@@ -105,9 +105,7 @@ class Out:
         self.lines = []
 
     def line(self, text: str = "") -> None:
-        if self.bar.tty:
-            sys.stderr.write("\x1b[2K\r")
-        print(text, flush=True)
+        print(text, flush=True)  # on a terminal, rich prints it above the progress bar
         self.lines.append(text)
 
     def done(self, **fig) -> None:

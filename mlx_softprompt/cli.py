@@ -348,6 +348,9 @@ def train_(
     method_options: Optional[str] = typer.Option(
         None, "--method-options", help="The method's options as a mapping, e.g. '{rank: 4, layers: 2}' "
                                        "(in a -c file: a method_options: mapping); the flags above fill it too."),
+    report_to: Optional[str] = typer.Option(None, "--report-to", help="Also log metrics to tensorboard and/or wandb "
+                                                                       "(comma-separated; the package must be installed)."),
+    project_name: Optional[str] = typer.Option(None, "--project-name", help="W&B project (default mlx-softprompt)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT's training-state checkpoint."),
     config: Optional[Path] = CONFIG,
 ):
@@ -363,7 +366,8 @@ def train_(
         steps_per_report=steps_per_report, metrics=metrics, shared_prefix=shared_prefix, resume=resume or None,
         grad_checkpoint=grad_checkpoint, loss_chunk=loss_chunk,
         lora_rank=lora_rank, lora_layers=lora_layers, lora_keys=lora_keys, lora_scale=lora_scale,
-        steer_layer=steer_layer, method_options=t.parse_mapping(method_options, "--method-options"))
+        steer_layer=steer_layer, method_options=t.parse_mapping(method_options, "--method-options"),
+        report_to=report_to, project_name=project_name)
     summary = t.train(args, log=lambda s: typer.echo(s, err=True))
     if summary.get("rank", 0) == 0:
         val = summary["val_loss"]

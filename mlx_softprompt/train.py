@@ -37,14 +37,14 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from functools import partial
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Sequence
 
 import mlx.core as mx
 import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
-from . import batching, losses, memory, methods, models, prompt_file
+from . import batching, losses, memory, methods, models, prompt_file, reporting
 from .errors import UserError
 from .progress import Bar
 
@@ -87,6 +87,8 @@ class TrainArgs:
     compile: bool = True
     grad_checkpoint: bool = field(default=False, metadata={"help": "Recompute blocks in the backward pass (memory.py)."})
     loss_chunk: int = field(default=0, metadata={"help": "Loss over chunks of N positions, 0: whole (losses.chunked)."})
+    report_to: Optional[str] = field(default=None, metadata={"help": "tensorboard and/or wandb (comma-separated)."})
+    project_name: Optional[str] = field(default=None, metadata={"help": "W&B project (default mlx-softprompt)."})
 
     def check(self) -> None:
         """Every field in range, or a UserError naming the flag."""
@@ -116,6 +118,7 @@ class TrainArgs:
             raise UserError(f"--loss-chunk must be >= 0 (got {self.loss_chunk})")
         if self.learning_rate <= 0 or self.grad_clip < 0 or self.weight_decay < 0:
             raise UserError("--learning-rate must be > 0, --grad-clip and --weight-decay >= 0")
+        reporting.parse(self.report_to)
 
     @property
     def state_path(self) -> Path:
@@ -562,10 +565,11 @@ def _broadcast_from_rank0(arrays: dict, rank: int) -> dict:
 
 
 class Metrics:
-    """JSONL metrics on rank 0; a resumed run drops the lines past its checkpoint."""
+    """JSONL metrics on rank 0 (and --report-to's reporters); a resumed run drops the lines past
+    its checkpoint."""
 
-    def __init__(self, path: Path, enabled: bool, resume_step: Optional[int]):
-        self.path, self.enabled = path, enabled
+    def __init__(self, path: Path, enabled: bool, resume_step: Optional[int], reporters: Sequence = ()):
+        self.path, self.enabled, self.reporters = path, enabled, list(reporters)
         if not enabled:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -583,6 +587,12 @@ class Metrics:
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+            for r in self.reporters:
+                r.log(int(record.get("step", 0)), {k: v for k, v in record.items() if k != "step"})
+
+    def close(self) -> None:
+        for r in self.reporters:
+            r.close()
 
 
 def iterate_batches(rows: List[Row], args: TrainArgs, topk_k: int, start: int = 0, rank: int = 0, size: int = 1):
@@ -773,7 +783,9 @@ def train(args: TrainArgs, data: Optional[TeacherData] = None, model_bundle=None
     loss = loss or make_loss(model, method, args.objective, args.teacher_mode, args.loss_chunk,
                              args.grad_checkpoint)
     step, state = make_step(model, loss, params, optimizer, args.grad_clip, size, compile=args.compile)
-    metrics = Metrics(args.metrics_path, rank == 0, start if start > 0 else None)
+    reporters = reporting.open_reporters(args.report_to, Path(args.out).parent, asdict(args),
+                                         Path(args.out).stem, args.project_name) if rank == 0 else []
+    metrics = Metrics(args.metrics_path, rank == 0, start if start > 0 else None, reporters)
     meta = {
         "objective": args.objective,
         "guard": _text(manifest_guard(data.manifest)),
@@ -824,6 +836,7 @@ def train(args: TrainArgs, data: Optional[TeacherData] = None, model_bundle=None
     out = loop(params, optimizer, step, state, batches, args, start, validate, checkpoint, both, size,
                tick=lambda: bar.update(1))
     bar.close()
+    metrics.close()
     if start >= args.iters:
         checkpoint(args.iters)
     val_loss = out["val_loss"] if out["val_loss"] is not None else val_loss
