@@ -112,7 +112,7 @@ def generate(
     prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", help="Soft prompt to put in front."),
     prompt: str = typer.Option(..., "-p", "--prompt", help="The user message; '-' reads it from stdin."),
     system_prompt: Optional[str] = typer.Option(None, "--system-prompt", help="A system message (after the soft prompt)."),
-    max_tokens: int = typer.Option(256, "--max-tokens"),
+    max_tokens: int = typer.Option(256, "-m", "--max-tokens"),
     temp: float = typer.Option(0.0, "--temp"),
     top_p: float = typer.Option(1.0, "--top-p"),
     seed: Optional[int] = typer.Option(None, "--seed"),
@@ -193,7 +193,7 @@ def chat(
                                                               "with --prompt-file."),
     prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", help="Soft prompt to put in front."),
     system_prompt: Optional[str] = typer.Option(None, "--system-prompt", help="A system message (after the soft prompt)."),
-    max_tokens: int = typer.Option(256, "--max-tokens"),
+    max_tokens: int = typer.Option(256, "-m", "--max-tokens"),
     temp: float = typer.Option(0.0, "--temp"),
     top_p: float = typer.Option(1.0, "--top-p"),
     seed: Optional[int] = typer.Option(None, "--seed"),
@@ -322,11 +322,11 @@ def train_(
     learning_rate: Optional[float] = typer.Option(None, "--learning-rate", help="Peak AdamW learning rate (default 1e-3)."),
     weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="AdamW weight decay (default 0)."),
     warmup: Optional[int] = typer.Option(None, "--warmup", help="Linear warm-up steps, then cosine decay (default 0)."),
-    grad_accum: Optional[int] = typer.Option(None, "--grad-accum", help="Micro-batches per step (default 1)."),
+    grad_accum: Optional[int] = typer.Option(None, "--grad-accum", "--grad-accumulation-steps", help="Micro-batches per step (default 1)."),
     grad_clip: Optional[float] = typer.Option(None, "--grad-clip", help="Max gradient norm, 0 = off (default 1)."),
     max_seq_length: Optional[int] = typer.Option(None, "--max-seq-length", help="Tokens per row, P excluded (default 1024)."),
     val_split: Optional[float] = typer.Option(None, "--val-split", help="Share of prompts held out (default 0.1)."),
-    val_every: Optional[int] = typer.Option(None, "--val-every", help="Steps between validations (default 50)."),
+    val_every: Optional[int] = typer.Option(None, "--val-every", "--steps-per-eval", help="Steps between validations (default 50)."),
     val_batches: Optional[int] = typer.Option(None, "--val-batches", help="Validation batches, -1 = all (default)."),
     save_every: Optional[int] = typer.Option(None, "--save-every", help="Steps between checkpoints (default 100)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Init, split and data-order seed (default 0)."),
@@ -455,6 +455,42 @@ def demo(
         return
     report = run_demo.run(cfg, log=lambda s: typer.echo(s, err=True))
     typer.echo(run_demo.summary(report, out))
+
+
+# ---------------------------------------------------------------- data
+
+data_app = App(no_args_is_help=True, help="The built-in prompt sets as files (JSONL) for teach, eval and your own tools.")
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("export")
+def data_export(
+    out: Path = typer.Option(..., "--out", help="A .jsonl file (the --split), or a directory: train.jsonl, "
+                                                  "valid.jsonl, test.jsonl (mlx-lm's data layout)."),
+    suite: str = typer.Option("harmful,benign,borderline", "--suite",
+                              help="Comma-separated sources, as eval's --suite (harmful = harmbench + strongreject)."),
+    split: str = typer.Option("train", "--split", help="train | val | test | all: which prompts a .jsonl --out gets."),
+    seed: int = typer.Option(0, "--seed", help="Split seed (the one teach, train and eval use)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="At most N prompts of each label (per split)."),
+):
+    """Write built-in prompt sets as JSONL ({"prompt", "label", "source"} per line): prompts for `teach --data`."""
+    from .data import write_jsonl
+    from .evaluate import load_eval_examples
+
+    if out.exists() and (out.is_file() or any(out.iterdir())):
+        raise UserError(f"{out}: already exists; choose a new path or delete it first")
+    if out.suffix == ".jsonl":
+        parts = {out: split}
+    else:
+        parts = {out / f"{name}.jsonl": part for name, part in (("train", "train"), ("valid", "val"), ("test", "test"))}
+    for path, part in parts.items():
+        examples = load_eval_examples(suite, part, seed, limit)
+        write_jsonl(path, examples)
+        counts = {}
+        for e in examples:
+            counts[e.label or "unlabelled"] = counts.get(e.label or "unlabelled", 0) + 1
+        typer.echo(f"wrote {path}: {len(examples)} prompts of split {part} "
+                   f"({', '.join(f'{n} {k}' for k, n in sorted(counts.items()))})")
 
 
 def main(argv: Optional[List[str]] = None) -> None:

@@ -131,3 +131,48 @@ def test_eval_uses_a_users_whole_file_unless_split_is_given(tmp_path):
     d.mkdir()
     (d / "test.jsonl").write_text(mine.read_text())
     assert [e.prompt for e in ev.load_eval_examples(str(d))] == [r["prompt"] for r in rows]
+
+
+def _commands(group, prefix=""):
+    for name, cmd in group.commands.items():
+        if hasattr(cmd, "commands"):
+            yield from _commands(cmd, prefix + name + " ")
+        else:
+            yield prefix + name, cmd
+
+
+def test_docs_cli_lists_every_command_and_flag():
+    """docs/CLI.md is complete: a flag added to a command must be added to its table there."""
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "CLI.md").read_text()
+    missing = []
+    for name, cmd in _commands(typer.main.get_command(app)):
+        if f"`{name}" not in doc:
+            missing.append(name)
+        for p in cmd.params:
+            if getattr(p, "hidden", False) or not p.opts or not p.opts[0].startswith("-"):
+                continue
+            for flag in list(p.opts) + list(p.secondary_opts):
+                if flag not in ("-h", "--help") and not re.search(rf"`[^`]*{re.escape(flag)}\b[^`]*`", doc):
+                    missing.append(f"{name} {flag}")
+    assert not missing, f"not in docs/CLI.md: {missing}"
+
+
+def test_data_export_writes_the_splits_teach_and_eval_read(tmp_path, capsys):
+    from mlx_softprompt import evaluate as ev
+
+    code, out, err = run_cli(capsys, "data", "export", "--suite", "benign,borderline", "--out", str(tmp_path / "d"),
+                             "--limit", "5")
+    assert code == 0, err
+    for name, split in (("train", "train"), ("valid", "val"), ("test", "test")):
+        got, _ = data.read_jsonl(tmp_path / "d" / f"{name}.jsonl")
+        want = ev.load_eval_examples("benign,borderline", split, limit=5)
+        assert [(e.prompt, e.label) for e in got] == [(e.prompt, e.label) for e in want] and len(got) == 10
+        assert all(data.split_of(e.prompt) == split for e in got)
+    assert data.data_file(tmp_path / "d", "train") == tmp_path / "d" / "train.jsonl"
+    code, out, err = run_cli(capsys, "data", "export", "--suite", "benign", "--split", "all", "--out",
+                             str(tmp_path / "all.jsonl"))
+    assert code == 0 and len(data.read_jsonl(tmp_path / "all.jsonl")[0]) == len(data.project_prompts("benign"))
+    code, out, err = run_cli(capsys, "data", "export", "--out", str(tmp_path / "all.jsonl"))
+    assert code == 1 and "already exists" in err  # never overwritten unasked
