@@ -49,6 +49,7 @@ class Job:
     logprobs: Optional[int] = None  # None: none; k >= 0: the chosen token's and k alternatives
     events: "queue.Queue" = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    done: threading.Event = field(default_factory=threading.Event)  # set after the last event
 
 
 @dataclass
@@ -139,6 +140,7 @@ class Engine:
         if error is not None:
             job.events.put(error)
         job.events.put(None)
+        job.done.set()
         with self._lock:
             self._count -= 1
 

@@ -300,6 +300,14 @@ class Handler(BaseHTTPRequestHandler):
 
     # ------------------------------------------------------------ answers
 
+    def _check_alive(self) -> None:
+        """Raise if the client has gone away (readable with no data = closed)."""
+        import select
+
+        r, _, _ = select.select([self.connection], [], [], 0)
+        if r and not self.connection.recv(1, socket.MSG_PEEK):
+            raise ConnectionResetError("client went away")
+
     def _tokens(self, job: Job):
         while True:
             ev = job.events.get()
@@ -336,6 +344,9 @@ class Handler(BaseHTTPRequestHandler):
 
     def _complete(self, req, job, prompt_tokens: int) -> None:
         app, tok = self.app, self.app.system.tokenizer
+        if not req.stop:  # nothing to cut early: wake once, not once per token (the GIL is shared)
+            while not job.done.wait(1.0):
+                self._check_alive()
         text, count, finish = [], 0, "length"
         entries, text_lp = [], api.TextLogprobs()
         offset = len(req.prompt) if (req.kind == "text" and req.echo) else 0
