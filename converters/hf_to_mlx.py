@@ -8,13 +8,11 @@ safetensors only and never remote code, the checkpoint's own dtype as the
 default (also under transformers 5's ``dtype`` key), and an atomic write: the
 model is built in a temporary directory next to the target, then renamed.
 
-transformers 5 writes RoPE settings only under ``rope_parameters`` and the
-local/global attention layout only as ``layer_types``; mlx-lm 0.32 reads most
-architectures' ``rope_theta``/``rope_scaling`` and Gemma 3's
-``sliding_window_pattern`` from the top level and would silently fall back to
-its defaults (Qwen2: theta 1e6 instead of the checkpoint's). ``legacy_fields``
-restores the top-level fields in a staged copy of config.json before mlx-lm
-reads it; the converted model's config.json keeps both forms.
+Configs written by transformers 5 name many fields differently from what
+mlx-lm's architectures read (see ``mlx_softprompt.hf_config``): mlx-lm converts
+from a staged copy of the checkpoint whose config.json carries the translated
+fields, so the converted model's config.json has both forms and loads with
+plain mlx-lm too.
 """
 
 import contextlib
@@ -27,6 +25,7 @@ from pathlib import Path
 from typing import Optional
 
 from mlx_softprompt.errors import UserError, read_json_object
+from mlx_softprompt.hf_config import mlx_lm_config
 from mlx_softprompt.models import resolve_model_path
 from mlx_softprompt.prompt_file import _check_header, as_if_created
 
@@ -62,68 +61,20 @@ def _check_weights(src: Path, name: str) -> None:
                     "convert the checkpoint to safetensors first")
 
 
-def _check_architecture(config: dict, name: str) -> None:
-    from mlx_lm import __version__ as mlx_lm_version
-    from mlx_lm.utils import _get_classes
-
-    if "model_file" in config:
-        raise UserError(f"{name}: config.json asks to run custom model code ({config['model_file']!r}); "
-                        "remote code is never run")
-    model_type = config.get("model_type")
-    if not model_type:
-        raise UserError(f"{name}: config.json has no model_type")
-    try:
-        _get_classes(config)
-    except ValueError:
-        raise UserError(f"{name}: model_type {model_type!r} is not supported by mlx-lm {mlx_lm_version}")
-
-
-def _lift_rope(config: dict) -> None:
-    rp = config.get("rope_parameters")
-    if not isinstance(rp, dict):
-        return
-    if "full_attention" in rp or "sliding_attention" in rp:  # per layer type (Gemma 3 style)
-        full, local = rp.get("full_attention") or {}, rp.get("sliding_attention") or {}
-        if "rope_theta" in local:
-            config.setdefault("rope_local_base_freq", local["rope_theta"])
-        rp = full
-    if "rope_theta" in rp:
-        config.setdefault("rope_theta", rp["rope_theta"])
-    if "partial_rotary_factor" in rp:
-        config.setdefault("partial_rotary_factor", rp["partial_rotary_factor"])
-    rope_type = rp.get("rope_type", rp.get("type", "default"))
-    if rope_type != "default" and not config.get("rope_scaling"):
-        scaling = {k: v for k, v in rp.items() if k not in ("rope_theta", "partial_rotary_factor")}
-        config["rope_scaling"] = {**scaling, "type": rope_type, "rope_type": rope_type}
-
-
-def _lift_layer_types(config: dict) -> None:
-    types = config.get("layer_types")
-    if not isinstance(types, list) or "full_attention" not in types or "sliding_window_pattern" in config:
-        return
-    p = types.index("full_attention") + 1
-    if all((t == "full_attention") == ((i + 1) % p == 0) for i, t in enumerate(types)):
-        config["sliding_window_pattern"] = p
-
-
-def legacy_fields(config: dict) -> dict:
-    """A copy of `config` with transformers-5 fields also under the legacy top-level names mlx-lm reads."""
-    config = json.loads(json.dumps(config))
-    for c in (config, config.get("text_config")):
-        if isinstance(c, dict):
-            _lift_rope(c)
-            _lift_layer_types(c)
-    return config
-
-
 def _stage(src: Path, config: dict, stage: Path) -> Path:
-    """`src` as symlinks, except a normalised config.json: what mlx-lm converts from."""
+    """`src` as symlinks, except config.json as mlx-lm reads it: what mlx-lm converts from."""
     stage.mkdir()
     for p in src.iterdir():
         if p.name != "config.json":
             (stage / p.name).symlink_to(p.resolve())
-    (stage / "config.json").write_text(json.dumps(legacy_fields(config), indent=2))
+    (stage / "config.json").write_text(json.dumps(config, indent=2))
     return stage
+
+
+def one_line(e: BaseException, limit: int = 300) -> str:
+    """An exception as one non-empty line (mlx-lm lists missing weights on the lines after its message)."""
+    text = f"{type(e).__name__}: {' '.join(str(e).split())}".rstrip(": ")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def default_dtype(config: dict) -> Optional[str]:
@@ -155,7 +106,7 @@ def convert(hf_path: str, mlx_path, quantize: bool = False, q_bits: int = 4, q_g
     src = resolve_model_path(hf_path)  # a local dir, or the hub snapshot (json + safetensors only)
     config = _read_config(src, hf_path)
     _check_weights(src, hf_path)
-    _check_architecture(config, hf_path)
+    config = mlx_lm_config(config, hf_path)  # refuses, in one line, what mlx-lm cannot build
     dtype = dtype or default_dtype(config)
 
     mlx_path.parent.mkdir(parents=True, exist_ok=True)
@@ -169,8 +120,9 @@ def convert(hf_path: str, mlx_path, quantize: bool = False, q_bits: int = 4, q_g
             try:
                 mlx_lm_convert(str(staged), out, quantize=quantize, q_group_size=q_group_size if quantize else None,
                                q_bits=q_bits if quantize else None, dtype=dtype, trust_remote_code=False)
-            except (ValueError, KeyError, OSError, RuntimeError) as e:  # bad files, not our bugs
-                raise UserError(f"{hf_path}: cannot convert: {e}".splitlines()[0])
+            except Exception as e:  # mlx-lm cannot build or load this checkpoint: say what it said, in one line
+                raise UserError(f"{hf_path}: mlx-lm cannot convert this {config['model_type']} checkpoint: "
+                                f"{one_line(e)}")
         _check_target(mlx_path)  # still free (an empty directory is replaced by the rename)
         os.replace(out, mlx_path)
     finally:

@@ -63,12 +63,13 @@ def load(path_or_repo: str, lazy: bool = False):
         raise UserError(f"{path / 'config.json'}: invalid JSON ({e.msg} at line {e.lineno})")
     if not list(path.glob("*.safetensors")):
         raise UserError(f"{path}: no *.safetensors weights (only safetensors are read)")
-    # transformers 5 writes RoPE/layer settings where mlx-lm 0.32 does not look;
-    # without this an HF directory loads silently wrong (see converters/hf_to_mlx.py).
-    from converters.hf_to_mlx import legacy_fields
+    # transformers 5 writes many fields where mlx-lm does not look; without this an HF
+    # directory fails to load or, worse, loads silently wrong (see hf_config.py)
+    from .hf_config import mlx_lm_config
 
     try:
-        model, config = load_model(path, lazy=lazy, model_config=legacy_fields(config), trust_remote_code=False)
+        model, config = load_model(path, lazy=lazy, model_config=mlx_lm_config(config, str(path)),
+                                   trust_remote_code=False)
     except ValueError as e:
         raise UserError(f"{path}: cannot build model: {e}".splitlines()[0])
     tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))

@@ -1,0 +1,316 @@
+"""A Hugging Face config.json as mlx-lm's model classes read it.
+
+mlx-lm builds each architecture from a ``ModelArgs`` dataclass filled with the
+top-level fields of config.json of the same name. Checkpoints saved by
+transformers 5 often do not have those fields there: RoPE settings live only
+under ``rope_parameters`` (and ``rope_scaling`` became an alias of it),
+local/global attention layouts only as ``layer_types``, some fields were
+renamed (``num_experts`` -> ``num_local_experts``, ``n_ctx`` -> ``n_positions``)
+and fields equal to the config class's default are not written at all. mlx-lm
+0.32 then fails with a traceback or, worse, silently uses its own default (a
+Qwen2 checkpoint with RoPE theta 1e6 runs with 1e4).
+
+``mlx_lm_config`` fills, for every field the architecture's ``ModelArgs``
+takes and config.json lacks, the value transformers itself would use: it
+loads the config through transformers' own config class for that
+``model_type`` (never remote code), and reads
+
+1. RoPE fields from ``rope_parameters`` (``RULES``), since transformers'
+   attribute of the same name may mean something else;
+2. otherwise the attribute itself (attribute maps, properties and class
+   defaults included);
+3. otherwise the same quantity under the name transformers uses for it
+   (``SYNONYMS``), or a fact of transformers' modeling code for that
+   architecture that its config does not carry (``MODELING_FACTS``).
+
+Fields explicitly present in config.json always win, so a directory already
+converted (by us, mlx_lm.convert or anyone) reads exactly as before. A field
+the architecture requires and nothing provides is refused in one line naming
+the architecture and the field.
+"""
+
+import copy
+import inspect
+from typing import Any, Callable, Dict, Optional
+
+from .errors import UserError
+
+_MISSING = object()
+
+
+# ---------------------------------------------------------------- reading the source config
+
+
+class Source:
+    """config.json's fields, then transformers' config object for its model_type (if transformers knows it)."""
+
+    def __init__(self, config: dict, hf=None):
+        self.config, self.hf = config, hf
+
+    def get(self, name: str, default: Any = _MISSING) -> Any:
+        if name in self.config:
+            return self.config[name]
+        if self.hf is not None:
+            try:
+                return _plain(getattr(self.hf, name))
+            except AttributeError:
+                pass
+        return default
+
+    def attribute(self, name: str) -> Any:
+        """Only what transformers' config object has under `name` (its attribute maps and defaults)."""
+        if self.hf is None:
+            return _MISSING
+        try:
+            return _plain(getattr(self.hf, name))
+        except AttributeError:
+            return _MISSING
+
+
+def _plain(value):
+    """JSON-like values: sub-configs as dicts."""
+    if hasattr(value, "to_dict") and callable(value.to_dict):
+        return value.to_dict()
+    return value
+
+
+def decode_special_floats(obj):
+    """transformers writes inf/nan as {"__float__": "Infinity"}; mlx-lm wants the float."""
+    if isinstance(obj, dict):
+        if set(obj) == {"__float__"} and obj["__float__"] in ("Infinity", "-Infinity", "NaN"):
+            return float(obj["__float__"].replace("Infinity", "inf"))
+        return {k: decode_special_floats(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [decode_special_floats(v) for v in obj]
+    return obj
+
+
+def transformers_config(config: dict):
+    """transformers' own config object for `config` (built-in classes only), or None."""
+    model_type = config.get("model_type")
+    try:
+        import transformers
+        from transformers import CONFIG_MAPPING
+    except ImportError:  # transformers is optional at run time: explicit fields only
+        return None
+    if model_type not in CONFIG_MAPPING:
+        return None
+    cls = CONFIG_MAPPING[model_type]
+    fields = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config", "auto_map")}
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        return cls.from_dict(fields)
+    except Exception:  # a config transformers' validation rejects: use config.json's fields alone
+        return None
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+
+
+# ---------------------------------------------------------------- RoPE and layer layout
+
+
+def _rope(src: Source, layer_type: str = "full_attention") -> Optional[dict]:
+    """The RoPE parameters of one layer type (transformers 5 may key them by layer type)."""
+    rp = src.config.get("rope_parameters")
+    if not isinstance(rp, dict):
+        rp = src.attribute("rope_parameters")
+    if not isinstance(rp, dict):
+        return None
+    if any(isinstance(v, dict) for v in rp.values()):
+        return rp.get(layer_type) or rp.get("full_attention") or next(v for v in rp.values() if isinstance(v, dict))
+    return rp
+
+
+def _rope_field(key: str, default: Any = _MISSING, layer_type: str = "full_attention") -> Callable:
+    def rule(src: Source):
+        rp = _rope(src, layer_type)
+        if rp is not None and key in rp:
+            return rp[key]
+        return default
+
+    return rule
+
+
+def _rope_scaling(src: Source):
+    """The scaling part of rope_parameters, under both the old and new key for its type; None for plain RoPE."""
+    rp = _rope(src)
+    if rp is None:
+        return _MISSING
+    rope_type = rp.get("rope_type", rp.get("type", "default"))
+    if rope_type == "default":
+        return None
+    scaling = {k: v for k, v in rp.items() if k not in ("rope_theta", "partial_rotary_factor")}
+    return {**scaling, "type": rope_type, "rope_type": rope_type}
+
+
+def _head_dim(src: Source):
+    value = src.attribute("head_dim")
+    if value not in (_MISSING, None):
+        return value
+    hidden, heads = src.get("hidden_size", None), src.get("num_attention_heads", None)
+    return hidden // heads if hidden and heads else _MISSING  # transformers' own rule when head_dim is unset
+
+
+def _rotary_dim(src: Source):
+    head_dim = _head_dim(src)
+    factor = _rope_field("partial_rotary_factor", 1.0)(src)
+    return int(head_dim * factor) if head_dim is not _MISSING else _MISSING
+
+
+def _layer_types(src: Source):
+    value = src.attribute("layer_types")
+    if isinstance(value, list):
+        return value
+    layers = src.get("num_hidden_layers", None)
+    if not isinstance(layers, int):
+        return _MISSING
+    # transformers' rule for configs without layer_types (Mistral, Starcoder2): one window for every layer
+    sliding = src.get("sliding_window", None) and src.get("use_sliding_window", True) is not False
+    return ["sliding_attention" if sliding else "full_attention"] * layers
+
+
+def _sliding_window_pattern(src: Source):
+    """Every p-th layer is global (Gemma 3, Cohere 2): p, from transformers 5's layer_types."""
+    types = src.get("layer_types", None)
+    if not isinstance(types, list) or not types:
+        return _MISSING
+    if "full_attention" not in types:
+        return len(types) + 1  # no global layer in this (short) stack
+    p = types.index("full_attention") + 1
+    if all((t == "full_attention") == ((i + 1) % p == 0) for i, t in enumerate(types)):
+        return p
+    return _MISSING
+
+
+# mlx-lm field -> how to read it; these take precedence over transformers' attribute of the same
+# name (in transformers 5 ``rope_scaling`` is an alias of the whole ``rope_parameters``).
+RULES: Dict[str, Callable[[Source], Any]] = {
+    "rope_theta": _rope_field("rope_theta"),
+    "rotary_emb_base": _rope_field("rope_theta"),
+    "rope_local_base_freq": _rope_field("rope_theta", layer_type="sliding_attention"),
+    "swa_rope_theta": _rope_field("rope_theta", layer_type="sliding_attention"),
+    "partial_rotary_factor": _rope_field("partial_rotary_factor", 1.0),
+    "rotary_pct": _rope_field("partial_rotary_factor", 1.0),
+    "rope_scaling": _rope_scaling,
+    "rotary_dim": _rotary_dim,
+    "head_dim": _head_dim,
+    "layer_types": _layer_types,
+    "sliding_window_pattern": _sliding_window_pattern,
+}
+
+# mlx-lm field -> the names transformers uses for the same quantity (tried in order).
+SYNONYMS: Dict[str, tuple] = {
+    "n_ctx": ("n_positions", "max_position_embeddings"),
+    "num_experts": ("num_local_experts", "n_routed_experts", "moe_num_experts"),
+    "num_local_experts": ("num_experts", "n_routed_experts"),
+    "n_routed_experts": ("num_local_experts", "num_experts"),
+    "layer_norm_epsilon": ("layer_norm_eps", "rms_norm_eps", "norm_eps"),
+    "layer_norm_eps": ("layer_norm_epsilon", "rms_norm_eps", "norm_eps"),
+    "rms_norm_eps": ("layer_norm_epsilon", "layer_norm_eps", "norm_eps"),
+    "norm_epsilon": ("layer_norm_epsilon", "layer_norm_eps", "rms_norm_eps"),
+    "num_layers": ("num_hidden_layers",),
+    "shared_intermediate_size": ("shared_expert_intermediate_size",),
+    "moe_shared_expert_intermediate_size": ("shared_expert_intermediate_size",),
+    "max_position_embeddings": ("n_positions", "max_seq_len"),
+}
+
+# Facts of transformers' modeling code that its config does not carry, for fields mlx-lm requires:
+# (model_type, field) -> value. Read from transformers' modeling_<type>.py.
+MODELING_FACTS: Dict[tuple, Any] = {
+    ("apertus", "mlp_bias"): False,  # ApertusMLP: nn.Linear(..., bias=False)
+    ("apertus", "qk_norm"): True,  # ApertusAttention always has q_norm/k_norm
+    ("apertus", "post_norm"): False,  # pre-norm only (attention_layernorm, feedforward_layernorm)
+}
+
+
+def _derive(name: str, src: Source, model_type: str):
+    if name in RULES:
+        value = RULES[name](src)
+        if value is not _MISSING:
+            return value
+    value = src.attribute(name)
+    if value is not _MISSING:
+        return value
+    for alias in SYNONYMS.get(name, ()):
+        value = src.get(alias)
+        if value is not _MISSING:
+            return value
+    return MODELING_FACTS.get((model_type, name), _MISSING)
+
+
+# ---------------------------------------------------------------- the translation
+
+
+def _versions() -> str:
+    from mlx_lm import __version__ as mlx_lm_version
+
+    try:
+        from transformers import __version__ as transformers_version
+    except ImportError:
+        return f"mlx-lm {mlx_lm_version}"
+    return f"mlx-lm {mlx_lm_version} / transformers {transformers_version}"
+
+
+def model_classes(config: dict, name: str):
+    """mlx-lm's (Model, ModelArgs) for `config`, or a one-line refusal."""
+    from mlx_lm import __version__ as mlx_lm_version
+    from mlx_lm.utils import _get_classes
+
+    if "model_file" in config:
+        raise UserError(f"{name}: config.json asks to run custom model code ({config['model_file']!r}); "
+                        "remote code is never run")
+    model_type = config.get("model_type")
+    if not model_type or not isinstance(model_type, str):
+        raise UserError(f"{name}: config.json has no model_type")
+    try:
+        return _get_classes(config)
+    except ValueError:
+        raise UserError(f"{name}: model_type {model_type!r} is not supported by mlx-lm {mlx_lm_version}")
+    except (ImportError, SystemExit) as e:  # mlx-lm's module for it needs a package (e.g. olmo: ai2-olmo)
+        why = f"{type(e).__name__}: {e}" if not isinstance(e, SystemExit) else "it exits asking for a package"
+        raise UserError(f"{name}: mlx-lm {mlx_lm_version}'s {model_type} model cannot be loaded ({why})")
+
+
+def _translate(config: dict, args_class, name: str, hf=None) -> dict:
+    out = dict(config)
+    src = Source(config, hf)
+    model_type = config.get("model_type", "?")
+    missing = []
+    for field, param in inspect.signature(args_class).parameters.items():
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            continue
+        if field in config:
+            value = config[field]
+        else:
+            value = _derive(field, src, model_type)
+            if value is _MISSING:
+                if param.default is param.empty:
+                    missing.append(field)
+                continue
+            out[field] = value
+        if isinstance(value, dict) and isinstance(value.get("model_type"), str):
+            out[field] = _sub_config(value, name)  # text_config of a multimodal checkpoint
+    if missing:
+        raise UserError(f"{name}: cannot build {model_type}: mlx-lm's {model_type} needs "
+                        f"{', '.join(missing)}, which this config.json does not give under any name "
+                        f"transformers uses ({_versions()})")
+    return out
+
+
+def _sub_config(config: dict, name: str) -> dict:
+    """A nested config with an mlx-lm architecture of its own (gemma3's text_config) is translated too."""
+    import importlib
+
+    try:
+        args_class = importlib.import_module(f"mlx_lm.models.{config['model_type']}").ModelArgs
+    except (ImportError, AttributeError, SystemExit):
+        return config
+    return _translate(config, args_class, f"{name} ({config['model_type']})", transformers_config(config))
+
+
+def mlx_lm_config(config: dict, name: str) -> dict:
+    """A copy of `config` with every field mlx-lm's ModelArgs for its model_type reads at the top level."""
+    config = decode_special_floats(copy.deepcopy(config))
+    _, args_class = model_classes(config, name)
+    return _translate(config, args_class, name, transformers_config(config))
