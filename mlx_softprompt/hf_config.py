@@ -29,8 +29,11 @@ the architecture requires and nothing provides is refused in one line naming
 the architecture and the field.
 """
 
+import contextlib
 import copy
+import io
 import inspect
+import typing
 from typing import Any, Callable, Dict, Optional
 
 from .errors import UserError
@@ -158,23 +161,20 @@ def _rotary_dim(src: Source):
     return int(head_dim * factor) if head_dim is not _MISSING else _MISSING
 
 
-def _layer_types(src: Source):
-    value = src.attribute("layer_types")
-    if isinstance(value, list):
-        return value
-    layers = src.get("num_hidden_layers", None)
-    if not isinstance(layers, int):
-        return _MISSING
-    # transformers' rule for configs without layer_types (Mistral, Starcoder2): one window for every layer
-    sliding = src.get("sliding_window", None) and src.get("use_sliding_window", True) is not False
-    return ["sliding_attention" if sliding else "full_attention"] * layers
+def _expanded_intermediate(src: Source):
+    """Mamba-style configs give the inner width as expand x hidden_size (transformers' modeling rule)."""
+    expand, hidden = src.get("expand", None), src.get("hidden_size", None)
+    return int(expand * hidden) if expand and hidden else _MISSING
 
 
-def _sliding_window_pattern(src: Source):
-    """Every p-th layer is global (Gemma 3, Cohere 2): p, from transformers 5's layer_types."""
+def _sliding_window_pattern(src: Source, annotation=None):
+    """transformers 5's layer_types as a window pattern: every p-th layer global (an int: Gemma 3,
+    Cohere 2), or one letter per layer, L local and G global (a string: EXAONE 4)."""
     types = src.get("layer_types", None)
     if not isinstance(types, list) or not types:
         return _MISSING
+    if _wants(annotation, str):
+        return "".join("G" if t == "full_attention" else "L" for t in types)
     if "full_attention" not in types:
         return len(types) + 1  # no global layer in this (short) stack
     p = types.index("full_attention") + 1
@@ -195,7 +195,6 @@ RULES: Dict[str, Callable[[Source], Any]] = {
     "rope_scaling": _rope_scaling,
     "rotary_dim": _rotary_dim,
     "head_dim": _head_dim,
-    "layer_types": _layer_types,
     "sliding_window_pattern": _sliding_window_pattern,
 }
 
@@ -213,6 +212,25 @@ SYNONYMS: Dict[str, tuple] = {
     "shared_intermediate_size": ("shared_expert_intermediate_size",),
     "moe_shared_expert_intermediate_size": ("shared_expert_intermediate_size",),
     "max_position_embeddings": ("n_positions", "max_seq_len"),
+    "block_dim": ("hidden_size",),  # LFM2: transformers 5 dropped block_dim (= hidden_size)
+    "block_ff_dim": ("intermediate_size",),
+}
+
+def _is_moe_layer(src: Source):
+    """transformers 5's per-layer MLP kinds ("dense"/"sparse") as the per-layer flags mlx-lm reads."""
+    kinds = src.get("mlp_layer_types", None)
+    return [k == "sparse" for k in kinds] if isinstance(kinds, list) else _MISSING
+
+
+# The same quantity derived from others by transformers' own rule.
+DERIVED: Dict[str, Callable[[Source], Any]] = {
+    "intermediate_size": _expanded_intermediate,
+    "is_moe_layer": _is_moe_layer,
+}
+
+# Values renamed by transformers 5 inside a field: (model_type, field) -> {new name: the name mlx-lm reads}.
+VALUE_NAMES: Dict[tuple, Dict[str, str]] = {
+    ("granitemoehybrid", "layer_types"): {"linear_attention": "mamba", "full_attention": "attention"},
 }
 
 # Facts of transformers' modeling code that its config does not carry, for fields mlx-lm requires:
@@ -221,12 +239,54 @@ MODELING_FACTS: Dict[tuple, Any] = {
     ("apertus", "mlp_bias"): False,  # ApertusMLP: nn.Linear(..., bias=False)
     ("apertus", "qk_norm"): True,  # ApertusAttention always has q_norm/k_norm
     ("apertus", "post_norm"): False,  # pre-norm only (attention_layernorm, feedforward_layernorm)
+    ("minimax", "shared_intermediate_size"): 0,  # MiniMaxSparseMoeBlock: no shared expert
+    ("minimax_m2", "shared_intermediate_size"): 0,
+    ("solar_open", "first_k_dense_replace"): 0,  # SolarOpenDecoderLayer: every layer is a mixture of experts
+    ("solar_open", "intermediate_size"): 0,  # so no dense MLP width (mlx-lm sizes dense layers with it)
 }
 
 
-def _derive(name: str, src: Source, model_type: str):
+def _kinds(annotation) -> set:
+    """The basic kinds a resolved ModelArgs annotation admits ({str}, {int, list}, ...); empty if unknown."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Union:
+        return set().union(*(_kinds(a) for a in typing.get_args(annotation) if a is not type(None)))
+    if origin in (list, tuple) or annotation in (list, tuple):
+        return {list}
+    if origin is dict or annotation is dict:
+        return {dict}
+    return {annotation} if annotation in (str, int, float, bool) else set()
+
+
+def _wants(annotation, kind) -> bool:
+    return kind in _kinds(annotation)
+
+
+def _fits(value, annotation) -> bool:
+    """False only when the value is plainly of another basic kind than the annotation (int vs str)."""
+    kinds = _kinds(annotation)
+    if not kinds or value is None:
+        return True
+    if isinstance(value, bool):
+        return bool in kinds or int in kinds
+    if isinstance(value, int) and float in kinds:
+        return True
+    if isinstance(value, tuple):
+        return list in kinds
+    return isinstance(value, tuple(kinds))
+
+
+def _annotations(args_class) -> dict:
+    try:
+        return typing.get_type_hints(args_class)
+    except Exception:  # an annotation that does not resolve: no type checks for that class
+        return {}
+
+
+def _derive(name: str, src: Source, model_type: str, annotation=None):
     if name in RULES:
-        value = RULES[name](src)
+        rule = RULES[name]
+        value = rule(src, annotation) if name == "sliding_window_pattern" else rule(src)
         if value is not _MISSING:
             return value
     value = src.attribute(name)
@@ -236,6 +296,13 @@ def _derive(name: str, src: Source, model_type: str):
         value = src.get(alias)
         if value is not _MISSING:
             return value
+    if name in DERIVED:
+        value = DERIVED[name](src)
+        if value is not _MISSING:
+            return value
+    text = src.get("text_config", None)  # a multimodal wrapper that reads a text field at its top level
+    if isinstance(text, dict) and name in text:
+        return text[name]
     return MODELING_FACTS.get((model_type, name), _MISSING)
 
 
@@ -263,13 +330,22 @@ def model_classes(config: dict, name: str):
     model_type = config.get("model_type")
     if not model_type or not isinstance(model_type, str):
         raise UserError(f"{name}: config.json has no model_type")
+    printed = io.StringIO()
     try:
-        return _get_classes(config)
+        with contextlib.redirect_stdout(printed):
+            return _get_classes(config)
     except ValueError:
         raise UserError(f"{name}: model_type {model_type!r} is not supported by mlx-lm {mlx_lm_version}")
-    except (ImportError, SystemExit) as e:  # mlx-lm's module for it needs a package (e.g. olmo: ai2-olmo)
-        why = f"{type(e).__name__}: {e}" if not isinstance(e, SystemExit) else "it exits asking for a package"
-        raise UserError(f"{name}: mlx-lm {mlx_lm_version}'s {model_type} model cannot be loaded ({why})")
+    except (ImportError, SystemExit) as e:  # mlx-lm's module for it needs a package (olmo: ai2-olmo)
+        said = " ".join(printed.getvalue().split()) or f"{type(e).__name__}: {e}"
+        raise UserError(f"{name}: mlx-lm {mlx_lm_version}'s {model_type} model cannot be loaded ({said})")
+
+
+def _settable(hf, field: str) -> bool:
+    """False for a read-only property of transformers' config class (Jamba's layers_block_type): written
+    to config.json it would make transformers (and mlx-lm's tokenizer loading) refuse the file."""
+    attr = inspect.getattr_static(type(hf), field, None) if hf is not None else None
+    return not (isinstance(attr, property) and attr.fset is None)
 
 
 def _translate(config: dict, args_class, name: str, hf=None) -> dict:
@@ -277,18 +353,26 @@ def _translate(config: dict, args_class, name: str, hf=None) -> dict:
     src = Source(config, hf)
     model_type = config.get("model_type", "?")
     missing = []
+    hints = _annotations(args_class)
     for field, param in inspect.signature(args_class).parameters.items():
         if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
             continue
-        if field in config:
-            value = config[field]
-        else:
-            value = _derive(field, src, model_type)
-            if value is _MISSING:
-                if param.default is param.empty:
+        annotation = hints.get(field)
+        value = config.get(field, _MISSING)
+        if value is _MISSING or not _fits(value, annotation):  # absent, or meant otherwise (EXAONE 4's
+            derived = _derive(field, src, model_type, annotation)  # int window pattern vs mlx-lm's "LLLG")
+            if derived is _MISSING:
+                if value is _MISSING and param.default is param.empty:
                     missing.append(field)
+                if value is _MISSING:
+                    continue
+            elif _settable(hf, field):
+                value = out[field] = derived
+            elif value is _MISSING:  # transformers computes it and refuses it in config.json: so must mlx-lm
                 continue
-            out[field] = value
+        names = VALUE_NAMES.get((model_type, field))
+        if names and isinstance(value, list):
+            value = out[field] = [names.get(v, v) for v in value]
         if isinstance(value, dict) and isinstance(value.get("model_type"), str):
             out[field] = _sub_config(value, name)  # text_config of a multimodal checkpoint
     if missing:

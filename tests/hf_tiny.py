@@ -34,11 +34,99 @@ EXTRA_ARCHS = {
 }
 
 
+# Any architecture: transformers' own config class with every size field it has shrunk to these.
+# Feed-forward widths are 4 x hidden, the ratio some mlx-lm models assume (GPT-NeoX, GPT-2).
+TINY_SIZES = {
+    "hidden_size": 64, "num_hidden_layers": 2, "num_layers": 2, "num_attention_heads": 4,
+    "num_key_value_heads": 2, "head_dim": 16, "intermediate_size": 256, "ffn_hidden_size": 256,
+    "intermediate_size_mlp": 256, "max_position_embeddings": 512,
+    # mixture of experts
+    "num_experts": 4, "n_routed_experts": 4, "num_local_experts": 4, "moe_num_experts": 4, "num_experts_per_tok": 2,
+    "moe_topk": 2, "n_group": 1, "topk_group": 1, "zero_expert_num": 2, "moe_intermediate_size": 32,
+    "shared_expert_intermediate_size": 32, "moe_shared_expert_intermediate_size": 32, "shared_intermediate_size": 32,
+    "expert_ffn_hidden_size": 32, "moe_layer_end_index": 1, "max_window_layers": 2,
+    # multi-head latent attention (DeepSeek, MiniCPM3, GLM-4.7 lite)
+    "kv_lora_rank": 16, "q_lora_rank": 32, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "qk_head_dim": 16,
+    "v_head_dim": 16, "index_head_dim": 16, "index_n_heads": 2, "index_topk": 8,
+    # local attention, linear attention, state-space layers
+    "sliding_window": 8, "attention_window_size": 8, "attention_chunk_size": 8, "linear_num_key_heads": 2,
+    "linear_num_value_heads": 4, "linear_key_head_dim": 16, "linear_value_head_dim": 16, "linear_head_dim": 16,
+    "linear_num_heads": 4, "state_size": 16, "time_step_rank": 4, "mamba_d_state": 16, "mamba_n_heads": 8,
+    "mamba_d_head": 16, "mamba_head_dim": 16, "mamba_num_heads": 8, "ssm_state_size": 16, "mamba_d_ssm": 128,
+    "chunk_size": 16, "mamba_chunk_size": 16, "num_heads": 8, "mamba_dt_rank": 4, "lru_width": 64,
+    # others
+    "query_pre_attn_scalar": 16, "rotary_dim": 8, "block_size": 16, "hidden_size_per_layer_input": 16,
+    "dim_model_base": 64,
+}
+
+# Fields a real checkpoint of the architecture has and a 2-layer copy of the class defaults would lose
+# (scaled RoPE that mlx-lm's model assumes, a layout with both layer kinds).
+TINY_EXTRAS = {
+    # mlx-lm's LongRoPE applies the long factors at every length, transformers the short ones up to
+    # original_max_position_embeddings: equal factors here, the difference is documented (docs/CONVERT.md)
+    "minicpm3": {"rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0,
+                                     "short_factor": [1.0, 1.5, 2.0, 2.5], "long_factor": [1.0, 1.5, 2.0, 2.5],
+                                     "original_max_position_embeddings": 512}},
+    "deepseek_v2": {"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                        "original_max_position_embeddings": 128, "beta_fast": 32.0,
+                                        "beta_slow": 1.0, "mscale": 0.707, "mscale_all_dim": 0.707},
+                    "topk_method": "group_limited_greedy", "n_group": 2, "topk_group": 1, "num_experts_per_tok": 2},
+    "granitemoehybrid": {"layer_types": ["linear_attention", "full_attention"]},
+    "jamba": {"attn_layer_period": 2, "attn_layer_offset": 1, "expert_layer_period": 2, "expert_layer_offset": 1},
+    "qwen3_next": {"full_attention_interval": 2},
+    "recurrent_gemma": {"block_types": ["recurrent", "attention"], "num_key_value_heads": 1},
+    "lfm2": {"full_attn_idxs": [1]},
+}
+
+
+def _shrunk(config_class, **fields) -> dict:
+    """The size fields `config_class` has (its attribute maps included), shrunk; `fields` on top."""
+    default = config_class()
+    out = {k: v for k, v in TINY_SIZES.items()
+           if getattr(default, k, None) is not None and not isinstance(getattr(default, k), (dict, list))}
+    if "qk_rope_head_dim" in out:  # MLA: transformers rotates head_dim = qk_rope_head_dim dims
+        out["head_dim"] = out["qk_rope_head_dim"]
+    types = getattr(default, "layer_types", None)
+    settable = not (isinstance(getattr(config_class, "layer_types", None), property)
+                    or "layer_types" in getattr(config_class, "attribute_map", {}))
+    if settable and isinstance(types, list) and len(set(types)) > 1:  # one local/linear layer, one global
+        kinds = list(dict.fromkeys(types))
+        full = [t for t in kinds if t in ("full_attention", "attention")]
+        other = [t for t in kinds if t not in full]
+        out["layer_types"] = [other[0], full[0]] if full and other else kinds[:2]
+    out.update({k: v for k, v in fields.items() if hasattr(default, k)})
+    return out
+
+
+def tiny_any_config(arch: str, tokenizer, init_std: float = INIT_STD, **overrides):
+    """A tiny config of any architecture transformers knows, from its own config class."""
+    from transformers import CONFIG_MAPPING
+
+    cls = CONFIG_MAPPING[arch]
+    ids = {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
+           "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    fields = _shrunk(cls, **ids)
+    default = cls()
+    for sub in ("text_config", "vision_config", "audio_config"):  # multimodal: shrink every tower
+        sub_config = getattr(default, sub, None)
+        if sub_config is not None:
+            sub_fields = {**sub_config.to_dict(), **_shrunk(type(sub_config), **ids)}
+            if "layer_types" not in _shrunk(type(sub_config)):
+                sub_fields.pop("layer_types", None)
+            fields[sub] = sub_fields
+    fields.update(TINY_EXTRAS.get(arch, {}), **overrides)
+    config = cls(initializer_range=init_std, **fields)
+    config.dtype = "float32"
+    return config
+
+
 def make_hf_config(arch: str, tokenizer, hidden_size: int = 64, num_layers: int = 2,
                    tie: Optional[bool] = None, init_std: float = INIT_STD, **overrides):
     """A transformers config object for a tiny `arch` model matching `tokenizer`."""
     from transformers import AutoConfig
 
+    if overrides.pop("any_arch", False):
+        return tiny_any_config(arch, tokenizer, init_std, **overrides)
     base, extra = EXTRA_ARCHS.get(arch, (arch, {}))
     fields = make_config(
         base, vocab_size=len(tokenizer), hidden_size=hidden_size, num_layers=num_layers, tie=tie,

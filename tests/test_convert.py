@@ -11,8 +11,10 @@ import pytest
 import torch
 from mlx.utils import tree_flatten
 
-from converters.hf_to_mlx import convert, legacy_fields
+from converters.hf_to_mlx import convert
 from mlx_softprompt import cli, models
+from mlx_softprompt.errors import UserError
+from mlx_softprompt.hf_config import mlx_lm_config
 from mlx_softprompt.generate import chat_ids
 
 TEXTS = ["Write a poem about the sea.", "What is the capital of France? Explain how to bake bread."]
@@ -134,26 +136,52 @@ def test_dtype_defaults_to_the_checkpoint_and_can_be_set(hf_tiny_model, tmp_path
     assert {v.dtype for _, v in tree_flatten(m.parameters())} == {mx.uint32, mx.bfloat16}
 
 
-def test_legacy_fields_for_mlx_lm():
-    """transformers-5 config fields are also written under the names mlx-lm 0.32 reads."""
-    llama3 = legacy_fields({"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "rope_theta": 5e5,
-                                                "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                                "original_max_position_embeddings": 8192}})
+def test_transformers5_fields_reach_mlx_lm():
+    """What transformers 5 writes under other names reaches mlx-lm's ModelArgs under its own."""
+    llama3 = mlx_lm_config({"model_type": "llama", "rope_parameters": {
+        "rope_type": "llama3", "factor": 8.0, "rope_theta": 5e5, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192}}, "m")
     assert llama3["rope_theta"] == 5e5
     assert llama3["rope_scaling"] == {"rope_type": "llama3", "type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
-    assert "rope_scaling" not in legacy_fields({"rope_parameters": {"rope_type": "default", "rope_theta": 1.0}})
-    gemma3 = legacy_fields({"text_config": {
+    plain = mlx_lm_config({"model_type": "qwen2", "rope_parameters": {"rope_type": "default", "rope_theta": 1e6}}, "m")
+    assert plain["rope_theta"] == 1e6 and plain["rope_scaling"] is None  # not mlx-lm's default 1e4
+    assert plain["hidden_size"] == 4096  # a field left out of config.json: transformers' class default
+    gemma3 = mlx_lm_config({"model_type": "gemma3", "text_config": {
+        "model_type": "gemma3_text",
         "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
                             "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}},
-        "layer_types": ["sliding_attention"] * 5 + ["full_attention"] + ["sliding_attention"] * 2}})
-    assert gemma3["text_config"]["rope_theta"] == 1e6
-    assert gemma3["text_config"]["rope_local_base_freq"] == 1e4
-    assert gemma3["text_config"]["sliding_window_pattern"] == 6
-    # explicit legacy fields win; irregular layouts are left alone
-    kept = legacy_fields({"rope_theta": 3.0, "rope_parameters": {"rope_theta": 1.0},
-                          "layer_types": ["full_attention", "sliding_attention"]})
-    assert kept["rope_theta"] == 3.0 and "sliding_window_pattern" not in kept
+        "layer_types": ["sliding_attention"] * 5 + ["full_attention"] + ["sliding_attention"] * 2}}, "m")
+    text = gemma3["text_config"]
+    assert (text["rope_theta"], text["rope_local_base_freq"], text["sliding_window_pattern"]) == (1e6, 1e4, 6)
+    # renamed fields, and the same field meant as another type (EXAONE 4: an int in transformers, letters in mlx-lm)
+    neox = mlx_lm_config({"model_type": "gpt_neox", "rope_parameters": {"rope_theta": 1e4, "partial_rotary_factor": 0.25,
+                                                                      "rope_type": "default"}}, "m")
+    assert (neox["rotary_emb_base"], neox["rotary_pct"]) == (1e4, 0.25)
+    assert mlx_lm_config({"model_type": "gpt2", "n_positions": 77}, "m")["n_ctx"] == 77
+    assert mlx_lm_config({"model_type": "qwen3_moe", "num_local_experts": 6}, "m")["num_experts"] == 6
+    exaone4 = mlx_lm_config({"model_type": "exaone4", "num_hidden_layers": 4, "sliding_window_pattern": 4,
+                             "layer_types": ["sliding_attention"] * 3 + ["full_attention"]}, "m")
+    assert exaone4["sliding_window_pattern"] == "LLLG"
+    granite = mlx_lm_config({"model_type": "granitemoehybrid", "num_hidden_layers": 2,
+                             "layer_types": ["linear_attention", "full_attention"]}, "m")
+    assert granite["layer_types"] == ["mamba", "attention"]
+    # explicit fields win; a field transformers computes and refuses to read back is not written
+    assert mlx_lm_config({"model_type": "llama", "rope_theta": 3.0, "rope_parameters": {"rope_theta": 1.0}},
+                         "m")["rope_theta"] == 3.0
+    assert "layers_block_type" not in mlx_lm_config({"model_type": "jamba"}, "m")
+
+
+@pytest.mark.parametrize("config,words", [
+    ({"model_type": "kimi_linear"}, ["kimi_linear", "linear_attn_config"]),
+    ({"model_type": "olmo"}, ["olmo", "ai2-olmo"]),
+    ({"model_type": "my_arch"}, ["'my_arch' is not supported"]),
+])
+def test_what_mlx_lm_cannot_build_is_refused_in_one_line(config, words):
+    with pytest.raises(UserError) as e:
+        mlx_lm_config(config, "ckpt")
+    assert str(e.value).startswith("ckpt: ") and "\n" not in str(e.value)
+    assert all(w in str(e.value) for w in words), str(e.value)
 
 
 # ---------------------------------------------------------------- the command line
