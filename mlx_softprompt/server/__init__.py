@@ -48,6 +48,7 @@ class ServerConfig:
     header_timeout: float = 10.0  # seconds for the request line and headers
     body_timeout: float = 30.0  # seconds for the body
     io_timeout: float = 60.0  # seconds for any one socket read or write
+    keepalive_timeout: float = 15.0  # seconds an idle keep-alive connection is kept
     allowed_hosts: List[str] = field(default_factory=list)  # Host values besides the bound address
     cors_origins: List[str] = field(default_factory=list)  # web origins allowed to call the API
     log: bool = True

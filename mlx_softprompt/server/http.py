@@ -6,7 +6,10 @@
 - Deadlines: the request line and headers must arrive within
   ``header_timeout`` seconds, the body within ``body_timeout``, every socket
   read or write within ``io_timeout``; a watchdog closes connections that
-  miss a deadline, so a slow client holds one thread for a bounded time.
+  miss a deadline, so a slow client holds one thread for a bounded time. An
+  idle keep-alive connection is closed after ``keepalive_timeout`` (longer
+  than clients' own expiry, httpx's 5 s, so they do not reuse a connection
+  the server is closing).
 - Bounded concurrency: at most ``max_connections`` connections are served at
   once and ``max_pending`` requests run or wait for the model; beyond that,
   503 with ``Retry-After``.
@@ -145,8 +148,20 @@ class Handler(BaseHTTPRequestHandler):
     # ------------------------------------------------------------ plumbing
 
     def handle_one_request(self):
-        watch = self.app.watchdog
-        watch.arm(self.connection, self.app.cfg.header_timeout)
+        cfg, watch = self.app.cfg, self.app.watchdog
+        self.served = getattr(self, "served", 0) + 1
+        if self.served > 1:  # an idle keep-alive connection: wait for the next request's first byte
+            try:
+                self.connection.settimeout(cfg.keepalive_timeout)
+                if not self.rfile.peek(1):
+                    self.close_connection = True
+                    return
+            except OSError:
+                self.close_connection = True
+                return
+            finally:
+                self.connection.settimeout(cfg.io_timeout)
+        watch.arm(self.connection, cfg.header_timeout)
         try:
             super().handle_one_request()
         except OSError:  # reset by the client or closed by the watchdog
