@@ -37,10 +37,16 @@ def _hub_id(value) -> Optional[str]:
 def base_card_data(base_source: str, prompt_meta: dict) -> dict:
     """What the base's own card says (base_model, license), if the base has a card."""
     out = {}
-    try:
-        card_path = models.resolve_model_path(base_source) / "README.md"
-    except Exception:  # a hub id that is not in the local cache: nothing to read
-        card_path = None
+    card_path = None
+    if _hub_id(base_source):  # the base came from the Hub: its own card (offline or gated: none)
+        try:
+            from huggingface_hub import hf_hub_download
+
+            card_path = Path(hf_hub_download(base_source, "README.md"))
+        except Exception:
+            card_path = None
+    elif Path(base_source).is_dir():
+        card_path = Path(base_source) / "README.md"
     if card_path is not None and card_path.is_file():
         try:
             data = ModelCard.load(card_path, ignore_metadata_errors=True).data.to_dict()

@@ -419,8 +419,11 @@ def save_state(path, params, optimizer, step: int, micro_batch: int, args: Train
     prompt_file.atomic_write_bytes(path, lambda tmp: mx.save_safetensors(tmp, tensors, metadata=meta))
 
 
-def load_state(path, args: TrainArgs, expect: dict):
-    """(params, optimizer state, rng key, step, micro_batch) of a state file that matches `args`."""
+def load_state(path, args: TrainArgs, expect: dict, say=None):
+    """(params, optimizer state, rng key, step, micro_batch) of a state file that matches `args`.
+
+    Only --iters may grow: a run (finished or not) is extended to the new step count, with
+    the learning-rate schedule recomputed for it from the saved optimizer step."""
     path = Path(path)
     try:
         tensors, meta = mx.load(str(path), return_metadata=True)
@@ -430,6 +433,11 @@ def load_state(path, args: TrainArgs, expect: dict):
         raise UserError(f"{path}: not an mlx-softprompt training-state file")
     saved = json.loads(meta.get("settings", "{}"))
     for k in RESUME_KEYS:
+        if k == "iters" and k in saved and isinstance(saved[k], int) and args.iters > saved[k]:
+            if say is not None:
+                say(f"extending the run from {saved[k]} to {args.iters} steps: the learning-rate schedule "
+                    f"(warm-up, cosine decay to 0) is recomputed for {args.iters} steps")
+            continue
         if k in saved and saved[k] != getattr(args, k):
             raise UserError(f"{path}: written with {k}={saved[k]!r}, now {k}={getattr(args, k)!r}; "
                             "resume with the same settings (or start afresh without --resume)")
@@ -756,7 +764,7 @@ def train(args: TrainArgs, data: Optional[TeacherData] = None, model_bundle=None
             found = bool(_broadcast_from_rank0({"f": mx.array(int(found))}, rank)["f"].item())
         if found:
             if rank == 0:
-                p, o, key, start, micro = load_state(state_path, args, expect)
+                p, o, key, start, micro = load_state(state_path, args, expect, say)
                 if micro != start * args.grad_accum:
                     raise UserError(f"{state_path}: inconsistent data position ({micro} batches at step {start})")
                 _assign(params, p)

@@ -431,3 +431,21 @@ def test_cli_trains_lora_and_steer_opt_with_method_options(tiny_teacher, tmp_pat
                           "--out", str(tmp_path / "x.safetensors"), "--method", "lora", "--lora-rank", "abc"],
                          capture_output=True, text=True, env={"MLX_SOFTPROMPT_NO_BLAS": "1", "PATH": "/usr/bin:/bin"})
     assert bad.returncode != 0 and "Traceback" not in bad.stderr
+
+
+def test_resume_extends_a_finished_run(teacher, base, tmp_path):
+    _, cache, data = teacher
+    args = _args(teacher[0], cache, tmp_path / "p.safetensors", iters=6, save_every=3)
+    train.train(args, data, model_bundle=base, log=_quiet)
+    p6 = np.array(prompt_file.load(args.out).prompt)
+    said = []
+    longer = _args(teacher[0], cache, args.out, iters=9, save_every=3, resume=True)
+    summary = train.train(longer, data, model_bundle=base, log=said.append)
+    assert summary["resumed_from"] == 6 and summary["steps"] == 9
+    assert any("extending the run from 6 to 9 steps" in s for s in said)
+    assert [x["step"] for x in map(json.loads, args.metrics_path.read_text().splitlines()) if "loss" in x] == [3, 6, 9]
+    assert mx.load(str(args.state_path), return_metadata=True)[1]["step"] == "9"
+    assert np.abs(np.array(prompt_file.load(args.out).prompt) - p6).max() > 0  # it trained on
+    with pytest.raises(UserError, match="iters=9, now iters=4"):  # shortening is another run
+        train.train(_args(teacher[0], cache, args.out, iters=4, save_every=3, resume=True), data,
+                    model_bundle=base, log=_quiet)
