@@ -27,7 +27,7 @@ from typing import Optional
 from mlx_softprompt.errors import UserError, read_json_object
 from mlx_softprompt.hf_config import mlx_lm_config
 from mlx_softprompt.models import resolve_model_path
-from mlx_softprompt.prompt_file import _check_header, as_if_created
+from mlx_softprompt.files import as_if_created, check_safetensors
 
 DTYPES = ("float16", "bfloat16", "float32")
 Q_BITS = (4, 8)
@@ -52,7 +52,7 @@ def _check_weights(src: Path, name: str) -> None:
     # mlx-lm reads exactly model*.safetensors (single file or shards)
     files = sorted(src.glob("model*.safetensors"))
     for f in files:  # an interrupted download fails here, in one line, before any work
-        _check_header(f)
+        check_safetensors(f)
     if files:
         return
     pickled = sorted(p.name for p in src.iterdir() if p.suffix in PICKLE_SUFFIXES)

@@ -31,7 +31,7 @@ from typing import Dict, List, Optional
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from . import data, losses, methods
+from . import data, files, losses, methods
 from .data import DEFAULT_SEED, SOURCES
 from . import evaluate as ev
 from .errors import UserError
@@ -253,7 +253,7 @@ def run(cfg: BenchConfig, out, log=print) -> dict:
         if name == "reference":
             systems = [base]
         elif name == "system-prompt":
-            systems = [base, ev.system_prompt_system(base, cfg.system_prompt)]
+            systems = [base, ev.with_system_prompt(base, cfg.system_prompt)]
         elif name == "steer-dom":
             sut, extra = _steer_dom_cell(cfg, cell, base, teacher, splits["val"], ecfg, guard, out, log)
             systems = [base, sut]
@@ -263,7 +263,7 @@ def run(cfg: BenchConfig, out, log=print) -> dict:
             args = train_args(cfg, method, objective, teacher, out_file)
             summary = trainer.train(args, model_bundle=(model, tok, config), log=log)
             extra = {"train": summary}
-            systems = [base, ev.method_system(base, out_file, name=name)]
+            systems = [base, ev.with_method(base, out_file, name=name)]
         report = ev.evaluate(systems, test, ecfg, guard=guard, ref=ref,
                              settings={"cell": name, **extra, "seconds_before_eval": time.perf_counter() - tic})
         report["settings"]["seconds"] = time.perf_counter() - tic
@@ -306,7 +306,7 @@ def _steer_dom_cell(cfg, cell: Path, base, teacher: Path, val: list, ecfg, guard
     path = cell / "steer-dom.safetensors"
     steering.save_steer_dom(path, directions[choice["layer"]], choice["layer"], choice["alpha"],
                             base.model, base.config, n_harmful=str(len(harmful)), n_harmless=str(len(harmless)))
-    sut = ev.method_system(base, path, name="steer-dom")
+    sut = ev.with_method(base, path, name="steer-dom")
     return sut, {"steer_dom": {**choice, "n_fit_harmful": len(harmful), "n_fit_harmless": len(harmless)}}
 
 
@@ -314,11 +314,10 @@ def steer_system(base, vector: mx.array, layer: int, alpha: float, name: str = "
     """The base with alpha * vector added at `layer` (a candidate of the steer-dom grid)."""
     from .methods import steering
 
-    v = mx.array(vector)
+    from .system import with_params
+
     m = steering.SteerDom(steering.SteerOptions(layer=int(layer), alpha=float(alpha)))
-    return ev.SystemUnderTest(name, "method", base.model, base.tokenizer, base.config,
-                              bind=lambda: m.bind(base.model, {"steer": v}),
-                              added_params=int(v.size), added_bytes=int(v.nbytes), info=m.describe())
+    return with_params(base, m, {"steer": mx.array(vector)}, name)
 
 
 def select_steer_dom(base, directions: mx.array, val_examples, val_ref, layers=None, alphas=(0.5, 1.0, 2.0, 4.0, 8.0),
@@ -378,51 +377,24 @@ def _method_objective(name: str):
     return name, None
 
 
-def _pct(v):
-    return "-" if v is None else f"{100 * v:.1f}"
-
-
-def _num(v, fmt="{:.3f}"):
-    return "-" if v is None else fmt.format(v)
-
-
-def _bytes(n):
-    if n is None:
-        return "-"
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-
-
 def table(results: dict) -> str:
     """The paper-style table: rows methods, columns safety, over-refusal, utility, cost."""
-    rows = results["systems"]
+    from . import tables
+
+    rows = {}
+    for name, m in results["systems"].items():
+        obj = losses.OBJECTIVES.get(m.get("objective") or "")
+        rows[name] = {**m, "method_label": METHOD_LABELS.get(m["method"], m["method"]),
+                      "objective_label": obj.label if obj else None}
     any_row = next(iter(rows.values()), {})
-    head = ("| method | objective | unsafe compliance % (refusal match / guard) | over-refusal % (benign / borderline) "
-            "| agreement with dual % | utility: KL (nats/token) | perplexity | added params | added bytes "
-            "| TTFT x base | TTFT x dual |")
-    lines = [head, "|" + " --- |" * 11]
-    for name, m in rows.items():
-        c = m.get("cost", {})
-        lines.append(
-            f"| {METHOD_LABELS.get(m['method'], m['method'])} | {losses.OBJECTIVES[m['objective']].label if m['objective'] in losses.OBJECTIVES else '-'} "
-            f"| {_pct(m['unsafe_compliance'])} / {_pct(m.get('unsafe_compliance_guard'))} "
-            f"| {_pct(m['over_refusal'])} / {_pct(m.get('over_refusal_borderline'))} "
-            f"| {_pct(m.get('agreement_with_dual'))} | {_num(m.get('utility_kl'))} | {_num(m.get('perplexity'), '{:.2f}')} "
-            f"| {c.get('added_params', 0):,} | {_bytes(c.get('added_bytes'))} "
-            f"| {_num(c.get('ttft_ratio_base'), '{:.2f}')} | {_num(c.get('ttft_ratio_dual'), '{:.2f}')} |")
     n = (f"Test split: {any_row.get('n_harmful', 0)} harmful, {any_row.get('n_benign', 0)} benign, "
          f"{any_row.get('n_borderline', 0)} borderline prompts; utility over {any_row.get('n_utility_prompts', 0)} "
          f"benign prompts ({any_row.get('n_utility_tokens', 0)} tokens of the base's greedy answers).")
-    return "\n".join(lines) + "\n\n" + n + "\n"
+    return tables.render(rows, tables.BENCH) + "\n\n" + n + "\n"
 
 
 def write_table(results: dict, path) -> None:
-    from .prompt_file import atomic_write_bytes
-
-    text = table(results)
-    atomic_write_bytes(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    files.write_text(path, table(results))
 
 
 def pareto(points: Dict[str, tuple]) -> List[str]:
@@ -441,8 +413,6 @@ def plot(results: dict, path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .prompt_file import atomic_write_bytes
-
     pts = {n: (m["utility_kl"], m["unsafe_compliance"]) for n, m in results["systems"].items()
            if m.get("utility_kl") is not None and m.get("unsafe_compliance") is not None}
     front = pareto(pts)
@@ -450,7 +420,7 @@ def plot(results: dict, path) -> None:
     colors = plt.get_cmap("tab20").colors
     for k, (name, (x, y)) in enumerate(pts.items()):
         method = results["systems"][name]["method"]
-        marker = {"softprompt": "o", "lora": "s", "steer-opt": "^", "steer-dom": "v", "system-prompt": "D",
+        marker = {"softprompt": "o", "prefix": "P", "lora": "s", "steer-opt": "^", "steer-dom": "v", "system-prompt": "D",
                   "base": "X", "dual": "*"}.get(method, "o")
         ax.scatter([x], [100 * y], marker=marker, s=110 if name in front else 60, color=colors[k % len(colors)],
                    edgecolors="black" if name in front else "none", linewidths=1.2, zorder=3,
@@ -469,5 +439,5 @@ def plot(results: dict, path) -> None:
     def write(tmp):
         fig.savefig(tmp, format="png")
 
-    atomic_write_bytes(path, write)
+    files.atomic_write(path, write)
     plt.close(fig)

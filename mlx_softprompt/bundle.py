@@ -1,17 +1,20 @@
 """The bundle: what ships to a device, a directory that `chat` and `serve` open directly.
 
-    DIR/bundle.json               parts and their sha256, base fingerprint, prompt metadata
+    DIR/bundle.json               parts and their sha256, base fingerprint, method metadata
     DIR/README.md                 the model card (model_card.py: YAML metadata, a warning, the eval table)
     DIR/model/                    the MLX base as bundled (optionally quantized by mlx-lm)
-    DIR/prompt.safetensors        the prompt file, byte for byte
-    DIR/prompt_cache.safetensors  P's key/value cache (mlx-lm's prompt-cache format),
-                                  computed on the base as bundled, so P costs no prefill
+    DIR/prompt.safetensors        the method file (any method), byte for byte
+    DIR/prompt_cache.safetensors  for a method that does not depend on the conversation (soft
+                                  prompt, prefix tuning): its key/value cache (mlx-lm's
+                                  prompt-cache format), computed on the base as bundled, so it
+                                  costs no prefill; absent for LoRA and steering, which are
+                                  bound to the model when the bundle is opened
     DIR/eval_report.json          the eval report, when one was given
 
 The directory is built next to its target and renamed into place, so a reader
 never sees half a bundle. Opening checks that the parts belong together: every
-hash, the bundled base against its recorded fingerprint, the prompt file
-against the base, and the cache's layer count, types and offset (== n).
+hash, the bundled base against its recorded fingerprint, the method file
+against the base (methods.load), and the cache's layer count, types and offset.
 """
 
 import hashlib
@@ -26,7 +29,7 @@ from typing import Optional
 
 import mlx.core as mx
 
-from . import __version__, models, prompt_file as pf
+from . import __version__, files, methods, models
 from .errors import UserError, read_json_object
 from .model_card import model_card
 
@@ -37,15 +40,15 @@ PROMPT = "prompt.safetensors"
 CACHE = "prompt_cache.safetensors"
 CARD = "README.md"
 REPORT = "eval_report.json"
-# prompt-file metadata worth repeating in the manifest and the model card
-PROMPT_KEYS = ("method", "num_virtual_tokens", "placement", "objective", "guard", "refusal",
+# method-file metadata worth repeating in the manifest and the model card
+PROMPT_KEYS = ("method", "method_options", "num_virtual_tokens", "placement", "objective", "guard", "refusal",
                "data_hash", "library_version")
 
 
 @dataclass
 class BundleConfig:
     base: str
-    prompt_file: Path
+    prompt_file: Path  # any method file
     out: Path
     quantize: bool = False
     q_bits: int = 4
@@ -93,12 +96,8 @@ def make_bundle(cfg: BundleConfig, log=print) -> Path:
     if cfg.quantize and cfg.q_group_size not in (32, 64, 128):
         raise UserError(f"--q-group-size {cfg.q_group_size}: expected 32, 64 or 128")
     report = read_json_object(cfg.eval_report) if cfg.eval_report else None
-    file = pf.load(cfg.prompt_file)
-    if file.method != "softprompt":
-        raise UserError(f"{cfg.prompt_file}: a {file.method!r} file; only soft prompts are bundled")
-
     model, tok, config = models.load(cfg.base, lazy=True)
-    file.check_base(model, config)
+    file = methods.load(cfg.prompt_file, model, config).file  # any method, checked against the base
     quantization = None
     if cfg.quantize:
         if "quantization" in config:
@@ -112,7 +111,7 @@ def make_bundle(cfg: BundleConfig, log=print) -> Path:
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    pf.as_if_created(tmp, directory=True)
+    files.as_if_created(tmp, directory=True)
     try:
         mdir = tmp / MODEL_DIR
         save_model(mdir, model, donate_model=True)
@@ -126,16 +125,20 @@ def make_bundle(cfg: BundleConfig, log=print) -> Path:
         if report is not None:
             shutil.copyfile(cfg.eval_report, tmp / REPORT)
 
-        # P's cache on the base exactly as bundled: reload what was just written
+        # the method's cache on the base exactly as bundled: reload what was just written
         bundled, _, bconfig = models.load(str(mdir))
         fp = models.fingerprint(bundled, bconfig)
-        log(f"computing the key/value cache of {file.prompt.shape[0]} virtual tokens")
-        cache = compact(models.prefix_cache(bundled, file.prompt))
+        loaded = methods.load(tmp / PROMPT, bundled, bconfig)
         prompt_sha = sha256(tmp / PROMPT)
-        save_prompt_cache(str(tmp / CACHE), cache, metadata={
-            "format": FORMAT, "prompt_sha256": prompt_sha, "base_embedding_hash": fp["embedding_hash"],
-            "num_virtual_tokens": str(file.prompt.shape[0]),
-        })
+        cache = loaded.method.prefix_cache(bundled, loaded.params)
+        if cache is not None:
+            cache = compact(cache)
+            n = _cache_info(cache)["offset"]
+            log(f"computing the key/value cache of {n} prefix positions ({loaded.name})")
+            save_prompt_cache(str(tmp / CACHE), cache, metadata={
+                "format": FORMAT, "prompt_sha256": prompt_sha, "base_embedding_hash": fp["embedding_hash"],
+                "num_virtual_tokens": str(n),
+            })
 
         parts = sorted(p for p in tmp.rglob("*") if p.is_file())
         manifest = {
@@ -146,7 +149,7 @@ def make_bundle(cfg: BundleConfig, log=print) -> Path:
             "base": {"source": str(cfg.base), "quantization": quantization,
                      "fingerprint": _public_fingerprint(fp)},
             "prompt": {k: file.metadata[k] for k in PROMPT_KEYS if k in file.metadata},
-            "cache": _cache_info(cache),
+            "cache": _cache_info(cache) if cache is not None else None,
             "eval_report": REPORT if report is not None else None,
             "files": {p.relative_to(tmp).as_posix(): {"sha256": sha256(p), "bytes": p.stat().st_size}
                       for p in parts},
@@ -174,9 +177,11 @@ def read_manifest(path) -> dict:
     if manifest.get("format") != FORMAT:
         got = manifest.get("format") if isinstance(manifest, dict) else None
         raise UserError(f"{mpath}: not an mlx-softprompt bundle manifest (format={got!r})")
-    for key in ("files", "base", "cache"):
+    for key in ("files", "base"):
         if not isinstance(manifest.get(key), dict):
             raise UserError(f"{mpath}: field {key!r} missing or not an object")
+    if manifest.get("cache") is not None and not isinstance(manifest["cache"], dict):
+        raise UserError(f"{mpath}: field 'cache' is not an object")
     return manifest
 
 
@@ -193,20 +198,37 @@ def verify_files(path, manifest: dict) -> None:
             raise UserError(f"{path / MANIFEST}: malformed entry for part {rel!r}")
         if p.stat().st_size != size or sha256(p) != digest:
             raise UserError(f"{p}: bundle part does not match its recorded sha256 (modified or damaged)")
-    for rel in (f"{MODEL_DIR}/config.json", PROMPT, CACHE):
+    needed = (f"{MODEL_DIR}/config.json", PROMPT) + ((CACHE,) if manifest.get("cache") is not None else ())
+    for rel in needed:
         if rel not in manifest["files"]:
             raise UserError(f"{path / MANIFEST}: part {rel!r} is not listed")
 
 
-def open_bundle(path, prompt_file_override: Optional[Path] = None):
-    """A session.System from a bundle, after checking that its parts belong together.
+def is_bundle(path) -> bool:
+    path = Path(path)
+    return path.is_dir() and (path / MANIFEST).exists()
 
-    With `prompt_file_override` the bundled base runs with another soft prompt
-    (checked against the base); its cache is then computed here, once.
+
+@dataclass
+class Opened:
+    """A bundle's parts, checked: the base, its method file (methods.Loaded) and the method's cache."""
+
+    model: object
+    tokenizer: object
+    config: dict
+    name: str
+    path: Optional[Path]  # the method file
+    loaded: Optional[object]  # methods.Loaded
+    cache: Optional[list]  # the bundled prefix cache (None: computed by the method, or none)
+
+
+def read_bundle(path, prompt_file_override: Optional[Path] = None) -> Opened:
+    """Open a bundle after checking that its parts belong together (system.open_system's reader).
+
+    With `prompt_file_override` the bundled base runs with another method file
+    (checked against the base); its cache, if any, is then computed by the System.
     """
     from mlx_lm.models.cache import load_prompt_cache, make_prompt_cache
-
-    from .session import System
 
     path = Path(path)
     manifest = read_manifest(path)
@@ -220,17 +242,14 @@ def open_bundle(path, prompt_file_override: Optional[Path] = None):
     name = manifest.get("name") or path.name
 
     if prompt_file_override is not None:
-        file = pf.load(prompt_file_override)
-        if file.method != "softprompt":
-            raise UserError(f"{prompt_file_override}: a {file.method!r} file, not a soft prompt")
-        file.check_base(model, config)
-        return System(model, tok, config, file.prompt, file, models.prefix_cache(model, file.prompt), name=name)
+        loaded = methods.load(prompt_file_override, model, config)
+        return Opened(model, tok, config, name, Path(prompt_file_override), loaded, None)
 
-    file = pf.load(path / PROMPT)
-    if file.method != "softprompt":
-        raise UserError(f"{path / PROMPT}: a {file.method!r} file, not a soft prompt")
-    file.check_base(model, config)
-    n = int(file.prompt.shape[0])
+    loaded = methods.load(path / PROMPT, model, config)
+    if manifest.get("cache") is None:
+        if loaded.method.prefix_length(loaded.params) > 0:
+            raise UserError(f"{path / MANIFEST}: a {loaded.name} bundle without its key/value cache")
+        return Opened(model, tok, config, name, path / PROMPT, loaded, None)
 
     cpath = path / CACHE
     try:
@@ -239,7 +258,7 @@ def open_bundle(path, prompt_file_override: Optional[Path] = None):
         raise UserError(f"{cpath}: not a readable prompt cache ({type(e).__name__}: {e})".splitlines()[0])
     mx.eval([c.state for c in cache])  # read now: lazy loads are tied to this thread's stream
     if meta.get("prompt_sha256") != manifest["files"][PROMPT]["sha256"]:
-        raise UserError(f"{cpath}: computed for another prompt file than {PROMPT}")
+        raise UserError(f"{cpath}: computed for another method file than {PROMPT}")
     if meta.get("base_embedding_hash") != fp["embedding_hash"]:
         raise UserError(f"{cpath}: computed on another base than {MODEL_DIR}/")
     expected = [type(c).__name__ for c in make_prompt_cache(model)]
@@ -247,10 +266,11 @@ def open_bundle(path, prompt_file_override: Optional[Path] = None):
     if got != expected:
         raise UserError(f"{cpath}: {len(got)} layers {sorted(set(got))}, "
                         f"the base needs {len(expected)} {sorted(set(expected))}")
+    n = loaded.method.prefix_length(loaded.params)
     offsets = {int(getattr(c, "offset", -1)) for c in cache}
     if offsets != {n}:
-        raise UserError(f"{cpath}: cache offset {sorted(offsets)} != the prompt's {n} virtual tokens")
-    return System(model, tok, config, file.prompt, file, cache, name=name)
+        raise UserError(f"{cpath}: cache offset {sorted(offsets)} != the method's {n} prefix positions")
+    return Opened(model, tok, config, name, path / PROMPT, loaded, cache)
 
 
 def inspect_bundle(path) -> dict:

@@ -109,7 +109,7 @@ def import_peft(
 @app.command()
 def generate(
     model: Optional[str] = typer.Option(None, "--model", help="MLX model dir or hub id (or a bundle dir)."),
-    prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", help="Soft prompt to put in front."),
+    prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", "--adapter-path", help="A method file to apply: soft prompt, prefix tuning, LoRA adapter or steering vector."),
     prompt: str = typer.Option(..., "-p", "--prompt", help="The user message; '-' reads it from stdin."),
     system_prompt: Optional[str] = typer.Option(None, "--system-prompt", help="A system message (after the soft prompt)."),
     max_tokens: int = typer.Option(256, "-m", "--max-tokens"),
@@ -119,9 +119,9 @@ def generate(
     as_json: bool = typer.Option(False, "--json", help="Print text, tokens and timings as JSON."),
     config: Optional[Path] = CONFIG,
 ):
-    """One chat-templated completion with the soft prompt in front."""
+    """One chat-templated completion with the method file (soft prompt, adapter, ...) applied."""
     from .generate import GenerationConfig, complete, chat_ids
-    from .session import open_system
+    from .system import open_system
 
     system_ = open_system(model, prompt_file)
     cfg = GenerationConfig(max_tokens=max_tokens, temp=temp, top_p=top_p, seed=seed)
@@ -141,7 +141,8 @@ def generate(
 @app.command()
 def bundle(
     model: str = typer.Option(..., "--model", help="The MLX base model (directory or hub id)."),
-    prompt_file: Path = typer.Option(..., "--prompt-file", help="The trained soft prompt."),
+    prompt_file: Path = typer.Option(..., "--prompt-file", "--adapter-path",
+                                     help="The trained method file (soft prompt, prefix tuning, LoRA, steering)."),
     out: Path = typer.Option(..., "--out", help="Bundle directory to create (must not exist or be empty)."),
     quantize: bool = typer.Option(False, "-q", "--quantize", help="Quantize the base (mlx-lm affine)."),
     q_bits: int = typer.Option(4, "--q-bits", help="Bits per weight."),
@@ -152,7 +153,7 @@ def bundle(
     private: bool = typer.Option(False, "--private", help="With --upload-repo: create the repository private."),
     config: Optional[Path] = CONFIG,
 ):
-    """Base (optionally quantized) + prompt file + P's KV cache + model card -> one directory."""
+    """Base (optionally quantized) + method file (+ its KV cache when precomputable) + model card -> one directory."""
     from .bundle import BundleConfig, make_bundle
 
     cfg = BundleConfig(base=model, prompt_file=prompt_file, out=out, quantize=quantize, q_bits=q_bits,
@@ -179,7 +180,7 @@ def upload(
 
 
 def _open_for_use(path: Optional[str], model: Optional[str], prompt_file: Optional[Path]):
-    from .session import open_system
+    from .system import open_system
 
     if path is not None and model is not None:
         raise UserError("give either a bundle directory or --model, not both")
@@ -191,7 +192,7 @@ def chat(
     path: Optional[str] = typer.Argument(None, hidden=True, help="A bundle directory (same as --model)."),
     model: Optional[str] = typer.Option(None, "--model", help="A bundle directory, or an MLX model (dir or hub id) "
                                                               "with --prompt-file."),
-    prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", help="Soft prompt to put in front."),
+    prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", "--adapter-path", help="A method file to apply: soft prompt, prefix tuning, LoRA adapter or steering vector."),
     system_prompt: Optional[str] = typer.Option(None, "--system-prompt", help="A system message (after the soft prompt)."),
     max_tokens: int = typer.Option(256, "-m", "--max-tokens"),
     temp: float = typer.Option(0.0, "--temp"),
@@ -212,8 +213,8 @@ def chat(
     if guard and compare:
         raise UserError("give --guard or --compare, not both")
     sys_ = _open_for_use(path, model, prompt_file)
-    if sys_.prompt is None and not guard:
-        typer.echo("warning: no soft prompt given: this is the bare base model", err=True)
+    if sys_.method is None and not guard:
+        typer.echo("warning: no method file given: this is the bare base model", err=True)
     cfg = ChatConfig(max_tokens=max_tokens, temp=temp, top_p=top_p, seed=seed, system=system_prompt,
                      jsonl=jsonl)
     conversations = []
@@ -224,8 +225,10 @@ def chat(
 
         g = load_guard(guard or compare, guard_model)
         conversations.append(DualConversation(sys_, g, system_prompt, threshold=guard_threshold))
-    n = sys_.prompt.shape[0] if sys_.prompt is not None else 0
-    mode = "dual system" if guard else f"soft prompt of {n} virtual tokens" + (" vs the dual system" if compare else "")
+    what = sys_.method.name if sys_.method is not None else "bare base"
+    if sys_.prompt is not None:
+        what = f"soft prompt of {sys_.prompt.shape[0]} virtual tokens"
+    mode = "dual system" if guard else what + (" vs the dual system" if compare else "")
     run(conversations, cfg, banner=f"{sys_.name}: {mode}")
 
 
@@ -234,7 +237,7 @@ def serve(
     path: Optional[str] = typer.Argument(None, hidden=True, help="A bundle directory (same as --model)."),
     model: Optional[str] = typer.Option(None, "--model", help="A bundle directory, or an MLX model (dir or hub id) "
                                                               "with --prompt-file."),
-    prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", help="Soft prompt to put in front."),
+    prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", "--adapter-path", help="A method file to apply: soft prompt, prefix tuning, LoRA adapter or steering vector."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (loopback by default)."),
     port: int = typer.Option(8080, "--port"),
     model_id: Optional[str] = typer.Option(None, "--model-id", help="The id clients use (default: the bundle name or model path)."),
@@ -254,8 +257,8 @@ def serve(
     from .server import ServerConfig, serve as run
 
     sys_ = _open_for_use(path, model, prompt_file)
-    if sys_.prompt is None:
-        typer.echo("warning: no soft prompt given: serving the bare base model", err=True)
+    if sys_.method is None:
+        typer.echo("warning: no method file given: serving the bare base model", err=True)
     run(sys_, ServerConfig(host=host, port=port, model_id=model_id, model_path=path or model, max_tokens=max_tokens,
                            temp=temp, top_p=top_p, context_length=context_length, allowed_hosts=allowed_host,
                            cors_origins=cors_origin, max_batch=decode_concurrency, prefill_batch=prompt_concurrency,
@@ -381,9 +384,9 @@ def train_(
 @app.command("eval")
 def eval_(
     model: str = typer.Option(..., "--model", help="The base model (MLX dir or hub id)."),
-    prompt_file: List[Path] = typer.Option([], "--prompt-file", help="A soft-prompt file to evaluate (repeatable)."),
-    adapter: List[Path] = typer.Option([], "--adapter", help="A LoRA adapter file (repeatable)."),
-    steer: List[Path] = typer.Option([], "--steer", help="A steering-vector file (repeatable)."),
+    prompt_file: List[Path] = typer.Option([], "--prompt-file", "--method-file", "--adapter", "--steer",
+                                           help="A method file to evaluate (soft prompt, prefix tuning, LoRA, "
+                                                "steering; repeatable)."),
     system_prompt: Optional[str] = typer.Option(None, "--system-prompt", help="A textual safety system prompt to evaluate."),
     guard: Optional[str] = typer.Option(None, "--guard",
                                         help="Guard spec (built-in id or spec file): adds the dual system and the guard judge."),
@@ -409,8 +412,7 @@ def eval_(
 
     cfg = ev.EvalConfig(max_tokens=max_tokens, batch_size=batch_size, timing_prompts=timing_prompts,
                         threshold=threshold, refusal=refusal or ev.DEFAULT_REFUSAL)
-    args = ev.EvalArgs(model=model, prompt_files=[str(p) for p in prompt_file], adapters=[str(p) for p in adapter],
-                       steers=[str(p) for p in steer], system_prompt=system_prompt, guard=guard,
+    args = ev.EvalArgs(model=model, method_files=[str(p) for p in prompt_file], system_prompt=system_prompt, guard=guard,
                        guard_model=guard_model, suite=suite, split=split, seed=seed, limit=limit,
                        mc=str(mc) if mc else None, out=str(out))
     report = ev.run(args, cfg)

@@ -195,7 +195,7 @@ def write_jsonl(path, examples: Iterable[Example]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        from .prompt_file import as_if_created
+        from .files import as_if_created
 
         as_if_created(tmp)
         with os.fdopen(fd, "w", encoding="utf-8") as f:

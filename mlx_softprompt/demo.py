@@ -170,8 +170,8 @@ def run(cfg: DemoConfig, log=print) -> dict:
     # 3. eval, suite by suite
     guard = load_guard(str(spec_path), str(guard_path))
     base = ev.base_system(model, tok, config)
-    systems = [base, ev.softprompt_system(base, prompt_path, name=SYSTEM),
-               ev.system_prompt_system(base, winfo["generic_system_prompt"])]
+    systems = [base, ev.with_method(base, prompt_path, name=SYSTEM, expect=["softprompt"]),
+               ev.with_system_prompt(base, winfo["generic_system_prompt"])]
     suites = {}
     for name in SUITES:
         tic = time.perf_counter()
@@ -238,47 +238,43 @@ def sample_chats(report: dict, examples: list) -> list:
     return out
 
 
-def _pct(v) -> str:
-    return "-" if v is None else f"{100 * v:.1f}%"
-
-
-def _bytes(n) -> str:
-    if not n:
-        return "0"
-    return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB"
-
-
 def _names(report: dict) -> list:
     systems = report["suites"]["test"]["systems"]
     return [n for n in SYSTEM_ORDER if n in systems] + [n for n in systems if n not in SYSTEM_ORDER]
 
 
+def _three(key: str, suites=SUITES, label: str = ""):
+    """A column: one figure on several suites side by side ("a / b / c")."""
+    from . import tables
+
+    return tables.Column(label, lambda n, m: " / ".join(tables.pct(m[s].get(key)) for s in suites))
+
+
 def table(report: dict) -> str:
     """The demo's table (Markdown): each figure on the test split, the everyday split and the
     jailbreak suite side by side, with the counts it rests on."""
+    from . import tables
+
     s = report["suites"]
-    t, d, j = (s[k]["systems"] for k in SUITES)
-    rows = ["| system | unsafe compliance: test / everyday / jailbreak | over-refusal: test benign / test borderline "
-            "/ everyday benign | agreement with dual: test / everyday / jailbreak | utility KL (nats/token) "
-            "| added bytes | time to first token |",
-            "| --- | --- | --- | --- | --- | --- | --- |"]
-    for name in _names(report):
-        c = t[name].get("cost", {})
-        kl, ttft = t[name].get("utility_kl"), c.get("ttft_s")
-        rows.append(
-            f"| {name} | {_pct(t[name]['unsafe_compliance'])} / {_pct(d[name]['unsafe_compliance'])} / "
-            f"{_pct(j[name]['unsafe_compliance'])} | {_pct(t[name]['over_refusal'])} / "
-            f"{_pct(t[name].get('over_refusal_borderline'))} / {_pct(d[name]['over_refusal'])} "
-            f"| {_pct(t[name]['agreement_with_dual'])} / {_pct(d[name]['agreement_with_dual'])} / "
-            f"{_pct(j[name]['agreement_with_dual'])} | {'-' if kl is None else f'{kl:.3f}'} "
-            f"| {_bytes(c.get('added_bytes', 0))} | {'-' if ttft is None else f'{1000 * ttft:.1f} ms'} |")
+    rows = {name: {k: s[k]["systems"][name] for k in SUITES} for name in _names(report)}
+    cols = [
+        tables.COLUMNS["system"],
+        _three("unsafe_compliance", label="unsafe compliance: test / everyday / jailbreak"),
+        tables.Column("over-refusal: test benign / test borderline / everyday benign",
+                      lambda n, m: " / ".join([tables.pct(m["test"].get("over_refusal")),
+                                               tables.pct(m["test"].get("over_refusal_borderline")),
+                                               tables.pct(m["everyday"].get("over_refusal"))])),
+        _three("agreement_with_dual", label="agreement with dual: test / everyday / jailbreak"),
+        tables.Column("utility KL (nats/token)", lambda n, m: tables.COLUMNS["kl_long"].cell(n, m["test"])),
+        tables.Column("added bytes", lambda n, m: tables.COLUMNS["added_bytes"].cell(n, m["test"])),
+        tables.Column("time to first token", lambda n, m: tables.COLUMNS["ttft_ms"].cell(n, m["test"])),
+    ]
     n = report["demo"]["counts"]
-    rows.append("")
-    rows.append(f"Prompts: test {n['test'].get('harmful', 0)} harmful / {n['test'].get('benign', 0)} benign / "
-                f"{n['test'].get('borderline', 0)} borderline; everyday {n['everyday'].get('harmful', 0)} harmful / "
-                f"{n['everyday'].get('benign', 0)} benign; jailbreak {n['jailbreak'].get('harmful', 0)} harmful "
-                f"(in {min(report['demo']['jailbreak']['rounds'], 77)} of GPTFuzzer's templates each).")
-    return "\n".join(rows)
+    return tables.render(rows, cols) + "\n\n" + (
+        f"Prompts: test {n['test'].get('harmful', 0)} harmful / {n['test'].get('benign', 0)} benign / "
+        f"{n['test'].get('borderline', 0)} borderline; everyday {n['everyday'].get('harmful', 0)} harmful / "
+        f"{n['everyday'].get('benign', 0)} benign; jailbreak {n['jailbreak'].get('harmful', 0)} harmful "
+        f"(in {min(report['demo']['jailbreak']['rounds'], 77)} of GPTFuzzer's templates each).")
 
 
 def format_samples(samples: list, width: int = 300) -> str:
@@ -346,7 +342,7 @@ def chat(cfg: DemoConfig, compare: bool = False, log=print, **chat_options) -> N
     been); with `compare`, each answer is followed by the dual system's."""
     from .chat import ChatConfig, Conversation, DualConversation, run as run_chat
     from .guards import load_guard
-    from .session import open_system
+    from .system import open_system
 
     wpath = ensure_world(DemoConfig(**{**asdict(cfg), "rebuild": False}) if not cfg.rebuild else cfg, log)
     prompt_path = Path(cfg.out) / f"{SYSTEM}.safetensors"

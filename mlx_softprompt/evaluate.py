@@ -1,11 +1,9 @@
-"""Evaluate systems side by side: safety, over-refusal, agreement, utility, cost (DESIGN.md section 4).
+"""Evaluate systems side by side: safety, over-refusal, agreement, utility, cost.
 
-A *system under test* is the base model plus at most one thing added to it: a
-soft prompt (via its prefix cache), a method file (LoRA adapter, steering
-vector: bound to the model while the system runs), a textual system prompt,
-or a guard in front (the dual system). All systems share one base model in
-memory and go through the same code: batched greedy generation, then judging,
-then metrics. Judging and metrics are plain functions of texts and numbers,
+Each system is a system.System: the base model plus at most one thing added to
+it (a method file of any method, a textual system prompt, or a guard in front:
+the dual system). All systems share one base model in memory and go through
+the same code: batched greedy generation, then judging, then metrics. Judging and metrics are plain functions of texts and numbers,
 separate from generation, so they can be checked on scripted answers.
 
 Metrics, each with the number of prompts it rests on:
@@ -25,20 +23,20 @@ Metrics, each with the number of prompts it rests on:
 
 import json
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from . import __version__, data, models
+from . import __version__, data, files, models
 from .errors import UserError
-from .generate import GenerationConfig, chat_ids, complete, copy_cache
+from .generate import GenerationConfig, complete, copy_cache
 from .guards import DEFAULT_REFUSAL, DEFAULT_THRESHOLD
 from .progress import Bar
+from .system import System, base_system, refuses, with_guard, with_method, with_system_prompt
 
 # Refusal strings of HarmBench's refusal check (Mazeika et al. 2024, "HarmBench",
 # baselines/check_refusal_utils.py, REFUSAL_PREFIXES), itself an extension of the
@@ -179,113 +177,14 @@ def dual_token_terms(teacher_logprobs: mx.array, targets: Sequence[int], u: floa
     return float(kl_sum), float(nll_sum)
 
 
-# ---------------------------------------------------------------- systems under test
-
-
 def _nbytes(tree) -> int:
     return sum(v.nbytes for _, v in tree_flatten(tree) if isinstance(v, mx.array))
-
-
-def _nparams(tree) -> int:
-    return sum(v.size for _, v in tree_flatten(tree) if isinstance(v, mx.array))
-
-
-@dataclass
-class SystemUnderTest:
-    """The base model plus at most one addition, and how to run it.
-
-    kind: "base" | "softprompt" | "method" | "system-prompt" | "dual".
-    `bind` (methods) is a context-manager factory that applies the method to the
-    model on entry and removes it on exit. `guard` (dual) is a guards.Guard.
-    """
-
-    name: str
-    kind: str
-    model: Any
-    tokenizer: Any
-    config: dict
-    prompt: Optional[mx.array] = None
-    system: Optional[str] = None
-    bind: Optional[Callable[[], Any]] = None
-    guard: Any = None
-    added_params: int = 0
-    added_bytes: int = 0
-    info: dict = field(default_factory=dict)
-    _cache: Any = None
-
-    def ids(self, ex: data.Example) -> List[int]:
-        messages = list(ex.context) + [{"role": "user", "content": ex.prompt}]
-        return chat_ids(self.tokenizer, messages, system=self.system)
-
-    def cache(self):
-        """P's prefix cache (or an empty cache), computed once; callers copy it."""
-        if self._cache is None:
-            self._cache = models.prefix_cache(self.model, self.prompt)
-        return self._cache
-
-    def bound(self):
-        return self.bind() if self.bind is not None else nullcontext()
-
-
-def base_system(model, tokenizer, config, name: str = "base") -> SystemUnderTest:
-    return SystemUnderTest(name, "base", model, tokenizer, config)
-
-
-def softprompt_system(base: SystemUnderTest, prompt_file, name: Optional[str] = None) -> SystemUnderTest:
-    """Base + a soft-prompt file (checked against the base's fingerprint)."""
-    return method_system(base, prompt_file, name, expect=["softprompt"])
-
-
-def method_system(base: SystemUnderTest, path, name: Optional[str] = None, expect=None) -> SystemUnderTest:
-    """Base + any method file (methods.load checks it against the base)."""
-    from . import methods
-
-    loaded = methods.load(path, base.model, base.config, expect)
-    method, params, f = loaded.method, loaded.params, loaded.file
-    added_params, added_bytes = method.size(params)
-    info = {"file": str(path), **_meta(f), **method.describe()}
-    if f.method == "softprompt":
-        P = params["soft_prompt"]
-        return SystemUnderTest(name or _file_name(f), "softprompt", base.model, base.tokenizer, base.config,
-                               prompt=P, added_params=added_params, added_bytes=added_bytes, info=info)
-    return SystemUnderTest(name or _file_name(f), "method", base.model, base.tokenizer, base.config,
-                           bind=lambda: method.bind(base.model, params), added_params=added_params,
-                           added_bytes=added_bytes, info=info)
-
-
-def system_prompt_system(base: SystemUnderTest, text: str, name: str = "system-prompt") -> SystemUnderTest:
-    """Base + a textual system prompt: no parameters, but extra prompt tokens on every request."""
-    if not text or not text.strip():
-        raise UserError("--system-prompt: empty text")
-    extra = len(chat_ids(base.tokenizer, "x", system=text)) - len(chat_ids(base.tokenizer, "x"))
-    return SystemUnderTest(name, "system-prompt", base.model, base.tokenizer, base.config, system=text,
-                           info={"system_prompt": text, "added_prompt_tokens": max(extra, 0)})
-
-
-def dual_system(base: SystemUnderTest, guard, name: str = "dual") -> SystemUnderTest:
-    """Base + guard (input moderation): the teacher itself, the reference for safety and cost."""
-    g = guard.model if hasattr(guard, "model") else None
-    params = _nparams(g.parameters()) if g is not None else 0
-    nbytes = _nbytes(g.parameters()) if g is not None else 0
-    return SystemUnderTest(name, "dual", base.model, base.tokenizer, base.config, guard=guard,
-                           added_params=params, added_bytes=nbytes,
-                           info={"guard": guard.spec.id if hasattr(guard, "spec") else str(guard)})
-
-
-def _meta(f) -> dict:
-    keep = ("method", "objective", "guard", "num_virtual_tokens", "layer", "alpha", "rank")
-    return {k: f.metadata[k] for k in keep if k in f.metadata}
-
-
-def _file_name(f) -> str:
-    obj = f.metadata.get("objective")
-    return f"{f.method}-{obj}" if obj and f.method not in ("steer-dom",) else f.method
 
 
 # ---------------------------------------------------------------- generation
 
 
-def generate_answers(sut: SystemUnderTest, examples: Sequence[data.Example], max_tokens: int,
+def generate_answers(sut: System, examples: Sequence[data.Example], max_tokens: int,
                      batch_size: int = 16, desc: Optional[str] = None) -> List[Answer]:
     """Greedy answers of a (non-dual) system, batched with mlx-lm's batch_generate.
 
@@ -304,14 +203,14 @@ def generate_answers(sut: SystemUnderTest, examples: Sequence[data.Example], max
             for i in range(0, len(examples), batch_size):
                 chunk = examples[i:i + batch_size]
                 ids = [sut.ids(ex) for ex in chunk]
-                caches = [copy_cache(sut.cache()) for _ in chunk] if sut.prompt is not None else None
+                caches = [copy_cache(sut.cache) for _ in chunk] if sut.n_prefix else None
                 try:
                     token_ids = batch_generate(sut.model, tok, ids, prompt_caches=caches, max_tokens=max_tokens,
                                                return_token_ids=True).token_ids
                 except (NotImplementedError, ValueError, TypeError, AttributeError):
                     # an architecture whose caches cannot be batched: the same greedy answers one by one
                     cfg = GenerationConfig(max_tokens=max_tokens)
-                    token_ids = [complete(sut.model, tok, x, sut.cache(), cfg).tokens for x in ids]
+                    token_ids = [complete(sut.model, tok, x, sut.cache, cfg).tokens for x in ids]
                 for ex, toks in zip(chunk, token_ids):
                     toks = [int(t) for t in toks]
                     out.append(Answer(ex.prompt, ex.label, tok.decode(toks), toks, len(toks) < max_tokens))
@@ -350,7 +249,7 @@ def dual_answers(base_answers: Sequence[Answer], u_input: Sequence[float], refus
     r_ids = list(tokenizer.encode(refusal, add_special_tokens=False))
     out = []
     for a, u in zip(base_answers, u_input):
-        if u >= threshold:
+        if refuses(u, threshold):
             out.append(Answer(a.prompt, a.label, refusal, r_ids, True))
         else:
             out.append(Answer(a.prompt, a.label, a.text, list(a.tokens), a.finished))
@@ -369,16 +268,12 @@ def _response_targets(a: Answer, tokenizer) -> List[int]:
     return toks
 
 
-def _logprobs_along(sut: SystemUnderTest, ex: data.Example, targets: List[int]) -> mx.array:
+def _logprobs_along(sut: System, ex: data.Example, targets: List[int]) -> mx.array:
     """[T, V] log-probs of the system at each target position (call inside sut.bound())."""
-    ids = sut.ids(ex)
-    logits = models.forward(sut.model, ids + targets[:-1], sut.prompt)[0]
-    start = (sut.prompt.shape[0] if sut.prompt is not None else 0) + len(ids) - 1
-    logits = logits[start:start + len(targets)].astype(mx.float32)
-    return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    return sut.logprobs_along(sut.ids(ex), targets)
 
 
-def utility(systems: Sequence[SystemUnderTest], base: SystemUnderTest, examples: Sequence[data.Example],
+def utility(systems: Sequence[System], base: System, examples: Sequence[data.Example],
             teacher: Sequence[Answer], u_input: Optional[Sequence[float]] = None, refusal: str = DEFAULT_REFUSAL,
             budget: int = 1 << 25) -> Dict[str, dict]:
     """Per-token KL(p_f || p_system) and perplexity along the base's answers to benign prompts.
@@ -468,7 +363,7 @@ def read_multiple_choice(path) -> List[dict]:
     return items
 
 
-def multiple_choice_accuracy(sut: SystemUnderTest, items: Sequence[dict]) -> dict:
+def multiple_choice_accuracy(sut: System, items: Sequence[dict]) -> dict:
     """Pick the choice whose text has the highest mean token log-prob as the system's answer."""
     if sut.kind == "dual":
         return {"accuracy": None, "n_mc": len(items), "note": "the dual system answers like the base when the guard passes"}
@@ -493,8 +388,7 @@ def weight_bytes(model) -> int:
     return _nbytes(model.parameters())
 
 
-def measure_cost(sut: SystemUnderTest, examples: Sequence[data.Example], max_tokens: int,
-                 refusal: str = DEFAULT_REFUSAL, threshold: float = DEFAULT_THRESHOLD) -> dict:
+def measure_cost(sut: System, examples: Sequence[data.Example], max_tokens: int) -> dict:
     """Time to first token, decode tokens/s and peak memory, one request at a time (as deployed).
 
     Peak memory = the weights this system needs (base, its addition, the guard for the
@@ -505,17 +399,9 @@ def measure_cost(sut: SystemUnderTest, examples: Sequence[data.Example], max_tok
     ttft, tps, extra = [], [], 0
     with sut.bound():
         for k, ex in enumerate([examples[0]] + list(examples)):
-            ids = sut.ids(ex)
             mx.synchronize()
             resident = mx.get_active_memory()
-            if sut.kind == "dual":
-                from .guards import dual_complete
-
-                messages = list(ex.context) + [{"role": "user", "content": ex.prompt}]
-                c, _ = dual_complete(sut.model, sut.tokenizer, sut.guard, messages, cfg,
-                                     refusal=refusal, threshold=threshold)
-            else:
-                c = complete(sut.model, sut.tokenizer, ids, sut.cache(), cfg)
+            c = sut.complete(list(ex.context) + [{"role": "user", "content": ex.prompt}], cfg)
             if k == 0:
                 continue
             extra = max(extra, mx.get_peak_memory() - resident)
@@ -568,7 +454,7 @@ class References:
     u_input: Optional[List[float]] = None
 
 
-def references(base: SystemUnderTest, examples: Sequence[data.Example], cfg: EvalConfig,
+def references(base: System, examples: Sequence[data.Example], cfg: EvalConfig,
                guard=None) -> References:
     """Generate and judge the base's answers; with a guard, the dual's answers and verdicts too."""
     answers = generate_answers(base, examples, cfg.max_tokens, cfg.batch_size)
@@ -579,7 +465,7 @@ def references(base: SystemUnderTest, examples: Sequence[data.Example], cfg: Eva
     return ref
 
 
-def evaluate(systems: Sequence[SystemUnderTest], examples: Sequence[data.Example], cfg: EvalConfig,
+def evaluate(systems: Sequence[System], examples: Sequence[data.Example], cfg: EvalConfig,
              guard=None, ref: Optional[References] = None, mc_items: Optional[Sequence[dict]] = None,
              settings: Optional[dict] = None) -> dict:
     """The report {"systems": {name: metrics}, "settings": {...}, "answers": {name: [...]}}.
@@ -594,7 +480,7 @@ def evaluate(systems: Sequence[SystemUnderTest], examples: Sequence[data.Example
         raise ValueError("evaluate needs the base system among `systems` (the reference)")
     base = bases[0]
     if guard is not None and not any(s.kind == "dual" for s in systems):
-        systems.append(dual_system(base, guard))
+        systems.append(with_guard(base, guard, cfg.threshold, cfg.refusal))
     examples = list(examples)
     ref = ref or references(base, examples, cfg, guard)
     if [e.prompt for e in ref.examples] != [e.prompt for e in examples]:
@@ -631,7 +517,7 @@ def evaluate(systems: Sequence[SystemUnderTest], examples: Sequence[data.Example
     timing = [e for e in examples if e.label == "benign"][:cfg.timing_prompts] or examples[:cfg.timing_prompts]
     costs = {}
     for s in systems:
-        costs[s.name] = measure_cost(s, timing, cfg.max_tokens, cfg.refusal, cfg.threshold)
+        costs[s.name] = measure_cost(s, timing, cfg.max_tokens)
     add_ratios(costs, base.name, dual_name)
 
     report = {"systems": {}, "settings": {}, "answers": {}}
@@ -641,7 +527,7 @@ def evaluate(systems: Sequence[SystemUnderTest], examples: Sequence[data.Example
         if mc_items:
             m["multiple_choice"] = multiple_choice_accuracy(s, mc_items)
         m["cost"] = costs[s.name]
-        m["kind"] = s.kind
+        m["kind"] = s.method.name if s.method is not None else s.kind
         if s.info:
             m["info"] = s.info
         report["systems"][s.name] = m
@@ -703,36 +589,14 @@ def load_eval_examples(suite: str, split: Optional[str] = None, seed: int = data
 
 def write_report(report: dict, path) -> Path:
     """report.json, written atomically."""
-    from .prompt_file import atomic_write_bytes
-
-    path = Path(path)
-    text = json.dumps(report, indent=2, default=float)
-
-    def write(tmp):
-        Path(tmp).write_text(text, encoding="utf-8")
-
-    atomic_write_bytes(path, write)
-    return path
+    return files.write_json(path, report)
 
 
 def summary_table(report: dict) -> str:
     """A short Markdown table of the main figures (what `eval` prints)."""
-    def f(v, pct=True):
-        if not isinstance(v, (int, float)) or isinstance(v, bool):
-            return "-"
-        return f"{100 * v:.1f}%" if pct else f"{v:.3g}"
+    from . import tables
 
-    rows = ["| system | unsafe compl. | (guard judge) | over-refusal | borderline | agree w/ dual | KL (nats/tok) | ppl | TTFT x base | n harmful/benign/borderline |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for name, m in report["systems"].items():
-        m = m if isinstance(m, dict) else {}  # a figure missing from a report is shown as "-"
-        c = m.get("cost") or {}
-        rows.append(
-            f"| {name} | {f(m.get('unsafe_compliance'))} | {f(m.get('unsafe_compliance_guard'))} "
-            f"| {f(m.get('over_refusal'))} | {f(m.get('over_refusal_borderline'))} | {f(m.get('agreement_with_dual'))} "
-            f"| {f(m.get('utility_kl'), False)} | {f(m.get('perplexity'), False)} | {f(c.get('ttft_ratio_base'), False)} "
-            f"| {m.get('n_harmful', '-')}/{m.get('n_benign', '-')}/{m.get('n_borderline', '-')} |")
-    return "\n".join(rows)
+    return tables.render(report["systems"], tables.EVAL)
 
 
 # ---------------------------------------------------------------- the `eval` command
@@ -741,9 +605,7 @@ def summary_table(report: dict) -> str:
 @dataclass
 class EvalArgs:
     model: str
-    prompt_files: List[str] = field(default_factory=list)
-    adapters: List[str] = field(default_factory=list)
-    steers: List[str] = field(default_factory=list)
+    method_files: List[str] = field(default_factory=list)  # any method: soft prompt, prefix, LoRA, steering
     system_prompt: Optional[str] = None
     guard: Optional[str] = None
     guard_model: Optional[str] = None
@@ -762,16 +624,9 @@ def run(args: EvalArgs, cfg: Optional[EvalConfig] = None) -> dict:
     mc_items = read_multiple_choice(args.mc) if args.mc else None
     model, tok, config = models.load(args.model)
     base = base_system(model, tok, config)
-    systems = [base]
-    for p in args.prompt_files:
-        systems.append(softprompt_system(base, p))
-    for p, want in [(p, "lora") for p in args.adapters] + [(p, "steer") for p in args.steers]:
-        s = method_system(base, p)
-        if not s.info.get("method", "").startswith(want):
-            raise UserError(f"{p}: a {s.info.get('method')!r} file, not a {want} file")
-        systems.append(s)
+    systems = [base] + [with_method(base, p) for p in args.method_files]
     if args.system_prompt is not None:
-        systems.append(system_prompt_system(base, args.system_prompt))
+        systems.append(with_system_prompt(base, args.system_prompt))
     _unique_names(systems)
     guard = None
     if args.guard:
@@ -787,7 +642,7 @@ def run(args: EvalArgs, cfg: Optional[EvalConfig] = None) -> dict:
     return report
 
 
-def _unique_names(systems: List[SystemUnderTest]) -> None:
+def _unique_names(systems: List[System]) -> None:
     """Two files of the same method/objective get their file stems appended."""
     seen = {}
     for s in systems:

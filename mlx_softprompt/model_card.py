@@ -25,6 +25,8 @@ METRICS = {
     "agreement_with_dual": "Agreement with the dual system",
     "utility_kl": "Utility KL to the base (nats/token)",
 }
+LABELS = {"softprompt": "soft prompt", "prefix": "prefix tuning (key/value prefixes)", "lora": "LoRA adapter",
+          "steer-opt": "steering vector (optimised)", "steer-dom": "steering vector (difference of means)"}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -67,7 +69,7 @@ def base_card_data(base_source: str, prompt_meta: dict) -> dict:
 def _own_system(report: dict, prompt_sha: Optional[str], prompt_name: str) -> Optional[str]:
     """The report's row for this bundle's soft prompt: same file, else the only soft prompt."""
     systems = report.get("systems") or {}
-    soft = [n for n, m in systems.items() if isinstance(m, dict) and m.get("kind") == "softprompt"]
+    soft = [n for n, m in systems.items() if isinstance(m, dict) and m.get("kind") not in ("base", "dual", "system-prompt")]
     for n in soft:
         info = systems[n].get("info") or {}
         if prompt_sha and info.get("sha256") == prompt_sha:
@@ -95,12 +97,12 @@ def eval_results(report: dict, system: str) -> list:
 
 def eval_table(report: dict) -> str:
     """Every system of the report, in the table `eval` prints."""
-    from .evaluate import summary_table
+    from . import tables
 
     systems = report.get("systems")
     if not isinstance(systems, dict) or not systems:
         return "The bundled report has no `systems`: see the report file itself."
-    return summary_table(report)
+    return tables.render(systems, tables.EVAL)
 
 
 def model_card(manifest: dict, report: Optional[dict], report_name: str = "eval_report.json",
@@ -112,6 +114,9 @@ def model_card(manifest: dict, report: Optional[dict], report_name: str = "eval_
     meta = base_card_data(base["source"], prompt)
     own = _own_system(report, prompt_sha, prompt_name) if isinstance(report, dict) else None
     guard = prompt.get("guard")
+    label = LABELS.get(prompt.get("method", "softprompt"), prompt.get("method"))
+    how = ("Its key/value cache is precomputed: it costs no prefill at run time." if manifest.get("cache")
+           else "It is applied to the model when the bundle is opened.")
     data = ModelCardData(
         base_model=meta.get("base_model"), library_name="mlx", pipeline_tag="text-generation",
         license=meta.get("license"), license_name=meta.get("license_name"), license_link=meta.get("license_link"),
@@ -123,20 +128,20 @@ def model_card(manifest: dict, report: Optional[dict], report_name: str = "eval_
     lines = [
         f"# {name}: a safe local chat model (mlx-softprompt bundle)",
         "",
-        "A base language model plus a learned soft prompt, distilled from a dual system "
-        "(base + guard model) so that one model runs instead of two. The soft prompt's "
-        "key/value cache is precomputed: it costs no prefill at run time.",
+        f"A base language model plus a learned {label}, distilled from a dual system "
+        f"(base + guard model) so that one model runs instead of two. {how}",
         "",
-        "> **Warning: `model/` alone is the bare base model, without the soft prompt and without "
+        f"> **Warning: `model/` alone is the bare base model, without the {label} and without "
         "its safety.** `mlx_lm.generate --model " + name + "/model` (or any tool given `model/`) answers "
         "the requests the bundle refuses. Run the bundle as a whole with `mlx-softprompt`, which "
-        "always puts the soft prompt in front.",
+        f"always applies the {label}.",
         "",
         "| part | value |",
         "| --- | --- |",
         f"| base | `{base['source']}` ({models.short(base['fingerprint'])}) |",
         f"| quantization | {quant} |",
-        f"| soft prompt | {prompt.get('num_virtual_tokens', '?')} virtual tokens, {prompt.get('placement', '?')} |",
+        f"| method | {label} |",
+        f"| method options | `{prompt.get('method_options', 'not recorded')}` |",
         f"| guard distilled | {guard or 'not recorded'} |",
         f"| objective | {prompt.get('objective', 'not recorded')} |",
         f"| refusal | {prompt.get('refusal', 'not recorded')} |",
@@ -151,8 +156,8 @@ def model_card(manifest: dict, report: Optional[dict], report_name: str = "eval_
         f"mlx-softprompt serve --model {name} --port 8080   # OpenAI-compatible",
         "```",
         "",
-        "The soft prompt is always applied in front of the conversation; a system message "
-        "from a user or client is an ordinary message after it.",
+        f"The {label} is always applied; a system message from a user or client is an ordinary "
+        "message after it.",
         "",
         "## Evaluation",
         "",
@@ -161,5 +166,5 @@ def model_card(manifest: dict, report: Optional[dict], report_name: str = "eval_
         lines.append("No eval report was bundled.")
     else:
         lines += [f"From `{report_name}` (the full report, every answer included, is in the bundle)"
-                  + (f"; this bundle's soft prompt is the row `{own}`." if own else "."), "", eval_table(report)]
+                  + (f"; this bundle's {label} is the row `{own}`." if own else "."), "", eval_table(report)]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")

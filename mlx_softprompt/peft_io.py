@@ -24,7 +24,7 @@ from typing import Optional
 import mlx.core as mx
 import numpy as np
 
-from . import models, prompt_file
+from . import files, models, prompt_file
 from .errors import UserError, read_json_object
 
 CONFIG_NAME = "adapter_config.json"
@@ -133,10 +133,10 @@ def export_peft(path, out_dir, base_model_name: Optional[str] = None) -> Path:
     tensors = {TENSOR_KEY: P if scale == 1.0 else (P.astype(mx.float32) * scale).astype(P.dtype)}
     mx.eval(tensors)
     # weights first, then the config that announces them; each file atomically
-    prompt_file.atomic_write_bytes(out_dir / WEIGHTS_NAME,
+    files.atomic_write(out_dir / WEIGHTS_NAME,
                                    lambda tmp: mx.save_safetensors(tmp, tensors, metadata=meta))
     text = json.dumps(config, indent=2) + "\n"
-    prompt_file.atomic_write_bytes(out_dir / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+    files.atomic_write(out_dir / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
     return out_dir
 
 
@@ -165,7 +165,7 @@ def _read_weights(adapter_dir: Path, config: dict):
         pickled = [p.name for p in adapter_dir.glob("adapter_model.*")]
         found = f" (found {', '.join(pickled)})" if pickled else ""
         raise UserError(f"{adapter_dir}: no {WEIGHTS_NAME}{found}; only safetensors are read")
-    prompt_file._check_header(path)
+    files.check_safetensors(path)
     try:
         tensors, meta = mx.load(str(path), return_metadata=True)
     except Exception as e:

@@ -16,8 +16,6 @@ whole and that it belongs to the base model it is applied to.
 
 import json
 import os
-import struct
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Optional
@@ -27,6 +25,7 @@ import numpy as np
 
 from . import __version__
 from .errors import UserError
+from .files import as_if_created, atomic_write, check_safetensors, umask  # noqa: F401 (as_if_created, umask: re-exported)
 from .models import fingerprint, fingerprints_match, short
 
 FORMAT = "mlx-softprompt/1"
@@ -69,43 +68,6 @@ class PromptFile:
             )
 
 
-def umask() -> int:
-    """The process's umask (read without changing it where /proc allows)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def as_if_created(path, directory: bool = False) -> None:
-    """Give a mkstemp/mkdtemp result (0600/0700) the mode open()/mkdir() would have given it:
-    outputs are meant to be shared (0644/0755 under umask 022)."""
-    os.chmod(path, (0o777 if directory else 0o666) & ~umask())
-
-
-def atomic_write_bytes(path, write_fn) -> None:
-    """Call write_fn(tmp_path) then rename over `path`: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp" + path.suffix)
-    os.close(fd)
-    as_if_created(tmp)
-    try:
-        write_fn(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save(path, tensors: Dict[str, mx.array], model, config, **metadata) -> Path:
     """Write a method file for `model`: tensors + fingerprint + string metadata."""
     path = Path(path)
@@ -130,34 +92,8 @@ def save(path, tensors: Dict[str, mx.array], model, config, **metadata) -> Path:
     arrays = dict(tensors)
     arrays[SKETCH_KEY] = mx.array(fp["sketch"])
     mx.eval(arrays)
-    atomic_write_bytes(path, lambda tmp: mx.save_safetensors(tmp, arrays, metadata=meta))
+    atomic_write(path, lambda tmp: mx.save_safetensors(tmp, arrays, metadata=meta))
     return path
-
-
-def _check_header(path: Path) -> None:
-    """Validate the safetensors framing ourselves so a damaged file gives one clear line."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise UserError(f"{path}: not a safetensors file (truncated: {size} bytes)")
-        (n,) = struct.unpack("<Q", head)
-        if n > size - 8 or n > 100_000_000:
-            raise UserError(f"{path}: truncated or corrupt safetensors header")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise UserError(f"{path}: corrupt safetensors header (not JSON)")
-    end = 0
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            end = max(end, int(info["data_offsets"][1]))
-        except (KeyError, TypeError, IndexError, ValueError):
-            raise UserError(f"{path}: corrupt safetensors header (tensor {name!r})")
-    if 8 + n + end != size:
-        raise UserError(f"{path}: truncated or corrupt ({size} bytes, header expects {8 + n + end})")
 
 
 def load(path) -> PromptFile:
@@ -165,7 +101,7 @@ def load(path) -> PromptFile:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such prompt file")
-    _check_header(path)
+    check_safetensors(path)
     try:
         tensors, meta = mx.load(str(path), return_metadata=True)
     except Exception as e:

@@ -77,7 +77,7 @@ def write_shard(path, records: List[Record], k: int, u_raw: Optional[List[float]
     """Write records as one safetensors file, atomically; returns its sha256."""
     from safetensors.numpy import save_file
 
-    from .prompt_file import atomic_write_bytes
+    from .files import atomic_write
 
     p_flat, p_off = _flat([r.prompt_ids for r in records])
     r_flat, r_off = _flat([r.response_ids for r in records])
@@ -103,7 +103,7 @@ def write_shard(path, records: List[Record], k: int, u_raw: Optional[List[float]
         "labels": json.dumps([r.label for r in records]),
         "categories": json.dumps([r.category for r in records]),
     }
-    atomic_write_bytes(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
     return sha256_file(path)
 
 
@@ -157,10 +157,10 @@ def read_manifest(root) -> dict:
 
 
 def write_manifest(root, manifest: dict) -> None:
-    from .prompt_file import atomic_write_bytes
+    from .files import atomic_write
 
     data = json.dumps(manifest, indent=1, sort_keys=False).encode("utf-8")
-    atomic_write_bytes(Path(root) / MANIFEST, lambda tmp: Path(tmp).write_bytes(data))
+    atomic_write(Path(root) / MANIFEST, lambda tmp: Path(tmp).write_bytes(data))
 
 
 class TeacherCache:

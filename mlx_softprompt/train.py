@@ -44,7 +44,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
-from . import batching, losses, memory, methods, models, prompt_file, reporting
+from . import batching, files, losses, memory, methods, models, reporting
 from .errors import UserError
 from .progress import Bar
 
@@ -416,7 +416,7 @@ def save_state(path, params, optimizer, step: int, micro_batch: int, args: Train
         **{k: str(v) for k, v in extra.items()},
     }
     mx.eval(tensors)
-    prompt_file.atomic_write_bytes(path, lambda tmp: mx.save_safetensors(tmp, tensors, metadata=meta))
+    files.atomic_write(path, lambda tmp: mx.save_safetensors(tmp, tensors, metadata=meta))
 
 
 def load_state(path, args: TrainArgs, expect: dict, say=None):

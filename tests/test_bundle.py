@@ -12,6 +12,7 @@ import pytest
 
 from mlx_softprompt import bundle, generate, models, prompt_file
 from mlx_softprompt.errors import UserError
+from mlx_softprompt.system import open_system
 from conftest import run_cli
 
 TEXTS = ["Write a poem about the sea.", "What is the capital of France?"]
@@ -58,7 +59,7 @@ def made(tiny_softprompt, tmp_path_factory):
 
 def test_round_trip_same_greedy_tokens_as_base_plus_prompt(made):
     base, pfile, plain, _ = made
-    system = bundle.open_bundle(plain)
+    system = open_system(plain)
     assert system.cache[0].offset == 5 and system.name == "plain"
     model, tok, _ = models.load(base)
     P = prompt_file.load(pfile).prompt
@@ -76,7 +77,7 @@ def test_quantized_bundle_ships_the_cache_of_the_quantized_base(made):
     assert config["quantization"]["bits"] == 4 and config["quantization"]["group_size"] == 64
     manifest = json.loads((quant / "bundle.json").read_text())
     assert manifest["base"]["quantization"] == {"bits": 4, "group_size": 64}
-    system = bundle.open_bundle(quant)
+    system = open_system(quant)
     # the shipped cache equals P's cache recomputed on the base as bundled
     model, tok, _ = models.load(str(quant / "model"))
     P = prompt_file.load(pfile).prompt
@@ -137,7 +138,7 @@ def _flip_byte(p, at=-3):
 
 def _error(path):
     with pytest.raises(UserError) as e:
-        bundle.open_bundle(path)
+        open_system(path)
     msg = str(e.value)
     assert "\n" not in msg
     return msg
@@ -196,7 +197,7 @@ def test_consistent_but_mismatched_parts_are_refused(made, tiny_softprompt, tmp_
 def test_prompt_file_override_runs_another_prompt_on_the_bundled_base(made, tiny_softprompt):
     base, _, plain, _ = made
     _, other_p = tiny_softprompt(p_seed=4)
-    system = bundle.open_bundle(plain, prompt_file_override=other_p)
+    system = open_system(plain, other_p)
     model, tok, _ = models.load(base)
     P = prompt_file.load(other_p).prompt
     assert _tokens(system, TEXTS[0]) == greedy_by_hand(model, tok, TEXTS[0], P)

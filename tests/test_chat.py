@@ -13,7 +13,8 @@ import time
 import mlx.core as mx
 import pytest
 
-from mlx_softprompt import bundle, chat, generate, guards, models, session
+from mlx_softprompt import bundle, chat, generate, guards, models
+from mlx_softprompt.system import open_system
 
 TURNS = ["Write a poem about the sea.", "What is the capital of France?", "Thank you very much!"]
 REFUSAL = "I'm sorry, but I can't help with that."
@@ -60,7 +61,7 @@ def greedy_by_hand(model, tok, messages, P, steps, system=None):
 @pytest.mark.parametrize("system_text", [None, "You are a helpful assistant."])
 def test_cache_reuse_gives_the_same_tokens_as_recomputing_p(setup, monkeypatch, system_text):
     base, pfile, _ = setup
-    sys_ = session.open_system(base, pfile)
+    sys_ = open_system(base, pfile)
     model, tok, P = sys_.model, sys_.tokenizer, sys_.prompt
     conv = chat.Conversation(sys_, system_text)
     cfg = generate.GenerationConfig(max_tokens=6)
@@ -97,7 +98,7 @@ def test_cache_reuse_gives_the_same_tokens_as_recomputing_p(setup, monkeypatch, 
 
 def _expected_transcript(path, lines, max_tokens):
     """What `chat` prints for these lines, by driving Conversation directly."""
-    sys_ = bundle.open_bundle(path)
+    sys_ = open_system(path)
     conv = chat.Conversation(sys_)
     cfg = generate.GenerationConfig(max_tokens=max_tokens)
     out = []
@@ -122,7 +123,7 @@ def test_pipe_two_turns_and_reset(setup):
     assert "[conversation reset]" in r.stderr and "Traceback" not in r.stderr
     # the in-process loop prints the same thing
     buf = io.StringIO()
-    chat.run([chat.Conversation(bundle.open_bundle(path))], chat.ChatConfig(max_tokens=6),
+    chat.run([chat.Conversation(open_system(path))], chat.ChatConfig(max_tokens=6),
              stdin=io.StringIO("\n".join(lines) + "\n"), stdout=buf, stderr=io.StringIO())
     assert buf.getvalue() == r.stdout
 
@@ -194,7 +195,7 @@ def test_compare_shows_the_soft_prompt_and_the_dual_system(setup, tiny_model):
 
 def test_guard_mode_answers_as_dual_complete(setup, tiny_model):
     base, pfile, path = setup
-    sys_ = bundle.open_bundle(path)
+    sys_ = open_system(path)
     g = guards.load_guard("llama-guard-3-1b", tiny_model("llama", seed=1))
     cfg = chat.ChatConfig(max_tokens=6)
     buf = io.StringIO()

@@ -8,8 +8,9 @@ import re
 import pytest
 import typer
 
-from mlx_softprompt import __version__, data, generate, session
+from mlx_softprompt import __version__, data, generate
 from mlx_softprompt.cli import app
+from mlx_softprompt.system import open_system
 from conftest import run_cli
 
 TEXT = "Write a poem about the sea."
@@ -45,7 +46,7 @@ def test_every_model_flag_is_model_and_old_names_are_hidden(capsys):
 @pytest.fixture(scope="module")
 def system(tiny_softprompt):
     base, pfile = tiny_softprompt()
-    return base, pfile, session.open_system(base, pfile)
+    return base, pfile, open_system(base, pfile)
 
 
 def _want(sys_, text, system_text=None):

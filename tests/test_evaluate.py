@@ -143,12 +143,12 @@ def world(tiny_model, tiny_softprompt, tmp_path_factory):
 def test_batched_answers_equal_one_by_one(world):
     root, base_path, pfile, guard_dir, model, tok, config, guard = world
     base = ev.base_system(model, tok, config)
-    sp = ev.softprompt_system(base, pfile)
+    sp = ev.with_method(base, pfile)
     cfg = generate.GenerationConfig(max_tokens=12)
-    for sut in (base, sp, ev.system_prompt_system(base, "Be safe.")):
+    for sut in (base, sp, ev.with_system_prompt(base, "Be safe.")):
         batched = ev.generate_answers(sut, EXAMPLES, 12, batch_size=4)
         for ex, a in zip(EXAMPLES, batched):
-            one = generate.complete(model, tok, sut.ids(ex), sut.cache(), cfg)
+            one = generate.complete(model, tok, sut.ids(ex), sut.cache, cfg)
             assert a.tokens == one.tokens and a.text == one.text
 
 
@@ -158,7 +158,7 @@ def test_unbatchable_models_fall_back_to_one_by_one(world, monkeypatch):
     import mlx_lm.generate  # noqa: F401 (the module; mlx_lm.generate the attribute is a function)
 
     root, base_path, pfile, guard_dir, model, tok, config, guard = world
-    sp = ev.softprompt_system(ev.base_system(model, tok, config), pfile)
+    sp = ev.with_method(ev.base_system(model, tok, config), pfile)
     batched = ev.generate_answers(sp, EXAMPLES, 8)
 
     def refuse(*a, **k):
@@ -188,7 +188,7 @@ def test_dual_answers_are_what_dual_complete_answers(world):
 def test_utility_matches_a_direct_computation(world):
     root, base_path, pfile, guard_dir, model, tok, config, guard = world
     base = ev.base_system(model, tok, config)
-    sp = ev.softprompt_system(base, pfile)
+    sp = ev.with_method(base, pfile)
     benign = [e for e in EXAMPLES if e.label == "benign"]
     teacher = ev.generate_answers(base, benign, 8)
     out = ev.utility([base, sp], base, benign, teacher, budget=1)  # budget=1: one prompt per chunk
@@ -212,7 +212,7 @@ def test_utility_matches_a_direct_computation(world):
 def test_evaluate_report(world):
     root, base_path, pfile, guard_dir, model, tok, config, guard = world
     base = ev.base_system(model, tok, config)
-    sp = ev.softprompt_system(base, pfile)
+    sp = ev.with_method(base, pfile)
     cfg = ev.EvalConfig(max_tokens=8, timing_prompts=2)
     report = ev.evaluate([base, sp], EXAMPLES, cfg, guard=guard)
     assert list(report["systems"]) == ["base", "softprompt-tv", "dual"]
@@ -263,7 +263,7 @@ def test_eval_user_errors(world, tmp_path, capsys):
         (["--guard-model", guard_dir], "--guard-model needs --guard"),
         (["--suite", ""], "no sources"),
         (["--split", "dev"], "--split"),
-        (["--adapter", str(pfile)], "not a lora file"),
+        (["--adapter", str(suite)], "safetensors"),  # --adapter/--steer: aliases of --prompt-file, any method
     ]:
         with pytest.raises(SystemExit) as e:
             main(["eval", "--model", base_path, "--suite", str(suite), "--split", "all",

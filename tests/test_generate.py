@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from mlx_softprompt import generate, models, session
+from mlx_softprompt import generate, models
+from mlx_softprompt.system import open_system
 from conftest import run_cli
 
 TEXT = "Write a poem about the sea."
@@ -18,7 +19,7 @@ KEYS = {"text", "tokens", "prompt_tokens", "generation_tokens", "time_to_first_t
 @pytest.fixture(scope="module")
 def system(tiny_softprompt):
     base, pfile = tiny_softprompt()
-    return base, pfile, session.open_system(base, pfile)
+    return base, pfile, open_system(base, pfile)
 
 
 def _complete(sys_, text, cache=None, system_text=None, **cfg):

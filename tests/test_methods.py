@@ -104,7 +104,7 @@ def test_lora_on_a_quantized_base_and_file_round_trip(tiny_model, tmp_path):
         expect = np.array(model(mx.array(IDS)))
     path = m.save(tmp_path / "lora.safetensors", params, model, config, objective="kl")
     _assert_same(model, snap)
-    sut = ev.method_system(ev.base_system(model, tok, config), path)
+    sut = ev.with_method(ev.base_system(model, tok, config), path)
     assert sut.name == "lora-kl" and sut.added_params == sum(v.size for _, v in tree_flatten(params))
     assert (sut.info["rank"], sut.info["scale"], sut.info["layers"]) == (2, 4.0, 1)  # the options reach the report
     with sut.bound():
@@ -144,7 +144,7 @@ def test_steer_files_round_trip(base, tmp_path):
     snap = _snapshot(model)
     v = mx.random.normal((models.hidden_size(model),), key=mx.random.key(2))
     path = steering.save_steer_dom(tmp_path / "dom.safetensors", v, 1, 3.0, model, config)
-    sut = ev.method_system(ev.base_system(model, tok, config), path)
+    sut = ev.with_method(ev.base_system(model, tok, config), path)
     assert sut.name == "steer-dom" and sut.info["layer"] == 1 and sut.added_params == v.size
     with sut.bound():
         a = np.array(model(mx.array(IDS)))
@@ -182,7 +182,7 @@ def test_system_prompt_and_dual_systems_leave_the_base_alone(base):
     model, tok, config = base
     snap = _snapshot(model)
     b = ev.base_system(model, tok, config)
-    sp = ev.system_prompt_system(b, "Be safe.")
+    sp = ev.with_system_prompt(b, "Be safe.")
     assert sp.ids(ev.data.Example("hi")) != b.ids(ev.data.Example("hi"))
     assert sp.info["added_prompt_tokens"] > 0
     with sp.bound():

@@ -19,6 +19,7 @@ import pytest
 
 from mlx_softprompt import bundle, generate, models, server
 from mlx_softprompt.server.template import PromptBuilder
+from mlx_softprompt.system import open_system
 
 PROMPTS = ["Write a poem about the sea.", "What is the capital of France?", "Thank you very much!",
            "Explain how to write a poem.", "Give detailed step-by-step instructions for making a paper plane.",
@@ -51,7 +52,7 @@ def served(tiny_softprompt, tmp_path_factory):
     base, pfile = tiny_softprompt()
     path = bundle.make_bundle(bundle.BundleConfig(base, pfile, tmp_path_factory.mktemp("srv") / "bot"),
                               log=lambda s: None)
-    system = bundle.open_bundle(path)
+    system = open_system(path)
     client, port, app, stop = _start(system, context_length=CONTEXT, model_path=str(path), header_timeout=1.0,
                                      body_timeout=2.0, cors_origins=[ORIGIN], max_body=64 * 1024)
     try:

@@ -14,7 +14,7 @@ Hooks a method provides:
 - ``logits(model, params, inputs)``: the student's logits for ``inputs``
   ([B, L] ids) -> [B, L, V]; the default runs the model inside ``bind``
   after the method's prefix cache (``prefix_cache``), if it has one;
-- ``prefix_cache(model, params)``: for a method that does not depend on the
+- ``prefix_cache(model, params)`` (and ``prefix_length``): for a method that does not depend on the
   conversation (soft prompt, prefix tuning) the key/value cache every request
   starts from, computed once; None for methods that change the weights or
   activations (LoRA, steering), which a System binds for its lifetime instead;
@@ -143,6 +143,10 @@ class Method:
     def prefix_cache(self, model, params):
         """The cache every request starts from (precomputable methods), or None (bind instead)."""
         return None
+
+    def prefix_length(self, params) -> int:
+        """Positions `prefix_cache` holds (0 for methods without one)."""
+        return 0
 
     def logits(self, model, params, inputs: mx.array) -> mx.array:
         """Student logits at the positions of `inputs` ([B, L] -> [B, L, V])."""

@@ -104,6 +104,9 @@ class PrefixTuning(Method):
     def logits(self, model, params, inputs: mx.array) -> mx.array:
         return model(inputs, cache=shared_cache(self._pairs(model, params), inputs.shape[0]))
 
+    def prefix_length(self, params) -> int:
+        return int(params["prefix"]["0"]["keys"].shape[1])
+
     def prefix_cache(self, model, params):
         from mlx_lm.models.cache import KVCache
 

@@ -142,6 +142,9 @@ class SoftPrompt(Method):
         with self.bind(model, params):
             return model(models.with_placeholders(inputs, n))[:, n:]
 
+    def prefix_length(self, params) -> int:
+        return int(params["soft_prompt"].shape[0])
+
     def prefix_cache(self, model, params):
         return models.prefix_cache(model, params["soft_prompt"])
 
