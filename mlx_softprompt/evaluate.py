@@ -22,7 +22,6 @@ Metrics, each with the number of prompts it rests on:
 """
 
 import json
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -605,7 +604,7 @@ def summary_table(report: dict) -> str:
 @dataclass
 class EvalArgs:
     model: str
-    method_files: List[str] = field(default_factory=list)  # any method: soft prompt, prefix, LoRA, steering
+    prompt_files: List[str] = field(default_factory=list)  # method files of any method (soft prompt, prefix, LoRA, steering)
     system_prompt: Optional[str] = None
     guard: Optional[str] = None
     guard_model: Optional[str] = None
@@ -624,7 +623,7 @@ def run(args: EvalArgs, cfg: Optional[EvalConfig] = None) -> dict:
     mc_items = read_multiple_choice(args.mc) if args.mc else None
     model, tok, config = models.load(args.model)
     base = base_system(model, tok, config)
-    systems = [base] + [with_method(base, p) for p in args.method_files]
+    systems = [base] + [with_method(base, p) for p in args.prompt_files]
     if args.system_prompt is not None:
         systems.append(with_system_prompt(base, args.system_prompt))
     _unique_names(systems)

@@ -875,11 +875,6 @@ class Guard:
 
         return read_category(written(), codes)
 
-    def fingerprint(self) -> dict:
-        from .models import fingerprint
-
-        return fingerprint(self.model, self.config)
-
     def release(self) -> None:
         """Drop the weights so the next model does not add to peak memory."""
         self.model = None

@@ -140,7 +140,8 @@ def model_card(manifest: dict, report: Optional[dict], report_name: str = "eval_
         "| --- | --- |",
         f"| base | `{base['source']}` ({models.short(base['fingerprint'])}) |",
         f"| quantization | {quant} |",
-        f"| method | {label} |",
+        (f"| soft prompt | {prompt.get('num_virtual_tokens', '?')} virtual tokens, {prompt.get('placement', '?')} |"
+         if prompt.get("method", "softprompt") == "softprompt" else f"| method | {label} |"),
         f"| method options | `{prompt.get('method_options', 'not recorded')}` |",
         f"| guard distilled | {guard or 'not recorded'} |",
         f"| objective | {prompt.get('objective', 'not recorded')} |",

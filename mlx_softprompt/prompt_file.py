@@ -1,11 +1,12 @@
 """The prompt file: the one reader/writer of trained soft prompts (and other method files).
 
 A ``*.safetensors`` file with tensor ``soft_prompt`` [n, d] (other methods store
-their own tensors, e.g. LoRA weights or a steering vector), a tensor
-``fingerprint_sketch`` and string metadata:
+their own tensors, e.g. prefix keys/values, LoRA weights or a steering vector), a
+tensor ``fingerprint_sketch`` and string metadata:
 
   format            "mlx-softprompt/1"
-  method            softprompt | lora | steer-opt | steer-dom
+  method            a name of methods.METHODS (softprompt, prefix, lora, steer-opt, steer-dom)
+  method_options    the method's options (JSON), read back by methods.load
   num_virtual_tokens, placement ("prepend-before-bos", as HF PEFT prompt tuning)
   base_architecture, base_hidden_size, base_vocab_size, base_embedding_hash
   objective, guard, refusal, data_hash, library_version, plus any extra string keys
@@ -15,7 +16,6 @@ whole and that it belongs to the base model it is applied to.
 """
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Optional

@@ -32,7 +32,6 @@ every global batch; rank 0 alone writes files and draws the progress bar.
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field, fields
 from functools import partial

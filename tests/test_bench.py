@@ -38,6 +38,7 @@ guard_model: guard
 data: [prompts.jsonl]
 methods:
   softprompt: [tv]
+  prefix: [tv]
   lora: [kl]
   steer-opt: [tv]
   steer-dom: null
@@ -51,8 +52,8 @@ steer_dom: {{alphas: [1.0, 4.0], max_tokens: 4}}
 system_prompt: Refuse harmful requests.
 eval: {{max_tokens: 6, timing_prompts: 1, limit: 3}}
 """
-CELLS = ["reference", "softprompt-tv", "lora-kl", "steer-opt-tv", "steer-dom", "system-prompt"]
-ROWS = ["base", "dual", "softprompt-tv", "lora-kl", "steer-opt-tv", "steer-dom", "system-prompt"]
+CELLS = ["reference", "softprompt-tv", "prefix-tv", "lora-kl", "steer-opt-tv", "steer-dom", "system-prompt"]
+ROWS = ["base", "dual", "softprompt-tv", "prefix-tv", "lora-kl", "steer-opt-tv", "steer-dom", "system-prompt"]
 
 
 @pytest.fixture(scope="module")
@@ -83,13 +84,14 @@ def test_bench_end_to_end(run):
     assert added["base"] == 0 and added["system-prompt"] == 0
     assert added["softprompt-tv"] == 4 * 64 and added["steer-opt-tv"] == 64 and added["steer-dom"] == 64
     assert added["lora-kl"] > 0 and added["dual"] > added["lora-kl"]
+    assert added["prefix-tv"] > added["softprompt-tv"]  # keys and values of 4 positions in every layer
     assert results["systems"]["base"]["utility_kl"] == pytest.approx(0.0, abs=1e-7)
-    for cell in CELLS[1:4]:
+    for cell in CELLS[1:5]:
         assert (out / "cells" / cell / f"{cell}.safetensors").exists()
     dom = json.loads((out / "cells" / "steer-dom" / "report.json").read_text())["settings"]["steer_dom"]
     assert dom["alpha"] in (1.0, 4.0) and len(dom["grid"]) == 2 * 2  # 2 layers x 2 alphas
     table = (out / "table.md").read_text()
-    for label in ("soft prompt", "LoRA", "steering vector (optimised)", "steering vector (diff-of-means)",
+    for label in ("soft prompt", "prefix tuning", "LoRA", "steering vector (optimised)", "steering vector (diff-of-means)",
                   "textual system prompt", "dual system (base + guard)", "base alone"):
         assert f"| {label} |" in table
     assert "unsafe compliance" in table and "over-refusal" in table and "KL" in table and "TTFT x base" in table

@@ -182,7 +182,7 @@ def test_consistent_but_mismatched_parts_are_refused(made, tiny_softprompt, tmp_
     save_prompt_cache(str(b / "prompt_cache.safetensors"),
                       models.prefix_cache(model, mx.concatenate([P, P[:1]])), metadata=meta)
     _rehash(b)
-    assert "cache offset [6] != the prompt's 5 virtual tokens" in _error(b)
+    assert "cache offset [6] != the method's 5 prefix positions" in _error(b)
     # the base swapped for another model of the same shape
     b = _copy(plain, tmp_path, "other_base")
     from mlx_softprompt.tiny import make_tiny_checkpoint

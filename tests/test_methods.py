@@ -1,6 +1,5 @@
 """The methods: apply/remove round trips leave the base bitwise unchanged, and each applies what it says."""
 
-from types import SimpleNamespace
 
 import mlx.core as mx
 import numpy as np
