@@ -26,7 +26,7 @@ from typing import Any, List, Optional
 
 import mlx.core as mx
 
-from . import methods, models
+from . import bundle, methods, models
 from .errors import UserError
 from .generate import GenerationConfig, chat_ids, complete, copy_cache
 from .guards import DEFAULT_REFUSAL, DEFAULT_THRESHOLD
@@ -151,12 +151,14 @@ def base_system(model, tokenizer, config, name: str = "base") -> System:
     return System(model, tokenizer, config, name=name)
 
 
-def with_method(base: System, path=None, name: Optional[str] = None, expect=None, loaded=None) -> System:
-    """Base + a method file (any method; `expect` restricts which), checked against the base."""
+def with_method(base: System, path=None, name: Optional[str] = None, expect=None, loaded=None,
+                cache=None) -> System:
+    """Base + a method file (any method; `expect` restricts which), checked against the base.
+    `loaded`/`cache`: the file already read and its prefix cache already made (a bundle's)."""
     loaded = loaded or methods.load(path, base.model, base.config, expect)
     method, params, f = loaded.method, loaded.params, loaded.file
     n, nbytes = method.size(params)
-    cache = method.prefix_cache(base.model, params)
+    cache = cache if cache is not None else method.prefix_cache(base.model, params)
     info = {"file": str(path) if path is not None else None, **_file_meta(f), **method.describe()}
     return System(base.model, base.tokenizer, base.config, cache=cache, name=name or file_label(f), kind="method",
                   method=method, params=params, file=f, added_params=n, added_bytes=nbytes,
@@ -214,8 +216,6 @@ def file_label(f) -> str:
 def open_system(model: Optional[str], method_file: Optional[Path] = None, name: Optional[str] = None) -> System:
     """Load a base (MLX dir, hub id) or a bundle directory, with an optional method file, ready to
     serve: a precomputable method's cache made (or read from the bundle), any other method bound."""
-    from . import bundle
-
     if model is None:
         raise UserError("--model is required (an MLX model directory, hub id or bundle directory)")
     path = Path(model)
@@ -224,10 +224,8 @@ def open_system(model: Optional[str], method_file: Optional[Path] = None, name: 
         base = System(opened.model, opened.tokenizer, opened.config, name=name or opened.name)
         if opened.loaded is None:
             return base
-        system = with_method(base, opened.path, name=name or opened.name, loaded=opened.loaded)
-        if opened.cache is not None:
-            system.cache = opened.cache
-        return system.hold()
+        return with_method(base, opened.path, name=name or opened.name, loaded=opened.loaded,
+                           cache=opened.cache).hold()
     m, tok, config = models.load(model)
     base = System(m, tok, config, name=name or str(model))
     if method_file is None:

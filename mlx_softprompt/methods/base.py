@@ -73,8 +73,8 @@ def _coerce(f: dataclasses.Field, v, where: str):
     kind = f.metadata.get("type")
     if kind is None and f.default not in (dataclasses.MISSING, None):
         kind = type(f.default)
-    if v is None:
-        return None
+    if v is None:  # `key:` with no value in YAML: the default
+        return None if f.default is dataclasses.MISSING else f.default
     try:
         if kind is bool:
             if not isinstance(v, bool):
