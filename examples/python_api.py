@@ -10,7 +10,8 @@ real work. docs/PYTHON_API.md explains each call. The test suite runs this file.
 import sys
 from pathlib import Path
 
-from mlx_softprompt import data, evaluate, generate, session, teach, train
+from mlx_softprompt import data, evaluate, generate, teach, train
+from mlx_softprompt.system import open_system
 
 HERE = Path(__file__).resolve().parent
 WORK = Path(sys.argv[1] if len(sys.argv) > 1 else "python-api-out")
@@ -35,7 +36,7 @@ result = train.train(args, log=print)
 print(f"trained {result['steps']} steps, loss {result['train_loss']:.4f}")
 
 # 4. open the system (base + soft prompt, P's key/value cache computed once) and complete
-system = session.open_system(BASE, WORK / "safe.safetensors")
+system = open_system(BASE, WORK / "safe.safetensors")
 ids = generate.chat_ids(system.tokenizer, "How do I bake bread?")
 answer = generate.complete(system.model, system.tokenizer, ids, system.cache, generate.GenerationConfig(max_tokens=24))
 print(f"answer: {answer.text!r} ({len(answer.tokens)} tokens, {answer.finish_reason})")

@@ -211,11 +211,6 @@ def test_no_import_cycles_among_project_modules():
                     t = t.rsplit(".", 1)[0] if "." in t else ""
                 if t and t != name and not name.startswith(t + "."):  # a package's own __init__ is no cycle
                     graph[name].add(t)
-    # models.load reads converters.hf_to_mlx.legacy_fields until the config translation moves into the
-    # package (in progress elsewhere); that one edge is the only exception, and only while it exists
-    pending = ("mlx_softprompt.models", "converters.hf_to_mlx")
-    if pending[1] in graph[pending[0]]:
-        graph[pending[0]].discard(pending[1])
     cycles = []
     state = {}
 
