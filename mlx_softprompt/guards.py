@@ -56,6 +56,11 @@ CONTENT = ("text", "parts")  # message content as a string, or as [{"type": "tex
 LABEL_MATCH = ("exact", "casefold")
 DEFAULT_REFUSAL = "I'm sorry, but I can't help with that."
 DEFAULT_THRESHOLD = 0.5
+
+
+def refuses(u: float, threshold: float = DEFAULT_THRESHOLD) -> bool:
+    """The deployed guard's decision, the one place it is written: P(unsafe) >= threshold."""
+    return float(u) >= threshold
 GREEDY_LIMIT = 48  # tokens a guard may answer before reaching its spec's read_after marker / naming a category
 
 
@@ -814,9 +819,9 @@ class Guard:
             v = Verdict(float(u[i, g]))
             if spec.score_each_category:
                 v.scores = {c.code: float(x) for c, x in zip(spec.categories, u[i])}
-                if v.u >= DEFAULT_THRESHOLD:
+                if refuses(v.u):
                     v.category = spec.categories[g].code
-            elif v.u >= DEFAULT_THRESHOLD and spec.category_after is not None and spec.categories:
+            elif refuses(v.u) and spec.category_after is not None and spec.categories:
                 v.category = self._read_category(conv, mode)
             verdicts.append(v)
         return verdicts
@@ -954,7 +959,7 @@ def dual_complete(base_model, base_tokenizer, guard: Guard, messages, cfg=None, 
     t0 = time.perf_counter()
     u = guard.moderate_input(turns[last]["content"], turns[:last]).u
     guard_time = time.perf_counter() - t0
-    if u >= threshold:
+    if refuses(u, threshold):
         tokens = list(base_tokenizer.encode(refusal, add_special_tokens=False))
         return generate.Completion(
             text=refusal, tokens=tokens, prompt_tokens=0, time_to_first_token=guard_time,

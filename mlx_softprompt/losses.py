@@ -59,7 +59,7 @@ from typing import Callable, Dict, Optional, Tuple
 import mlx.core as mx
 
 from .errors import UserError
-from .guards import DEFAULT_THRESHOLD
+from .guards import DEFAULT_THRESHOLD, refuses
 
 _FILL = -1e30  # a finite -inf: keeps log-sum-exp and its gradient NaN-free on empty sets
 
@@ -277,7 +277,7 @@ def row_weights(name: str, u: float, hard_guard: bool = False, threshold: float 
         raise ValueError(f"unknown objective {name!r}; choose one of {', '.join(OBJECTIVES)}")
     u = float(u)
     if OBJECTIVES[name].hard_labels or hard_guard:
-        return (1.0, 0.0) if u >= threshold else (0.0, 1.0)
+        return (1.0, 0.0) if refuses(u, threshold) else (0.0, 1.0)
     return u, 1.0 - u
 
 

@@ -11,7 +11,7 @@ The addition is one of:
 - a textual system prompt (extra tokens on every request);
 - a guard in front: the dual system (the teacher being distilled). It answers
   the refusal when the guard's P(unsafe | request) >= threshold, else what the
-  base answers. `refuses` is that rule, the one place it is written.
+  base answers (`guards.refuses`, the one place that rule is written).
 
 Attributes used by chat, serve, generate, eval and bench: ``model``,
 ``tokenizer``, ``config``, ``cache`` (copy it per request), ``name``.
@@ -29,14 +29,9 @@ import mlx.core as mx
 from . import bundle, methods, models
 from .errors import UserError
 from .generate import GenerationConfig, chat_ids, complete, copy_cache
-from .guards import DEFAULT_REFUSAL, DEFAULT_THRESHOLD
+from .guards import DEFAULT_REFUSAL, DEFAULT_THRESHOLD, refuses  # noqa: F401 (refuses: the dual system's rule)
 
 KINDS = ("base", "method", "system-prompt", "dual")
-
-
-def refuses(u: float, threshold: float = DEFAULT_THRESHOLD) -> bool:
-    """The dual system's decision: the guard's P(unsafe) at or above the threshold means refuse."""
-    return float(u) >= threshold
 
 
 def empty_cache(model):
