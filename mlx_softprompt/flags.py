@@ -68,11 +68,12 @@ class Command(TyperCommand):
         return {name: p for p in self.params if isinstance(p, TyperOption)
                 for name in list(p.opts) + list(p.secondary_opts)}
 
-    def rewrite(self, args: List[str]) -> List[str]:
-        """The old flag names replaced by the current ones, values and `--` left alone."""
+    def rewrite(self, args: List[str]):
+        """(args with the old flag names replaced by the current ones, the -c/--config path or None);
+        option values and everything after `--` are left alone."""
         opts = self._options()
         aliases = {old: new for old, new in ALIASES.items() if new in opts and old not in opts}
-        out, i = [], 0
+        out, config, i = [], None, 0
         while i < len(args):
             a = args[i]
             if a == "--":
@@ -84,23 +85,15 @@ class Command(TyperCommand):
                 a = name + eq + value
             out.append(a)
             opt = opts.get(name)
-            if opt is not None and not eq and not opt.is_flag and not opt.count and i + 1 < len(args):
-                out.append(args[i + 1])  # the option's value, whatever it looks like
-                i += 1
+            if opt is not None and not opt.is_flag and not opt.count:
+                if not eq and i + 1 < len(args):
+                    value = args[i + 1]
+                    out.append(value)  # the option's value, whatever it looks like
+                    i += 1
+                if opt.name == "config":
+                    config = Path(value)
             i += 1
-        return out
-
-    # ---------------------------------------------------------------- the config file
-
-    def _config_path(self, args: List[str]) -> Optional[Path]:
-        for i, a in enumerate(args):
-            if a == "--":
-                return None
-            if a in ("-c", "--config") and i + 1 < len(args):
-                return Path(args[i + 1])
-            if a.startswith("--config="):
-                return Path(a.split("=", 1)[1])
-        return None
+        return out, config
 
     def config_values(self, ctx, path: Path) -> dict:
         """The file's values as {param name: converted value}."""
@@ -132,9 +125,8 @@ class Command(TyperCommand):
         return values
 
     def parse_args(self, ctx, args: List[str]) -> List[str]:
-        args = self.rewrite(list(args))
-        path = self._config_path(args) if self.reads_config else None
-        if path is not None:
+        args, path = self.rewrite(list(args))
+        if path is not None and self.reads_config:
             ctx.default_map = {**(ctx.default_map or {}), **self.config_values(ctx, path)}
         return super().parse_args(ctx, args)
 

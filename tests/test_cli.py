@@ -67,8 +67,9 @@ def test_prompt_names_stdin_and_aliases_give_the_same_answer(system, capsys, mon
     code, out, err = run_cli(capsys, "generate", "--model", base, "-p", "-", "--system-prompt", "Be brief.", *common)
     assert (code, out) == (0, want), err
     # a value that looks like an old flag name stays a value
-    code, out, err = run_cli(capsys, "generate", "--model", base, "-p", "--text", *common)
-    assert (code, out) == (0, _want(sys_, "--text").text + "\n"), err
+    for value in ("--text", "-c"):
+        code, out, err = run_cli(capsys, "generate", "--model", base, "-p", value, *common)
+        assert (code, out) == (0, _want(sys_, value).text + "\n"), err
 
 
 def test_config_file_defaults_then_file_then_flags(system, capsys, tmp_path):
