@@ -106,7 +106,7 @@ def main(argv=None):
     ap.add_argument("--model", default=str(ROOT / "examples" / "world" / "base"))
     ap.add_argument("--levels", default="1,8,32")
     ap.add_argument("--max-tokens", type=int, default=48)
-    ap.add_argument("--rounds", type=int, default=2, help="interleaved repeats of every level")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved repeats of every level (medians reported)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "serve.json"))
     args = ap.parse_args(argv)
     levels = [int(x) for x in args.levels.split(",")]
@@ -156,7 +156,8 @@ def main(argv=None):
         table.append(row)
     out = {"model": args.model, "max_tokens": args.max_tokens, "rounds": args.rounds,
            "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores",
-           "blas": os.environ.get("LD_PRELOAD", "bundled"), "table": table, "runs": results}
+           "blas": os.environ.get("LD_PRELOAD", "bundled"), "load_average": os.getloadavg(), "table": table,
+           "runs": results}
     Path(args.out).write_text(json.dumps(out, indent=2))
     print("| clients | server | tokens/s | requests/s | p50 latency | p95 latency |")
     print("| ---: | --- | ---: | ---: | ---: | ---: |")
@@ -165,6 +166,7 @@ def main(argv=None):
             r = row[name]
             print(f"| {row['clients']} | {name} | {r['tokens_per_s']:.0f} | {r['requests_per_s']:.1f} | "
                   f"{r['p50_s']:.2f} s | {r['p95_s']:.2f} s |")
+    print(f"load average at the end: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     for row in table:
         print(f"{row['clients']} clients: throughput ratio (ours / mlx_lm.server) = {row['throughput_ratio']:.2f}")
 

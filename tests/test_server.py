@@ -64,7 +64,8 @@ def served(tiny_softprompt, tmp_path_factory):
 def _ask(client, content, **kw):
     messages = content if isinstance(content, list) else [{"role": "user", "content": content}]
     kw.setdefault("max_tokens", 8)
-    return client.chat.completions.create(model="bot", messages=messages, **kw)
+    kw.setdefault("model", "bot")
+    return client.chat.completions.create(messages=messages, **kw)
 
 
 def _reference(system, messages, max_tokens=8, prompt=True):
@@ -225,6 +226,29 @@ def test_32_concurrent_clients_match_sequential_runs(served):
         assert got == _reference(system, [{"role": "user", "content": j["content"]}], max_tokens=j["max_tokens"]).text
     again = [run(j) for j in jobs[0:6:2]]  # a seed reproduces its answer
     assert again == sequential[0:6:2]
+
+
+@pytest.mark.parametrize("arch,batched", [("qwen3", True), ("gemma2", False)])
+def test_other_architectures(arch, batched, tiny_softprompt):
+    """Batched where mlx-lm can batch the architecture; one by one where it cannot (its Gemma 2 fails on a
+    padded batch): either way, concurrent answers are the one-by-one answers."""
+    from mlx_softprompt.prompt_file import load
+
+    base, pfile = tiny_softprompt(arch=arch)
+    model, tok, config = models.load(base)
+    P = load(pfile).prompt
+    system = SimpleNamespace(model=model, tokenizer=tok, config=config, cache=models.prefix_cache(model, P),
+                             name="m", prompt=P)
+    client, port, app, stop = _start(system)
+    try:
+        prompts = [f"{PROMPTS[i]} " * (1 + i % 3) for i in range(8)]
+        with cf.ThreadPoolExecutor(8) as pool:
+            got = list(pool.map(lambda p: _ask(client, p, model="m", max_tokens=10).choices[0].message.content,
+                                prompts))
+        assert app.engine.batchable is batched
+        assert got == [_reference(system, [{"role": "user", "content": p}], max_tokens=10).text for p in prompts]
+    finally:
+        stop()
 
 
 # ---------------------------------------------------------------- no path around

@@ -10,8 +10,11 @@ Sampling is per request: greedy requests share one batched argmax; a sampled
 request draws from its own key sequence (``seed``, or a random one), so a
 seeded answer does not depend on what else is in the batch.
 
-Models whose caches cannot be merged into a batch (``merge`` missing, e.g. a
-quantized KV cache) are served one request at a time by the same loop.
+Models that cannot be batched are served one request at a time by the same
+loop: caches without ``merge`` (a quantized KV cache), and architectures whose
+batched forward fails or disagrees with the single one (checked once at start
+on two prompts of different lengths: mlx-lm's Gemma 2, for one, cannot take a
+padded batch).
 """
 
 import copy
@@ -105,6 +108,7 @@ class Engine:
         self.system = system
         self.cfg = cfg or EngineConfig()
         self.batchable = all(hasattr(c, "merge") for c in system.cache) if system.cache else True
+        self.ready = threading.Event()
         self.eos = sorted(set(getattr(system.tokenizer, "eos_token_ids", None) or [system.tokenizer.eos_token_id]))
         self.inbox: "queue.Queue" = queue.Queue()
         self._count = 0  # running + waiting
@@ -144,8 +148,31 @@ class Engine:
         with self._lock:
             self._count -= 1
 
+    def _batching_works(self) -> bool:
+        """Greedy tokens of two prompts of different lengths, batched and one by one: equal and no error."""
+        from mlx_lm.generate import stream_generate
+
+        s = self.system
+        prompts = [s.tokenizer.encode("Hi."), s.tokenizer.encode("A longer prompt, so that the batch is padded.")]
+        try:
+            alone = [[r.token for r in stream_generate(s.model, s.tokenizer, mx.array(p), max_tokens=3,
+                                                        prompt_cache=copy.deepcopy(s.cache))] for p in prompts]
+            gen = self._new_generator()
+            uids = gen.insert(prompts, max_tokens=[3, 3], caches=[copy.deepcopy(s.cache) for _ in prompts])
+            together = {u: [] for u in uids}
+            for _ in range(20):
+                for r in gen.next()[1]:
+                    together[r.uid].append(r.token)
+            gen.close()
+        except Exception:
+            return False
+        # the single path stops at an end token without repeating it; compare what both produced
+        return all(a[:len(b)] == b[:len(a)] and a for a, b in zip(alone, (together[u] for u in uids)))
+
     def _run(self) -> None:
         try:
+            self.batchable = self.batchable and self._batching_works()
+            self.ready.set()
             if self.batchable:
                 self._run_batched()
             else:
