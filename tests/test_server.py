@@ -251,6 +251,40 @@ def test_other_architectures(arch, batched, tiny_softprompt):
         stop()
 
 
+@pytest.mark.parametrize("method", ["prefix", "lora", "steer-opt", "system-prompt"])
+def test_every_method(method, tiny_model):
+    """Prefix tuning (a prefix cache), LoRA and steering (bound to the model), a textual system prompt: served
+    batched, each answer what the System itself answers one by one."""
+    from mlx_softprompt import methods, system as system_mod
+
+    model, tok, config = models.load(tiny_model())
+    prompts = [f"{PROMPTS[i]} " * (1 + i % 3) for i in range(6)]
+    plain = [_reference(SimpleNamespace(model=model, tokenizer=tok, cache=models.prefix_cache(model, None)),
+                        [{"role": "user", "content": p}], max_tokens=10, prompt=False).text for p in prompts]
+    base = system_mod.base_system(model, tok, config, name="m")
+    if method == "system-prompt":
+        s = system_mod.with_system_prompt(base, "Answer in a friendly tone.", name="m")
+    else:
+        m = methods.get(method)
+        params = m.init(model, tok, seed=1)
+        params = {k: v + 0.3 * mx.random.normal(v.shape, key=mx.random.key(7)) if isinstance(v, mx.array) else v
+                  for k, v in params.items()} if method == "steer-opt" else params
+        s = system_mod.with_params(base, m, params, name="m").hold()
+    client, port, app, stop = _start(s)
+    try:
+        with cf.ThreadPoolExecutor(6) as pool:
+            got = list(pool.map(lambda p: _ask(client, p, model="m", max_tokens=10).choices[0].message.content,
+                                prompts))
+        assert app.engine.batchable
+        want = [s.complete(p, generate.GenerationConfig(max_tokens=10)).text for p in prompts]
+        assert got == want, (got, want)
+        if method != "lora":  # LoRA starts as the identity (B = 0); the others change the answers
+            assert got != plain
+    finally:
+        stop()
+        s.close()
+
+
 # ---------------------------------------------------------------- no path around
 
 

@@ -79,7 +79,12 @@ class App:
     """What the handlers share: the system, its engine, the policy and the served model's identity."""
 
     def __init__(self, system, cfg: ServerConfig):
+        if getattr(system, "guard", None) is not None:
+            raise ValueError("serving a dual system (a guard in front) is not supported: serve the base with a "
+                             "method file")
         self.system, self.cfg = system, cfg
+        # a textual system prompt (a System of kind "system-prompt") goes before every conversation
+        self.system_prompt = getattr(system, "system_prompt", None)
         self.model_id = cfg.model_id or system.name
         self.aliases = {self.model_id, system.name}
         if cfg.model_path:
@@ -128,13 +133,15 @@ class App:
     def start(self, req) -> Tuple[Job, List[int]]:
         """Tokenize (after a cheap bound), cap max_tokens by the room left, and queue the job."""
         room = self.context_length - self.prefix
-        at_least = -(-req.content_chars() // self.longest_token)
+        at_least = -(-(req.content_chars() + len(self.system_prompt or "")) // self.longest_token)
         if at_least >= room:
             raise self._too_long(f"at least {at_least}")
-        if req.kind == "chat":
-            ids = self.prompts.chat_prompt(req.messages)
-        elif self.prompts.has_template:  # the prompt is the user's turn: no raw continuation around the template
-            ids = self.prompts.chat_prompt([{"role": "user", "content": req.prompt}])
+        if req.kind == "chat" or self.prompts.has_template:
+            # completions: the prompt is the user's turn (a raw continuation would go around the template)
+            messages = req.messages if req.kind == "chat" else [{"role": "user", "content": req.prompt}]
+            if self.system_prompt:
+                messages = [{"role": "system", "content": self.system_prompt}] + list(messages)
+            ids = self.prompts.chat_prompt(messages)
         else:
             ids = self.prompts.text_prompt(req.prompt)
         if not ids:

@@ -114,8 +114,10 @@ class Engine:
         self._count = 0  # running + waiting
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        # arrays made on this thread must be computed before another thread uses them
-        mx.eval([c.state for c in system.cache], system.model.parameters())
+        # arrays made on this thread must be computed before another thread uses them: the weights, the
+        # cache, and whatever a bound method computes lazily (a steering vector times alpha): one forward does it
+        mx.eval([c.state for c in system.cache], system.model.parameters(), getattr(system, "params", None) or {})
+        mx.eval(system.model(mx.array([[0]]), cache=copy.deepcopy(system.cache)))
         self.thread = threading.Thread(target=self._run, name="mlx-softprompt-generate", daemon=True)
         self.thread.start()
 
