@@ -14,7 +14,7 @@ import numpy as np
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 MAX_DEPTH = 32  # JSON nesting; a chat request needs 4
-_STRINGS = re.compile(rb'"(?:[^"\\]|\\.)*"', re.S)
+_STRINGS = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)  # JSON strings (unrolled: linear and fast)
 
 
 class ApiError(Exception):

@@ -140,6 +140,9 @@ class Handler(BaseHTTPRequestHandler):
     def setup(self):
         self.timeout = self.app.cfg.io_timeout
         super().setup()
+        # headers and body are separate writes: without this, Nagle's algorithm and the client's delayed
+        # ACK hold the body back ~40 ms on every keep-alive request
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def log_message(self, fmt, *args):
         if self.app.cfg.log:
