@@ -228,9 +228,12 @@ DERIVED: Dict[str, Callable[[Source], Any]] = {
     "is_moe_layer": _is_moe_layer,
 }
 
-# Values renamed by transformers 5 inside a field: (model_type, field) -> {new name: the name mlx-lm reads}.
-VALUE_NAMES: Dict[tuple, Dict[str, str]] = {
+# Values that mean another thing to mlx-lm: (model_type, field) -> {transformers' value: mlx-lm's for the same}
+# (applied to each item of a list).
+VALUE_NAMES: Dict[tuple, Dict[Any, Any]] = {
     ("granitemoehybrid", "layer_types"): {"linear_attention": "mamba", "full_attention": "attention"},
+    # transformers applies RoPE only for "rope" (its default None: none); mlx-lm for anything but "nope"
+    ("granitemoehybrid", "position_embedding_type"): {None: "nope"},
 }
 
 # Facts of transformers' modeling code that its config does not carry, for fields mlx-lm requires:
@@ -373,6 +376,8 @@ def _translate(config: dict, args_class, name: str, hf=None) -> dict:
         names = VALUE_NAMES.get((model_type, field))
         if names and isinstance(value, list):
             value = out[field] = [names.get(v, v) for v in value]
+        elif names and isinstance(value, typing.Hashable) and value in names:
+            value = out[field] = names[value]
         if isinstance(value, dict) and isinstance(value.get("model_type"), str):
             out[field] = _sub_config(value, name)  # text_config of a multimodal checkpoint
     if missing:
