@@ -76,14 +76,22 @@ TINY_EXTRAS = {
     "qwen3_next": {"full_attention_interval": 2},
     "recurrent_gemma": {"block_types": ["recurrent", "attention"], "num_key_value_heads": 1},
     "lfm2": {"full_attn_idxs": [1]},
+    "lfm2_moe": {"layer_types": ["conv", "full_attention"], "num_dense_layers": 1},
+    "hunyuan_v1_dense": {"rope_parameters": {"rope_type": "dynamic", "rope_theta": 10000.0, "alpha": 1000.0,
+                                             "factor": 1.0}},
+    "nemotron": {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}},
+    "dbrx": {"attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
+             "ffn_config": {"hidden_size": 64, "ffn_hidden_size": 128, "moe_num_experts": 4, "moe_top_k": 2}},
 }
 
 
 def _shrunk(config_class, **fields) -> dict:
     """The size fields `config_class` has (its attribute maps included), shrunk; `fields` on top."""
     default = config_class()
-    out = {k: v for k, v in TINY_SIZES.items()
-           if getattr(default, k, None) is not None and not isinstance(getattr(default, k), (dict, list))}
+    # a size left None means "off" (no window, no query LoRA), except the head sizes, which some
+    # architectures leave None for their modeling code to derive
+    out = {k: v for k, v in TINY_SIZES.items() if hasattr(default, k) and not isinstance(getattr(default, k), (dict, list))
+           and (getattr(default, k) is not None or k in ("head_dim", "num_key_value_heads"))}
     if "qk_rope_head_dim" in out:  # MLA: transformers rotates head_dim = qk_rope_head_dim dims
         out["head_dim"] = out["qk_rope_head_dim"]
     types = getattr(default, "layer_types", None)
