@@ -15,16 +15,20 @@ takes and config.json lacks, the value transformers itself would use: it
 loads the config through transformers' own config class for that
 ``model_type`` (never remote code), and reads
 
-1. RoPE fields from ``rope_parameters`` (``RULES``), since transformers'
-   attribute of the same name may mean something else;
+1. RoPE fields and the window pattern from ``rope_parameters`` and
+   ``layer_types`` (``RULES``), since transformers' attribute of the same name
+   may mean something else (``rope_scaling``);
 2. otherwise the attribute itself (attribute maps, properties and class
    defaults included);
 3. otherwise the same quantity under the name transformers uses for it
-   (``SYNONYMS``), or a fact of transformers' modeling code for that
-   architecture that its config does not carry (``MODELING_FACTS``).
+   (``SYNONYMS``), derived by transformers' own rule (``DERIVED``), from a
+   multimodal checkpoint's ``text_config``, or a fact of transformers'
+   modeling code that its config does not carry (``MODELING_FACTS``).
 
-Fields explicitly present in config.json always win, so a directory already
-converted (by us, mlx_lm.convert or anyone) reads exactly as before. A field
+Values that mean another thing to mlx-lm are renamed (``VALUE_NAMES``). Fields
+present in config.json win, unless of another kind than mlx-lm's annotation
+(EXAONE 4's int window pattern where mlx-lm wants "LLLG"), so a directory
+already converted (by us, mlx_lm.convert or anyone) reads as before. A field
 the architecture requires and nothing provides is refused in one line naming
 the architecture and the field.
 """
@@ -215,6 +219,7 @@ SYNONYMS: Dict[str, tuple] = {
     "block_dim": ("hidden_size",),  # LFM2: transformers 5 dropped block_dim (= hidden_size)
     "block_ff_dim": ("intermediate_size",),
 }
+
 
 def _is_moe_layer(src: Source):
     """transformers 5's per-layer MLP kinds ("dense"/"sparse") as the per-layer flags mlx-lm reads."""
