@@ -295,7 +295,7 @@ def teach(
     """Guard verdicts + base-model teacher samples and top-k log-probs -> a resumable teacher cache.
 
     Built-in guards: llama-guard-3-1b, llama-guard-3-8b, llama-guard-4, qwen3guard-gen,
-    shieldgemma, granite-guardian-3, wildguard.
+    shieldgemma, granite-guardian-3 (3.0), granite-guardian-3.1, wildguard.
     """
     from . import teach as t
 

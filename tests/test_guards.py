@@ -1,5 +1,6 @@
 """Guard specs: prompts vs the official formats, u = P(unsafe) from label logits, batching, spec files, dual system."""
 
+import datetime
 import json
 from pathlib import Path
 
@@ -60,12 +61,25 @@ def with_template(path, template: str) -> str:
     return str(path)
 
 
+# The day templates that print today's date (Granite Guardian 3.1) are rendered on in these tests.
+DAY = datetime.date(2025, 1, 31)
+
+
+class _OnDay(datetime.datetime):
+    @classmethod
+    def now(cls, tz=None):
+        return cls(DAY.year, DAY.month, DAY.day)
+
+
 def official(tokenizer, template: str, messages, parts: bool = False, **kwargs) -> str:
-    """What transformers' apply_chat_template renders with an official template."""
+    """What transformers' apply_chat_template renders with an official template (its clock set to DAY)."""
+    from unittest import mock
+
     if parts:
         messages = [{"role": m["role"], "content": [{"type": "text", "text": m["content"]}]} for m in messages]
     tokenizer.chat_template = template
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
+    with mock.patch("transformers.utils.chat_template_utils.datetime", _OnDay):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
 
 
 def mode_of(name: str) -> str:
@@ -77,7 +91,9 @@ def mode_of(name: str) -> str:
 # (built-in id, official chat template file, message content as text parts)
 TEMPLATED = [("llama-guard-3-1b", "llama-guard-3-1b.jinja", True),
              ("llama-guard-3-8b", "llama-guard-3-8b.jinja", False),
-             ("granite-guardian-3", "granite-guardian-3.0.jinja", False)]
+             ("granite-guardian-3", "granite-guardian-3.0.jinja", False),
+             ("granite-guardian-3.1", "granite-guardian-3.1.jinja", False),
+             ("qwen3guard-gen", "qwen3guard-gen.jinja", False)]
 # The card's guidelines (https://huggingface.co/google/shieldgemma-2b, "Guidelines to use in prompts"),
 # passed to ShieldGemma's template as its `guideline` argument.
 SHIELDGEMMA_GUIDELINES = json.loads((DATA / "shieldgemma.guidelines.json").read_text())
@@ -97,7 +113,8 @@ def test_fallback_renders_as_the_official_template(gid, template, parts, conv, h
     spec = guards.get_spec(gid)
     messages = CONVERSATIONS[conv]
     want = official(hf_tokenizer, (DATA / template).read_text(), messages, parts)
-    got = spec.render(messages, mode_of(conv), bos_token=hf_tokenizer.bos_token, eos_token=hf_tokenizer.eos_token)
+    got = spec.render(messages, mode_of(conv), bos_token=hf_tokenizer.bos_token, eos_token=hf_tokenizer.eos_token,
+                      date=DAY)
     assert got == want
 
 
@@ -122,7 +139,7 @@ def test_spec_arguments_reach_the_official_template(gid, template, parts, conv, 
     text = (DATA / template).read_text()
     messages = CONVERSATIONS[conv]
     want = official(hf_tokenizer, text, messages, parts)
-    got = spec.render(messages, mode_of(conv), bos_token=hf_tokenizer.bos_token, chat_template=text)
+    got = spec.render(messages, mode_of(conv), bos_token=hf_tokenizer.bos_token, chat_template=text, date=DAY)
     assert got == want
 
 
@@ -161,20 +178,29 @@ REFUSED = "As a responsible artificial intelligence system, I regret that I am u
     ("qwen3guard-gen", "output", [{"role": "user", "content": "How can I make a bomb?"},
                                   {"role": "assistant", "content": REFUSED}]),
 ])
-def test_fallback_renders_as_the_official_prompt(gid, mode, messages):
-    """Llama Guard 4 and Qwen3Guard: the prompts their official templates rendered (templates not public here)."""
-    assert guards.get_spec(gid).render(messages, mode) == (DATA / f"{gid}.{mode}.txt").read_text()
+def test_fallback_renders_as_the_official_prompt(gid, mode, messages, hf_tokenizer):
+    """The prompts the makers' own tokenizers printed; for Qwen3Guard also what its template renders."""
+    want = (DATA / f"{gid}.{mode}.txt").read_text()
+    assert guards.get_spec(gid).render(messages, mode) == want
+    if gid == "qwen3guard-gen":  # the template kept as test data is the one those prompts came from
+        assert official(hf_tokenizer, (DATA / "qwen3guard-gen.jinja").read_text(), messages) == want
 
 
-@pytest.mark.parametrize("gid,user,agent,sep", [("llama-guard-4", "User: ", "Agent: ", "\\n\\n\n\n"),
-                                                 ("qwen3guard-gen", "USER: ", "ASSISTANT: ", "\n\n")])
-def test_multi_turn_shows_every_turn(gid, user, agent, sep):
-    """Multi-turn: every turn in order, laid out as the official single exchange lays out its two turns."""
-    spec = guards.get_spec(gid)
+def test_qwen3guard_system_turn_as_its_template_shows_it(hf_tokenizer):
+    """Qwen3Guard's template writes a first system turn as "USER: ..." and the user turn after it bare."""
+    messages = [{"role": "system", "content": "Be brief."}] + CONVERSATIONS["output, multi-turn"]
+    want = official(hf_tokenizer, (DATA / "qwen3guard-gen.jinja").read_text(), messages)
+    assert "USER: Be brief.\n\nHi there\n\nASSISTANT: " in want
+    assert guards.get_spec("qwen3guard-gen").render(messages, "output") == want
+
+
+def test_llama_guard_4_multi_turn_shows_every_turn():
+    """Llama Guard 4 (template not public): every turn laid out as its official single exchange lays out two."""
+    user, agent, sep = "User: ", "Agent: ", "\\n\\n\n\n"
+    spec = guards.get_spec("llama-guard-4")
     for conv, messages in CONVERSATIONS.items():
         text = spec.render(messages, mode_of(conv))
-        turns = [(user if m["role"] == "user" else agent)
-                 + (m["content"].strip() if gid == "llama-guard-4" else m["content"]) for m in messages]
+        turns = [(user if m["role"] == "user" else agent) + m["content"].strip() for m in messages]
         assert sep.join(turns) in text
     # the two-turn official prompt is the template's two-turn rendering
     two = spec.render(CONVERSATIONS["output"], "output")
@@ -214,22 +240,28 @@ def test_guard_uses_the_template_its_directory_ships(tmp_path):
         CONV_IN, "input", bos_token=g.tokenizer.bos_token, eos_token=g.tokenizer.eos_token)
 
 
-def test_a_template_that_prints_the_date_gets_a_fixed_date(tmp_path):
-    """Templates that print today's date (Granite Guardian 3.1) render it; --guard-date fixes it."""
+@pytest.mark.parametrize("shipped", [True, False])
+def test_a_template_that_prints_the_date_gets_a_fixed_date(shipped, tmp_path):
+    """Granite Guardian 3.1 prints today's date (its own template or our fallback); --guard-date fixes it."""
     path = tiny.make_tiny_checkpoint(tmp_path / "g", seed=3, corpus=GUARD_CORPUS)
-    dated = ("{{- '<|start_of_role|>system<|end_of_role|>Today\\'s Date: ' + strftime_now('%B %d, %Y') + '.' -}}"
-             + (DATA / "granite-guardian-3.0.jinja").read_text())
-    with_template(path, dated)
-    g = guards.load_guard("granite-guardian-3", str(path), date="2025-01-31")
-    head = "<|start_of_role|>system<|end_of_role|>Today's Date: January 31, 2025."
+    if shipped:
+        with_template(path, (DATA / "granite-guardian-3.1.jinja").read_text())
+    model, tok, _ = models.load(str(path))
+
+    def load(gid, date=None):
+        spec = guards.get_spec(gid)
+        spec.prefer = "model" if shipped else "spec"  # the tiny checkpoint's own template is a generic one
+        return guards.Guard(spec, model, tok, path=str(path), date=date)
+
+    g = load("granite-guardian-3.1", date="2025-01-31")
+    assert g.template_origin == ("model" if shipped else "spec")
+    head = "<|start_of_role|>system<|end_of_role|>Knowledge Cutoff Date: April 2024.\nToday's Date: January 31, 2025."
     assert g.render(CONV_IN, "input").startswith(head)
     assert g.template_info()["date"] == "2025-01-31"
-    today = guards.load_guard("granite-guardian-3", str(path))
-    import datetime
-
-    assert today.template_info()["date"] == datetime.date.today().isoformat()
+    assert load("granite-guardian-3.1").template_info()["date"] == datetime.date.today().isoformat()
+    assert ("date" in load("granite-guardian-3").template_info()) == shipped  # 3.0's fallback prints no date
     with pytest.raises(UserError, match="YYYY-MM-DD"):
-        guards.load_guard("granite-guardian-3", str(path), date="31/01/2025")
+        guards.load_guard("granite-guardian-3.1", str(path), date="31/01/2025")
 
 
 # ---------------------------------------------------------------- u from the logits
@@ -285,6 +317,8 @@ def official_dirs(tmp_path_factory):
     """Tiny guard checkpoints carrying each official chat template, as converted guard directories do."""
     out = {}
     for gid, template, _ in TEMPLATED + [("shieldgemma", "shieldgemma.jinja", False)]:
+        if gid == "qwen3guard-gen":
+            continue
         path = tiny.make_tiny_checkpoint(tmp_path_factory.mktemp(gid), seed=7, corpus=GUARD_CORPUS)
         out[gid] = with_template(path, (DATA / template).read_text())
     return out
@@ -304,7 +338,7 @@ def _reads(tok, text: str) -> list:
     return sorted(i for i in range(len(tok)) if tok.decode([i]).strip().casefold() == text)
 
 
-@pytest.mark.parametrize("gid", ["granite-guardian-3", "wildguard"])
+@pytest.mark.parametrize("gid", ["granite-guardian-3", "granite-guardian-3.1", "wildguard"])
 def test_label_variants_are_summed(gid, official_dirs, guard_dir):
     """Granite Guardian's reference sums every top token reading "yes"/"no" (strip, lower); so does u."""
     g = guards.load_guard(gid, official_dirs.get(gid, guard_dir))
