@@ -30,6 +30,7 @@ import gc
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -80,6 +81,12 @@ class Settings:
     infer_max_tokens: int = 64
     infer_max_tokens_big: int = 32
     infer_dims: tuple = ("tiny-512", "big")
+    peer_iters: int = 60  # against mlx_lm.lora: steps per run, report windows, runs per tool
+    peer_report: int = 10
+    peer_repeats: int = 3
+    peer_batch: int = 8
+    peer_num_tokens: int = 16
+    peer_limit: int = 0  # prompts per label for the demo teacher cache (0: the whole train split)
 
 
 def quick(s: Settings) -> Settings:
@@ -91,6 +98,7 @@ def quick(s: Settings) -> Settings:
     s.big_dim, s.big_layers, s.big_vocab, s.big_intermediate = 128, 2, 1024, 256
     s.infer_max_tokens = s.infer_max_tokens_big = 8
     s.fast_repeats = s.infer_repeats = s.infer_repeats_big = 3
+    s.peer_iters, s.peer_report, s.peer_repeats, s.peer_limit = 12, 4, 1, 16
     return s
 
 
@@ -644,6 +652,153 @@ def plot_scale(res: dict, s: Settings, path: Path) -> None:
     plt.close(fig)
 
 
+# ---------------------------------------------------------------- against mlx_lm.lora, the tool a user would pick
+
+
+LORA_CHILD = r"""
+import json, sys
+import mlx_lm.lora as lora
+from mlx_lm.tuner.callbacks import TrainingCallback
+log = open(sys.argv[1], "w")
+class Log(TrainingCallback):
+    def on_train_loss_report(self, info):
+        log.write(json.dumps(info) + "\n")
+        log.flush()
+lora.get_reporting_callbacks = lambda *a, **k: Log()  # its figures, as its own reports compute them
+sys.argv = ["mlx_lm.lora"] + sys.argv[2:]
+lora.main()
+"""
+
+
+def demo_rows(tmp: Path, limit=None):
+    """The demo's teacher cache (teach on the demo world's train split, as `make demo` runs it)
+    -> (base dir, cache dir, mlx-lm data dir with the same rows as `text`)."""
+    from mlx_softprompt import data, demo, teach as teach_mod
+    from transformers import AutoTokenizer
+
+    world = demo.default_world()
+    cache = tmp / "teacher"
+    cfg = demo.DemoConfig()
+    train_set = data.limit_per_label(data.load_suite(data.SOURCES, seed=data.DEFAULT_SEED)["train"], limit)
+    data.write_jsonl(tmp / "train-prompts.jsonl", train_set)
+    teach_mod.teach(teach_mod.TeachConfig(
+        base=str(world / "base"), guard=str(world / "guard-spec.json"), guard_model=str(world / "guard"),
+        data=str(tmp / "train-prompts.jsonl"), out=str(cache), max_tokens=cfg.max_tokens, top_k=cfg.top_k,
+        seed=0, batch_size=32, refusal=demo.world_settings(world)["refusal"]))
+    tok = AutoTokenizer.from_pretrained(str(world / "base"))
+    rows = train.build_rows(train.open_teacher(cache), "ce")
+    texts = []
+    for r in rows:
+        ids = r.prompt + r.target
+        if ids and ids[0] == tok.bos_token_id:
+            ids = ids[1:]  # mlx-lm's tokenizer puts BOS back
+        texts.append(json.dumps({"text": tok.decode(ids)}))
+    mlx_data = tmp / "mlx-lm-data"
+    mlx_data.mkdir(exist_ok=True)
+    (mlx_data / "train.jsonl").write_text("\n".join(texts) + "\n")
+    (mlx_data / "valid.jsonl").write_text("\n".join(texts[:8]) + "\n")
+    lengths = [len(r.prompt) + len(r.target) for r in rows]
+    return world / "base", cache, mlx_data, {"rows": len(rows), "min_tokens": min(lengths),
+                                             "max_tokens": max(lengths), "mean_tokens": float(np.mean(lengths))}
+
+
+def _windows(lines: list, key: str) -> list:
+    """Report windows after the first (which includes compiling the step)."""
+    return [x[key] for x in lines[1:]] or [x[key] for x in lines]
+
+
+def run_ours(base: Path, cache: Path, tmp: Path, tag: str, objective: str, s: Settings) -> dict:
+    import subprocess
+
+    out = tmp / f"{tag}.safetensors"
+    for p in tmp.glob(f"{tag}.*"):
+        p.unlink()
+    argv = [sys.executable, "-m", "mlx_softprompt", "train", "--model", str(base), "--teacher", str(cache),
+            "--out", str(out), "--objective", objective, "--num-tokens", str(s.peer_num_tokens),
+            "--batch-size", str(s.peer_batch), "--iters", str(s.peer_iters), "--steps-per-report",
+            str(s.peer_report), "--val-split", "0", "--save-every", str(s.peer_iters), "--learning-rate", "1e-3",
+            "--max-seq-length", "1024"]
+    t = time.perf_counter()
+    subprocess.run(argv, check=True, capture_output=True, text=True)
+    lines = [json.loads(x) for x in Path(str(out) + ".metrics.jsonl").read_text().splitlines()]
+    lines = [x for x in lines if "tokens_per_second" in x]
+    return {"tokens_per_s": median(_windows(lines, "tokens_per_second")),
+            "tokens_per_s_all": [x["tokens_per_second"] for x in lines],
+            "padding_share": median(_windows(lines, "padding_share")),
+            "peak_bytes": int(max(x["peak_memory_gb"] for x in lines) * 1e9),
+            "trained_tokens": lines[-1]["trained_tokens"], "wall_s": time.perf_counter() - t}
+
+
+def run_mlx_lm_lora(base: Path, mlx_data: Path, tmp: Path, s: Settings) -> dict:
+    import subprocess
+
+    log = tmp / "mlx-lm-lora.jsonl"
+    adapters = tmp / "mlx-lm-adapters"
+    shutil.rmtree(adapters, ignore_errors=True)
+    argv = [sys.executable, "-c", LORA_CHILD, str(log), "--model", str(base), "--train", "--data", str(mlx_data),
+            "--iters", str(s.peer_iters), "--batch-size", str(s.peer_batch), "--num-layers", "-1",
+            "--steps-per-report", str(s.peer_report), "--steps-per-eval", str(10 * s.peer_iters),
+            "--val-batches", "1", "--save-every", str(10 * s.peer_iters), "--adapter-path", str(adapters),
+            "--max-seq-length", "1024", "--learning-rate", "1e-4", "--seed", "0"]
+    t = time.perf_counter()
+    subprocess.run(argv, check=True, capture_output=True, text=True)
+    lines = [json.loads(x) for x in log.read_text().splitlines()]
+    return {"tokens_per_s": median(_windows(lines, "tokens_per_second")),
+            "tokens_per_s_all": [x["tokens_per_second"] for x in lines],
+            "peak_bytes": int(max(x["peak_memory"] for x in lines) * 1e9),
+            "trained_tokens": lines[-1]["trained_tokens"], "wall_s": time.perf_counter() - t}
+
+
+def part_peer(s: Settings, out: Out, res: dict, tmp: Path) -> None:
+    base, cache, mlx_data, info = demo_rows(tmp, s.peer_limit)
+    out.line(f"## 0. Training against `mlx_lm.lora` on the same rows (the demo's teacher cache: {info['rows']} rows "
+             f"of {info['min_tokens']}-{info['max_tokens']} tokens, mean {info['mean_tokens']:.0f}, given to mlx-lm "
+             f"as `text` rows; the demo base; batch {s.peer_batch}; {s.peer_iters} steps per run, tokens/s the median "
+             f"of the {s.peer_report}-step report windows after the first (compiling); each tool's own figures; "
+             f"{s.peer_repeats} runs each, interleaved)")
+    runs = {"ours-ce": [], "ours-tv": [], "lora": []}
+    for i in range(s.peer_repeats):
+        for name in rotated(list(runs), i):
+            if name == "lora":
+                runs[name].append(run_mlx_lm_lora(base, mlx_data, tmp, s))
+            else:
+                runs[name].append(run_ours(base, cache, tmp, name, name.split("-")[1], s))
+        out.done(case=f"peer run {i + 1}")
+    lora = {"tokens_per_s": median([r["tokens_per_s"] for r in runs["lora"]]),
+            "peak_bytes": int(median([r["peak_bytes"] for r in runs["lora"]]))}
+    out.line("| tool | what is trained | objective | real tokens/s | padding share | peak MB | "
+             "vs mlx_lm.lora tokens/s | vs mlx_lm.lora peak |")
+    out.line("|---|---|---|---:|---:|---:|---:|---:|")
+    res["peer"] = {"data": info, "runs": runs, "rows": []}
+    for name, label, what, obj in (("ours-ce", "mlx-softprompt train", f"soft prompt, n = {s.peer_num_tokens}", "ce"),
+                                   ("ours-tv", "mlx-softprompt train", f"soft prompt, n = {s.peer_num_tokens}", "tv"),
+                                   ("lora", "mlx_lm.lora", "LoRA rank 8, all layers", "ce")):
+        tps = median([r["tokens_per_s"] for r in runs[name]])
+        peak = int(median([r["peak_bytes"] for r in runs[name]]))
+        pad = median([r["padding_share"] for r in runs[name]]) if name != "lora" else None
+        row = {"name": name, "tool": label, "objective": obj, "tokens_per_s": tps, "peak_bytes": peak,
+               "padding_share": pad, "speed_vs_lora": tps / lora["tokens_per_s"],
+               "peak_vs_lora": peak / lora["peak_bytes"]}
+        res["peer"]["rows"].append(row)
+        out.line(f"| {label} | {what} | {obj} | {tps:,.0f} | {'-' if pad is None else f'{pad:.1%}'} | "
+                 f"{peak / 1e6:,.0f} | {row['speed_vs_lora']:.2f}x | {row['peak_vs_lora']:.2f}x |")
+    out.line()
+
+
+def part_stages(s: Settings, out: Out, res: dict, tmp: Path) -> None:
+    import scale
+
+    r = scale.run(scale.Settings(), HERE, keep=None, log=lambda m: None)
+    res["stages"] = {k: v for k, v in r.items() if k != "lines"}
+    out.line("## 6. Real scale: teach -> train -> eval -> bundle -> serve (benchmarks/scale.py, its own "
+             "scale.json)")
+    out.line()
+    for line in r["lines"]:
+        out.line(line)
+    out.line()
+    out.done(case="stages")
+
+
 # ---------------------------------------------------------------- BLAS
 
 
@@ -697,6 +852,18 @@ def targets(res: dict) -> list:
                         "met": r["ttft_vs_base"] <= 1.05})
             out.append({"target": f"decode with P's cache >= 0.97x base ({r['base']})",
                         "measured": r["decode_vs_base"], "met": r["decode_vs_base"] >= 0.97})
+    for r in (res.get("peer") or {}).get("rows", []):
+        if r["name"] != "ours-ce":
+            continue
+        out.append({"target": "real tokens/s >= 1.5x mlx_lm.lora on the same rows and base (soft prompt, ce)",
+                    "measured": r["speed_vs_lora"], "met": r["speed_vs_lora"] >= 1.5})
+        out.append({"target": "peak memory <= mlx_lm.lora's on the same rows and base (soft prompt, ce)",
+                    "measured": r["peak_vs_lora"], "met": r["peak_vs_lora"] <= 1.0})
+    for r in (res.get("stages") or {}).get("long_row", []):
+        if r["variant"].startswith("--grad-checkpoint"):
+            gb = r["peak_bytes"] / 1e9
+            out.append({"target": f"a 1,024-token row of the 0.5B-shaped model trains within 8 GB ({r['variant']})",
+                        "measured": gb, "unit": " GB", "met": gb <= 8.0})
     return out
 
 
@@ -718,7 +885,7 @@ def report(res: dict, lines: list, path: Path, png: str) -> None:
           "weights); 'step MB' is that peak minus the memory active before the step.", "",
           "## Targets", "", "| target | measured | met |", "|---|---:|:---:|"]
     for t in res["targets"]:
-        md.append(f"| {t['target']} | {t['measured']:.2f}x | {'yes' if t['met'] else 'no'} |")
+        md.append(f"| {t['target']} | {t['measured']:.2f}{t.get('unit', 'x')} | {'yes' if t['met'] else 'no'} |")
     pairs = shared_vs_naive(res)
     if pairs:
         md += ["", "## Shared prefix vs naive step (same run, same base, objective tv)", "",
@@ -752,8 +919,8 @@ def render(out_dir: Path) -> str:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--parts", default="train,torch,infer,scale,blas",
-                    help="comma-separated subset of train,torch,infer,scale,blas")
+    ap.add_argument("--parts", default="peer,train,torch,infer,scale,blas,stages",
+                    help="comma-separated subset of peer,train,torch,infer,scale,blas,stages")
     ap.add_argument("--repeats", type=int, default=3, help="measured repeats per figure (>= 3)")
     ap.add_argument("--out", default=str(HERE), help="directory for results.json, RESULTS.md and the PNG")
     ap.add_argument("--quick", action="store_true", help="tiny shapes, for a smoke test (not for the README)")
@@ -766,18 +933,19 @@ def main(argv=None):
     if a.quick:
         s = quick(s)
     parts = [p.strip() for p in a.parts.split(",") if p.strip()]
-    unknown = set(parts) - {"train", "torch", "infer", "scale", "blas"}
+    unknown = set(parts) - {"peer", "train", "torch", "infer", "scale", "blas", "stages"}
     if unknown:
         ap.error(f"unknown part(s): {', '.join(sorted(unknown))}")
     out_dir = Path(a.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     n_points = len(s.sweep_n) + len([L for L in s.sweep_length if not (L == s.length and s.num_tokens in s.sweep_n)])
     cases = {"train": len(s.tiny_dims) * len(s.bits), "torch": len(s.tiny_dims), "infer": len(s.infer_dims),
-             "scale": 2 * n_points, "blas": 1}
+             "scale": 2 * n_points, "blas": 1, "peer": s.peer_repeats, "stages": 1}
     out = Out(sum(cases[p] for p in parts))
     res = {"started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": machine(), "load_start": loadavg(),
            "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(s).items()},
-           "quick": a.quick, "parts": parts, "train": [], "torch": [], "infer": [], "scale": [], "blas": {}}
+           "quick": a.quick, "parts": parts, "train": [], "torch": [], "infer": [], "scale": [], "blas": {},
+           "peer": {}, "stages": {}}
     m = res["machine"]
     out.line(f"Machine: {m['cpu']}, {m['cores']} cores; MLX {m['mlx']}; BLAS: {m['blas']}; load {res['load_start']}")
     out.line()
@@ -794,6 +962,10 @@ def main(argv=None):
                 part_scale(s, out, res)
             elif p == "blas":
                 part_blas(s, out, res)
+            elif p == "peer":
+                part_peer(s, out, res, Path(tmp))
+            elif p == "stages":
+                part_stages(s, out, res, Path(tmp))
     out.bar.close()
     res["elapsed_s"] = time.perf_counter() - t0
     res["load_end"] = loadavg()
@@ -803,7 +975,7 @@ def main(argv=None):
     png = render(out_dir)
     out.line("## Targets")
     for t in res["targets"]:
-        out.line(f"- {'MET    ' if t['met'] else 'NOT MET'} {t['target']}: {t['measured']:.2f}x")
+        out.line(f"- {'MET    ' if t['met'] else 'NOT MET'} {t['target']}: {t['measured']:.2f}{t.get('unit', 'x')}")
     out.line(f"wrote {out_dir / 'results.json'}, {out_dir / 'RESULTS.md'}"
              + (f", {out_dir / png}" if png else "") + f" in {res['elapsed_s'] / 60:.1f} min")
     return res
