@@ -111,10 +111,14 @@ class Out:
     def __init__(self, total: int):
         self.bar = Bar(total=total, desc="bench-perf", unit="case")
         self.lines = []
+        self.by_part = {}  # part -> its lines (a run of some parts keeps the others' from results.json)
+        self.part = None
 
     def line(self, text: str = "") -> None:
         print(text, flush=True)  # on a terminal, rich prints it above the progress bar
         self.lines.append(text)
+        if self.part:
+            self.by_part.setdefault(self.part, []).append(text)
 
     def done(self, **fig) -> None:
         self.bar.update(1, **fig)
@@ -785,10 +789,13 @@ def part_peer(s: Settings, out: Out, res: dict, tmp: Path) -> None:
     out.line()
 
 
-def part_stages(s: Settings, out: Out, res: dict, tmp: Path) -> None:
+def part_stages(s: Settings, out: Out, res: dict, tmp: Path, from_json=None) -> None:
     import scale
 
-    r = scale.run(scale.Settings(), HERE, keep=None, log=lambda m: None)
+    if from_json:  # a separate `python benchmarks/scale.py` run (it takes a while on 2 cores)
+        r = json.loads(Path(from_json).read_text())
+    else:
+        r = scale.run(scale.Settings(), HERE, keep=None, log=lambda m: None)
     res["stages"] = {k: v for k, v in r.items() if k != "lines"}
     out.line("## 6. Real scale: teach -> train -> eval -> bundle -> serve (benchmarks/scale.py, its own "
              "scale.json)")
@@ -870,7 +877,10 @@ def targets(res: dict) -> list:
 def report(res: dict, lines: list, path: Path, png: str) -> None:
     m = res["machine"]
     md = ["# Performance results (`make bench-perf`)", "",
-          f"Run {res['started']}, {res['elapsed_s'] / 60:.1f} minutes.", "",
+          f"Run {res['started']}, {res['elapsed_s'] / 60:.1f} minutes (parts: {', '.join(res['parts'])})."
+          + "".join(f" Part {p} kept from the run of {when}." if p != "earlier" else
+                    f" The other tables are kept from the run of {when}." for p, when in (res.get("kept") or {}).items()),
+          "",
           "## Machine", "",
           f"- CPU: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB RAM; {m['platform']}",
           f"- MLX {m['mlx']} (device {m['device']}), mlx-lm {m['mlx_lm']}, Python {m['python']}",
@@ -917,13 +927,51 @@ def render(out_dir: Path) -> str:
     return png
 
 
+ALL_PARTS = ["peer", "train", "torch", "infer", "scale", "blas", "stages"]
+
+
+HEADINGS = {"train": "## 1.", "torch": "## 2.", "infer": "## 3.", "scale": "## 4.", "blas": "## 5."}
+
+
+def _without(lines: list, parts: list) -> list:
+    """An old run's lines without the sections of `parts` (found by their headings)."""
+    out, skip = [], False
+    for line in lines:
+        if line.startswith("## "):
+            skip = any(line.startswith(HEADINGS.get(p, "\0")) for p in parts)
+        if not skip:
+            out.append(line)
+    return out
+
+
+def keep_other_parts(res: dict, old: dict) -> None:
+    """Parts this run did not measure, taken from an earlier results.json (their lines and figures)."""
+    old_lines = old.get("part_lines") or {"earlier": _without(old.get("lines", []), res["parts"])}
+    kept = {}
+    for p in ALL_PARTS + ["earlier"]:
+        if p in res["parts"] or p not in old_lines:
+            continue
+        if p in old:
+            res[p] = old[p]
+        res["part_lines"][p] = old_lines[p]
+        kept[p] = (old.get("kept") or {}).get(p, old.get("started"))
+    if "earlier" in kept:  # a results.json from before the parts were kept apart: all its tables
+        for p in ("train", "torch", "infer", "scale", "blas"):
+            if p not in res["parts"] and old.get(p):
+                res[p] = old[p]
+    res["kept"] = kept
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--parts", default="peer,train,torch,infer,scale,blas,stages",
-                    help="comma-separated subset of peer,train,torch,infer,scale,blas,stages")
+    ap.add_argument("--parts", default=",".join(ALL_PARTS), help=f"comma-separated subset of {','.join(ALL_PARTS)}")
     ap.add_argument("--repeats", type=int, default=3, help="measured repeats per figure (>= 3)")
     ap.add_argument("--out", default=str(HERE), help="directory for results.json, RESULTS.md and the PNG")
     ap.add_argument("--quick", action="store_true", help="tiny shapes, for a smoke test (not for the README)")
+    ap.add_argument("--stages-from", default=None,
+                    help="the stages part from this scale.json (of `python benchmarks/scale.py`) instead of a new run")
+    ap.add_argument("--keep-others", action="store_true",
+                    help="keep the parts not run now from the results.json in --out (marked with their run's date)")
     ap.add_argument("--render", action="store_true",
                     help="only rewrite RESULTS.md and the PNG from the results.json in --out")
     a = ap.parse_args(argv)
@@ -933,7 +981,7 @@ def main(argv=None):
     if a.quick:
         s = quick(s)
     parts = [p.strip() for p in a.parts.split(",") if p.strip()]
-    unknown = set(parts) - {"peer", "train", "torch", "infer", "scale", "blas", "stages"}
+    unknown = set(parts) - set(ALL_PARTS)
     if unknown:
         ap.error(f"unknown part(s): {', '.join(sorted(unknown))}")
     out_dir = Path(a.out)
@@ -952,6 +1000,7 @@ def main(argv=None):
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         for p in parts:
+            out.part = p
             if p == "train":
                 part_train(s, out, res)
             elif p == "torch":
@@ -965,12 +1014,16 @@ def main(argv=None):
             elif p == "peer":
                 part_peer(s, out, res, Path(tmp))
             elif p == "stages":
-                part_stages(s, out, res, Path(tmp))
+                part_stages(s, out, res, Path(tmp), a.stages_from)
+    out.part = None
     out.bar.close()
     res["elapsed_s"] = time.perf_counter() - t0
     res["load_end"] = loadavg()
+    res["part_lines"] = out.by_part
+    if a.keep_others and (out_dir / "results.json").exists():
+        keep_other_parts(res, json.loads((out_dir / "results.json").read_text()))
     res["targets"] = targets(res)
-    res["lines"] = out.lines[2:]
+    res["lines"] = [line for p in ALL_PARTS + ["earlier"] for line in res["part_lines"].get(p, [])]
     (out_dir / "results.json").write_text(json.dumps(res, indent=1))
     png = render(out_dir)
     out.line("## Targets")
