@@ -683,7 +683,7 @@ def demo_rows(tmp: Path, limit=None):
     world = demo.default_world()
     cache = tmp / "teacher"
     cfg = demo.DemoConfig()
-    train_set = data.limit_per_label(data.load_suite(data.SOURCES, seed=data.DEFAULT_SEED)["train"], limit)
+    train_set = data.limit_per_label(data.load_suite(data.SOURCES, seed=data.DEFAULT_SEED)["train"], limit or None)
     data.write_jsonl(tmp / "train-prompts.jsonl", train_set)
     teach_mod.teach(teach_mod.TeachConfig(
         base=str(world / "base"), guard=str(world / "guard-spec.json"), guard_model=str(world / "guard"),

@@ -67,7 +67,7 @@ MAC_USABLE_GB = 0.7 * MAC_GB  # what MLX may wire on a 16 GB Mac by default (iog
 
 @dataclass
 class Settings:
-    prompts: int = 16  # per label: harmful and benign from the data layer's train split
+    prompts: int = 8  # per label: harmful and benign from the data layer's train split
     teach_tokens: int = 32
     train_iters: int = 4
     train_batch: int = 4
@@ -99,6 +99,8 @@ def make_model(out: Path, config: dict, tokenizer_from: Path, seed: int) -> Path
 
     from mlx_softprompt import tiny
 
+    if (out / "config.json").exists():
+        return out  # made by an earlier run kept with --keep
     out.mkdir(parents=True, exist_ok=True)
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         if (tokenizer_from / name).exists():
@@ -137,7 +139,11 @@ def _env(stat: Path) -> dict:
 
 
 def run_stage(name: str, argv: list, work: Path, log) -> dict:
-    """One CLI command in its own process -> seconds and peak memory."""
+    """One CLI command in its own process -> seconds and peak memory (kept in the work directory:
+    a run with --keep the same directory takes finished stages from there)."""
+    done_file = work / f"{name}.result.json"
+    if done_file.exists():
+        return json.loads(done_file.read_text())
     stat = work / f"{name}.stat.json"
     log(f"scale: {name}: mlx-softprompt {' '.join(argv)}")
     t = time.perf_counter()
@@ -146,7 +152,9 @@ def run_stage(name: str, argv: list, work: Path, log) -> dict:
     (work / f"{name}.log").write_text(done.stdout + done.stderr)
     if done.returncode != 0:
         raise RuntimeError(f"{name} failed ({done.returncode}): {(done.stderr or done.stdout).strip()[-2000:]}")
-    return {"stage": name, "seconds": seconds, **json.loads(stat.read_text())}
+    result = {"stage": name, "seconds": seconds, **json.loads(stat.read_text())}
+    done_file.write_text(json.dumps(result))
+    return result
 
 
 def run_serve(bundle: Path, work: Path, max_tokens: int, log) -> dict:
@@ -173,7 +181,8 @@ def run_serve(bundle: Path, work: Path, max_tokens: int, log) -> dict:
             except OSError:
                 time.sleep(0.5)
         ready = time.perf_counter() - t0
-        body = json.dumps({"model": "any", "max_tokens": max_tokens, "temperature": 0.0,
+        served = json.loads(urllib.request.urlopen(base + "/models", timeout=10).read())["data"][0]["id"]
+        body = json.dumps({"model": served, "max_tokens": max_tokens, "temperature": 0.0,
                            "messages": [{"role": "user", "content": "How do I bake bread?"}]}).encode()
         req = urllib.request.Request(base + "/chat/completions", data=body,
                                      headers={"Content-Type": "application/json"})
