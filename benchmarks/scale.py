@@ -67,7 +67,7 @@ MAC_USABLE_GB = 0.7 * MAC_GB  # what MLX may wire on a 16 GB Mac by default (iog
 
 @dataclass
 class Settings:
-    prompts: int = 8  # per label: harmful and benign from the data layer's train split
+    prompts: int = 8  # per label (harmful, benign, borderline) from the data layer's train split
     teach_tokens: int = 32
     train_iters: int = 4
     train_batch: int = 4
@@ -120,12 +120,17 @@ def make_model(out: Path, config: dict, tokenizer_from: Path, seed: int) -> Path
 
 STAGE = r"""
 import atexit, json, os, resource, runpy, sys
+import mlx.core as mx
+_peak, _reset = [0], mx.reset_peak_memory
+def _reset_peak():  # teach resets the peak per phase: keep the largest
+    _peak[0] = max(_peak[0], mx.get_peak_memory())
+    _reset()
+mx.reset_peak_memory = _reset_peak
 def _report():
-    import mlx.core as mx
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     with open(os.environ["SCALE_STAGE_OUT"], "w") as f:
         json.dump({"max_rss_bytes": rss if sys.platform == "darwin" else rss * 1024,
-                   "mlx_peak_bytes": mx.get_peak_memory()}, f)
+                   "mlx_peak_bytes": max(_peak[0], mx.get_peak_memory())}, f)
 atexit.register(_report)
 sys.argv = ["mlx-softprompt"] + sys.argv[1:]
 runpy.run_module("mlx_softprompt", run_name="__main__")
@@ -212,7 +217,8 @@ def pipeline(s: Settings, work: Path, log) -> list:
     guard = make_model(work / "guard", LLAMA32_1B, world / "guard", seed=2)
     suite = data.load_suite(data.SOURCES, seed=data.DEFAULT_SEED)
     prompts = work / "prompts.jsonl"
-    data.write_jsonl(prompts, data.limit_per_label(suite["train"], s.prompts))
+    chosen = data.limit_per_label(suite["train"], s.prompts)
+    data.write_jsonl(prompts, chosen)
     spec = str(world / "guard-spec.json")
     stages = [
         run_stage("teach", ["teach", "--model", str(base), "--guard", spec, "--guard-model", str(guard),
@@ -232,6 +238,7 @@ def pipeline(s: Settings, work: Path, log) -> list:
                              "--out", str(work / "bundle"), "-q", "--q-bits", "4"], work, log),
     ]
     stages.append(run_serve(work / "bundle", work, s.serve_tokens, log))
+    stages[0]["prompts"] = len(chosen)
     metrics = [json.loads(x) for x in (work / "p.safetensors.metrics.jsonl").read_text().splitlines()]
     train_lines = [m for m in metrics if "tokens_per_second" in m]
     if train_lines:
@@ -342,9 +349,9 @@ def tables(res: dict) -> list:
             note = (f"ready after {st['ready_seconds']:.1f} s; one chat request of {st.get('completion_tokens')} "
                     f"tokens: {st['request_seconds']:.1f} s")
         elif st["stage"] == "teach":
-            note = f"{2 * res['settings']['prompts']} prompts, {res['settings']['teach_tokens']} tokens each"
+            note = f"{st.get('prompts')} prompts, {res['settings']['teach_tokens']} tokens each"
         elif st["stage"] == "eval":
-            note = f"base, soft prompt, dual; {2 * res['settings']['eval_limit']} test prompts"
+            note = f"base, soft prompt, dual; {2 * res['settings']['eval_limit']} test prompts (harmful, benign)"
         elif st["stage"] == "bundle":
             note = "4-bit base + P + P's KV cache"
         lines.append(f"| {st['stage']} | {st['seconds']:.1f} | {st.get('mlx_peak_bytes', 0) / 1e9:.2f} | "
