@@ -217,3 +217,20 @@ def test_method_file_loader_checks_method_and_base(base, tiny_model, tmp_path):
     other, _, other_config = models.load(tiny_model("llama", seed=7))
     with pytest.raises(UserError, match="trained for base"):
         methods.load(path, other, other_config)
+
+
+def test_files_written_before_method_options_still_load(base, tmp_path):
+    """LoRA and steering files of the previous format kept their options as lora_* / layer+alpha keys."""
+    from mlx_softprompt import prompt_file
+
+    model, tok, config = base
+    params = methods.get("lora", rank=2, layers=1).init(model, tok, 0)
+    old = prompt_file.save(tmp_path / "old-lora.safetensors", dict(tree_flatten(params)), model, config, method="lora",
+                           lora_rank="2", lora_layers="1", lora_scale="4.0", lora_keys="null")
+    o = methods.load(old, model, config).method.options
+    assert (o.rank, o.layers, o.scale, o.keys) == (2, 1, 4.0, None)
+    v = mx.zeros((models.hidden_size(model),))
+    old = prompt_file.save(tmp_path / "old-steer.safetensors", {"steer": v}, model, config, method="steer-dom",
+                           layer="1", alpha="3.0")
+    o = methods.load(old, model, config).method.options
+    assert (o.layer, o.alpha) == (1, 3.0)

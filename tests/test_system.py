@@ -85,6 +85,18 @@ def test_generate_applies_any_method_file(files, capsys, name):
     assert json.loads(plain)["tokens"] != tokens  # the method changes the answer
 
 
+def test_chat_command_with_a_lora_adapter(files, capsys, monkeypatch):
+    base, made = files
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\n"))
+    code, out, err = run_cli(capsys, "chat", "--model", base, "--adapter-path", str(made["lora"]), "--max-tokens",
+                             str(STEPS))
+    assert code == 0, err
+    _, tok, _ = models.load(base)
+    direct = open_system(base, made["lora"]).complete("hello", generate.GenerationConfig(max_tokens=STEPS))
+    assert direct.tokens == _greedy_reference(base, made["lora"], generate.chat_ids(tok, "hello"))
+    assert out.splitlines() == [direct.text.replace("\n", "\\n")]
+
+
 @pytest.mark.parametrize("name", ["prefix", "lora", "steer-dom"])
 def test_chat_keeps_the_method_across_turns(files, name):
     base, made = files
