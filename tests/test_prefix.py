@@ -49,3 +49,30 @@ def test_prefix_tuning_gives_peft_prefix_tuning_logits(hf_tiny_model, tmp_path, 
     cache = m.prefix_cache(model, params)
     assert {c.offset for c in cache} == {5}
     np.testing.assert_allclose(np.array(model(mx.array([ids]), cache=cache)[0]), ours, atol=1e-5)
+
+
+def test_prefix_tuning_trains_and_leaves_the_base_alone(tiny_teacher, tmp_path):
+    """train --method prefix: the held-out objective drops, the base's weights do not move."""
+    from mlx.utils import tree_flatten
+
+    from mlx_softprompt import train
+
+    base, cache = tiny_teacher
+    data = train.open_teacher(cache)
+    bundle = models.load(base)
+    before = {k: np.array(v) for k, v in tree_flatten(bundle[0].parameters())}
+    args = train.make_args(None, base=base, teacher=cache, out=str(tmp_path / "prefix.safetensors"), method="prefix",
+                           objective="kl", num_tokens=4, iters=20, batch_size=8, learning_rate=1e-2, warmup=2,
+                           val_split=0.25, val_every=20, save_every=20, steps_per_report=10)
+    train.train(args, data, model_bundle=bundle, log=lambda *a, **k: None)
+    after = {k: np.array(v) for k, v in tree_flatten(bundle[0].parameters())}
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+    m = train.make_method(args)
+    p0 = m.init(bundle[0], bundle[1], args.seed)
+    p1 = methods.load(args.out, bundle[0], bundle[2]).params
+    rows = train.build_rows(data, "kl", topk=True)
+    val = [r for r in rows if train.is_val(r.prompt_index, args.seed, args.val_split)]
+    loss = train.make_loss(bundle[0], m, "kl", "cache")
+    k = int(train.manifest_value(data.manifest, "k") or 16)
+    v0, v1 = (train.evaluate_rows(loss, p, val, args, k) for p in (p0, p1))
+    assert v1 < v0 - 0.005 * abs(v0), (v0, v1)
