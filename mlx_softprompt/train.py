@@ -701,6 +701,55 @@ def loop(params, optimizer, step, state, batches, args: TrainArgs, start: int = 
     return {"train_loss": last_loss, "val_loss": val_loss, "seconds": time.perf_counter() - tic0}
 
 
+class CallbackList(TrainingCallback):
+    """Several callbacks as one (None entries skipped)."""
+
+    def __init__(self, *callbacks):
+        self.callbacks = [c for c in callbacks if c is not None]
+
+    def on_train_loss_report(self, info: dict) -> None:
+        for c in self.callbacks:
+            c.on_train_loss_report(info)
+
+    def on_val_loss_report(self, info: dict) -> None:
+        for c in self.callbacks:
+            c.on_val_loss_report(info)
+
+
+def restore(args: TrainArgs, params, optimizer, expect: dict, rank: int = 0, size: int = 1, say=print) -> int:
+    """The step to start from: with --resume, rank 0 reads the training state (params, optimiser
+    state, RNG key) into place; on several machines every rank then takes rank 0's."""
+    start = 0
+    state_path = args.state_path
+    if args.resume:
+        found = state_path.exists() if rank == 0 else False
+        if size > 1:
+            found = bool(_broadcast_from_rank0({"f": mx.array(int(found))}, rank)["f"].item())
+        if found:
+            if rank == 0:
+                p, o, key, start, micro = load_state(state_path, args, expect, say)
+                if micro != start * args.grad_accum:
+                    raise UserError(f"{state_path}: inconsistent data position ({micro} batches at step {start})")
+                _assign(params, p)
+                _assign(optimizer.state, o)
+                _set_rng_key(key)
+            say(f"resuming from {state_path} at step {start}")
+        else:
+            say(f"--resume: no training state at {state_path}; starting at step 0")
+    if size > 1:
+        flat = {f"p.{k}": v for k, v in tree_flatten(params)}
+        flat.update({f"o.{k}": v for k, v in tree_flatten(optimizer.state)})
+        flat["rng"] = _rng_key()
+        flat["start"] = mx.array(start, dtype=mx.int64)
+        got = _broadcast_from_rank0(flat, rank)
+        _assign(params, {k[2:]: v for k, v in got.items() if k.startswith("p.")})
+        _assign(optimizer.state, {k[2:]: v for k, v in got.items() if k.startswith("o.")})
+        _set_rng_key(got["rng"])
+        start = int(got["start"].item())
+    mx.eval(params, optimizer.state)
+    return start
+
+
 def make_method(args: TrainArgs) -> methods.Method:
     return methods.get(args.method, args.method_options)
 
@@ -755,33 +804,7 @@ def train(args: TrainArgs, data: Optional[TeacherData] = None, model_bundle=None
     dhash = data_hash(data)
     expect = {"data_hash": dhash, "base_embedding_hash": fp["embedding_hash"]}
 
-    start = 0
-    state_path = args.state_path
-    if args.resume:
-        found = state_path.exists() if rank == 0 else False
-        if size > 1:
-            found = bool(_broadcast_from_rank0({"f": mx.array(int(found))}, rank)["f"].item())
-        if found:
-            if rank == 0:
-                p, o, key, start, micro = load_state(state_path, args, expect, say)
-                if micro != start * args.grad_accum:
-                    raise UserError(f"{state_path}: inconsistent data position ({micro} batches at step {start})")
-                _assign(params, p)
-                _assign(optimizer.state, o)
-                _set_rng_key(key)
-            say(f"resuming from {state_path} at step {start}")
-        else:
-            say(f"--resume: no training state at {state_path}; starting at step 0")
-    if size > 1:
-        flat = {f"p.{k}": v for k, v in tree_flatten(params)}
-        flat.update({f"o.{k}": v for k, v in tree_flatten(optimizer.state)})
-        flat["rng"] = _rng_key()
-        flat["start"] = mx.array(start, dtype=mx.int64)
-        got = _broadcast_from_rank0(flat, rank)
-        _assign(params, {k[2:]: v for k, v in got.items() if k.startswith("p.")})
-        _assign(optimizer.state, {k[2:]: v for k, v in got.items() if k.startswith("o.")})
-        _set_rng_key(got["rng"])
-        start = int(got["start"].item())
+    start = restore(args, params, optimizer, expect, rank, size, say)
     mx.eval(params, optimizer.state)
 
     if args.loss_chunk and memory.head_of(model) is None:
@@ -809,7 +832,7 @@ def train(args: TrainArgs, data: Optional[TeacherData] = None, model_bundle=None
         if rank != 0:
             return
         method.save(args.out, params, model, config, steps=str(at), **meta)
-        save_state(state_path, params, optimizer, at, at * args.grad_accum, args, expect)
+        save_state(args.state_path, params, optimizer, at, at * args.grad_accum, args, expect)
 
     def validate(at: int):
         if not val_rows:
@@ -821,19 +844,7 @@ def train(args: TrainArgs, data: Optional[TeacherData] = None, model_bundle=None
         f"{size} machine(s)")
     bar = Bar(total=args.iters - start, desc="train" if start == 0 else f"train (from step {start})",
               unit="step", disable=rank != 0)
-    reporter = Reporter(metrics, bar)
-    callbacks = [reporter] + ([callback] if callback is not None else [])
-
-    class _All(TrainingCallback):
-        def on_train_loss_report(self, info):
-            for c in callbacks:
-                c.on_train_loss_report(info)
-
-        def on_val_loss_report(self, info):
-            for c in callbacks:
-                c.on_val_loss_report(info)
-
-    both = _All()
+    both = CallbackList(Reporter(metrics, bar), callback)
     val_loss = None
     if start == 0:
         val_loss = validate(0)
