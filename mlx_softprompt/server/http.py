@@ -258,6 +258,16 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self):
         self._guard(self._post)
 
+    def _other(self):
+        self.close_connection = True
+        raise ApiError(405, f"method {self.command} is not allowed", code="method_not_allowed",
+                       headers={"Allow": "GET, POST, OPTIONS"})
+
+    def do_PUT(self):
+        self._guard(self._other)
+
+    do_DELETE = do_PATCH = do_HEAD = do_PUT
+
     def _get(self):
         path, app = self._route(), self.app
         if path == "/v1/models":

@@ -22,6 +22,7 @@ the content, say), a conversation with control-token text is refused with a
 
 import re
 import secrets
+import threading
 from typing import List, Optional, Sequence
 
 from .api import ApiError
@@ -57,6 +58,9 @@ class PromptBuilder:
         self.controls = control_tokens(tokenizer)
         self._control_re = re.compile("|".join(re.escape(c) for c in self.controls)) if self.controls else None
         self.has_template = bool(getattr(self.hf, "chat_template", None))
+        # `split_special_tokens` flips a flag on the shared Rust tokenizer: one encoding at a time, or a
+        # concurrent request's control tokens could be read with the wrong setting
+        self._lock = threading.Lock()
 
     # ------------------------------------------------------------ helpers
 
@@ -82,12 +86,17 @@ class PromptBuilder:
 
     def text_prompt(self, text: str) -> List[int]:
         """A plain-text prompt (no template): all text, control-token strings included."""
-        return self._text_ids(text, add_special_tokens=True)
+        with self._lock:
+            return self._text_ids(text, add_special_tokens=True)
 
     def chat_prompt(self, messages: Sequence[dict]) -> List[int]:
         """Ids of `messages` (role/content dicts) with the generation prompt appended."""
+        with self._lock:
+            return self._chat_prompt(messages)
+
+    def _chat_prompt(self, messages: Sequence[dict]) -> List[int]:
         if not self.has_template:
-            return self.text_prompt("\n".join(m["content"] for m in messages))
+            return self._text_ids("\n".join(m["content"] for m in messages), add_special_tokens=True)
         hits = [(i, self.contains_control(m["content"])) for i, m in enumerate(messages)]
         hits = [(i, c) for i, c in hits if c]
         if not hits:
