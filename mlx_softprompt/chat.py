@@ -49,14 +49,11 @@ class Conversation:
     The System's method is applied as it serves: its prefix cache (soft prompt, prefix
     tuning) is where every conversation starts; LoRA and steering are bound to its model."""
 
-    LABELS = {"softprompt": "soft prompt", "prefix": "prefix tuning", "lora": "LoRA", "steer-opt": "steering vector",
-              "steer-dom": "steering vector"}
-
     def __init__(self, system, system_text: Optional[str] = None):
         self.last_tokens: List[int] = []
         self.sys, self.system_text = system, system_text
         method = getattr(system, "method", None)
-        self.label = self.LABELS.get(method.name, method.name) if method is not None else "base"
+        self.label = method.label if method is not None else "base"
         self.reset()
 
     def reset(self) -> None:

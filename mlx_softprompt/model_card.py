@@ -13,7 +13,7 @@ from typing import Optional
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from . import models
+from . import methods, models
 
 TAGS = ["mlx", "mlx-softprompt", "soft-prompt", "safety", "guard-distillation"]
 # report figure -> model-index metric name (shares of prompts; utility_kl in nats/token)
@@ -25,8 +25,6 @@ METRICS = {
     "agreement_with_dual": "Agreement with the dual system",
     "utility_kl": "Utility KL to the base (nats/token)",
 }
-LABELS = {"softprompt": "soft prompt", "prefix": "prefix tuning (key/value prefixes)", "lora": "LoRA adapter",
-          "steer-opt": "steering vector (optimised)", "steer-dom": "steering vector (difference of means)"}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -114,7 +112,7 @@ def model_card(manifest: dict, report: Optional[dict], report_name: str = "eval_
     meta = base_card_data(base["source"], prompt)
     own = _own_system(report, prompt_sha, prompt_name) if isinstance(report, dict) else None
     guard = prompt.get("guard")
-    label = LABELS.get(prompt.get("method", "softprompt"), prompt.get("method"))
+    label = methods.label(prompt.get("method", "softprompt"))
     how = ("Its key/value cache is precomputed: it costs no prefill at run time." if manifest.get("cache")
            else "It is applied to the model when the bundle is opened.")
     data = ModelCardData(

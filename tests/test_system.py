@@ -136,14 +136,15 @@ def test_bundle_holds_any_method_and_opens_as_it_was(files, tmp_path, name):
         open_system(str(path))
 
 
-def test_serve_answers_with_a_lora_adapter(files):
+@pytest.mark.parametrize("name", ["prefix", "lora", "steer-dom"])
+def test_serve_answers_with_any_method(files, name):
     import http.client
     import threading
 
     from mlx_softprompt import server
 
     base, made = files
-    system = open_system(base, made["lora"])
+    system = open_system(base, made[name])
     httpd, app = server.make_server(system, server.ServerConfig(port=0, log=False))
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
@@ -159,7 +160,7 @@ def test_serve_answers_with_a_lora_adapter(files):
         app.close()
         thread.join(10)
     _, tok, _ = models.load(base)
-    want = _greedy_reference(base, made["lora"], generate.chat_ids(tok, TEXT))
+    want = _greedy_reference(base, made[name], generate.chat_ids(tok, TEXT))
     assert resp["choices"][0]["message"]["content"] == tok.decode(want)
 
 

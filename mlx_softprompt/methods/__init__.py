@@ -43,6 +43,11 @@ def trainable() -> list:
     return [n for n, c in METHODS.items() if c.trainable]
 
 
+def label(name: str) -> str:
+    """A method's name in tables, model cards and chat (the name itself if it is not a method)."""
+    return METHODS[name].label if name in METHODS else name
+
+
 def shorthand_keys() -> set:
     """Every flat key (CLI flag / YAML key) that fills some method's options."""
     return {k for c in METHODS.values() for k in c.shorthands}
@@ -102,4 +107,4 @@ def load(path, model, config, expect: Optional[Iterable[str]] = None) -> Loaded:
 
 
 __all__ = ["METHODS", "Method", "Options", "Loaded", "get", "load", "method_class", "options_from", "trainable",
-           "shorthand_keys", "decoder_layers", "shared_prefix_cache", "supports_shared_prefix"]
+           "shorthand_keys", "label", "decoder_layers", "shared_prefix_cache", "supports_shared_prefix"]

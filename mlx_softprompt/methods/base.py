@@ -122,6 +122,7 @@ class NoOptions(Options):
 
 class Method:
     name: ClassVar[str] = "?"
+    label: ClassVar[str] = "?"  # what tables, model cards and chat call it
     Options: ClassVar[Type[Options]] = NoOptions
     trainable: ClassVar[bool] = True
     # shorthand flags/config keys (train's CLI and flat YAML) -> this method's option names

@@ -57,6 +57,7 @@ class LoRA(Method):
     """Low-rank adapters on the last `layers` blocks' projections (mlx-lm's LoRA layers)."""
 
     name = "lora"
+    label = "LoRA"
     Options = LoRAOptions
     shorthands = {"lora_rank": "rank", "lora_layers": "layers", "lora_keys": "keys", "lora_scale": "scale"}
 

@@ -67,6 +67,7 @@ class PrefixTuning(Method):
     """n key/value pairs per layer, trained; served as the prefix cache itself."""
 
     name = "prefix"
+    label = "prefix tuning"
     Options = PrefixOptions
     shorthands = {"num_tokens": "num_tokens", "init": "init"}
 

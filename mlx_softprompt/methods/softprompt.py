@@ -120,6 +120,7 @@ class SoftPrompt(Method):
     """
 
     name = "softprompt"
+    label = "soft prompt"
     Options = SoftPromptOptions
     shorthands = {"num_tokens": "num_tokens", "init": "init", "shared_prefix": "shared_prefix"}
 

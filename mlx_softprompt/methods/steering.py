@@ -123,6 +123,7 @@ class SteerOpt(Steer):
     """One learned steering vector, trained by the same loop (tv / kl / ce); starts at zero (= the base)."""
 
     name = "steer-opt"
+    label = "steering vector (optimised)"
     shorthands = {"steer_layer": "layer"}
 
     def init(self, model, tokenizer=None, seed: int = 0) -> dict:
@@ -135,6 +136,7 @@ class SteerDom(Steer):
     """The difference-of-means refusal direction (Arditi et al. 2024): fitted, not trained."""
 
     name = "steer-dom"
+    label = "steering vector (diff-of-means)"
     trainable = False
 
     def init(self, model, tokenizer=None, seed: int = 0) -> dict:
