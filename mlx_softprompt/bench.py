@@ -30,7 +30,7 @@ from typing import Dict, List, Optional
 
 import mlx.core as mx
 
-from . import data, files, losses, methods
+from . import data, files, losses, methods, system
 from .data import DEFAULT_SEED, SOURCES
 from . import evaluate as ev
 from .errors import UserError
@@ -231,7 +231,7 @@ def run(cfg: BenchConfig, out, log=print) -> dict:
 
     model, tok, config = models.load(cfg.base)
     guard = load_guard(cfg.guard, cfg.guard_model)
-    base = ev.base_system(model, tok, config)
+    base = system.base_system(model, tok, config)
     test = splits["test"]
     ref = references(out / "references.json", base, test, ecfg, guard)
     settings = {"config": _jsonable(asdict(cfg)), "n_train": len(splits["train"]), "n_val": len(splits["val"]),
@@ -249,7 +249,7 @@ def run(cfg: BenchConfig, out, log=print) -> dict:
         if name == "reference":
             systems = [base]
         elif name == "system-prompt":
-            systems = [base, ev.with_system_prompt(base, cfg.system_prompt)]
+            systems = [base, system.with_system_prompt(base, cfg.system_prompt)]
         elif name == "steer-dom":
             sut, extra = _steer_dom_cell(cfg, cell, base, teacher, splits["val"], ecfg, guard, out, log)
             systems = [base, sut]
@@ -259,7 +259,7 @@ def run(cfg: BenchConfig, out, log=print) -> dict:
             args = train_args(cfg, method, objective, teacher, out_file)
             summary = trainer.train(args, model_bundle=(model, tok, config), log=log)
             extra = {"train": summary}
-            systems = [base, ev.with_method(base, out_file, name=name)]
+            systems = [base, system.with_method(base, out_file, name=name)]
         report = ev.evaluate(systems, test, ecfg, guard=guard, ref=ref,
                              settings={"cell": name, **extra, "seconds_before_eval": time.perf_counter() - tic})
         report["settings"]["seconds"] = time.perf_counter() - tic
@@ -279,7 +279,6 @@ def _steer_dom_cell(cfg, cell: Path, base, teacher: Path, val: list, ecfg, guard
     """Fit the difference-of-means directions on the teacher cache's (train) prompts, then choose
     layer and alpha on the validation split against the dual system's validation answers."""
     from .methods import steering
-    from .system import refuses
     from .teacher_cache import open_cache
 
     sd = dict(cfg.steer_dom)
@@ -289,7 +288,7 @@ def _steer_dom_cell(cfg, cell: Path, base, teacher: Path, val: list, ecfg, guard
         if rec.prompt_index in seen:
             continue
         seen.add(rec.prompt_index)
-        (harmful if refuses(rec.u, threshold) else harmless).append(rec.prompt_ids)
+        (harmful if system.refuses(rec.u, threshold) else harmless).append(rec.prompt_ids)
     directions = steering.fit_steer_dom(base.model, harmful, harmless)
     if not val:
         raise UserError("steer-dom: the validation split is empty; layer and alpha are chosen on it")
@@ -303,7 +302,7 @@ def _steer_dom_cell(cfg, cell: Path, base, teacher: Path, val: list, ecfg, guard
     path = cell / "steer-dom.safetensors"
     steering.save_steer_dom(path, directions[choice["layer"]], choice["layer"], choice["alpha"],
                             base.model, base.config, n_harmful=str(len(harmful)), n_harmless=str(len(harmless)))
-    sut = ev.with_method(base, path, name="steer-dom")
+    sut = system.with_method(base, path, name="steer-dom")
     return sut, {"steer_dom": {**choice, "n_fit_harmful": len(harmful), "n_fit_harmless": len(harmless)}}
 
 
@@ -311,10 +310,8 @@ def steer_system(base, vector: mx.array, layer: int, alpha: float, name: str = "
     """The base with alpha * vector added at `layer` (a candidate of the steer-dom grid)."""
     from .methods import steering
 
-    from .system import with_params
-
     m = steering.SteerDom(steering.SteerOptions(layer=int(layer), alpha=float(alpha)))
-    return with_params(base, m, {"steer": mx.array(vector)}, name)
+    return system.with_params(base, m, {"steer": mx.array(vector)}, name)
 
 
 def select_steer_dom(base, directions: mx.array, val_examples, val_ref, layers=None, alphas=(0.5, 1.0, 2.0, 4.0, 8.0),

@@ -203,6 +203,8 @@ def test_registry_and_options_check_themselves():
     with pytest.raises(UserError, match="init 'bogus'"):
         methods.get("softprompt", init="bogus")
     assert methods.get("lora", keys="a.q, a.v").options.keys == ["a.q", "a.v"]
+    with pytest.raises(UserError, match="LoRAOptions.rank: expected int, got 'x'"):
+        methods.method_class("lora").Options(rank="x")  # built directly: checked the same way
     assert set(methods.trainable()) == {"softprompt", "prefix", "lora", "steer-opt"}
 
 

@@ -42,6 +42,8 @@ class Options:
     """A method's options: a dataclass whose ``__post_init__`` checks every field (UserError naming it)."""
 
     def __post_init__(self):
+        for f in dataclasses.fields(self):  # built directly, not through from_dict: the same type checks
+            setattr(self, f.name, _coerce(f, getattr(self, f.name), f"{type(self).__name__}.{f.name}"))
         self.check()
 
     def check(self) -> None:
@@ -59,7 +61,10 @@ class Options:
                 raise UserError(f"{where}: unknown option {key!r} for this method "
                                 f"(known: {', '.join(known) or 'none'})")
             out[name] = _coerce(known[name], v, f"{where}.{name}")
-        return cls(**out)
+        try:
+            return cls(**out)
+        except UserError as e:  # a range check: say where the values came from
+            raise UserError(f"{where}: {e}") if not str(e).startswith(where) else e
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
