@@ -33,9 +33,9 @@ def hf_tiny_model(tmp_path_factory):
     made = {}
 
     def make(arch="llama", **kw):
-        key = (arch, tuple(sorted(kw.items())))
+        key = (arch, repr(sorted(kw.items())))  # values may be dicts (rope_parameters)
         if key not in made:
-            name = f"hf-{arch}-" + "-".join(f"{k}{v}" for k, v in sorted(kw.items()))
+            name = f"hf-{arch}-" + "-".join(f"{k}{v}" for k, v in sorted(kw.items()))[:60]
             made[key] = make_hf_checkpoint(tmp_path_factory.mktemp(name), arch=arch, **kw)
         return str(made[key])
 

@@ -171,3 +171,26 @@ def test_transformers_checkpoint_converts_or_is_refused_in_one_line(hf_tiny_mode
 
 def test_the_lists_name_only_architectures_in_the_sweep():
     assert set(REFUSED) | set(DIFFERS) | set(UNBUILDABLE) | set(MLX_GELU) <= set(ARCHS)
+
+
+# RoPE variants as transformers 5 writes them (only under rope_parameters), on architectures that read them.
+ROPE_VARIANTS = {
+    "llama3": ("llama", {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
+    "yarn": ("qwen3", {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0, "original_max_position_embeddings": 16}),
+    "linear": ("llama", {"rope_type": "linear", "rope_theta": 1e4, "factor": 4.0}),
+    "per-layer-type": ("gemma3_text", {"full_attention": {"rope_type": "linear", "rope_theta": 1e6, "factor": 8.0},
+                                       "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}),
+    "longrope": ("phi3", {"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0, 1.5, 2.0, 2.5] * 2,
+                          "long_factor": [1.0, 1.5, 2.0, 2.5] * 2}),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(ROPE_VARIANTS))
+def test_rope_variants_written_by_transformers5(hf_tiny_model, tmp_path, variant):
+    arch, rope = ROPE_VARIANTS[variant]
+    extra = {"original_max_position_embeddings": 256} if variant == "longrope" else {}
+    hf = hf_tiny_model(arch, any_arch=True, rope_parameters=rope, **extra)
+    model, tok, _ = models.load(convert(hf, tmp_path / "mlx", dtype="float32"))
+    ids = chat_ids(tok, TEXT)
+    assert np.abs(_logits(model, ids) - _hf_logits(hf, ids, arch)).max() <= SWEEP_ATOL
