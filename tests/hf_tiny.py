@@ -148,6 +148,17 @@ def make_hf_config(arch: str, tokenizer, hidden_size: int = 64, num_layers: int 
     return config
 
 
+def _no_zero_matrices(model, std: float) -> None:
+    """Some classes start a matrix at zero (AfMoE's router): every expert would tie, and two libraries
+    break ties differently. Random weights there too, so a comparison sees the computation."""
+    import torch
+
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim >= 2 and not p.any():
+                p.normal_(0.0, std)
+
+
 def make_hf_checkpoint(out_dir, arch: str = "llama", tie: Optional[bool] = None, seed: int = 0,
                        hidden_size: int = 64, num_layers: int = 2, torch_dtype: str = "float32",
                        weights: str = "safetensors", init_std: float = INIT_STD, **overrides) -> Path:
@@ -165,6 +176,8 @@ def make_hf_checkpoint(out_dir, arch: str = "llama", tie: Optional[bool] = None,
                             init_std=init_std, **overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if overrides.get("any_arch"):
+        _no_zero_matrices(model, init_std)
     model = model.to(getattr(torch, torch_dtype)).eval()
     if weights == "safetensors":
         model.save_pretrained(out_dir)

@@ -92,8 +92,8 @@ DIFFERS = {
     "glm": "mlx-lm's glm rotates the whole head; transformers' GLM rotates partial_rotary_factor of it",
     "mamba2": "mlx-lm's gated RMSNorm normalises the whole width at once, transformers' each of n_groups "
               "groups (the same only when n_groups = 1; measured: n_groups=1 matches to 4e-6)",
-    "afmoe": "mlx-lm's afmoe mixture-of-experts block differs from transformers' (max |difference| 3; "
-             "with every layer dense the two match to 6e-6); cause within the block not isolated",
+    "ernie4_5_moe": "mlx-lm drops the router's e_score_correction_bias, which transformers adds to the "
+                    "scores when choosing experts (the same only while that bias is zero)",
     "jamba": "mlx-lm's jamba router renormalises the softmax over the chosen experts; transformers' weights "
              "each chosen expert by its softmax over all experts",
 }
