@@ -268,7 +268,7 @@ def _shard_range(i: int, cfg: TeachConfig, n: int) -> range:
 
 
 def _used_u(u_raw: float, cfg: TeachConfig) -> float:
-    return (1.0 if u_raw >= guards.DEFAULT_THRESHOLD else 0.0) if cfg.hard_guard else float(np.float32(u_raw))
+    return (1.0 if guards.refuses(u_raw) else 0.0) if cfg.hard_guard else float(np.float32(u_raw))
 
 
 def _add_shard(manifest: dict, out: Path, i: int, records: List[tc.Record], u_raw: List[float], cfg) -> None:

@@ -240,3 +240,16 @@ def test_no_import_cycles_among_project_modules():
         if n not in state:
             visit(n, [n])
     assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
+
+
+def test_a_quantized_bundle_of_a_lora_adapter(files, tmp_path):
+    """-q: the adapter trained on the fp32 base runs on the 4-bit bundled base, as mlx-lm's LoRA model
+    on that same quantized base computes it."""
+    base, made = files
+    path = bundle.make_bundle(bundle.BundleConfig(base, made["lora"], tmp_path / "q", quantize=True, q_bits=4,
+                                                  q_group_size=32), log=lambda s: None)
+    assert json.loads((path / bundle.MANIFEST).read_text())["base"]["quantization"]["bits"] == 4
+    got = open_system(str(path)).complete(TEXT, generate.GenerationConfig(max_tokens=STEPS))
+    _, tok, _ = models.load(base)
+    assert got.tokens == _greedy_reference(str(path / bundle.MODEL_DIR), path / bundle.PROMPT,
+                                           generate.chat_ids(tok, TEXT))
