@@ -34,8 +34,6 @@ import csv
 import hashlib
 import importlib.util
 import json
-import os
-import tempfile
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -191,25 +189,14 @@ def _record(ex: Example) -> dict:
 
 def write_jsonl(path, examples: Iterable[Example]) -> None:
     """Write examples so read_jsonl gives them back; atomic, so a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        from .files import as_if_created
+    from .files import atomic_write
 
-        as_if_created(tmp)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
             for ex in examples:
                 f.write(json.dumps(_record(ex), ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+
+    atomic_write(path, write)
 
 
 def dataset_hash(examples: Iterable[Example]) -> str:
