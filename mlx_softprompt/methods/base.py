@@ -12,19 +12,20 @@ Hooks a method provides:
 - ``bind(model, params)``: a context manager inside which the model's forward
   uses them (outside it the model is exactly the base: that is the teacher);
 - ``logits(model, params, inputs)``: the student's logits for ``inputs``
-  ([B, L] ids) -> [B, L, V]; the default runs the model inside ``bind``
-  after the method's prefix cache (``prefix_cache``), if it has one;
+  ([B, L] ids) -> [B, L, V], what training differentiates; the default runs
+  the model inside ``bind`` (a soft prompt and prefix tuning run their prefix
+  once per batch and share it across the rows instead);
 - ``prefix_cache(model, params)`` (and ``prefix_length``): for a method that does not depend on the
   conversation (soft prompt, prefix tuning) the key/value cache every request
   starts from, computed once; None for methods that change the weights or
   activations (LoRA, steering), which a System binds for its lifetime instead;
-- ``save`` / ``files.load``: the method file (tensors named by the params'
+- ``save`` / ``methods.load``: the method file (tensors named by the params'
   tree paths, metadata ``method=<name>`` and ``method_options``, fingerprint).
 """
 
 import dataclasses
 import json
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from typing import Any, ClassVar, Dict, Optional, Type
 
 import mlx.core as mx
@@ -239,7 +240,3 @@ def nest(flat: Dict[str, Any]) -> dict:
             node = node.setdefault(k, {})
         node[last] = v
     return tree
-
-
-def bound(method: Optional[Method], model, params):
-    return method.bind(model, params) if method is not None else nullcontext()
