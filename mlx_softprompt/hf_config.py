@@ -8,7 +8,7 @@ local/global attention layouts only as ``layer_types``, some fields were
 renamed (``num_experts`` -> ``num_local_experts``, ``n_ctx`` -> ``n_positions``)
 and fields equal to the config class's default are not written at all. mlx-lm
 0.32 then fails with a traceback or, worse, silently uses its own default (a
-Qwen2 checkpoint with RoPE theta 1e6 runs with 1e4).
+Llama checkpoint with RoPE theta 5e5 runs with 1e4).
 
 ``mlx_lm_config`` fills, for every field the architecture's ``ModelArgs``
 takes and config.json lacks, the value transformers itself would use: it

@@ -144,8 +144,8 @@ def test_transformers5_fields_reach_mlx_lm():
     assert llama3["rope_theta"] == 5e5
     assert llama3["rope_scaling"] == {"rope_type": "llama3", "type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
-    plain = mlx_lm_config({"model_type": "qwen2", "rope_parameters": {"rope_type": "default", "rope_theta": 1e6}}, "m")
-    assert plain["rope_theta"] == 1e6 and plain["rope_scaling"] is None  # not mlx-lm's default 1e4
+    plain = mlx_lm_config({"model_type": "llama", "rope_parameters": {"rope_type": "default", "rope_theta": 5e5}}, "m")
+    assert plain["rope_theta"] == 5e5 and plain["rope_scaling"] is None  # not mlx-lm's default 1e4
     assert plain["hidden_size"] == 4096  # a field left out of config.json: transformers' class default
     gemma3 = mlx_lm_config({"model_type": "gemma3", "text_config": {
         "model_type": "gemma3_text",
@@ -271,3 +271,38 @@ def test_convert_into_an_existing_empty_directory(hf_tiny_model, tmp_path):
     out.mkdir()
     assert convert(hf_tiny_model("llama"), out) == out
     assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
+
+
+def test_a_directory_converted_by_mlx_lm_loads_with_the_checkpoints_rope(hf_tiny_model, tmp_path):
+    """mlx_lm.convert keeps transformers 5's config as is (RoPE theta only under rope_parameters); loading
+    that directory here reads the checkpoint's theta (5e5, as Llama 3), not mlx-lm's default (1e4)."""
+    import contextlib
+    import sys
+
+    from mlx_lm.convert import convert as mlx_lm_convert
+
+    hf = hf_tiny_model("llama", any_arch=True, rope_parameters={"rope_type": "default", "rope_theta": 5e5})
+    with contextlib.redirect_stdout(sys.stderr):
+        mlx_lm_convert(hf, tmp_path / "by-mlx-lm", dtype="float32")
+    assert "rope_theta" not in json.loads((tmp_path / "by-mlx-lm" / "config.json").read_text())
+    model, tok, _ = models.load(str(tmp_path / "by-mlx-lm"))
+    ids = _ids(tok)
+    for ours, theirs in zip(_mlx_logits(model, ids), _hf_logits(hf, ids)):
+        assert np.abs(ours - theirs).max() <= FP32_ATOL
+    # what plain mlx-lm computes from that directory: silently another model
+    from mlx_lm import load as mlx_lm_load
+
+    plain, _ = mlx_lm_load(str(tmp_path / "by-mlx-lm"))
+    assert max(np.abs(a - b).max() for a, b in zip(_mlx_logits(plain, ids), _hf_logits(hf, ids))) > 100 * FP32_ATOL
+
+
+def test_our_converted_directory_loads_with_plain_mlx_lm(hf_tiny_model, tmp_path):
+    """The converted config.json carries the translated fields: mlx_lm.load alone builds the model
+    (qwen3_moe: mlx-lm's num_experts is transformers 5's num_local_experts)."""
+    from mlx_lm import load as mlx_lm_load
+
+    hf = hf_tiny_model("qwen3_moe", any_arch=True)
+    model, tok = mlx_lm_load(str(_convert(hf, tmp_path, dtype="float32")))
+    ids = _ids(tok)
+    for ours, theirs in zip(_mlx_logits(model, ids), _hf_logits(hf, ids)):
+        assert np.abs(ours - theirs).max() <= FP32_ATOL
