@@ -221,6 +221,12 @@ SYNONYMS: Dict[str, tuple] = {
 }
 
 
+def _inner(src: Source):
+    """GPT-2-style configs leave n_inner None for 4 x n_embd (transformers' modeling rule)."""
+    width = src.get("n_embd", None) or src.get("hidden_size", None)
+    return 4 * width if width else _MISSING
+
+
 def _is_moe_layer(src: Source):
     """transformers 5's per-layer MLP kinds ("dense"/"sparse") as the per-layer flags mlx-lm reads."""
     kinds = src.get("mlp_layer_types", None)
@@ -231,6 +237,7 @@ def _is_moe_layer(src: Source):
 DERIVED: Dict[str, Callable[[Source], Any]] = {
     "intermediate_size": _expanded_intermediate,
     "is_moe_layer": _is_moe_layer,
+    "n_inner": _inner,
 }
 
 # Values that mean another thing to mlx-lm: (model_type, field) -> {transformers' value: mlx-lm's for the same}
@@ -270,10 +277,13 @@ def _wants(annotation, kind) -> bool:
     return kind in _kinds(annotation)
 
 
-def _fits(value, annotation) -> bool:
-    """False only when the value is plainly of another basic kind than the annotation (int vs str)."""
+def _fits(value, annotation, default=None) -> bool:
+    """False only when the value is plainly of another kind than the annotation: an int for a str,
+    or None for a field that is neither Optional nor None by default (GPT-BigCode's n_inner: int)."""
     kinds = _kinds(annotation)
-    if not kinds or value is None:
+    if value is None:
+        return not kinds or default is None or type(None) in typing.get_args(annotation)
+    if not kinds:
         return True
     if isinstance(value, bool):
         return bool in kinds or int in kinds
@@ -291,27 +301,24 @@ def _annotations(args_class) -> dict:
         return {}
 
 
-def _derive(name: str, src: Source, model_type: str, annotation=None):
+def _derive(name: str, src: Source, model_type: str, annotation=None, allow_none: bool = True):
+    """The first value a source gives for `name` (None counts only when `allow_none`)."""
+    sources = []
     if name in RULES:
         rule = RULES[name]
-        value = rule(src, annotation) if name == "sliding_window_pattern" else rule(src)
-        if value is not _MISSING:
-            return value
-    value = src.attribute(name)
-    if value is not _MISSING:
-        return value
-    for alias in SYNONYMS.get(name, ()):
-        value = src.get(alias)
-        if value is not _MISSING:
-            return value
+        sources.append(lambda: rule(src, annotation) if name == "sliding_window_pattern" else rule(src))
+    sources.append(lambda: src.attribute(name))
+    sources += [lambda alias=alias: src.get(alias) for alias in SYNONYMS.get(name, ())]
     if name in DERIVED:
-        value = DERIVED[name](src)
-        if value is not _MISSING:
-            return value
+        sources.append(lambda: DERIVED[name](src))
     text = src.get("text_config", None)  # a multimodal wrapper that reads a text field at its top level
-    if isinstance(text, dict) and name in text:
-        return text[name]
-    return MODELING_FACTS.get((model_type, name), _MISSING)
+    sources.append(lambda: text.get(name, _MISSING) if isinstance(text, dict) else _MISSING)
+    sources.append(lambda: MODELING_FACTS.get((model_type, name), _MISSING))
+    for source in sources:
+        value = source()
+        if value is not _MISSING and (allow_none or value is not None):
+            return value
+    return _MISSING
 
 
 # ---------------------------------------------------------------- the translation
@@ -367,8 +374,8 @@ def _translate(config: dict, args_class, name: str, hf=None) -> dict:
             continue
         annotation = hints.get(field)
         value = config.get(field, _MISSING)
-        if value is _MISSING or not _fits(value, annotation):  # absent, or meant otherwise (EXAONE 4's
-            derived = _derive(field, src, model_type, annotation)  # int window pattern vs mlx-lm's "LLLG")
+        if value is _MISSING or not _fits(value, annotation, param.default):  # absent, or meant otherwise (EXAONE
+            derived = _derive(field, src, model_type, annotation, allow_none=value is _MISSING)  # 4's int pattern)
             if derived is _MISSING:
                 if value is _MISSING and param.default is param.empty:
                     missing.append(field)

@@ -35,11 +35,12 @@ EXTRA_ARCHS = {
 
 
 # Any architecture: transformers' own config class with every size field it has shrunk to these.
-# Feed-forward widths are 4 x hidden, the ratio some mlx-lm models assume (GPT-NeoX, GPT-2).
+# Feed-forward widths are 4 x hidden, the ratio some mlx-lm models assume (GPT-NeoX, GPT-2); fewer
+# positions than tokens (256 < 482), so the token table stays the model's largest embedding, as in real models.
 TINY_SIZES = {
     "hidden_size": 64, "num_hidden_layers": 2, "num_layers": 2, "num_attention_heads": 4,
     "num_key_value_heads": 2, "head_dim": 16, "intermediate_size": 256, "ffn_hidden_size": 256,
-    "intermediate_size_mlp": 256, "max_position_embeddings": 512,
+    "intermediate_size_mlp": 256, "max_position_embeddings": 256,
     # mixture of experts
     "num_experts": 4, "n_routed_experts": 4, "num_local_experts": 4, "moe_num_experts": 4, "num_experts_per_tok": 2,
     "moe_topk": 2, "n_group": 1, "topk_group": 1, "zero_expert_num": 2, "moe_intermediate_size": 32,
@@ -66,7 +67,7 @@ TINY_EXTRAS = {
     # original_max_position_embeddings: equal factors here, the difference is documented (docs/CONVERT.md)
     "minicpm3": {"rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0,
                                      "short_factor": [1.0, 1.5, 2.0, 2.5], "long_factor": [1.0, 1.5, 2.0, 2.5],
-                                     "original_max_position_embeddings": 512}},
+                                     "original_max_position_embeddings": 256}},
     "deepseek_v2": {"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
                                         "original_max_position_embeddings": 128, "beta_fast": 32.0,
                                         "beta_slow": 1.0, "mscale": 0.707, "mscale_all_dim": 0.707},
