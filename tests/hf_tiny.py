@@ -77,6 +77,7 @@ TINY_EXTRAS = {
     "qwen3_next": {"full_attention_interval": 2},
     "recurrent_gemma": {"block_types": ["recurrent", "attention"], "num_key_value_heads": 1},
     "lfm2": {"full_attn_idxs": [1]},
+    "phimoe": {"attention_bias": True, "lm_head_bias": True},  # as Phi-3.5-MoE; mlx-lm's phimoe assumes them
     "lfm2_moe": {"layer_types": ["conv", "full_attention"], "num_dense_layers": 1},
     "hunyuan_v1_dense": {"rope_parameters": {"rope_type": "dynamic", "rope_theta": 10000.0, "alpha": 1000.0,
                                              "factor": 1.0}},

@@ -62,9 +62,9 @@ REFUSED = {
     "llama4": ("parameters not in model", "transformers' causal-LM class for llama4 saves the text model "
                                           "(llama4_text layout), which mlx-lm's llama4 does not read"),
     "nanochat": ("parameters not in model", "mlx-lm's nanochat reads the original nanochat weight names"),
-    "olmo_hybrid": ("parameters not in model", "mlx-lm's olmo_hybrid has other norm names than transformers'"),
-    "phimoe": ("Missing", "mlx-lm's phimoe expects attention and lm_head biases that transformers' "
-                          "PhimoeForCausalLM does not have"),
+    "olmo_hybrid": ("parameters not in model", "transformers saves OLMo-hybrid's original weight names "
+                                               "(attention_layer_norm, q/k/v_conv1d), which its own loader renames; "
+                                               "mlx-lm's olmo_hybrid reads the renamed ones"),
     "bitnet": ("Missing", "mlx-lm's bitnet reads packed ternary weights with weight_scale tensors, "
                           "not transformers' unpacked BitNet weights"),
     "minimax": ("parameters not in model", "mlx-lm's minimax has no lightning-attention (linear) layers"),
