@@ -329,6 +329,9 @@ def test_bad_requests_get_4xx_json_errors(served):
     over = _status(client, model="bot", messages=[{"role": "user", "content": "the quick brown fox " * 60}])[1]
     assert over["code"] == "context_length_exceeded" and str(CONTEXT) in over["message"]
     assert _status(client, model="gpt-4o", messages=msgs)[1]["code"] == "model_not_found"
+    with pytest.raises(openai.APIStatusError) as e:  # over --max-body: a 413 the client can read
+        _ask(client, "x" * 100_000)
+    assert e.value.status_code == 413 and e.value.body["code"] == "body_too_large"
     with pytest.raises(openai.BadRequestError, match="suffix"):
         client.completions.create(model="bot", prompt="hi", suffix="end")
     with pytest.raises(openai.BadRequestError, match="prompt"):

@@ -199,6 +199,8 @@ class Handler(BaseHTTPRequestHandler):
         except ApiError as e:
             try:
                 self._json(e.status, e.body(), e.headers)
+                if e.status == 413:
+                    self._discard_body()
             except OSError:
                 self.close_connection = True
         except OSError:
@@ -224,6 +226,20 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             raise ApiError(403, f"Origin {origin!r} is not allowed (start the server with --cors-origin to allow "
                                 "a web front end)", code="origin_not_allowed")
+
+    def _discard_body(self, seconds: float = 2.0, limit: int = 64 << 20) -> None:
+        """Read and drop what the client is still sending (bounded), so that it reads our 413 instead of a
+        reset connection (closing a socket with unread data resets it). Nothing is parsed."""
+        deadline, got = time.monotonic() + seconds, 0
+        try:
+            while got < limit and time.monotonic() < deadline:
+                self.connection.settimeout(max(deadline - time.monotonic(), 0.01))
+                chunk = self.connection.recv(1 << 16)
+                if not chunk:
+                    break
+                got += len(chunk)
+        except OSError:
+            pass
 
     def _route(self) -> str:
         return self.path.split("?")[0].rstrip("/")
