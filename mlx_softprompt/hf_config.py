@@ -25,7 +25,9 @@ loads the config through transformers' own config class for that
    multimodal checkpoint's ``text_config``, or a fact of transformers'
    modeling code that its config does not carry (``MODELING_FACTS``).
 
-Values that mean another thing to mlx-lm are renamed (``VALUE_NAMES``). Fields
+Values that mean another thing to mlx-lm are renamed (``VALUE_NAMES``). A
+text-only checkpoint of a multimodal family ("qwen3_5_text") is read with
+mlx-lm's model for the family ("qwen3_5"), its text arguments filled too. Fields
 present in config.json win, unless of another kind than mlx-lm's annotation
 (EXAONE 4's int window pattern where mlx-lm wants "LLLG"), so a directory
 already converted (by us, mlx_lm.convert or anyone) reads as before. A field
@@ -179,6 +181,14 @@ def _sliding_window_pattern(src: Source, annotation=None):
         return _MISSING
     if _wants(annotation, str):
         return "".join("G" if t == "full_attention" else "L" for t in types)
+    return _global_period(src)
+
+
+def _global_period(src: Source):
+    """p when every p-th layer of layer_types is a full-attention one (Qwen3-Next/3.5's full_attention_interval)."""
+    types = src.get("layer_types", None)
+    if not isinstance(types, list) or not types:
+        return _MISSING
     if "full_attention" not in types:
         return len(types) + 1  # no global layer in this (short) stack
     p = types.index("full_attention") + 1
@@ -200,6 +210,7 @@ RULES: Dict[str, Callable[[Source], Any]] = {
     "rotary_dim": _rotary_dim,
     "head_dim": _head_dim,
     "sliding_window_pattern": _sliding_window_pattern,
+    "full_attention_interval": _global_period,
 }
 
 # mlx-lm field -> the names transformers uses for the same quantity (tried in order).
@@ -363,7 +374,7 @@ def _settable(hf, field: str) -> bool:
     return not (isinstance(attr, property) and attr.fset is None)
 
 
-def _translate(config: dict, args_class, name: str, hf=None) -> dict:
+def _translate(config: dict, args_class, name: str, hf=None, required: bool = True) -> dict:
     out = dict(config)
     src = Source(config, hf)
     model_type = config.get("model_type", "?")
@@ -376,6 +387,8 @@ def _translate(config: dict, args_class, name: str, hf=None) -> dict:
         value = config.get(field, _MISSING)
         if value is _MISSING or not _fits(value, annotation, param.default):  # absent, or meant otherwise (EXAONE
             derived = _derive(field, src, model_type, annotation, allow_none=value is _MISSING)  # 4's int pattern)
+            if isinstance(derived, dict) and "model_type" in derived:
+                derived = _MISSING  # a sub-model's config comes from the file, never from class defaults
             if derived is _MISSING:
                 if value is _MISSING and param.default is param.empty:
                     missing.append(field)
@@ -392,11 +405,21 @@ def _translate(config: dict, args_class, name: str, hf=None) -> dict:
             value = out[field] = names[value]
         if isinstance(value, dict) and isinstance(value.get("model_type"), str):
             out[field] = _sub_config(value, name)  # text_config of a multimodal checkpoint
-    if missing:
+    if required and missing and not _builds(args_class, out):
         raise UserError(f"{name}: cannot build {model_type}: mlx-lm's {model_type} needs "
                         f"{', '.join(missing)}, which this config.json does not give under any name "
                         f"transformers uses ({_versions()})")
     return out
+
+
+def _builds(args_class, config: dict) -> bool:
+    """Whether the ModelArgs class fills its required fields itself (Qwen3.5's from_dict takes a
+    text-only config as its text_config)."""
+    try:
+        args_class.from_dict(config)
+        return True
+    except Exception:
+        return False
 
 
 def _sub_config(config: dict, name: str) -> dict:
@@ -410,8 +433,34 @@ def _sub_config(config: dict, name: str) -> dict:
     return _translate(config, args_class, f"{name} ({config['model_type']})", transformers_config(config))
 
 
+def _text_only(config: dict) -> dict:
+    """transformers saves the text model of a multimodal family under "<family>_text" (Qwen3.5's
+    Qwen3_5ForCausalLM: qwen3_5_text); mlx-lm reads such a checkpoint under the family's name."""
+    import importlib.util
+
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or not model_type.endswith("_text"):
+        return config
+    known = lambda t: importlib.util.find_spec(f"mlx_lm.models.{t}") is not None  # noqa: E731
+    family = model_type[: -len("_text")]
+    if known(model_type) or not known(family):
+        return config
+    return {**config, "model_type": family}
+
+
 def mlx_lm_config(config: dict, name: str) -> dict:
     """A copy of `config` with every field mlx-lm's ModelArgs for its model_type reads at the top level."""
     config = decode_special_floats(copy.deepcopy(config))
-    _, args_class = model_classes(config, name)
-    return _translate(config, args_class, name, transformers_config(config))
+    hf = transformers_config(config)  # the config's own class, before any renaming for mlx-lm
+    renamed = _text_only(config)
+    _, args_class = model_classes(renamed, name)
+    if renamed is not config:  # the family's model reads these fields with its text model's arguments
+        import sys
+
+        from mlx_lm.models.base import BaseModelArgs
+
+        module = sys.modules[args_class.__module__]
+        for text_args in vars(module).values():
+            if isinstance(text_args, type) and issubclass(text_args, BaseModelArgs) and text_args is not args_class:
+                renamed = _translate(renamed, text_args, name, hf, required=False)
+    return _translate(renamed, args_class, name, hf)

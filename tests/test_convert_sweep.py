@@ -78,9 +78,9 @@ REFUSED = {
                                           "no attention_method, zero_expert_type, mla_scale_*"),
     "mimo_v2_flash": ("hybrid_layer_pattern", "mlx-lm reads the original (remote-code) config; transformers 5 "
                                               "names its fields differently"),
-    "qwen3_5": ("qwen3_5_text", "transformers' causal-LM class saves model_type qwen3_5_text; mlx-lm knows "
-                                "only the multimodal qwen3_5 checkpoints"),
-    "qwen3_5_moe": ("qwen3_5_moe_text", "as qwen3_5"),
+    "qwen3_5_moe": ("parameters not in model", "mlx-lm reads the experts fused (experts.gate_up_proj), as "
+                                               "Qwen3.5-MoE checkpoints store them; transformers saves its text-only "
+                                               "model's experts one by one"),
 }
 
 # mlx-lm runs the checkpoint but computes something else than transformers (strict xfail).
