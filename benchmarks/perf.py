@@ -794,6 +794,7 @@ def part_stages(s: Settings, out: Out, res: dict, tmp: Path, from_json=None) -> 
 
     if from_json:  # a separate `python benchmarks/scale.py` run (it takes a while on 2 cores)
         r = json.loads(Path(from_json).read_text())
+        r["lines"] = scale.tables(r)
     else:
         r = scale.run(scale.Settings(), HERE, keep=None, log=lambda m: None)
     res["stages"] = {k: v for k, v in r.items() if k != "lines"}
@@ -1023,7 +1024,8 @@ def main(argv=None):
     if a.keep_others and (out_dir / "results.json").exists():
         keep_other_parts(res, json.loads((out_dir / "results.json").read_text()))
     res["targets"] = targets(res)
-    res["lines"] = [line for p in ALL_PARTS + ["earlier"] for line in res["part_lines"].get(p, [])]
+    order = [p for p in ALL_PARTS if p != "stages"] + ["earlier", "stages"]
+    res["lines"] = [line for p in order for line in res["part_lines"].get(p, [])]
     (out_dir / "results.json").write_text(json.dumps(res, indent=1))
     png = render(out_dir)
     out.line("## Targets")

@@ -194,6 +194,8 @@ def run_serve(bundle: Path, work: Path, max_tokens: int, log) -> dict:
         t = time.perf_counter()
         answer = json.loads(urllib.request.urlopen(req, timeout=600).read())
         request = time.perf_counter() - t
+        status = Path(f"/proc/{proc.pid}/status")  # Linux: the server's max RSS so far, before it stops
+        hwm = [ln for ln in status.read_text().splitlines() if ln.startswith("VmHWM:")] if status.exists() else []
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -204,7 +206,9 @@ def run_serve(bundle: Path, work: Path, max_tokens: int, log) -> dict:
         logf.close()
     out = {"stage": "serve", "seconds": time.perf_counter() - t0, "ready_seconds": ready,
            "request_seconds": request, "completion_tokens": answer.get("usage", {}).get("completion_tokens")}
-    if stat.exists():
+    if hwm:
+        out["max_rss_bytes"] = int(hwm[0].split()[1]) * 1024
+    if stat.exists():  # written at exit, if the server exits through Python's atexit
         out.update(json.loads(stat.read_text()))
     return out
 
@@ -252,6 +256,15 @@ def pipeline(s: Settings, work: Path, log) -> list:
 
 def long_row(s: Settings, base: Path, log) -> list:
     """One training step of a `long_row`-token row: plain, --grad-checkpoint, and with --loss-chunk too."""
+    done_file = base.parent / "long_row.result.json"
+    if done_file.exists():
+        return json.loads(done_file.read_text())
+    rows = _long_row(s, base, log)
+    done_file.write_text(json.dumps(rows))
+    return rows
+
+
+def _long_row(s: Settings, base: Path, log) -> list:
     import gc
 
     import mlx.core as mx
@@ -354,8 +367,8 @@ def tables(res: dict) -> list:
             note = f"base, soft prompt, dual; {2 * res['settings']['eval_limit']} test prompts (harmful, benign)"
         elif st["stage"] == "bundle":
             note = "4-bit base + P + P's KV cache"
-        lines.append(f"| {st['stage']} | {st['seconds']:.1f} | {st.get('mlx_peak_bytes', 0) / 1e9:.2f} | "
-                     f"{st.get('max_rss_bytes', 0) / 1e9:.2f} | {note} |")
+        gb = {k: f"{st[k] / 1e9:.2f}" if st.get(k) else "-" for k in ("mlx_peak_bytes", "max_rss_bytes")}
+        lines.append(f"| {st['stage']} | {st['seconds']:.1f} | {gb['mlx_peak_bytes']} | {gb['max_rss_bytes']} | {note} |")
     lines += ["", f"### One training step of a {res['settings']['long_row']}-token row ({res['base']})", "",
               "| variant | seconds | peak GB | beyond the weights GB |", "|---|---:|---:|---:|"]
     for r in res["long_row"]:
