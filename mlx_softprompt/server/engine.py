@@ -108,7 +108,6 @@ class Engine:
         self.system = system
         self.cfg = cfg or EngineConfig()
         self.batchable = all(hasattr(c, "merge") for c in system.cache) if system.cache else True
-        self.ready = threading.Event()
         self.eos = sorted(set(getattr(system.tokenizer, "eos_token_ids", None) or [system.tokenizer.eos_token_id]))
         self.inbox: "queue.Queue" = queue.Queue()
         self._count = 0  # running + waiting
@@ -174,7 +173,6 @@ class Engine:
     def _run(self) -> None:
         try:
             self.batchable = self.batchable and self._batching_works()
-            self.ready.set()
             if self.batchable:
                 self._run_batched()
             else:
@@ -189,6 +187,11 @@ class Engine:
                     break
                 if job is not None:
                     self._finish(job, RuntimeError("the generation thread stopped"))
+        finally:
+            try:  # no work of this thread's streams left in flight when it ends
+                mx.synchronize()
+            except Exception:
+                pass
 
     def _new_generator(self):
         from mlx_lm.generate import BatchGenerator
