@@ -6,6 +6,7 @@ UserError and are printed as one line with a non-zero exit, never a traceback.
 """
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -264,6 +265,12 @@ def serve(
                            temp=temp, top_p=top_p, context_length=context_length, allowed_hosts=allowed_host,
                            cors_origins=cors_origin, max_batch=decode_concurrency, prefill_batch=prompt_concurrency,
                            max_pending=max_pending, max_body=max_body))
+    # The server has stopped and its generation thread is joined. Leave without the
+    # interpreter's teardown: destroying MLX's streams while a daemon thread may still
+    # hold them can abort the process (seen rarely after Ctrl-C).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 # ---------------------------------------------------------------- teaching
