@@ -30,6 +30,7 @@ from typing import Optional
 import mlx.core as mx
 
 from . import __version__, files, methods, models
+from . import checks
 from .errors import UserError, read_json_object
 from .model_card import model_card
 
@@ -182,6 +183,17 @@ def read_manifest(path) -> dict:
             raise UserError(f"{mpath}: field {key!r} missing or not an object")
     if manifest.get("cache") is not None and not isinstance(manifest["cache"], dict):
         raise UserError(f"{mpath}: field 'cache' is not an object")
+    fp = checks.field(manifest["base"], "fingerprint", dict, f"{mpath}: base")
+    for key, kind in (("architecture", str), ("hidden_size", int), ("vocab_size", int), ("embedding_hash", str)):
+        checks.field(fp, key, kind, f"{mpath}: base.fingerprint")
+    checks.field(manifest, "name", str, str(mpath), optional=True)
+    for rel, info in manifest["files"].items():
+        where = f"{mpath}: files[{rel!r}]"
+        checks.field(info, "sha256", str, where)
+        checks.number(checks.field(info, "bytes", int, where), f"{where}: bytes", lo=0)
+        parts = Path(rel).parts
+        if Path(rel).is_absolute() or ".." in parts or not parts:
+            raise UserError(f"{where}: not a path inside the bundle")
     return manifest
 
 
@@ -192,16 +204,21 @@ def verify_files(path, manifest: dict) -> None:
         p = path / rel
         if not p.is_file():
             raise UserError(f"{p}: bundle part missing")
-        try:
-            size, digest = int(info["bytes"]), str(info["sha256"])
-        except (KeyError, TypeError, ValueError):
-            raise UserError(f"{path / MANIFEST}: malformed entry for part {rel!r}")
+        size, digest = info["bytes"], info["sha256"]
         if p.stat().st_size != size or sha256(p) != digest:
             raise UserError(f"{p}: bundle part does not match its recorded sha256 (modified or damaged)")
     needed = (f"{MODEL_DIR}/config.json", PROMPT) + ((CACHE,) if manifest.get("cache") is not None else ())
     for rel in needed:
         if rel not in manifest["files"]:
             raise UserError(f"{path / MANIFEST}: part {rel!r} is not listed")
+    # What mlx-lm would also read: any file in model/ and any safetensors file must be listed,
+    # or a file slipped into the bundle (an extra weights shard) would change the model unseen.
+    for p in sorted(path.rglob("*")):
+        rel = p.relative_to(path).as_posix()
+        if not p.is_file() or rel in manifest["files"] or rel in (MANIFEST, CARD) or p.name == ".DS_Store":
+            continue
+        if rel.startswith(MODEL_DIR + "/") or p.suffix == ".safetensors":
+            raise UserError(f"{p}: not listed in {MANIFEST} (a file added to the bundle); remove it")
 
 
 def is_bundle(path) -> bool:

@@ -22,7 +22,8 @@ from typing import Iterator, List, Optional
 
 import mlx.core as mx
 
-from . import generate
+from . import checks, generate
+from .errors import UserError
 from .generate import GenerationConfig
 
 COMMANDS = {"/reset": "forget the conversation (the soft prompt stays)", "/quit": "leave", "/exit": "leave",
@@ -37,6 +38,9 @@ class ChatConfig:
     seed: Optional[int] = None
     system: Optional[str] = None  # a system message at the start of every conversation
     jsonl: bool = False  # stdin lines may be JSON; every answer is a JSON object on one line
+
+    def __post_init__(self):
+        checks.generation(self.max_tokens, self.temp, self.top_p, self.seed)
 
     def generation(self) -> GenerationConfig:
         # seeded once per chat (in `run`), not per turn: turns are fresh samples
@@ -85,8 +89,13 @@ class Conversation:
 
     def reply(self, text: str, cfg: GenerationConfig) -> Iterator[str]:
         """Stream the answer to `text` piece by piece; the turn is recorded even if cut short."""
-        self.messages.append({"role": "user", "content": text})
+        self.messages.append({"role": "user", "content": checks.text(text, "message")})
         ids = generate.chat_ids(self.sys.tokenizer, self.messages, system=self.system_text)
+        try:
+            checks.fits_context(len(ids), self.sys.config, "the conversation", extra=self.n or 0)
+        except UserError:
+            self.messages.pop()
+            raise
         start = self._start(ids)
         pieces, tokens = [], []
         self.last_tokens = tokens  # this turn's generated ids (EOS included when it stopped)
@@ -163,11 +172,16 @@ def _read_lines(stdin, tty: bool, out) -> Iterator[str]:
         if tty:
             try:
                 line = input(">> ")
+            except UnicodeDecodeError as e:
+                raise UserError(f"stdin: not UTF-8 text ({e.reason})") from None
             except EOFError:
                 out.write("\n")
                 return
         else:
-            line = stdin.readline()
+            try:
+                line = stdin.readline()
+            except UnicodeDecodeError as e:
+                raise UserError(f"stdin: not UTF-8 text ({e.reason} at byte {e.start} of a line)") from None
             if not line:
                 return
         yield line.rstrip("\r\n")
@@ -242,5 +256,9 @@ def run(conversations: list, cfg: ChatConfig, stdin=None, stdout=None, stderr=No
                     stdout.flush()
             except KeyboardInterrupt:
                 stdout.write(" [interrupted]")
+            except UserError as e:
+                if not tty:  # a pipe: the one-line error and exit 1, as every command
+                    raise
+                stderr.write(f"error: {e}\n")  # at the keyboard: say so and keep the conversation
             stdout.write("\n")
             stdout.flush()

@@ -13,6 +13,7 @@ from typing import List, Optional
 
 import typer
 
+from . import checks
 from .errors import UserError
 from .flags import CONFIG, App
 
@@ -72,6 +73,7 @@ def convert(
     """Convert a Hugging Face checkpoint to MLX, optionally quantized."""
     from converters.hf_to_mlx import convert as run
 
+    checks.output_dir(mlx_path, "--mlx-path")
     out = run(hf_path, mlx_path, quantize=quantize, q_bits=q_bits, q_group_size=q_group_size, dtype=dtype)
     typer.echo(f"wrote {out}")
 
@@ -85,10 +87,13 @@ def export_peft(
         help="The HF model the adapter is for (hub id or directory), recorded as base_model_name_or_path "
              "(default: the base the prompt was trained on); a local directory also fills num_layers / "
              "num_attention_heads."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the adapter files if OUT_DIR has them."),
 ):
     """Write a soft-prompt file as an HF PEFT prompt-tuning adapter."""
     from .peft_io import export_peft as run
 
+    checks.input_file(prompt_file, "PROMPT_FILE")
+    checks.output_dir(out_dir, "OUT_DIR", overwrite=overwrite)
     typer.echo(f"wrote {run(prompt_file, out_dir, base_model_name=base_model_name)}")
 
 
@@ -97,10 +102,12 @@ def import_peft(
     adapter_dir: Path = typer.Argument(..., help="A PEFT prompt-tuning adapter directory."),
     out: Path = typer.Argument(..., help="Output prompt file (.safetensors)."),
     model: str = typer.Option(..., "--model", help="The MLX base model the adapter belongs to."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
 ):
     """Read a PEFT prompt-tuning adapter back into a prompt file."""
     from .peft_io import import_peft as run
 
+    checks.output_file(out, "OUT", overwrite=overwrite, suffix=".safetensors")
     typer.echo(f"wrote {run(adapter_dir, out, model)}")
 
 
@@ -124,11 +131,13 @@ def generate(
     from .generate import GenerationConfig, complete, chat_ids
     from .system import open_system
 
-    system_ = open_system(model, prompt_file)
     cfg = GenerationConfig(max_tokens=max_tokens, temp=temp, top_p=top_p, seed=seed)
     if prompt == "-":
         prompt = sys.stdin.read()
+    checks.text(prompt, "--prompt")
+    system_ = open_system(model, prompt_file)
     ids = chat_ids(system_.tokenizer, prompt, system=system_prompt)
+    checks.fits_context(len(ids), system_.config, "--prompt", extra=_prefix_len(system_))
     out = complete(system_.model, system_.tokenizer, ids, system_.cache, cfg)
     if as_json:
         _echo_json(out.as_dict())
@@ -157,6 +166,7 @@ def bundle(
     """Base (optionally quantized) + method file (+ its KV cache when precomputable) + model card -> one directory."""
     from .bundle import BundleConfig, make_bundle
 
+    checks.output_dir(out, "--out", hint="choose a new path or delete it first")
     cfg = BundleConfig(base=model, prompt_file=prompt_file, out=out, quantize=quantize, q_bits=q_bits,
                        q_group_size=q_group_size, eval_report=eval_report)
     out = make_bundle(cfg, log=lambda s: typer.echo(s, err=True))
@@ -178,6 +188,10 @@ def upload(
     from .upload import upload_bundle
 
     typer.echo(f"uploaded to {upload_bundle(path, upload_repo, private=private, revision=revision)}")
+
+
+def _prefix_len(system) -> int:
+    return int(system.prompt.shape[0]) if getattr(system, "prompt", None) is not None else 0
 
 
 def _open_for_use(path: Optional[str], model: Optional[str], prompt_file: Optional[Path]):
@@ -214,11 +228,11 @@ def chat(
 
     if guard and compare:
         raise UserError("give --guard or --compare, not both")
+    cfg = ChatConfig(max_tokens=max_tokens, temp=temp, top_p=top_p, seed=seed, system=system_prompt, jsonl=jsonl)
+    checks.number(guard_threshold, "--guard-threshold", lo=0, hi=1)
     sys_ = _open_for_use(path, model, prompt_file)
     if sys_.method is None and not guard:
         typer.echo("warning: no method file given: this is the bare base model", err=True)
-    cfg = ChatConfig(max_tokens=max_tokens, temp=temp, top_p=top_p, seed=seed, system=system_prompt,
-                     jsonl=jsonl)
     conversations = []
     if not guard:
         conversations.append(Conversation(sys_, system_prompt))
@@ -258,6 +272,11 @@ def serve(
     """OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /v1/models); the soft prompt is always applied."""
     from .server import ServerConfig, serve as run
 
+    checks.port(port)
+    checks.max_tokens(max_tokens)
+    checks.sampling(temp, top_p)
+    if context_length is not None:
+        checks.positive(context_length, "--context-length")
     sys_ = _open_for_use(path, model, prompt_file)
     if sys_.method is None:
         typer.echo("warning: no method file given: serving the bare base model", err=True)
@@ -364,6 +383,7 @@ def train_(
     project_name: Optional[str] = typer.Option(None, "--project-name", help="W&B project (default mlx-softprompt)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT's training-state checkpoint."),
     config: Optional[Path] = CONFIG,
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start afresh even if OUT exists (replacing it)."),
 ):
     """Train one method with one objective on a teacher cache -> a prompt file (or adapter / vector)."""
     from . import train as t
@@ -378,7 +398,7 @@ def train_(
         grad_checkpoint=grad_checkpoint, loss_chunk=loss_chunk,
         lora_rank=lora_rank, lora_layers=lora_layers, lora_keys=lora_keys, lora_scale=lora_scale,
         steer_layer=steer_layer, method_options=t.parse_mapping(method_options, "--method-options"),
-        report_to=report_to, project_name=project_name)
+        report_to=report_to, project_name=project_name, overwrite=overwrite or None)
     summary = t.train(args, log=lambda s: typer.echo(s, err=True))
     if summary.get("rank", 0) == 0:
         val = summary["val_loss"]
@@ -414,11 +434,21 @@ def eval_(
                                               help="Guard threshold: u >= threshold is unsafe (default 0.5)."),
     mc: Optional[Path] = typer.Option(None, "--mc", help="Optional multiple-choice JSONL {question, choices, answer}."),
     out: Path = typer.Option(Path("report.json"), "--out", help="Where to write the report (atomically)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it exists."),
     config: Optional[Path] = CONFIG,
 ):
     """Safety, over-refusal, agreement with the dual system, utility and cost -> report.json."""
     from . import evaluate as ev
 
+    checks.max_tokens(max_tokens)
+    checks.positive(batch_size, "--batch-size")
+    checks.number(timing_prompts, "--timing-prompts", lo=0, integer=True)
+    checks.number(threshold, "--threshold", lo=0, hi=1)
+    if limit is not None:
+        checks.positive(limit, "--limit")
+    checks.output_file(out, "--out", overwrite=overwrite)
+    for p in [*prompt_file, *adapter, *steer]:
+        checks.input_file(p, "--prompt-file" if p in prompt_file else "--adapter" if p in adapter else "--steer")
     cfg = ev.EvalConfig(max_tokens=max_tokens, batch_size=batch_size, timing_prompts=timing_prompts,
                         threshold=ev.DEFAULT_THRESHOLD if threshold is None else threshold,
                         refusal=refusal or ev.DEFAULT_REFUSAL)
@@ -438,6 +468,7 @@ def bench(
     """Every method x objective on the same base, guard and data -> results.json, table.md, tradeoff.png."""
     from . import bench as run_bench
 
+    checks.output_dir(out, "--out", resumable=True)
     results = run_bench.run(run_bench.load_config(config), out, log=lambda s: typer.echo(s, err=True))
     typer.echo(run_bench.table(results))
 
@@ -460,6 +491,10 @@ def demo(
 
     if compare and not chat:
         raise UserError("--compare goes with --chat (chat with the soft prompt and the dual system side by side)")
+    checks.seed(seed)
+    checks.output_dir(out, "--out", resumable=True)
+    if world is not None and not world.is_dir():
+        raise UserError(f"--world {world}: no such directory")
     cfg = run_demo.DemoConfig(out=str(out), world=str(world) if world else None, seed=seed, quick=quick,
                               rebuild=rebuild)
     if chat:

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
+from . import checks
 from .errors import UserError
 
 LABELS = ("harmful", "benign", "borderline", "")
@@ -130,6 +131,8 @@ def _example(obj, default_source: str) -> Example:
         raise ValueError("no 'prompt' or 'messages' field")
     if not prompt.strip():
         raise ValueError("empty prompt")
+    if len(prompt) > checks.MAX_TEXT_CHARS:
+        raise ValueError(f"the prompt is {len(prompt):,} characters; at most {checks.MAX_TEXT_CHARS:,} are accepted")
     label = _label(obj)
     source = obj.get("source", default_source)
     if not isinstance(source, str):
@@ -164,15 +167,14 @@ def read_jsonl(path, skip_bad: bool = False) -> tuple[list[Example], int]:
             line = raw.decode("utf-8")
             if not line.strip():
                 continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"invalid JSON ({e.msg} at column {e.colno})") from None
+            obj = checks.loads(line, f"{path}:{lineno}")  # depth, lone surrogates, NaN: one policy
             examples.append(_example(obj, path.stem))
-        except (ValueError, UnicodeDecodeError) as e:
+        except (ValueError, UnicodeDecodeError, UserError) as e:
             if skip_bad:
                 skipped += 1
                 continue
+            if isinstance(e, UserError):
+                raise
             reason = "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else str(e)
             raise UserError(f"{path}:{lineno}: {reason}") from None
     return examples, skipped

@@ -7,16 +7,9 @@ class UserError(Exception):
 
 def read_json_object(path) -> dict:
     """A JSON file holding an object, or a UserError naming the file (not found, bad JSON, not an object)."""
-    import json
-    from pathlib import Path
+    from .checks import read_json
 
-    path = Path(path)
-    try:
-        value = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such file")
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: invalid JSON ({e})".splitlines()[0])
+    value = read_json(path)
     if not isinstance(value, dict):
         raise UserError(f"{path}: expected a JSON object")
     return value

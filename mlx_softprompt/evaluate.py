@@ -31,6 +31,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from . import __version__, data, files, models
+from . import checks
 from .errors import UserError
 from .generate import GenerationConfig, complete, copy_cache
 from .guards import DEFAULT_REFUSAL, DEFAULT_THRESHOLD
@@ -347,8 +348,8 @@ def read_multiple_choice(path) -> List[dict]:
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
+        obj = checks.loads(line, f"{path}:{n}")
         try:
-            obj = json.loads(line)
             q, ch, ans = obj["question"], obj["choices"], obj["answer"]
             ok = (isinstance(q, str) and isinstance(ch, list) and len(ch) >= 2
                   and all(isinstance(c, str) and c for c in ch) and isinstance(ans, int) and 0 <= ans < len(ch))

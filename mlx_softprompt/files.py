@@ -62,28 +62,6 @@ def write_json(path, obj, indent: int = 2) -> Path:
 
 def check_safetensors(path) -> None:
     """Validate the safetensors framing ourselves so a damaged file gives one clear line."""
-    path = Path(path)
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise UserError(f"{path}: not a safetensors file (truncated: {size} bytes)")
-        (n,) = struct.unpack("<Q", head)
-        if n > size - 8 or n > 100_000_000:
-            raise UserError(f"{path}: truncated or corrupt safetensors header")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise UserError(f"{path}: corrupt safetensors header (not JSON)")
-    if not isinstance(header, dict):
-        raise UserError(f"{path}: corrupt safetensors header (not a mapping)")
-    end = 0
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            end = max(end, int(info["data_offsets"][1]))
-        except (KeyError, TypeError, IndexError, ValueError):
-            raise UserError(f"{path}: corrupt safetensors header (tensor {name!r})")
-    if 8 + n + end != size:
-        raise UserError(f"{path}: truncated or corrupt ({size} bytes, header expects {8 + n + end})")
+    from .checks import safetensors_header
+
+    safetensors_header(path)

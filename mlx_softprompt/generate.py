@@ -12,7 +12,7 @@ from typing import Iterator, List, Optional
 
 import mlx.core as mx
 
-from . import models
+from . import checks, models
 
 
 @dataclass
@@ -21,6 +21,9 @@ class GenerationConfig:
     temp: float = 0.0
     top_p: float = 1.0
     seed: Optional[int] = None
+
+    def __post_init__(self):
+        checks.generation(self.max_tokens, self.temp, self.top_p, self.seed)
 
 
 @dataclass

@@ -48,6 +48,7 @@ from typing import Iterable, List, Optional, Sequence
 import mlx.core as mx
 import numpy as np
 
+from . import checks
 from .errors import UserError
 
 MODES = ("input", "output")
@@ -653,10 +654,7 @@ def load_spec(path) -> GuardSpec:
             mark = getattr(e, "problem_mark", None)
             raise UserError(f"{path}{f':{mark.line + 1}' if mark else ''}: invalid YAML ({getattr(e, 'problem', e)})")
     else:
-        try:
-            d = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})")
+        d = checks.loads(text, str(path))
     return spec_from_dict(d, str(path), base_dir=path.parent)
 
 

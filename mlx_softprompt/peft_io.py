@@ -25,6 +25,7 @@ import mlx.core as mx
 import numpy as np
 
 from . import files, models, prompt_file
+from . import checks
 from .errors import UserError, read_json_object
 
 CONFIG_NAME = "adapter_config.json"
@@ -38,8 +39,7 @@ _SQRT_D = {"gemma", "gemma2"}
 _SQRT_D_BF16 = {"gemma3", "gemma3_text"}  # mlx-lm rounds this scale to bfloat16
 _UNVERIFIED = {"gemma3n", "gemma4", "gemma4_text", "minicpm3", "vaultgemma", "falcon_h1"}
 # Set by prompt_file.save for the base the prompt is imported into; not carried over.
-_OWN_KEYS = {"format", "placement", "library_version", "num_virtual_tokens", "base_architecture",
-             "base_hidden_size", "base_vocab_size", "base_embedding_hash"}
+_OWN_KEYS = set(prompt_file.OWN_KEYS)
 
 
 def peft_scale(architecture: str, hidden_size: int) -> float:
@@ -87,10 +87,7 @@ def _base_shape(base_model_name: Optional[str]):
     path = Path(base_model_name).expanduser() / "config.json"
     if not path.is_file():
         return None, None
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UserError(f"{path}: invalid JSON")
+    config = read_json_object(path)
     config = config.get("text_config", config)
     return config.get("num_hidden_layers"), config.get("num_attention_heads")
 
@@ -197,10 +194,11 @@ def _exported_fingerprint(meta: dict) -> Optional[dict]:
             raise UserError(f"{WEIGHTS_NAME}: corrupt {SKETCH_META} metadata")
     return {
         "architecture": m.get("base_architecture", "?"),
-        "hidden_size": int(m.get("base_hidden_size", -1)),
-        "vocab_size": int(m.get("base_vocab_size", -1)),
+        "hidden_size": checks.int_string(m, "base_hidden_size", WEIGHTS_NAME, optional=True) or -1,
+        "vocab_size": checks.int_string(m, "base_vocab_size", WEIGHTS_NAME, optional=True) or -1,
         "embedding_hash": m["base_embedding_hash"],
         "sketch": sketch,
+        "probes": models.decode_probes(m[prompt_file.PROBES_KEY], WEIGHTS_NAME) if prompt_file.PROBES_KEY in m else None,
     }
 
 
@@ -219,9 +217,10 @@ def import_peft(adapter_dir, out, model: str) -> Path:
     ours = _exported_fingerprint(meta)
     if ours is not None:
         theirs = models.fingerprint(base, base_config)
-        if not models.fingerprints_match(ours, theirs):
-            raise UserError(f"{adapter_dir}: exported for base {models.short(ours)}, "
-                            f"but the model given is {models.short(theirs)}")
+        why = models.fingerprint_mismatch(ours, theirs)
+        if why:
+            raise UserError(f"{adapter_dir}: exported for base {models.short(ours)}, but the model given "
+                            f"({models.short(theirs)}) is not that base or a quantized copy: {why}")
 
     scale = peft_scale(str(base_config.get("model_type", "?")), hidden)
     if scale != 1.0:

@@ -32,6 +32,7 @@ import numpy as np
 
 from . import __version__, data, guards
 from . import teacher_cache as tc
+from . import checks
 from .errors import UserError
 from .progress import Bar
 
@@ -65,13 +66,61 @@ def _check(cfg: TeachConfig) -> None:
         raise UserError(f"--mode must be one of {', '.join(guards.MODES)}, got {cfg.mode!r}")
     for name, v in (("--samples-per-prompt", cfg.samples_per_prompt), ("--max-tokens", cfg.max_tokens),
                     ("--top-k", cfg.top_k), ("--batch-size", cfg.batch_size), ("--shard-size", cfg.shard_size)):
-        if v < 1:
-            raise UserError(f"{name} must be at least 1, got {v}")
-    if cfg.temp < 0 or not 0 < cfg.top_p <= 1:
-        raise UserError("--temp must be >= 0 and --top-p in (0, 1]")
-    if not cfg.refusal.strip():
-        raise UserError("--refusal must not be empty")
+        checks.number(v, name, lo=1, hi=2**31 - 1, integer=True)
+    checks.sampling(cfg.temp, cfg.top_p)
+    checks.seed(cfg.seed)
+    checks.text(cfg.refusal, "--refusal", allow_empty=False, max_chars=10_000)
+    checks.output_dir(cfg.out, "--out", resumable=True)
     guards.parse_date(cfg.guard_date)
+
+
+MAX_CHARS_PER_TOKEN = 32  # a prompt longer than context x this is refused without tokenizing it
+
+
+def _preflight(cfg: TeachConfig, examples: list, skipped: int) -> tuple:
+    """Refuse what would fail late (after the guard's pass) or hang: --top-k over the vocabulary,
+    prompts longer than the base's context. Reads the base's config and tokenizer only."""
+    from mlx_lm.utils import load_tokenizer
+
+    from .models import read_config, resolve_model_path
+
+    path = resolve_model_path(cfg.base)
+    config = read_config(path)
+    vocab = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
+    if isinstance(vocab, int) and cfg.top_k > vocab:
+        raise UserError(f"--top-k {cfg.top_k} is larger than the base's vocabulary ({vocab})")
+    limit = checks.context_length(config)
+    if limit is None:
+        return examples, skipped
+    tok = None
+    lines = _line_numbers(cfg.data) if not skipped else None
+    kept = []
+    for i, ex in enumerate(examples):
+        where = f"{cfg.data}:{lines[i]}" if lines and i < len(lines) else f"{cfg.data}: prompt {i + 1}"
+        chars = len(ex.prompt) + sum(len(str(m.get("content", ""))) for m in ex.context)
+        why = None
+        if chars > limit * MAX_CHARS_PER_TOKEN:
+            why = f"{chars:,} characters, far more than the base's context of {limit} tokens"
+        else:
+            tok = tok or load_tokenizer(path)
+            n = len(_prompt_ids(tok, ex))
+            if n >= limit:
+                why = f"{n} tokens, more than the base's context of {limit} tokens"
+        if why is None:
+            kept.append(ex)
+        elif cfg.skip_bad:
+            skipped += 1
+        else:
+            raise UserError(f"{where}: the prompt is {why} (fix it, or pass --skip-bad to skip such lines)")
+    if not kept:
+        raise UserError(f"{cfg.data}: no prompts fit the base's context")
+    return kept, skipped
+
+
+def _line_numbers(path) -> list:
+    """1-based line numbers of the non-blank lines (the examples read_jsonl returns, in order)."""
+    with open(path, "rb") as f:
+        return [i for i, raw in enumerate(f, 1) if raw.strip()]
 
 
 # ---------------------------------------------------------------- manifest
@@ -80,8 +129,12 @@ def _check(cfg: TeachConfig) -> None:
 def _fp(model, config) -> dict:
     from .models import fingerprint
 
+    from .models import encode_probes
+
     fp = fingerprint(model, config)
-    return {k: v for k, v in fp.items() if k != "sketch"}  # the exact embedding hash identifies the weights
+    out = {k: v for k, v in fp.items() if k not in ("sketch", "probes")}
+    out["probes"] = encode_probes(fp["probes"])  # lets train tell a quantized copy from another model
+    return out
 
 
 def _same_model(a: dict, b: dict) -> bool:
@@ -124,6 +177,9 @@ def _mismatch(old: dict, new: dict) -> Optional[str]:
 def _open_out(out: Path, header: dict) -> dict:
     if (out / tc.MANIFEST).exists():
         old = tc.read_manifest(out)
+        if not (old.get("shards") or old.get("verdicts") or old.get("partials")):
+            tc.write_manifest(out, header)  # a run that failed before any work: start it again as asked
+            return header
         why = _mismatch(old, header)
         if why:
             raise UserError(f"{out}: a teacher cache made with other inputs or settings is there ({why}); "
@@ -357,6 +413,7 @@ def teach(cfg: TeachConfig) -> dict:
     examples, skipped = data.read_jsonl(cfg.data, skip_bad=cfg.skip_bad)
     if not examples:
         raise UserError(f"{cfg.data}: no prompts")
+    examples, skipped = _preflight(cfg, examples, skipped)
     spec = guards.get_spec(cfg.guard)
     guard_path = cfg.guard_model or spec.hub_id
     if not guard_path:

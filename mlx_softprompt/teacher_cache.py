@@ -34,6 +34,7 @@ from typing import Iterator, List, Optional
 
 import numpy as np
 
+from . import checks
 from .errors import UserError
 
 FORMAT = "mlx-softprompt-teacher-cache/1"
@@ -147,13 +148,55 @@ def read_manifest(root) -> dict:
     path = Path(root) / MANIFEST
     if not path.is_file():
         raise UserError(f"{root}: not a teacher cache (no {MANIFEST})")
-    try:
-        m = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: corrupt manifest ({e})")
+    m = checks.read_json(path, "teacher-cache manifest")
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise UserError(f"{path}: not a teacher-cache manifest (format={m.get('format') if isinstance(m, dict) else None!r})")
+    check_manifest(m, path)
     return m
+
+
+def check_manifest(m: dict, path) -> None:
+    """Every field the readers use, of the right type: a hand-edited or damaged manifest is one line."""
+    f = checks.field
+    for key in ("settings", "inputs", "guard", "base"):
+        f(m, key, dict, str(path))
+    f(m, "complete", bool, str(path), optional=True)
+    f(m, "num_shards", int, str(path), optional=True)
+    for key in ("verdicts", "partials", "phases"):
+        f(m, key, dict, str(path), optional=True)
+    f(m["inputs"], "data_hash", str, f"{path}: inputs")
+    f(m["guard"], "spec_digest", str, f"{path}: guard", optional=True)
+    fp = f(m["base"], "fingerprint", dict, f"{path}: base", optional=True)
+    if fp is not None:
+        for key, kind in (("architecture", str), ("hidden_size", int), ("vocab_size", int), ("embedding_hash", str)):
+            f(fp, key, kind, f"{path}: base.fingerprint")
+    ids = f(m, "refusal_ids", list, str(path), optional=True, default=[])
+    for i, t in enumerate(ids):
+        checks.number(checks.of_type(t, int, f"{path}: field 'refusal_ids'[{i}]"), f"{path}: refusal_ids[{i}]",
+                      lo=0, integer=True)
+    for i, s in enumerate(f(m, "shards", list, str(path), optional=True, default=[])):
+        where = f"{path}: shards[{i}]"
+        f(s, "index", int, where)
+        name = f(s, "file", str, where)
+        if Path(name).name != name or name.startswith("."):
+            raise UserError(f"{where}: field 'file' must be a file name in the cache, got {name!r}")
+        f(s, "sha256", str, where)
+        checks.number(f(s, "records", int, where), f"{where}: field 'records'", lo=0)
+        for key in ("bytes", "tokens", "flagged"):
+            checks.number(f(s, key, int, where, optional=True, default=0), f"{where}: field {key!r}", lo=0)
+        f(s, "u_sum", float, where, optional=True)
+        pr = f(s, "prompts", list, where, optional=True, default=[0, 0])
+        if len(pr) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) for x in pr):
+            raise UserError(f"{where}: field 'prompts' must be [start, end]")
+    for key in ("verdicts", "partials"):
+        for k, v in (m.get(key) or {}).items():
+            if key == "partials":
+                name = f(v, "file", str, f"{path}: partials[{k!r}]")
+                f(v, "sha256", str, f"{path}: partials[{k!r}]")
+                if Path(name).name != name or name.startswith("."):
+                    raise UserError(f"{path}: partials[{k!r}]: field 'file' must be a file name in the cache")
+            elif not isinstance(v, list):
+                raise UserError(f"{path}: verdicts[{k!r}]: expected a list")
 
 
 def write_manifest(root, manifest: dict) -> None:

@@ -44,6 +44,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
 from . import batching, files, losses, memory, methods, models, reporting
+from . import checks
 from .errors import UserError
 from .progress import Bar
 
@@ -83,6 +84,7 @@ class TrainArgs:
     steps_per_report: int = 10
     metrics: Optional[str] = field(default=None, metadata={"help": "JSONL path (default: out + .metrics.jsonl)."})
     resume: bool = False
+    overwrite: bool = False
     compile: bool = True
     grad_checkpoint: bool = field(default=False, metadata={"help": "Recompute blocks in the backward pass (memory.py)."})
     loss_chunk: int = field(default=0, metadata={"help": "Loss over chunks of N positions, 0: whole (losses.chunked)."})
@@ -105,18 +107,18 @@ class TrainArgs:
             raise UserError(f"--teacher-mode {self.teacher_mode!r}: use cache or online")
         for name in ("iters", "batch_size", "grad_accum", "max_seq_length", "val_every", "save_every",
                      "steps_per_report"):
-            if int(getattr(self, name)) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
-        if self.max_seq_length < 2:
-            raise UserError("--max-seq-length must be >= 2")
-        if not 0.0 <= self.val_split < 1.0:
-            raise UserError(f"--val-split must be in [0, 1) (got {self.val_split})")
-        if self.warmup < 0 or self.warmup >= self.iters:
-            raise UserError(f"--warmup must be in [0, iters) (got {self.warmup} for {self.iters} iters)")
-        if int(self.loss_chunk) < 0:
-            raise UserError(f"--loss-chunk must be >= 0 (got {self.loss_chunk})")
-        if self.learning_rate <= 0 or self.grad_clip < 0 or self.weight_decay < 0:
-            raise UserError("--learning-rate must be > 0, --grad-clip and --weight-decay >= 0")
+            checks.number(getattr(self, name), f"--{name.replace('_', '-')}", lo=1, hi=2**31 - 1, integer=True)
+        checks.number(self.max_seq_length, "--max-seq-length", lo=2, integer=True)
+        checks.number(self.val_split, "--val-split", lo=0, hi=1, hi_open=True)
+        checks.number(self.warmup, "--warmup", lo=0, hi=self.iters, hi_open=True, integer=True)
+        checks.number(self.val_batches, "--val-batches", lo=-1, integer=True)
+        checks.number(self.loss_chunk, "--loss-chunk", lo=0, integer=True)
+        checks.number(self.learning_rate, "--learning-rate", lo=0, lo_open=True, hi=1e3)
+        checks.number(self.grad_clip, "--grad-clip", lo=0)
+        checks.number(self.weight_decay, "--weight-decay", lo=0)
+        checks.seed(self.seed)
+        if self.resume and self.overwrite:
+            raise UserError("give --resume or --overwrite, not both")
         reporting.parse(self.report_to)
 
     @property
@@ -155,8 +157,9 @@ def load_config(path) -> dict:
     out = {}
     for key, value in raw.items():
         name = str(key).replace("-", "_")
-        if name not in known or name in ("resume",):
-            raise UserError(f"{path}: unknown key {key!r} (known: {', '.join(sorted(k for k in known if k != 'resume'))})")
+        if name not in known or name in ("resume", "overwrite"):
+            shown = ", ".join(sorted(k for k in known if k not in ("resume", "overwrite")))
+            raise UserError(f"{path}: unknown key {key!r} (known: {shown})")
         if name == "method_options" and not isinstance(value, (dict, type(None))):
             raise UserError(f"{path}: method_options must be a mapping of option names to values")
         out[name] = value
@@ -188,7 +191,14 @@ def make_args(config: Optional[str] = None, **flags) -> TrainArgs:
             raise UserError(f"{where}{k}: expected {type(getattr(args, k)).__name__}, got {v!r}")
     if args.method in methods.METHODS:
         args.method_options = methods.options_from(args.method, args.method_options, given)
-    args.check()
+    try:
+        args.check()
+    except UserError as e:  # a value from the config file: name the file and its key
+        msg = str(e)
+        key = msg.split(":", 1)[0].lstrip("-").replace("-", "_")
+        if config and key in values and flags.get(key) is None:
+            raise UserError(f"{config}: key {key}{msg[len(key) + 2:]}") from None
+        raise
     return args
 
 
@@ -770,10 +780,17 @@ def train(args: TrainArgs, data: Optional[TeacherData] = None, model_bundle=None
     if args.batch_size % size:
         raise UserError(f"--batch-size {args.batch_size} is not divisible by the {size} machines")
     say = log if rank == 0 else (lambda *a, **k: None)
+    if rank == 0:  # before any work: the outputs can be written, and nothing is replaced unasked
+        checks.output_file(args.out, "--out", overwrite=args.overwrite, resume=args.resume,
+                           hint="pass --resume to continue it or --overwrite to start afresh")
+        checks.output_file(args.metrics_path, "--metrics", overwrite=True)
+        checks.clean_stale(args.state_path)
 
     if data is None:
         data = open_teacher(args.teacher)
     model, tokenizer, config = model_bundle or models.load(args.base)
+    n_virtual = int(args.method_options.get("num_tokens", 0) or 0)  # positions a prompt or prefix adds
+    checks.fits_context(n_virtual, config, f"--num-tokens {n_virtual}")
     model.freeze()
     fp = models.fingerprint(model, config)
     _check_base(manifest_base(data.manifest), fp, args, say)
@@ -795,6 +812,10 @@ def train(args: TrainArgs, data: Optional[TeacherData] = None, model_bundle=None
         say(f"note: {len(too_long)} rows skipped: prompt longer than --max-seq-length {args.max_seq_length}")
     per_epoch = batching.Order([r.length(args.max_seq_length) for r in train_rows], args.batch_size, args.seed,
                                args.grad_accum).per_epoch
+    longest = min(args.max_seq_length, max((len(r.prompt) + len(r.target) for r in rows), default=0))
+    checks.fits_context(n_virtual + longest, config, f"--num-tokens {n_virtual} + the longest row ({longest} tokens)")
+    checks.fits_memory(checks.attention_bytes(config, max(1, args.batch_size // size), n_virtual + longest),
+                       f"--batch-size {args.batch_size} x {n_virtual + longest} tokens per row")
 
     method = make_method(args)
     params = method.init(model, tokenizer, args.seed)
@@ -871,6 +892,13 @@ def _check_base(cache_fp: Optional[dict], fp: dict, args: TrainArgs, say) -> Non
         if str(cache_fp.get(k)) != str(fp[k]):
             raise UserError(f"{args.teacher}: teacher cache was made with base {models.short(cache_fp)}, "
                             f"but --base {args.base} is {models.short(fp)}")
+    if isinstance(cache_fp.get("probes"), str):
+        why = models.fingerprint_mismatch({**cache_fp, "probes": models.decode_probes(
+            cache_fp["probes"], f"{args.teacher}/manifest.json")}, fp)
+        if why:
+            raise UserError(f"{args.teacher}: teacher cache was made with base {models.short(cache_fp)}, "
+                            f"but --base {args.base} ({models.short(fp)}) is not it or a quantized copy: {why}")
+        return
     if cache_fp.get("embedding_hash") != fp["embedding_hash"]:
         if "sketch" in cache_fp and not models.fingerprints_match(cache_fp, fp):
             raise UserError(f"{args.teacher}: teacher cache was made with base {models.short(cache_fp)}, "
