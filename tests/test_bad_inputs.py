@@ -151,7 +151,7 @@ def _peft_dir(e, name, fn=None) -> str:
 
     d = e["root"] / "made" / name
     if not d.exists():
-        export_peft(e["pfile"], d)
+        export_peft(e["pfile"], d, base_model_name=e["base"])
     if fn:
         fn(d)
     return str(d)
@@ -254,7 +254,7 @@ CASES = [
     ("train-config-not-mapping", lambda e: (_train(e, "--config", _write(e["root"], "c3.yaml", "- 1\n- 2\n")),
                                             "c3.yaml")),
     ("train-config-nan", lambda e: (_train(e, "--config", _write(e["root"], "c4.yaml", "learning_rate: .nan\n")),
-                                    "learning_rate")),
+                                    "learning")),
     # ---------------------------------------------------------------- eval
     ("eval-batch-zero", lambda e: (_eval(e, "--batch-size", "0"), "--batch-size")),
     ("eval-max-tokens-zero", lambda e: (_eval(e, "--max-tokens", "0"), "--max-tokens")),
@@ -295,7 +295,7 @@ CASES = [
     ("generate-temp-nan", lambda e: (_gen(e, "--temp", "nan"), "--temp")),
     ("generate-top-p", lambda e: (_gen(e, "--top-p", "1.5"), "--top-p")),
     ("generate-seed-negative", lambda e: (_gen(e, "--seed", "-1"), "--seed")),
-    ("generate-text-too-long", lambda e: (_gen(e, text=LONG), "context")),
+    ("generate-prompt-too-long", lambda e: (_gen(e, text=LONG), "context")),
     ("generate-truncated-weights", lambda e: (_gen(e, model=_model_copy(
         e, "m-trunc2", lambda d: [_shrink(p) for p in d.glob("*.safetensors")])), "safetensors")),
     ("generate-config-wrong-type", lambda e: (_gen(e, model=_model_copy(
@@ -361,6 +361,12 @@ CASES = [
     ("inspect-bundle-tampered", lambda e: (["inspect", _bundle_copy(e, "b-tamper", lambda d: (
         d / "prompt.safetensors").write_bytes((d / "prompt.safetensors").read_bytes()[:-4] + b"\0\0\0\0"))],
         "prompt.safetensors")),
+    ("upload-bundle-tampered", lambda e: (["upload", "--path", _bundle_copy(e, "b-tamper2", lambda d: (
+        d / "model" / "config.json").write_text("{}")), "--upload-repo", "me/x"], "config.json")),
+    ("upload-bundle-extra-file", lambda e: (["upload", "--path", _bundle_copy(e, "b-extra2", lambda d: (
+        d / "extra.safetensors").write_bytes(Path(e["pfile"]).read_bytes())), "--upload-repo", "me/x"],
+        "extra.safetensors")),
+    ("upload-bad-repo-id", lambda e: (["upload", "--path", e["bundle"], "--upload-repo", "no-slash"], "no-slash")),
     # ---------------------------------------------------------------- demo
     ("demo-out-is-file", lambda e: (["demo", "--quick", "--out", str(e["root"] / "afile")], "afile")),
     ("demo-world-missing", lambda e: (["demo", "--quick", "--out", str(e["root"] / "d1"), "--world",
@@ -391,12 +397,12 @@ def _eval(e, *extra, out=None, model=None, suite=None):
 
 
 def _bundle(e, *extra, out=None, pfile=None):
-    return ["bundle", "--base", e["base"], "--prompt-file", pfile or e["pfile"],
+    return ["bundle", "--model", e["base"], "--prompt-file", pfile or e["pfile"],
             "--out", out or str(e["root"] / "bundle-out"), *extra]
 
 
 def _gen(e, *extra, model=None, text="Hello there"):
-    return ["generate", "--model", model or e["base"], "--text", text, "--max-tokens", "2", *extra]
+    return ["generate", "--model", model or e["base"], "--prompt", text, "--max-tokens", "2", *extra]
 
 
 def test_the_corpus_is_large_and_covers_every_command():
