@@ -207,7 +207,7 @@ def _phase(manifest: dict, name: str):
         yield
     finally:
         mx.synchronize()
-        ph = manifest["phases"].setdefault(name, {"seconds": 0.0, "peak_memory_gb": 0.0})
+        ph = manifest.setdefault("phases", {}).setdefault(name, {"seconds": 0.0, "peak_memory_gb": 0.0})
         ph["seconds"] = round(ph["seconds"] + time.perf_counter() - t0, 3)
         ph["peak_memory_gb"] = round(max(ph["peak_memory_gb"], mx.get_peak_memory() / 1e9), 4)
 
@@ -581,7 +581,7 @@ def _summary(manifest: dict, n: int, seconds: float) -> dict:
         "mean_u": round(sum(s["u_sum"] for s in shards) / records, 4) if records else 0.0,
         "response_tokens": sum(s["tokens"] for s in shards),
         "seconds_this_run": round(seconds, 2),
-        "phases": manifest["phases"],
+        "phases": manifest.get("phases", {}),
     }
 
 

@@ -76,8 +76,6 @@ def _flat(lists) -> tuple:
 
 def write_shard(path, records: List[Record], k: int, u_raw: Optional[List[float]] = None) -> str:
     """Write records as one safetensors file, atomically; returns its sha256."""
-    from safetensors.numpy import save_file
-
     from .files import atomic_write
 
     p_flat, p_off = _flat([r.prompt_ids for r in records])
@@ -104,8 +102,27 @@ def write_shard(path, records: List[Record], k: int, u_raw: Optional[List[float]
         "labels": json.dumps([r.label for r in records]),
         "categories": json.dumps([r.category for r in records]),
     }
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    data = safetensors_bytes(tensors, meta)
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
     return sha256_file(path)
+
+
+_ST_DTYPES = {np.dtype(np.int32): "I32", np.dtype(np.int64): "I64", np.dtype(np.float32): "F32"}
+
+
+def safetensors_bytes(tensors: dict, metadata: dict) -> bytes:
+    """A safetensors file whose bytes depend only on its content: tensors and metadata keys in sorted
+    order (the safetensors library writes metadata in hash-map order, different from run to run)."""
+    header, blobs, offset = {"__metadata__": dict(sorted(metadata.items()))}, [], 0
+    for name in sorted(tensors):
+        a = np.ascontiguousarray(tensors[name])
+        raw = a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes()
+        header[name] = {"dtype": _ST_DTYPES[a.dtype], "shape": list(a.shape), "data_offsets": [offset, offset + len(raw)]}
+        blobs.append(raw)
+        offset += len(raw)
+    h = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    h += b" " * (-len(h) % 8)
+    return len(h).to_bytes(8, "little") + h + b"".join(blobs)
 
 
 def read_shard(path, expect_sha: Optional[str] = None) -> List[Record]:
@@ -152,6 +169,13 @@ def read_manifest(root) -> dict:
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise UserError(f"{path}: not a teacher-cache manifest (format={m.get('format') if isinstance(m, dict) else None!r})")
     check_manifest(m, path)
+    tpath = Path(root) / TIMINGS
+    if tpath.is_file():  # informative only: a damaged timings file is ignored
+        try:
+            t = json.loads(tpath.read_text(encoding="utf-8"))
+            m.update({k: t[k] for k in VOLATILE if isinstance(t, dict) and isinstance(t.get(k), dict)})
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            pass
     return m
 
 
@@ -199,10 +223,20 @@ def check_manifest(m: dict, path) -> None:
                 raise UserError(f"{path}: verdicts[{k!r}]: expected a list")
 
 
+TIMINGS = "timings.json"
+VOLATILE = ("phases", "summary")  # time and memory of the runs: kept beside the manifest, not in it
+
+
 def write_manifest(root, manifest: dict) -> None:
+    """The manifest (its bytes depend only on the inputs and settings) and, apart, the runs' timings."""
     from .files import atomic_write
 
-    data = json.dumps(manifest, indent=1, sort_keys=False).encode("utf-8")
+    stable = {k: v for k, v in manifest.items() if k not in VOLATILE}
+    volatile = {k: manifest[k] for k in VOLATILE if k in manifest}
+    data = json.dumps(stable, indent=1, sort_keys=False).encode("utf-8")
+    if volatile:
+        extra = json.dumps(volatile, indent=1).encode("utf-8")
+        atomic_write(Path(root) / TIMINGS, lambda tmp: Path(tmp).write_bytes(extra))
     atomic_write(Path(root) / MANIFEST, lambda tmp: Path(tmp).write_bytes(data))
 
 
