@@ -33,7 +33,8 @@ import mlx.core as mx
 from . import data, files, losses, methods, system
 from .data import DEFAULT_SEED, SOURCES
 from . import evaluate as ev
-from .errors import UserError
+from . import checks
+from .errors import UserError, read_json_object
 
 TRAINABLE = tuple(methods.trainable())  # trained by train.py, one cell per objective
 FIXED = ("steer-dom", "system-prompt")  # fitted here / no parameters: one cell each
@@ -175,10 +176,13 @@ def _save_references(path: Path, ref: ev.References) -> None:
 def _load_references(path: Path, examples, cfg: ev.EvalConfig, tokenizer) -> Optional[ev.References]:
     if not path.exists():
         return None
-    obj = json.loads(path.read_text())
-    if obj.get("prompts") != [e.prompt for e in examples]:
-        return None  # other data or limits: recompute
-    base = [ev.Answer(a["prompt"], a["label"], a["text"], a["tokens"], a["finished"]) for a in obj["base"]]
+    try:
+        obj = checks.read_json(path)
+        if obj.get("prompts") != [e.prompt for e in examples]:
+            return None  # other data or limits: recompute
+        base = [ev.Answer(a["prompt"], a["label"], a["text"], a["tokens"], a["finished"]) for a in obj["base"]]
+    except (UserError, AttributeError, KeyError, TypeError):
+        return None  # damaged (a hand edit, a kill before atomic writes existed): recompute it
     ref = ev.References(list(examples), base, u_input=obj["u_input"])
     if ref.u_input is not None:
         ref.dual = ev.dual_answers(base, ref.u_input, cfg.refusal, tokenizer, cfg.threshold)
@@ -352,7 +356,9 @@ def collect(cfg: BenchConfig, out: Path, settings: dict) -> dict:
         path = out / "cells" / name / "report.json"
         if not path.exists():
             continue
-        report = json.loads(path.read_text())
+        report = read_json_object(path)
+        if not isinstance(report.get("systems"), dict):
+            raise UserError(f"{path}: field 'systems' missing or not an object; delete the cell to run it again")
         wanted = ["base", "dual"] if name == "reference" else [name]
         for sys_name in wanted:
             if sys_name not in report["systems"]:

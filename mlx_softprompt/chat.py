@@ -155,10 +155,7 @@ def _message(line: str, number: int) -> str:
 
     if not line.lstrip().startswith(("{", '"')):
         return line
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise UserError(f"stdin line {number}: not valid JSON ({e.msg})")
+    obj = checks.loads(line, f"stdin line {number}")
     if isinstance(obj, str):
         return obj
     text = obj.get("content", obj.get("prompt")) if isinstance(obj, dict) else None

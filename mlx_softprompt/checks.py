@@ -136,8 +136,9 @@ def _unicode_ok(obj: Any) -> Optional[str]:
     return None
 
 
-def loads(s, where: str, line_in_name: bool = True) -> Any:
-    """json.loads with the policy: valid UTF-8, depth <= 64, no lone surrogates, no NaN/Infinity."""
+def loads(s, where: str, line_in_name: bool = True, constants: bool = False) -> Any:
+    """json.loads with the policy: valid UTF-8, depth <= 64, no lone surrogates, no NaN/Infinity
+    (unless `constants`: Python's json writes them, and model configs written by it hold them)."""
     if isinstance(s, (bytes, bytearray)):
         try:
             s = bytes(s).decode("utf-8")
@@ -148,7 +149,7 @@ def loads(s, where: str, line_in_name: bool = True) -> Any:
         raise ValueError(f"{c} is not valid JSON")
 
     try:
-        value = json.loads(s, parse_constant=bad_constant)
+        value = json.loads(s, parse_constant=None if constants else bad_constant)
     except json.JSONDecodeError as e:
         if not line_in_name:
             raise UserError(f"{where}: invalid JSON ({e.msg} at line {e.lineno} column {e.colno})")
@@ -164,7 +165,7 @@ def loads(s, where: str, line_in_name: bool = True) -> Any:
     return value
 
 
-def read_json(path, what: str = "JSON file", max_bytes: int = 64 << 20) -> Any:
+def read_json(path, what: str = "JSON file", max_bytes: int = 64 << 20, constants: bool = False) -> Any:
     """A JSON file read with the policy above; errors name the file."""
     path = Path(path)
     try:
@@ -178,7 +179,7 @@ def read_json(path, what: str = "JSON file", max_bytes: int = 64 << 20) -> Any:
         raise UserError(f"{path}: no such file")
     except OSError as e:
         raise UserError(f"{path}: cannot read ({e.strerror or e})")
-    return loads(raw, str(path), line_in_name=False)
+    return loads(raw, str(path), line_in_name=False, constants=constants)
 
 
 # ---------------------------------------------------------------- typed fields of manifests and metadata

@@ -440,10 +440,6 @@ def eval_(
     """Safety, over-refusal, agreement with the dual system, utility and cost -> report.json."""
     from . import evaluate as ev
 
-    checks.max_tokens(max_tokens)
-    checks.positive(batch_size, "--batch-size")
-    checks.number(timing_prompts, "--timing-prompts", lo=0, integer=True)
-    checks.number(threshold, "--threshold", lo=0, hi=1)
     if limit is not None:
         checks.positive(limit, "--limit")
     checks.output_file(out, "--out", overwrite=overwrite)

@@ -443,6 +443,14 @@ class EvalConfig:
     refusal: str = DEFAULT_REFUSAL
     judge_window: int = JUDGE_WINDOW
 
+    def __post_init__(self):
+        checks.max_tokens(self.max_tokens)
+        checks.positive(self.batch_size, "--batch-size")
+        checks.number(self.timing_prompts, "--timing-prompts", lo=0, integer=True)
+        checks.number(self.threshold, "--threshold", lo=0, hi=1)
+        checks.text(self.refusal, "--refusal", allow_empty=False, max_chars=10_000)
+        checks.positive(self.judge_window, "judge_window")
+
 
 @dataclass
 class References:

@@ -63,7 +63,7 @@ def read_config(path: Path) -> dict:
     from . import checks
 
     cpath = Path(path) / "config.json"
-    config = checks.read_json(cpath, "config.json")
+    config = checks.read_json(cpath, "config.json", constants=True)
     if not isinstance(config, dict):
         raise UserError(f"{cpath}: expected a JSON object")
     for c, prefix in ((config, ""), (config.get("text_config"), "text_config.")):

@@ -247,6 +247,10 @@ CASES = [
         e, "c-refusal", lambda m: m.update(refusal_ids=["x"]))), "refusal_ids")),
     ("train-manifest-records-type", lambda e: (_train(e, teacher=_cache_copy(
         e, "c-records", lambda m: m["shards"][0].update(records="many"))), "records")),
+    ("train-manifest-probes-corrupt", lambda e: (_train(e, teacher=_cache_copy(
+        e, "c-probes", lambda m: m["base"]["fingerprint"].update(probes="not base64"))), "manifest.json")),
+    ("teach-skip-bad-nothing-fits", lambda e: (_teach(e, "--skip-bad", data=_jsonl(e["root"], "t9.jsonl", json.dumps(
+        {"prompt": LONG}))), "t9.jsonl")),
     ("train-config-wrong-type", lambda e: (_train(e, "--config", _write(e["root"], "c1.yaml",
                                                                          "learning_rate: fast\n")), "learning_rate")),
     ("train-config-unknown-key", lambda e: (_train(e, "--config", _write(e["root"], "c2.yaml", "speed: 3\n")),
@@ -269,6 +273,7 @@ CASES = [
                                            "prompt")),
     ("eval-suite-bad-line", lambda e: (_eval(e, suite=_jsonl(e["root"], "s1.jsonl", '{"prompt": "x", "label": "harmful"}',
                                                              "[1, 2]")), "s1.jsonl:2")),
+    ("eval-mc-deep", lambda e: (_eval(e, "--mc", _jsonl(e["root"], "mc.jsonl", _deep(500))), "mc.jsonl:1")),
     # ---------------------------------------------------------------- bench
     ("bench-config-missing", lambda e: (["bench", "--config", str(e["root"] / "none.yaml"), "--out",
                                          str(e["root"] / "b1")], "none.yaml")),
@@ -333,6 +338,10 @@ CASES = [
     ("chat-bundle-and-model", lambda e: (["chat", e["bundle"], "--model", e["base"]], "--model")),
     ("chat-long-line", lambda e: (["chat", "--model", e["base"], "--max-tokens", "2",
                                    "--stdin-bytes", (LONG + "\n").encode()], "context")),
+    ("chat-jsonl-surrogate", lambda e: (["chat", "--model", e["base"], "--max-tokens", "2", "--jsonl",
+                                         "--stdin-bytes", b'{"content": "\\udc00"}\n'], "stdin line 1")),
+    ("chat-jsonl-deep", lambda e: (["chat", "--model", e["base"], "--max-tokens", "2", "--jsonl",
+                                    "--stdin-bytes", ('{"content": ' + _deep(1000) + "}\n").encode()], "stdin line 1")),
     # ---------------------------------------------------------------- serve
     ("serve-port-high", lambda e: (["serve", "--model", e["base"], "--port", "99999"], "--port")),
     ("serve-port-negative", lambda e: (["serve", "--model", e["base"], "--port", "-1"], "--port")),
