@@ -104,6 +104,16 @@ def text(value: Any, name: str, *, allow_empty: bool = True, max_chars: int = MA
     return value
 
 
+def read_stdin(name: str = "stdin") -> str:
+    """All of stdin as text; invalid UTF-8 is one line, not a UnicodeDecodeError."""
+    import sys
+
+    try:
+        return text(sys.stdin.read(), name)
+    except UnicodeDecodeError as e:
+        raise UserError(f"{name}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
 def depth(obj: Any, limit: int = MAX_JSON_DEPTH) -> int:
     """Nesting depth of a parsed JSON value (iterative: no recursion limit)."""
     deepest, stack = 0, [(obj, 1)]
@@ -412,7 +422,9 @@ def fits_memory(nbytes: float, what: str) -> None:
 
 
 def attention_bytes(config: dict, batch: int, length: int, dtype_bytes: int = 4) -> float:
-    """A lower bound on one forward pass's peak: attention scores of one layer + the logits."""
+    """A lower bound on one forward pass's peak, for `batch` rows of `length` tokens: the attention
+    scores of one layer (as the CPU computes them) plus the logits. Far below it is no promise;
+    above the machine's memory it cannot run, and MLX would abort the process instead of failing."""
     c = config.get("text_config") or config
     heads = c.get("num_attention_heads") or c.get("n_head") or 1
     vocab = c.get("vocab_size") or 0

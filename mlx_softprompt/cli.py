@@ -133,7 +133,7 @@ def generate(
 
     cfg = GenerationConfig(max_tokens=max_tokens, temp=temp, top_p=top_p, seed=seed)
     if prompt == "-":
-        prompt = sys.stdin.read()
+        prompt = checks.read_stdin()
     checks.text(prompt, "--prompt")
     system_ = open_system(model, prompt_file)
     ids = chat_ids(system_.tokenizer, prompt, system=system_prompt)

@@ -814,8 +814,8 @@ def train(args: TrainArgs, data: Optional[TeacherData] = None, model_bundle=None
                                args.grad_accum).per_epoch
     longest = min(args.max_seq_length, max((len(r.prompt) + len(r.target) for r in rows), default=0))
     checks.fits_context(n_virtual + longest, config, f"--num-tokens {n_virtual} + the longest row ({longest} tokens)")
-    checks.fits_memory(checks.attention_bytes(config, max(1, args.batch_size // size), n_virtual + longest),
-                       f"--batch-size {args.batch_size} x {n_virtual + longest} tokens per row")
+    checks.fits_memory(checks.attention_bytes(config, 1, n_virtual + longest),
+                       f"one row of {n_virtual + longest} tokens (--num-tokens + the longest row)")
 
     method = make_method(args)
     params = method.init(model, tokenizer, args.seed)

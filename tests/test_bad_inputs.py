@@ -301,6 +301,7 @@ CASES = [
     ("generate-top-p", lambda e: (_gen(e, "--top-p", "1.5"), "--top-p")),
     ("generate-seed-negative", lambda e: (_gen(e, "--seed", "-1"), "--seed")),
     ("generate-prompt-too-long", lambda e: (_gen(e, text=LONG), "context")),
+    ("generate-stdin-invalid-utf8", lambda e: (_gen(e, "--stdin-bytes", b"hi \xff\xfe there", text="-"), "stdin")),
     ("generate-truncated-weights", lambda e: (_gen(e, model=_model_copy(
         e, "m-trunc2", lambda d: [_shrink(p) for p in d.glob("*.safetensors")])), "safetensors")),
     ("generate-config-wrong-type", lambda e: (_gen(e, model=_model_copy(
