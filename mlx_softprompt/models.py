@@ -58,6 +58,10 @@ CONFIG_SIZES = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_
                 "n_head", "n_positions")
 
 
+CONFIG_POSITIVE = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
+                   "max_position_embeddings", "n_embd", "n_layer", "n_head", "n_positions")
+
+
 def read_config(path: Path) -> dict:
     """config.json of a model directory, its size fields checked (a wrong type would fail deep in mlx-lm)."""
     from . import checks
@@ -70,9 +74,10 @@ def read_config(path: Path) -> dict:
         if not isinstance(c, dict):
             continue
         for k in CONFIG_SIZES:
-            if c.get(k) is not None:
+            if c.get(k) is not None:  # 0 is legal for some (a MoE model's dense intermediate_size)
                 checks.number(checks.of_type(c[k], int, f"{cpath}: field {prefix + k!r}"),
-                              f"{cpath}: field {prefix + k!r}", lo=1, hi=2**40, integer=True)
+                              f"{cpath}: field {prefix + k!r}", lo=1 if k in CONFIG_POSITIVE else 0, hi=2**40,
+                              integer=True)
     return config
 
 

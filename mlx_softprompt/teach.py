@@ -177,8 +177,10 @@ def _mismatch(old: dict, new: dict) -> Optional[str]:
 def _open_out(out: Path, header: dict) -> dict:
     if (out / tc.MANIFEST).exists():
         old = tc.read_manifest(out)
-        if not (old.get("shards") or old.get("verdicts") or old.get("partials")):
-            tc.write_manifest(out, header)  # a run that failed before any work: start it again as asked
+        started = old.get("shards") or old.get("verdicts") or old.get("partials") or any(
+            isinstance(old.get(k), dict) and old[k].get("fingerprint") for k in ("base", "guard"))
+        if not started:  # a run that failed before loading a model: start it again, as now asked
+            tc.write_manifest(out, header)
             return header
         why = _mismatch(old, header)
         if why:
