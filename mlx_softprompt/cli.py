@@ -191,7 +191,8 @@ def upload(
 
 
 def _prefix_len(system) -> int:
-    return int(system.prompt.shape[0]) if getattr(system, "prompt", None) is not None else 0
+    """Positions the system's cache already holds (a soft prompt's or a prefix's)."""
+    return max((int(getattr(c, "offset", 0) or 0) for c in (system.cache or [])), default=0)
 
 
 def _open_for_use(path: Optional[str], model: Optional[str], prompt_file: Optional[Path]):
@@ -229,7 +230,8 @@ def chat(
     if guard and compare:
         raise UserError("give --guard or --compare, not both")
     cfg = ChatConfig(max_tokens=max_tokens, temp=temp, top_p=top_p, seed=seed, system=system_prompt, jsonl=jsonl)
-    checks.number(guard_threshold, "--guard-threshold", lo=0, hi=1)
+    if guard_threshold is not None:
+        checks.number(guard_threshold, "--threshold", lo=0, hi=1)
     sys_ = _open_for_use(path, model, prompt_file)
     if sys_.method is None and not guard:
         typer.echo("warning: no method file given: this is the bare base model", err=True)
@@ -443,8 +445,8 @@ def eval_(
     if limit is not None:
         checks.positive(limit, "--limit")
     checks.output_file(out, "--out", overwrite=overwrite)
-    for p in [*prompt_file, *adapter, *steer]:
-        checks.input_file(p, "--prompt-file" if p in prompt_file else "--adapter" if p in adapter else "--steer")
+    for p in prompt_file:
+        checks.input_file(p, "--prompt-file")
     cfg = ev.EvalConfig(max_tokens=max_tokens, batch_size=batch_size, timing_prompts=timing_prompts,
                         threshold=ev.DEFAULT_THRESHOLD if threshold is None else threshold,
                         refusal=refusal or ev.DEFAULT_REFUSAL)

@@ -335,7 +335,7 @@ CASES = [
     ("chat-temp-inf", lambda e: (["chat", "--model", e["base"], "--temp", "inf"], "--temp")),
     ("chat-max-tokens-zero", lambda e: (["chat", "--model", e["base"], "--max-tokens", "0"], "--max-tokens")),
     ("chat-guard-threshold", lambda e: (["chat", "--model", e["base"], "--compare", SPEC, "--guard-threshold", "nan"],
-                                        "--guard-threshold")),
+                                        "--threshold")),
     ("chat-bundle-and-model", lambda e: (["chat", e["bundle"], "--model", e["base"]], "--model")),
     ("chat-long-line", lambda e: (["chat", "--model", e["base"], "--max-tokens", "2",
                                    "--stdin-bytes", (LONG + "\n").encode()], "context")),
