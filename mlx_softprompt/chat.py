@@ -155,7 +155,12 @@ def _message(line: str, number: int) -> str:
 
     if not line.lstrip().startswith(("{", '"')):
         return line
-    obj = checks.loads(line, f"stdin line {number}")
+    try:
+        obj = checks.json_value(json.loads(line), f"stdin line {number}")
+    except json.JSONDecodeError as e:
+        raise UserError(f"stdin line {number}: not valid JSON ({e.msg})")
+    except RecursionError:
+        raise UserError(f"stdin line {number}: JSON nested deeper than {checks.MAX_JSON_DEPTH} levels")
     if isinstance(obj, str):
         return obj
     text = obj.get("content", obj.get("prompt")) if isinstance(obj, dict) else None

@@ -163,10 +163,15 @@ def loads(s, where: str, line_in_name: bool = True, constants: bool = False) -> 
     except json.JSONDecodeError as e:
         if not line_in_name:
             raise UserError(f"{where}: invalid JSON ({e.msg} at line {e.lineno} column {e.colno})")
-        at = where if re.search(r":\d+$", where) else f"{where}:{e.lineno}"  # a JSONL line names itself
+        at = where if re.search(r"(:| line )\d+$", where) else f"{where}:{e.lineno}"  # a JSONL line names itself
         raise UserError(f"{at}: invalid JSON ({e.msg} at column {e.colno})")
     except (ValueError, RecursionError) as e:
         raise UserError(f"{where}: invalid JSON ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
+    return json_value(value, where)
+
+
+def json_value(value: Any, where: str) -> Any:
+    """A parsed JSON value within the policy: nested at most 64 levels, no lone surrogates."""
     if depth(value) > MAX_JSON_DEPTH:
         raise UserError(f"{where}: JSON nested deeper than {MAX_JSON_DEPTH} levels")
     bad = _unicode_ok(value)

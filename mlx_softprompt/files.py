@@ -7,7 +7,6 @@ sees the old file or the new one, never a mix.
 
 import json
 import os
-import struct
 import tempfile
 from pathlib import Path
 

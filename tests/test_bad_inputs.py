@@ -99,8 +99,6 @@ def _cache_copy(e, name, fn) -> str:
 
 
 def _pfile_meta(e, name, **changes) -> str:
-    from mlx_softprompt import prompt_file
-
     tensors, meta = mx.load(e["pfile"], return_metadata=True)
     meta.update(changes)
     p = e["root"] / "made" / name
@@ -449,3 +447,17 @@ def test_bad_input(name, case, env, capsys, monkeypatch):
     new = set(after) - set(before)
     assert not changed, changed
     assert not new, new
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into a read-only directory")
+def test_outputs_in_a_read_only_directory_are_refused_before_work(env, tmp_path, capsys):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    os.chmod(ro, 0o555)
+    try:
+        for argv in (_eval(env, out=str(ro / "r.json")), _train(env, out=str(ro / "p.safetensors")),
+                     _bundle(env, out=str(ro / "b"))):
+            code, _, err = run_cli(capsys, *argv)
+            assert code == 1 and "not writable" in err and err.count("\n") == 1, err
+    finally:
+        os.chmod(ro, 0o755)
