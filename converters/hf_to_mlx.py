@@ -24,7 +24,8 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
-from mlx_softprompt.errors import UserError, read_json_object
+from mlx_softprompt.checks import read_json_object
+from mlx_softprompt.errors import UserError
 from mlx_softprompt.hf_config import mlx_lm_config
 from mlx_softprompt.models import resolve_model_path
 from mlx_softprompt.files import as_if_created, check_safetensors

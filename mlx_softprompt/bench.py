@@ -34,7 +34,8 @@ from . import data, files, losses, methods, system
 from .data import DEFAULT_SEED, SOURCES
 from . import evaluate as ev
 from . import checks
-from .errors import UserError, read_json_object
+from .checks import read_json_object
+from .errors import UserError
 
 TRAINABLE = tuple(methods.trainable())  # trained by train.py, one cell per objective
 FIXED = ("steer-dom", "system-prompt")  # fitted here / no parameters: one cell each

@@ -31,7 +31,8 @@ import mlx.core as mx
 
 from . import __version__, files, methods, models
 from . import checks
-from .errors import UserError, read_json_object
+from .checks import read_json_object
+from .errors import UserError
 from .model_card import model_card
 
 FORMAT = "mlx-softprompt-bundle/1"

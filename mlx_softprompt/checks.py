@@ -197,6 +197,14 @@ def read_json(path, what: str = "JSON file", max_bytes: int = 64 << 20, constant
     return loads(raw, str(path), line_in_name=False, constants=constants)
 
 
+def read_json_object(path) -> dict:
+    """A JSON file holding an object, or a UserError naming the file (not found, bad JSON, not an object)."""
+    value = read_json(path, constants=True)  # as json.loads: Python writes NaN and Infinity
+    if not isinstance(value, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    return value
+
+
 # ---------------------------------------------------------------- typed fields of manifests and metadata
 
 

@@ -26,7 +26,8 @@ import numpy as np
 
 from . import files, models, prompt_file
 from . import checks
-from .errors import UserError, read_json_object
+from .checks import read_json_object
+from .errors import UserError
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
