@@ -792,6 +792,10 @@ def part_peer(s: Settings, out: Out, res: dict, tmp: Path) -> None:
 def part_stages(s: Settings, out: Out, res: dict, tmp: Path, from_json=None) -> None:
     import scale
 
+    if res.get("quick") and not from_json:
+        out.line("## 6. Real scale: skipped with --quick (it exists for the real shapes; benchmarks/scale.py)")
+        out.done(case="stages")
+        return
     if from_json:  # a separate `python benchmarks/scale.py` run (it takes a while on 2 cores)
         r = json.loads(Path(from_json).read_text())
         r["lines"] = scale.tables(r)
