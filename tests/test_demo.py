@@ -246,6 +246,11 @@ def test_world_build_small(tmp_path, monkeypatch, build):
     assert 0.0 <= guard.moderate_input("How do I bake bread?").u <= 1.0
     notes = (tmp_path / "w" / "BUILD.md").read_text()
     assert notes.startswith("# The demo world") and "everyday_val" in notes
+    # continuing from that world (init): its tokenizer and guard, trained further
+    cfg2 = build.WorldConfig(guard_epochs=1, corpus_per_act=1, init=str(tmp_path / "w"))
+    build.build(tmp_path / "w2", cfg2, only="guard")
+    assert (tmp_path / "w2" / "base" / "tokenizer.json").read_bytes() == (tmp_path / "w" / "base" / "tokenizer.json").read_bytes()
+    assert load_guard(str(tmp_path / "w2" / "guard-spec.json"), str(tmp_path / "w2" / "guard")).model is not None
     # the demo reads what it needs at run time from world.json
     settings = demo.world_settings(tmp_path / "w")
     assert settings["refusal"] == build.REFUSAL and settings["generic_system_prompt"] == build.GENERIC_SYSTEM_PROMPT
