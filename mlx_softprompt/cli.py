@@ -279,6 +279,9 @@ def serve(
     checks.sampling(temp, top_p)
     if context_length is not None:
         checks.positive(context_length, "--context-length")
+    for name, v in (("--decode-concurrency", decode_concurrency), ("--prompt-concurrency", prompt_concurrency),
+                    ("--max-pending", max_pending), ("--max-body", max_body)):
+        checks.number(v, name, lo=1, hi=2**40, integer=True)
     sys_ = _open_for_use(path, model, prompt_file)
     if sys_.method is None:
         typer.echo("warning: no method file given: serving the bare base model", err=True)
@@ -490,6 +493,7 @@ def demo(
     if compare and not chat:
         raise UserError("--compare goes with --chat (chat with the soft prompt and the dual system side by side)")
     checks.seed(seed)
+    checks.max_tokens(max_tokens)
     checks.output_dir(out, "--out", resumable=True)
     if world is not None and not world.is_dir():
         raise UserError(f"--world {world}: no such directory")

@@ -249,6 +249,9 @@ CASES = [
         e, "c-probes", lambda m: m["base"]["fingerprint"].update(probes="not base64"))), "manifest.json")),
     ("teach-skip-bad-nothing-fits", lambda e: (_teach(e, "--skip-bad", data=_jsonl(e["root"], "t9.jsonl", json.dumps(
         {"prompt": LONG}))), "t9.jsonl")),
+    ("train-lora-scale-nan", lambda e: (_train(e, "--method", "lora", "--lora-scale", "nan"), "scale")),
+    ("train-method-options-inf", lambda e: (_train(e, "--method", "steer-opt", "--method-options", "{alpha: .inf}"),
+                                            "alpha")),
     ("train-config-wrong-type", lambda e: (_train(e, "--config", _write(e["root"], "c1.yaml",
                                                                          "learning_rate: fast\n")), "learning_rate")),
     ("train-config-unknown-key", lambda e: (_train(e, "--config", _write(e["root"], "c2.yaml", "speed: 3\n")),
@@ -346,6 +349,9 @@ CASES = [
     ("serve-port-negative", lambda e: (["serve", "--model", e["base"], "--port", "-1"], "--port")),
     ("serve-max-tokens-zero", lambda e: (["serve", "--model", e["base"], "--max-tokens", "0"], "--max-tokens")),
     ("serve-temp-nan", lambda e: (["serve", "--model", e["base"], "--temp", "nan"], "--temp")),
+    ("serve-max-body-negative", lambda e: (["serve", "--model", e["base"], "--max-body", "-1"], "--max-body")),
+    ("serve-decode-concurrency-zero", lambda e: (["serve", "--model", e["base"], "--decode-concurrency", "0"],
+                                                 "--decode-concurrency")),
     ("serve-context-zero", lambda e: (["serve", "--model", e["base"], "--context-length", "0"], "--context-length")),
     # ---------------------------------------------------------------- export-peft / import-peft / inspect
     ("export-out-exists", lambda e: (["export-peft", e["pfile"], str(e["root"] / "full")], "full")),
@@ -379,6 +385,8 @@ CASES = [
     ("demo-out-is-file", lambda e: (["demo", "--quick", "--out", str(e["root"] / "afile")], "afile")),
     ("demo-world-missing", lambda e: (["demo", "--quick", "--out", str(e["root"] / "d1"), "--world",
                                        str(e["root"] / "no-world")], "no-world")),
+    ("demo-chat-max-tokens", lambda e: (["demo", "--chat", "--max-tokens", "0", "--out", str(e["root"] / "d3")],
+                                        "--max-tokens")),
     ("demo-seed-negative", lambda e: (["demo", "--quick", "--out", str(e["root"] / "d2"), "--seed", "-3"], "--seed")),
 ]
 

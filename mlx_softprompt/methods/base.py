@@ -32,6 +32,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from .. import prompt_file
+from .. import checks
 from ..errors import UserError
 
 
@@ -87,13 +88,9 @@ def _coerce(f: dataclasses.Field, v, where: str):
                 raise ValueError
             return v
         if kind is int:
-            if isinstance(v, bool) or (isinstance(v, float) and v != int(v)):
-                raise ValueError
-            return int(v)
+            return checks.number(v, where, integer=True)  # finite, whole: the one policy
         if kind is float:
-            if isinstance(v, bool):
-                raise ValueError
-            return float(v)
+            return float(checks.number(v, where))
         if kind is list:
             if isinstance(v, str):
                 return [s.strip() for s in v.split(",") if s.strip()]
