@@ -88,9 +88,14 @@ def _coerce(f: dataclasses.Field, v, where: str):
                 raise ValueError
             return v
         if kind is int:
-            return checks.number(v, where, integer=True)  # finite, whole: the one policy
+            if isinstance(v, bool) or (isinstance(v, float) and (v != v or v in (float("inf"), float("-inf"))
+                                                                 or v != int(v))):
+                raise ValueError
+            return int(v)
         if kind is float:
-            return float(checks.number(v, where))
+            if isinstance(v, bool):
+                raise ValueError
+            return checks.number(float(v), where)  # finite: NaN would train NaN silently
         if kind is list:
             if isinstance(v, str):
                 return [s.strip() for s in v.split(",") if s.strip()]
