@@ -621,7 +621,7 @@ def iterate_batches(rows: List[Row], args: TrainArgs, topk_k: int, start: int = 
     plugs into `loop` in its place.
     """
     order = batching.Order([r.length(args.max_seq_length) for r in rows], args.batch_size, args.seed,
-                           args.grad_accum)
+                           args.grad_accum, records=[r.prompt_index for r in rows])
     m = start
     while True:
         idx = order.batch(m)

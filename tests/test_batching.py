@@ -67,3 +67,19 @@ def test_collate_pads_a_bucketed_batch_only_to_the_next_multiple():
     batch, toks = train.collate(rows, 1024)
     assert batch["inputs"].shape == (4, 24)  # the longest row: 25 tokens, 24 input positions (a multiple of 8)
     assert toks == sum(3 + t for t in (20, 21, 22, 22))
+
+
+def test_rows_of_one_record_share_a_batch():
+    """A record's refusal and response rows stay together (else per-batch normalisation reweights them)."""
+    rng = np.random.default_rng(0)
+    n_rec = 40
+    records = np.repeat(np.arange(n_rec), 2)
+    lengths = np.stack([rng.integers(20, 40, n_rec), rng.integers(60, 300, n_rec)], 1).ravel()  # short r, long y
+    order = batching.Order(lengths.tolist(), 8, seed=1, records=records.tolist())
+    for m in range(order.per_epoch * 2):
+        idx = order.batch(m)
+        ids, counts = np.unique(records[idx], return_counts=True)
+        assert (counts == 2).all(), (m, records[idx])
+    # without records, sorting by length separates them: the test would notice the old behaviour
+    plain = batching.Order(lengths.tolist(), 8, seed=1)
+    assert any((np.unique(records[plain.batch(m)], return_counts=True)[1] == 1).any() for m in range(plain.per_epoch))
