@@ -60,8 +60,9 @@ class Order:
         ids = np.arange(len(self.lengths)) if records is None else np.asarray(records)
         if len(ids) != len(self.lengths):
             raise ValueError("records must give one id per row")
-        _, self.record = np.unique(ids, return_inverse=True)
-        longest = np.zeros(int(self.record.max()) + 1 if len(ids) else 0, np.int64)
+        uniq, self.record = np.unique(ids, return_inverse=True)
+        self.records = len(uniq)
+        longest = np.zeros(self.records, np.int64)
         np.maximum.at(longest, self.record, self.lengths)
         self.record_length = longest[self.record]
         self.n, self.bs, self.seed, self.accum = len(self.lengths), int(batch_size), int(seed), int(accum)
@@ -86,7 +87,7 @@ class Order:
         # a record ranks where its first row falls in the permutation; its rows follow each other
         rank = np.empty(self.n, np.int64)
         rank[perm] = np.arange(self.n)
-        first = np.full(int(self.record.max()) + 1 if self.n else 0, self.n, np.int64)
+        first = np.full(self.records, self.n, np.int64)
         np.minimum.at(first, self.record, rank)
         perm = np.lexsort((rank, first[self.record]))[: self.groups * group]
         ordered = perm[np.argsort(self.record_length[perm], kind="stable")]
