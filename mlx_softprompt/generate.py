@@ -50,16 +50,17 @@ class Completion:
 
 
 def chat_ids(tokenizer, messages, system: Optional[str] = None) -> List[int]:
-    """Token ids of a conversation with the chat template and generation prompt applied."""
+    """Token ids of a conversation with the chat template and generation prompt applied.
+
+    Control tokens come only from the template: a message's text that reads like one
+    (``<|eot_id|>``, ...) stays text (see chat_template)."""
+    from .chat_template import builder
+
     if isinstance(messages, str):
         messages = [{"role": "user", "content": messages}]
     if system:
         messages = [{"role": "system", "content": system}] + list(messages)
-    if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)  # transformers 5: BatchEncoding
-    text = "\n".join(m["content"] for m in messages)
-    return list(tokenizer.encode(text))
+    return builder(tokenizer).chat_prompt(list(messages))
 
 
 def copy_cache(cache):

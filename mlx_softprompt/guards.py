@@ -50,6 +50,7 @@ import numpy as np
 
 from . import checks
 from .errors import UserError
+from .chat_template import builder
 
 MODES = ("input", "output")
 PREFER = ("model", "spec")  # which template renders the prompt when the guard ships its own
@@ -800,7 +801,10 @@ class Guard:
 
     def prompt_ids(self, messages: Sequence[dict], mode: str, categories: Optional[List[Category]] = None) -> List[int]:
         """Token ids up to the decision position (or up to where the guard starts its greedy answer)."""
-        ids = self.encode(self.render(messages, mode, categories) + self.spec.prefix(mode))
+        # a message's control-token text stays text: only the guard's template yields control tokens
+        ids = builder(self.tokenizer).rendered_prompt(
+            list(messages), lambda m: self.render(m, mode, categories), self.spec.prefix(mode),
+            what=f"guard {self.spec.id}'s template")
         if mode in self.spec.read_after:
             return ids
         _, _, drop, tail, glue = self.label_ids[mode]

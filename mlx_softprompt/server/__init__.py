@@ -25,7 +25,7 @@ from .api import ApiError
 from .engine import Engine, EngineConfig, Job
 from . import http
 from .http import Handler, Policy, Server, Watchdog, new_id
-from .template import PromptBuilder, hf_tokenizer
+from ..chat_template import ControlTokenError, builder, hf_tokenizer
 
 __all__ = ["ServerConfig", "App", "ApiError", "make_server", "serve"]
 
@@ -92,7 +92,7 @@ class App:
             self.aliases |= {cfg.model_path, str(p.resolve()), p.resolve().name}
         self.prefix = _prefix_length(system.cache)
         self.context_length = int(cfg.context_length or _context_length(system.config) or 4096)
-        self.prompts = PromptBuilder(system.tokenizer)
+        self.prompts = builder(system.tokenizer)
         self.longest_token = _longest_token(system.tokenizer)
         self.vocab_size = len(hf_tokenizer(system.tokenizer))
         pfile = getattr(system, "prompt_file", None)
@@ -141,7 +141,12 @@ class App:
             messages = req.messages if req.kind == "chat" else [{"role": "user", "content": req.prompt}]
             if self.system_prompt:
                 messages = [{"role": "system", "content": self.system_prompt}] + list(messages)
-            ids = self.prompts.chat_prompt(messages)
+            try:
+                ids = self.prompts.chat_prompt(messages)
+            except ControlTokenError as e:  # named as the client sent it (no system prompt of ours)
+                where = f"messages[{e.index - bool(self.system_prompt)}].content" if req.kind == "chat" else "prompt"
+                raise ApiError(400, f"{where} contains the control token {e.token!r}, and {e.what} cannot be "
+                                    "rendered with it kept as plain text; remove it", where) from None
         else:
             ids = self.prompts.text_prompt(req.prompt)
         if not ids:

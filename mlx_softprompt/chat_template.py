@@ -16,16 +16,31 @@ becomes ordinary text tokens. Conversations without any control-token text
 take the model's own ``apply_chat_template`` unchanged (the same ids).
 
 If a template treats contents in a way the cut cannot follow (it branches on
-the content, say), a conversation with control-token text is refused with a
-400 naming the message, never passed through.
+the content, say), a conversation with control-token text is refused
+(`ControlTokenError`, naming the message), never passed through.
+
+Every place that turns a conversation into ids goes through here: `generate`,
+`chat`, `eval`, `teach`, the server, and the guards' prompts (whose render is
+the guard's own template), so the ids a soft prompt is trained on are the ids
+it is served with.
 """
 
 import re
 import secrets
 import threading
-from typing import List, Optional, Sequence
+import weakref
+from typing import Callable, List, Optional, Sequence
 
-from .api import ApiError
+from .errors import UserError
+
+
+class ControlTokenError(UserError):
+    """A message has control-token text and the template cannot be cut to keep it as text."""
+
+    def __init__(self, index: int, token: str, what: str):
+        super().__init__(f"messages[{index}].content contains the control token {token!r}, and {what} cannot be "
+                         "rendered with it kept as plain text; remove it")
+        self.index, self.token, self.what = index, token, what
 
 
 def hf_tokenizer(tokenizer):
@@ -103,12 +118,14 @@ class PromptBuilder:
             return self._ids(list(messages))
         return self._segmented(messages, hits)
 
-    def pieces(self, messages: Sequence[dict]) -> List[tuple]:
-        """[(kind, text)] with kind "template" or "content", in order, joining to the real render."""
-        real = self._render(list(messages))
+    def pieces(self, messages: Sequence[dict], render: Optional[Callable] = None) -> List[tuple]:
+        """[(kind, text)] with kind "template" or "content", in order, joining to the real render
+        (`render(messages) -> str`; the chat template by default); None if the cut fails."""
+        render = render or self._render
+        real = render(list(messages))
         nonce = secrets.token_hex(6)
         marks = [f"MSP{nonce}X{i}X" for i in range(len(messages))]
-        ph_render = self._render([dict(m, content=mark) for m, mark in zip(messages, marks)])
+        ph_render = render([dict(m, content=mark) for m, mark in zip(messages, marks)])
         parts = re.split(f"MSP{nonce}X([0-9]+)X", ph_render)
         template, order = parts[0::2], [int(k) for k in parts[1::2]]
         if not real.startswith(template[0]):
@@ -136,13 +153,20 @@ class PromptBuilder:
             return None
         return out
 
-    def _segmented(self, messages, hits) -> List[int]:
-        pieces = self.pieces(messages)
+    def rendered_prompt(self, messages: Sequence[dict], render: Callable, suffix: str = "",
+                        what: str = "this model's chat template") -> List[int]:
+        """Ids of `render(messages) + suffix` (another template, a guard's), by the same rule."""
+        with self._lock:
+            hits = [(i, self.contains_control(m["content"])) for i, m in enumerate(messages)]
+            hits = [(i, c) for i, c in hits if c]
+            if not hits:
+                return list(self.hf.encode(render(list(messages)) + suffix, add_special_tokens=False))
+            return self._segmented(messages, hits, lambda m: render(m) + suffix, what)
+
+    def _segmented(self, messages, hits, render=None, what: str = "this model's chat template") -> List[int]:
+        pieces = self.pieces(messages, render)
         if pieces is None:
-            i, c = hits[0]
-            raise ApiError(400, f"messages[{i}].content contains the control token {c!r}, and this model's chat "
-                                "template cannot be rendered with it kept as plain text; remove it",
-                           f"messages[{i}].content")
+            return self._marked(messages, hits, render or self._render, what)
         # control tokens from the template's pieces only; all other text is encoded as text
         ids, text = [], []
         for kind, piece in pieces:
@@ -159,3 +183,51 @@ class PromptBuilder:
             text.append(piece[pos:])
         ids += self._text_ids("".join(text))
         return ids
+
+    def _marked(self, messages, hits, render, what: str) -> List[int]:
+        """Fallback for templates the cut cannot follow (they transform or branch on contents):
+        wrap each control-token text of the messages in private-use markers, render, and
+        encode marked text as text (transformers' ``sanitize_control_tokens`` does the same)."""
+        start, end = MARK_START, MARK_END
+        marked = [dict(m, content=self._control_re.sub(lambda t: start + t.group(0) + end,
+                                                        m["content"].replace(start, "").replace(end, "")))
+                  for m in messages]
+        text = render(marked)
+        parts = re.split(f"{start}(.*?){end}", text)
+        outside = parts[0::2]
+        # the template's own control tokens: those of a render whose contents have none
+        plain = render([dict(m, content=self._control_re.sub("", m["content"])) for m in messages])
+        own = len(self._control_re.findall(plain))
+        if any(start in p or end in p for p in outside) or \
+                sum(len(self._control_re.findall(p)) for p in outside) != own:
+            i, c = hits[0]  # the template split or escaped a marker: no safe reading
+            raise ControlTokenError(i, c, what)
+        ids = []
+        for k, piece in enumerate(parts):
+            if k % 2:
+                ids += self._text_ids(piece)
+            elif piece:
+                ids += list(self.hf.encode(piece, add_special_tokens=False))
+        return ids
+
+
+# private-use code points, as transformers' mark_control_tokens uses
+MARK_START, MARK_END = "\U000f0000", "\U000f0001"
+
+_builders: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_builders_lock = threading.Lock()
+
+
+def builder(tokenizer) -> PromptBuilder:
+    """The PromptBuilder of `tokenizer` (made once per tokenizer)."""
+    hf = hf_tokenizer(tokenizer)
+    with _builders_lock:
+        try:
+            return _builders[hf]
+        except (KeyError, TypeError):
+            pb = PromptBuilder(tokenizer)
+            try:
+                _builders[hf] = pb
+            except TypeError:  # not weak-referenceable: build each time
+                pass
+            return pb
