@@ -14,6 +14,12 @@ token_dim] (the key PEFT's ``get_peft_model_state_dict`` writes for prompt
 learning). Our own metadata (base fingerprint, objective, ...) rides along in
 the safetensors header under ``mlx_softprompt.*`` keys, which PEFT ignores, so
 an import can check the adapter belongs to the base it is given.
+
+Prefix tuning maps to PEFT's ``PREFIX_TUNING`` (without ``prefix_projection``):
+PEFT's ``prompt_embeddings`` [n, layers * 2 * kv heads * head dim] is, per
+virtual token, layer 0's key, layer 0's value, layer 1's key, ..., each
+[kv heads, head dim]: exactly our per-layer keys/values [kv heads, n, head dim],
+which PEFT places in the cache as they are (no embedding scale, no RoPE applied).
 """
 
 import base64
@@ -106,20 +112,81 @@ def base_model_of(pf, given: Optional[str] = None) -> str:
                     "Hugging Face model it belongs to (hub id or directory)")
 
 
+def prefix_adapter_config(num_virtual_tokens: int, num_layers: int, kv_heads: int, head_dim: int,
+                          base_model_name: Optional[str] = None) -> dict:
+    """The adapter_config.json PEFT writes for a causal-LM prefix-tuning adapter (no projection).
+
+    token_dim and num_attention_heads are the key/value sizes, as PEFT sets them for
+    grouped-query attention."""
+    token_dim = int(kv_heads) * int(head_dim)
+    return {
+        "auto_mapping": None,
+        "base_model_name_or_path": base_model_name,
+        "encoder_hidden_size": token_dim,
+        "inference_mode": True,
+        "init_weights": None,
+        "modules_to_save": None,
+        "num_attention_heads": int(kv_heads),
+        "num_layers": int(num_layers),
+        "num_transformer_submodules": 1,
+        "num_virtual_tokens": int(num_virtual_tokens),
+        "peft_type": "PREFIX_TUNING",
+        "prefix_projection": False,
+        "revision": None,
+        "task_type": "CAUSAL_LM",
+        "token_dim": token_dim,
+    }
+
+
+def prefix_to_peft(layers: dict) -> mx.array:
+    """Our {layer: {keys, values}} ([H, n, hd] each) as PEFT's prompt_embeddings [n, 2L * H * hd]."""
+    rows = []
+    for l in range(len(layers)):
+        for kind in ("keys", "values"):
+            rows.append(layers[str(l)][kind].astype(mx.float32).transpose(1, 0, 2))  # [n, H, hd]
+    n, H, hd = rows[0].shape
+    return mx.stack(rows, axis=1).reshape(n, len(rows) * H * hd)
+
+
+def prefix_from_peft(weight: mx.array, num_layers: int, kv_heads: int) -> dict:
+    """The inverse of prefix_to_peft."""
+    n = weight.shape[0]
+    a = weight.reshape(n, num_layers, 2, kv_heads, -1).transpose(1, 2, 3, 0, 4)  # [L, 2, H, n, hd]
+    return {str(l): {"keys": a[l, 0], "values": a[l, 1]} for l in range(num_layers)}
+
+
+def _prefix_layers(pf) -> dict:
+    layers = {}
+    for key, value in pf.tensors.items():
+        parts = key.split(".")
+        if len(parts) == 3 and parts[0] == "prefix" and parts[1].isdigit() and parts[2] in ("keys", "values"):
+            layers.setdefault(parts[1], {})[parts[2]] = value
+    if not layers or sorted(layers, key=int) != [str(i) for i in range(len(layers))] or \
+            any(set(v) != {"keys", "values"} or any(t.ndim != 3 for t in v.values()) for v in layers.values()):
+        raise UserError(f"{pf.path}: malformed prefix tensors (expected prefix.<layer>.keys/values)")
+    return layers
+
+
 def export_peft(path, out_dir, base_model_name: Optional[str] = None) -> Path:
-    """Write the soft prompt in `path` as a PEFT prompt-tuning adapter directory `out_dir`."""
+    """Write the soft prompt (or prefix) in `path` as a PEFT prompt-tuning (prefix-tuning) adapter `out_dir`."""
     pf = prompt_file.load(path)
-    if pf.method != "softprompt":
-        raise UserError(f"{path}: a {pf.method!r} file, not a soft prompt; only soft prompts export to PEFT")
+    if pf.method not in ("softprompt", "prefix"):
+        raise UserError(f"{path}: a {pf.method!r} file; only soft prompts and prefix tuning export to PEFT")
     base_model_name = base_model_of(pf, base_model_name)
-    P = pf.prompt
-    n, d = P.shape
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"{out_dir}: exists and is not a directory")
-    num_layers, num_heads = _base_shape(base_model_name)
-    config = adapter_config(n, d, base_model_name, num_layers, num_heads)
-    scale = peft_scale(pf.metadata.get("base_architecture", "?"), d)
+    if pf.method == "prefix":
+        layers = _prefix_layers(pf)
+        H, n, hd = layers["0"]["keys"].shape
+        config = prefix_adapter_config(n, len(layers), H, hd, base_model_name)
+        P, scale = prefix_to_peft(layers), 1.0
+    else:
+        P = pf.prompt
+        n, d = P.shape
+        num_layers, num_heads = _base_shape(base_model_name)
+        config = adapter_config(n, d, base_model_name, num_layers, num_heads)
+        scale = peft_scale(pf.metadata.get("base_architecture", "?"), d)
 
     meta = {"format": "pt"}  # what PEFT/transformers write for torch tensors
     meta.update({META_PREFIX + k: v for k, v in pf.metadata.items()})
@@ -144,8 +211,13 @@ def _read_config(adapter_dir: Path) -> dict:
         raise UserError(f"{adapter_dir}: no {CONFIG_NAME} (not a PEFT adapter directory)")
     config = read_json_object(path)
     peft_type = config.get("peft_type")
-    if peft_type != "PROMPT_TUNING":
-        raise UserError(f"{path}: peft_type is {peft_type!r}; only PROMPT_TUNING adapters hold a soft prompt")
+    if peft_type not in ("PROMPT_TUNING", "PREFIX_TUNING"):
+        raise UserError(f"{path}: peft_type is {peft_type!r}; only PROMPT_TUNING (a soft prompt) and "
+                        "PREFIX_TUNING adapters are read")
+    if peft_type == "PREFIX_TUNING":
+        for key in ("num_layers", "num_attention_heads"):
+            if not isinstance(config.get(key), int) or config[key] <= 0:
+                raise UserError(f"{path}: field {key!r} must be a positive integer (got {config.get(key)!r})")
     if config.get("task_type", "CAUSAL_LM") != "CAUSAL_LM":
         raise UserError(f"{path}: task_type is {config.get('task_type')!r}; only CAUSAL_LM is supported")
     if int(config.get("num_transformer_submodules") or 1) != 1:
@@ -172,9 +244,13 @@ def _read_weights(adapter_dir: Path, config: dict):
     if P is None:
         raise UserError(f"{path}: no tensor {TENSOR_KEY!r} (found {', '.join(sorted(tensors)) or 'none'})")
     n, d = config["num_virtual_tokens"], config["token_dim"]
+    if config["peft_type"] == "PREFIX_TUNING":  # [n, layers * 2 * token_dim] (what PEFT saves, projected or not)
+        d = config["num_layers"] * 2 * d
     if tuple(P.shape) != (n, d):
-        raise UserError(f"{path}: tensor {TENSOR_KEY!r} has shape {list(P.shape)}, but {CONFIG_NAME} says "
-                        f"num_virtual_tokens={n}, token_dim={d}")
+        says = f"num_virtual_tokens={n}, token_dim={config['token_dim']}"
+        if config["peft_type"] == "PREFIX_TUNING":
+            says += f", num_layers={config['num_layers']} (so [{n}, {d}])"
+        raise UserError(f"{path}: tensor {TENSOR_KEY!r} has shape {list(P.shape)}, but {CONFIG_NAME} says {says}")
     P = P.astype(mx.float32)
     if not bool(mx.all(mx.isfinite(P)).item()):
         raise UserError(f"{path}: {TENSOR_KEY!r} holds NaN or infinite values")
@@ -213,8 +289,22 @@ def import_peft(adapter_dir, out, model: str) -> Path:
 
     base, _, base_config = models.load(model)
     hidden = models.hidden_size(base)
+    if config["peft_type"] == "PREFIX_TUNING":
+        return _import_prefix(adapter_dir, out, config, P, meta, base, base_config, model)
     if P.shape[1] != hidden:
         raise UserError(f"{adapter_dir}: token_dim {P.shape[1]} does not match the hidden size {hidden} of {model}")
+    _check_fingerprint(adapter_dir, meta, base, base_config)
+    scale = peft_scale(str(base_config.get("model_type", "?")), hidden)
+    if scale != 1.0:
+        P = P / scale
+    carried = _carried(meta, config)
+    if META_PREFIX + "method_options" in meta and meta.get(META_PREFIX + "method", "softprompt") == "softprompt":
+        carried["method_options"] = meta[META_PREFIX + "method_options"]
+    carried["method"] = "softprompt"
+    return prompt_file.save(out, {"soft_prompt": P}, base, base_config, **carried)
+
+
+def _check_fingerprint(adapter_dir, meta, base, base_config) -> None:
     ours = _exported_fingerprint(meta)
     if ours is not None:
         theirs = models.fingerprint(base, base_config)
@@ -223,13 +313,26 @@ def import_peft(adapter_dir, out, model: str) -> Path:
             raise UserError(f"{adapter_dir}: exported for base {models.short(ours)}, but the model given "
                             f"({models.short(theirs)}) is not that base or a quantized copy: {why}")
 
-    scale = peft_scale(str(base_config.get("model_type", "?")), hidden)
-    if scale != 1.0:
-        P = P / scale
+
+def _carried(meta: dict, config: dict) -> dict:
+    """Our metadata an export carried (minus what is the new file's own), and PEFT's base name."""
     carried = {k[len(META_PREFIX):]: v for k, v in meta.items()
                if k.startswith(META_PREFIX) and k not in (SKETCH_META, META_PREFIX + "peft_scale")}
-    carried = {k: v for k, v in carried.items() if k not in _OWN_KEYS}
-    carried["method"] = "softprompt"
+    carried = {k: v for k, v in carried.items() if k not in _OWN_KEYS | {"method", "method_options"}}
     if config.get("base_model_name_or_path"):
         carried.setdefault("peft_base_model", str(config["base_model_name_or_path"]))
-    return prompt_file.save(out, {"soft_prompt": P}, base, base_config, **carried)
+    return carried
+
+
+def _import_prefix(adapter_dir, out, config, weight, meta, base, base_config, model) -> Path:
+    """A PEFT PREFIX_TUNING adapter as a prefix-tuning method file for `base`."""
+    from . import methods
+
+    _check_fingerprint(adapter_dir, meta, base, base_config)
+    layers = prefix_from_peft(weight, config["num_layers"], config["num_attention_heads"])
+    method = methods.get("prefix", num_tokens=int(weight.shape[0]))
+    try:
+        method.check_params({"prefix": layers}, base, adapter_dir / CONFIG_NAME)
+    except UserError as e:
+        raise UserError(f"{adapter_dir}: does not fit {model}: {str(e).split(': ', 1)[-1]}") from None
+    return method.save(out, {"prefix": layers}, base, base_config, **_carried(meta, config))

@@ -355,10 +355,83 @@ def test_export_refusals(base, tmp_path, capsys):
     hf_dir, mlx_dir, model, tok, config = base("llama")
     steer = prompt_file.save(tmp_path / "s.safetensors", {"vector": mx.zeros((64,))}, model, config, method="steer-opt")
     code, _, err = _run(capsys, "export-peft", steer, tmp_path / "a")
-    assert code == 1 and "a 'steer-opt' file, not a soft prompt" in err and err.count("\n") == 1
+    assert code == 1 and "a 'steer-opt' file; only soft prompts and prefix tuning export" in err and err.count("\n") == 1
     # a base whose embedding scaling we have not checked against transformers
     odd = prompt_file.save(tmp_path / "o.safetensors", {"soft_prompt": mx.zeros((2, 64))}, model,
                            dict(config, model_type="gemma3n"))
     code, _, err = _run(capsys, "export-peft", odd, tmp_path / "b", "--model", "org/x")
     assert code == 1 and "not verified for model_type 'gemma3n'" in err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+# ---------------------------------------------------------------- prefix tuning <-> PEFT PREFIX_TUNING
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_prefix_tuning_exports_to_and_imports_from_peft(base, tmp_path, arch):
+    """A prefix file exports as a PREFIX_TUNING adapter that PeftModel loads with our logits; one made by
+    peft itself imports with its logits; the round trip is exact."""
+    from peft import PeftModel, PrefixTuningConfig, get_peft_model
+
+    from mlx_softprompt import methods
+
+    hf_dir, mlx_dir, model, tok, config = base(arch)
+    m = methods.get("prefix", num_tokens=5, init="random")
+    params = m.init(model, tok, 3)
+    pf = m.save(tmp_path / "prefix.safetensors", params, model, config, objective="tv")
+    ids = chat_ids(tok, TEXT)
+    ours = np.array(m.logits(model, params, mx.array([ids]))[0])
+
+    adapter = export_peft(pf, tmp_path / "ours", base_model_name=hf_dir)
+    reloaded = PeftModel.from_pretrained(_hf(hf_dir), adapter).eval()
+    assert np.abs(ours - _peft_logits(reloaded, ids)).max() <= ATOL
+
+    # the config has peft's own fields and values
+    torch.manual_seed(0)
+    made = get_peft_model(_hf(hf_dir), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5))
+    made.save_pretrained(tmp_path / "theirs")
+    theirs_cfg = json.loads((tmp_path / "theirs" / CONFIG_NAME).read_text())
+    ours_cfg = json.loads((adapter / CONFIG_NAME).read_text())
+    assert set(ours_cfg) == set(theirs_cfg) - {"peft_version"}
+    for key in ("peft_type", "task_type", "num_virtual_tokens", "token_dim", "num_transformer_submodules",
+                "num_layers", "num_attention_heads", "encoder_hidden_size", "prefix_projection"):
+        assert ours_cfg[key] == theirs_cfg[key], key
+
+    # peft's own adapter in MLX
+    out = import_peft(tmp_path / "theirs", tmp_path / "imported.safetensors", mlx_dir)
+    loaded = methods.load(out, model, config)
+    assert loaded.method.name == "prefix" and loaded.method.prefix_length(loaded.params) == 5
+    theirs = _peft_logits(PeftModel.from_pretrained(_hf(hf_dir), tmp_path / "theirs").eval(), ids)
+    assert np.abs(np.array(loaded.method.logits(model, loaded.params, mx.array([ids]))[0]) - theirs).max() <= ATOL
+
+    # our export read back: the same tensors, the metadata carried
+    back = methods.load(import_peft(adapter, tmp_path / "back.safetensors", mlx_dir), model, config)
+    for l, kv in params["prefix"].items():
+        for kind in ("keys", "values"):
+            assert mx.array_equal(back.params["prefix"][l][kind], kv[kind])
+    assert back.file.metadata["objective"] == "tv"
+
+
+def test_prefix_adapter_for_another_base_is_refused(base, tmp_path, capsys):
+    """A PREFIX_TUNING adapter whose layers or heads do not fit the base: one line naming the adapter."""
+    from peft import PrefixTuningConfig, get_peft_model
+
+    hf_dir, mlx_dir, *_ = base("llama")
+    made = get_peft_model(_hf(hf_dir), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    made.save_pretrained(tmp_path / "a")
+    capsys.readouterr()
+    cfg = json.loads((tmp_path / "a" / CONFIG_NAME).read_text())
+    # one layer more than the base, with a tensor that agrees with the config
+    from safetensors.numpy import save_file
+
+    cfg["num_layers"] += 1
+    (tmp_path / "a" / CONFIG_NAME).write_text(json.dumps(cfg))
+    save_file({TENSOR_KEY: np.zeros((3, 2 * cfg["num_layers"] * cfg["token_dim"]), np.float32)},
+              str(tmp_path / "a" / WEIGHTS_NAME))
+    code, out, err = _run(capsys, "import-peft", tmp_path / "a", tmp_path / "x.safetensors", "--model", mlx_dir)
+    assert code == 1 and len(err.strip().splitlines()) == 1 and str(tmp_path / "a") in err, err
+    assert "layers" in err and not (tmp_path / "x.safetensors").exists()
+    # and a tensor that disagrees with its own config is named with both shapes
+    save_file({TENSOR_KEY: np.zeros((3, 7), np.float32)}, str(tmp_path / "a" / WEIGHTS_NAME))
+    code, out, err = _run(capsys, "import-peft", tmp_path / "a", tmp_path / "x.safetensors", "--model", mlx_dir)
+    assert code == 1 and "[3, 7]" in err and len(err.strip().splitlines()) == 1
