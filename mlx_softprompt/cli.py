@@ -550,7 +550,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     try:
         app(args=argv, standalone_mode=False, prog_name="mlx-softprompt")
     except UserError as e:
-        typer.echo(f"error: {e}", err=True)
+        from .flags import explain
+
+        typer.echo(f"error: {explain(str(e))}", err=True)
         sys.exit(1)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)

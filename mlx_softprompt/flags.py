@@ -8,8 +8,9 @@ the old names (`base`, `text`, `system`) are accepted too; an unknown key or a v
 the wrong type is a one-line error naming the file and the key.
 """
 
+import re
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import typer
 from typer.core import TyperCommand, TyperOption
@@ -26,6 +27,19 @@ ALIASES: Dict[str, str] = {
 CONFIG_HELP = "YAML file of flag values (keys = flag names); flags on the command line win."
 # `config: Optional[Path] = CONFIG` in a command's signature gives it -c/--config
 CONFIG = typer.Option(None, "-c", "--config", help=CONFIG_HELP)
+
+
+# flag -> (config file, key) for the values the last parsed command took from its -c file, so that
+# a check made later in the command ("--max-tokens must be >= 1") can also name where the value came from
+FROM_CONFIG: Dict[str, Tuple[Path, str]] = {}
+
+
+def explain(message: str) -> str:
+    """`message` with the config file and key added for each flag in it whose value came from -c."""
+    hits = [(flag, src) for flag, src in FROM_CONFIG.items() if re.search(re.escape(flag) + r"(?![\w-])", message)]
+    if not hits:
+        return message
+    return message + " (" + "; ".join(f"{flag} was set by {path}: {key}" for flag, (path, key) in hits) + ")"
 
 
 def _key(name: str) -> str:
@@ -106,6 +120,7 @@ class Command(TyperCommand):
             if _key(new) in by_key and _key(old) not in by_key:
                 by_key[_key(old)] = by_key[_key(new)]
         values = {}
+        self._sources = {}
         for key, value in load_yaml(path).items():
             p = by_key.get(_key(str(key)))
             if p is None:
@@ -122,13 +137,23 @@ class Command(TyperCommand):
                     values[p.name] = p.type_cast_value(ctx, value)
             except typer.BadParameter as e:
                 raise UserError(f"{path}: {key}: {e.message}")
+            self._sources[p.name] = (path, str(key))
         return values
 
     def parse_args(self, ctx, args: List[str]) -> List[str]:
         args, path = self.rewrite(list(args))
+        FROM_CONFIG.clear()
+        self._sources = {}
         if path is not None and self.reads_config:
             ctx.default_map = {**(ctx.default_map or {}), **self.config_values(ctx, path)}
-        return super().parse_args(ctx, args)
+        rest = super().parse_args(ctx, args)
+        for p in self.params:
+            src = self._sources.get(p.name)
+            # typer may vendor its own click: compare the source by name
+            if src is not None and getattr(ctx.get_parameter_source(p.name), "name", "") == "DEFAULT_MAP":
+                for opt in p.opts:
+                    FROM_CONFIG[opt] = src
+        return rest
 
 
 class App(typer.Typer):

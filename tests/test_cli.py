@@ -90,6 +90,14 @@ def test_config_file_defaults_then_file_then_flags(system, capsys, tmp_path):
     assert code == 1 and "unknown key 'bogus'" in err and len(err.strip().splitlines()) == 1
     code, out, err = run_cli(capsys, "generate", "-c", str(tmp_path / "missing.yaml"), "-p", "hi")
     assert code == 1 and "no such config file" in err
+    # a value of the right type that a later check refuses: the error names the file and key too
+    cfg.write_text(f"model: {base}\nmax_tokens: 0\n")
+    code, out, err = run_cli(capsys, "generate", "-c", str(cfg), "-p", "hi")
+    assert code == 1 and len(err.strip().splitlines()) == 1, err
+    assert "--max-tokens" in err and f"--max-tokens was set by {cfg}: max_tokens" in err, err
+    # given on the command line, the same value is the flag's alone
+    code, out, err = run_cli(capsys, "generate", "-c", str(cfg), "-p", "hi", "--max-tokens", "-3")
+    assert code == 1 and "--max-tokens" in err and str(cfg) not in err, err
 
 
 def test_train_config_accepts_model_and_the_old_base_key(tmp_path, capsys):
