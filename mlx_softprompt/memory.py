@@ -23,6 +23,7 @@ rounding):
   a probe and keep the whole-logits path.
 """
 
+import copy
 from contextlib import contextmanager
 from typing import Callable, Optional
 
@@ -56,7 +57,6 @@ def _checkpointed(fn):
         kv = [(c.keys, c.values) for c in caches]
         args = [None if ("a", i) in slots else a for i, a in enumerate(args)]
         kwargs = {k: None if ("k", k) in slots else a for k, a in kwargs.items()}
-        offsets = [c.offset for c in caches]
         # The backward pass recomputes the block after the loss has returned, when a method's
         # `bind` has already put the base's own modules back (LoRA): recompute with these ones.
         structure = sorted(((name, m) for name, m in self.named_modules() if name), key=lambda x: x[0].count("."))
@@ -71,9 +71,9 @@ def _checkpointed(fn):
             try:
                 self.update(params)
                 args, kwargs = list(args), dict(kwargs)
-                for (where, i), (k, v), off in zip(slots, kv, offsets):
-                    c = shared_cls()
-                    c.keys, c.values, c.offset = k, v, off
+                for (where, i), (k, v), proto in zip(slots, kv, caches):
+                    c = copy.copy(proto)  # its class and state (offsets, a record cache's mask), these keys
+                    c.keys, c.values = k, v
                     if where == "a":
                         args[i] = c
                     else:

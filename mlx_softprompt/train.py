@@ -43,7 +43,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
-from . import batching, files, losses, memory, methods, models, reporting
+from . import batching, files, losses, memory, methods, models, record_prompt, reporting
 from . import checks
 from .errors import UserError
 from .progress import Bar
@@ -339,13 +339,17 @@ def is_val(prompt_index: int, seed: int, fraction: float) -> bool:
     return int.from_bytes(h[:8], "big") / 2.0**64 < fraction
 
 
-def collate(rows: List[Row], max_seq_length: int, topk_k: int = 0):
+def collate(rows: List[Row], max_seq_length: int, topk_k: int = 0, share_prompts: bool = False):
     """Right-padded arrays for a list of rows -> (batch dict, real token count).
 
     inputs[b, j] predicts targets[b, j]; mask marks the target tokens (r or y).
     With topk_k > 0 the soft rows' cached top-k teacher log-probs are laid out
     at their target positions (zeros elsewhere, masked or ignored).
+    share_prompts: the record layout instead (record_prompt.collate: each distinct
+    prompt once, the rows' continuations apart).
     """
+    if share_prompts:
+        return record_prompt.collate(rows, max_seq_length, topk_k)
     lens = [row.length(max_seq_length) - 1 for row in rows]
     L = batching.padded_length(max(lens), max_seq_length - 1)
     B = len(rows)
@@ -495,11 +499,11 @@ def _make_loss(model, method, objective: str, teacher_mode: str, loss_chunk: int
         return _chunked_loss(model, method, objective_fn, needs and teacher_mode == "online", needs, loss_chunk)
 
     def loss(params, batch):
-        logits = method.logits(model, params, batch["inputs"])
+        logits = student_outputs(model, method, params, batch)
         teacher = None
         if needs and teacher_mode == "online":
             # q_t: the base itself (outside bind), one extra forward, no gradient
-            teacher = losses.Teacher(logprobs=mx.stop_gradient(losses.log_softmax(model(batch["inputs"]))))
+            teacher = losses.Teacher(logprobs=mx.stop_gradient(losses.log_softmax(base_outputs(model, batch))))
         elif needs:
             teacher = losses.Teacher(topk_ids=batch["topk_ids"], topk_logprobs=batch["topk_logprobs"],
                                      tail_mass=batch["tail_mass"])
@@ -508,11 +512,25 @@ def _make_loss(model, method, objective: str, teacher_mode: str, loss_chunk: int
     return loss
 
 
+def student_outputs(model, method, params, batch) -> mx.array:
+    """The method's outputs at the batch's positions: plain rows, or the record layout (record_prompt)."""
+    if "prompts" in batch:
+        return record_prompt.forward(model, batch, method.training_prefix(model, params))
+    return method.logits(model, params, batch["inputs"])
+
+
+def base_outputs(model, batch) -> mx.array:
+    """The base's own outputs at the same positions (the online teacher)."""
+    if "prompts" in batch:
+        return record_prompt.forward(model, batch)
+    return model(batch["inputs"])
+
+
 def _chunked_loss(model, method, objective_fn, online: bool, needs: bool, chunk: int):
     def loss(params, batch):
         with memory.headless(model) as head:
-            hidden = method.logits(model, params, batch["inputs"])  # headless: the final hidden states
-            teacher_hidden = mx.stop_gradient(model(batch["inputs"])) if online else None
+            hidden = student_outputs(model, method, params, batch)  # headless: the final hidden states
+            teacher_hidden = mx.stop_gradient(base_outputs(model, batch)) if online else None
         teacher = None
         if needs and not online:
             teacher = losses.Teacher(topk_ids=batch["topk_ids"], topk_logprobs=batch["topk_logprobs"],
@@ -552,7 +570,7 @@ def make_step(model, loss, params, optimizer, grad_clip: float, world_size: int,
 
 
 def evaluate_rows(loss, params, rows: List[Row], args: TrainArgs, topk_k: int, rank: int = 0, size: int = 1,
-                  max_batches: int = -1) -> float:
+                  max_batches: int = -1, share_prompts: bool = False) -> float:
     """The objective (per weighted target token) over rows; each rank takes rows[rank::size] of each batch."""
     total, count = mx.array(0.0), mx.array(0.0)
     nb = -(-len(rows) // args.batch_size)
@@ -562,7 +580,7 @@ def evaluate_rows(loss, params, rows: List[Row], args: TrainArgs, topk_k: int, r
         share = rows[i * args.batch_size:(i + 1) * args.batch_size][rank::size]
         if not share:
             continue
-        batch, _ = collate(share, args.max_seq_length, topk_k)
+        batch, _ = collate(share, args.max_seq_length, topk_k, share_prompts)
         s, c = loss(params, batch)
         total, count = total + s, count + c
         mx.eval(total, count)
@@ -612,20 +630,21 @@ class Metrics:
             r.close()
 
 
-def iterate_batches(rows: List[Row], args: TrainArgs, topk_k: int, start: int = 0, rank: int = 0, size: int = 1):
+def iterate_batches(rows: List[Row], args: TrainArgs, topk_k: int, start: int = 0, rank: int = 0, size: int = 1,
+                    share_prompts: bool = False):
     """(batch, real token count) for global micro-batches start, start+1, ...: this rank's share.
 
     Rows are bucketed by length (batching.Order) and global micro-batch m is a
     function of (seed, m), so the data position is the number of micro-batches
     consumed and a resumed run sees the same batches. Another batching scheme
-    plugs into `loop` in its place.
+    plugs into `loop` in its place. share_prompts: the record layout (collate).
     """
     order = batching.Order([r.length(args.max_seq_length) for r in rows], args.batch_size, args.seed,
                            args.grad_accum, records=[r.prompt_index for r in rows])
     m = start
     while True:
         idx = order.batch(m)
-        yield collate([rows[i] for i in idx[rank::size]], args.max_seq_length, topk_k)
+        yield collate([rows[i] for i in idx[rank::size]], args.max_seq_length, topk_k, share_prompts)
         m += 1
 
 
@@ -672,7 +691,7 @@ def loop(params, optimizer, step, state, batches, args: TrainArgs, start: int = 
         for a in range(args.grad_accum):
             batch, toks = next(batches)
             n_tokens += toks
-            win_pad += [batch["inputs"].size, toks - batch["inputs"].shape[0]]  # a row of t tokens: t-1 positions
+            win_pad += record_prompt.positions(batch, toks)  # computed, real (a row of t tokens: t-1)
             out = step(batch, acc, a == args.grad_accum - 1)
             if a < args.grad_accum - 1:
                 acc = out
@@ -828,6 +847,12 @@ def train(args: TrainArgs, data: Optional[TeacherData] = None, model_bundle=None
     start = restore(args, params, optimizer, expect, rank, size, say)
     mx.eval(params, optimizer.state)
 
+    share = method.shares_record_prompt and record_prompt.supported(model)
+    if method.shares_record_prompt and not share:
+        say("note: shared_record_prompt: this model's layers do not take per-row offsets and masks on plain "
+            "KV caches (sliding window, recurrent state or own position handling); each row runs its prompt")
+    extra = {"share_prompts": True} if share else {}  # a custom iterate_batches need not know the option
+
     if args.loss_chunk and memory.head_of(model) is None:
         say(f"note: --loss-chunk {args.loss_chunk}: this model's logits are not head(hidden states) "
             "(final soft-capping or scaling); the loss runs over the whole logits")
@@ -858,7 +883,7 @@ def train(args: TrainArgs, data: Optional[TeacherData] = None, model_bundle=None
     def validate(at: int):
         if not val_rows:
             return None
-        return evaluate_rows(loss, params, val_rows, args, topk_k, rank, size, args.val_batches)
+        return evaluate_rows(loss, params, val_rows, args, topk_k, rank, size, args.val_batches, share)
 
     say(f"train: {args.method} x {args.objective} ({args.teacher_mode} teacher), {len(train_rows)} train rows / "
         f"{len(val_rows)} val rows from {len(data.records)} records, {per_epoch} batches per epoch, "
@@ -871,7 +896,7 @@ def train(args: TrainArgs, data: Optional[TeacherData] = None, model_bundle=None
         val_loss = validate(0)
         if val_loss is not None:
             both.on_val_loss_report(dict(step=0, val_loss=val_loss))
-    batches = iterate_batches(train_rows, args, topk_k, start * args.grad_accum, rank, size)
+    batches = iterate_batches(train_rows, args, topk_k, start * args.grad_accum, rank, size, **extra)
     out = loop(params, optimizer, step, state, batches, args, start, validate, checkpoint, both, size,
                tick=lambda: bar.update(1))
     bar.close()

@@ -15,6 +15,10 @@ Hooks a method provides:
   ([B, L] ids) -> [B, L, V], what training differentiates; the default runs
   the model inside ``bind`` (a soft prompt and prefix tuning run their prefix
   once per batch and share it across the rows instead);
+- ``shares_record_prompt`` / ``training_prefix(model, params)``: a method whose
+  change is a prefix of keys/values (soft prompt, prefix tuning) can train on
+  the record layout, where a record's prompt runs once for all its rows
+  (record_prompt.py);
 - ``prefix_cache(model, params)`` (and ``prefix_length``): for a method that does not depend on the
   conversation (soft prompt, prefix tuning) the key/value cache every request
   starts from, computed once; None for methods that change the weights or
@@ -161,6 +165,16 @@ class Method:
         """Student logits at the positions of `inputs` ([B, L] -> [B, L, V])."""
         with self.bind(model, params):
             return model(inputs)
+
+    @property
+    def shares_record_prompt(self) -> bool:
+        """Whether training runs a record's prompt once for its rows (record_prompt.py)."""
+        return False
+
+    def training_prefix(self, model, params):
+        """The per-layer (keys, values) [1, H, n, hd] this method puts before every prompt, for the
+        record layout (record_prompt.forward); only asked when `shares_record_prompt`."""
+        raise NotImplementedError
 
     # -- files
     def tensors(self, params) -> dict:

@@ -32,6 +32,8 @@ from .softprompt import check_init, shared_cache
 class PrefixOptions(Options):
     num_tokens: int = option(16, "Prefix length n (key/value pairs per layer).")
     init: str = option("vocab", 'Init: text:"..." or vocab (the keys/values of those tokens), or random.')
+    shared_record_prompt: bool = option(False, "Training: run each record's prompt once for its rows "
+                                               "(record_prompt.py; same loss as naive).")
 
     def check(self):
         if int(self.num_tokens) < 1:
@@ -69,7 +71,7 @@ class PrefixTuning(Method):
     name = "prefix"
     label = "prefix tuning"
     Options = PrefixOptions
-    shorthands = {"num_tokens": "num_tokens", "init": "init"}
+    shorthands = {"num_tokens": "num_tokens", "init": "init", "shared_record_prompt": "shared_record_prompt"}
 
     def init(self, model, tokenizer=None, seed: int = 0) -> dict:
         """Start from real activations (Li & Liang 2021): the keys/values of n tokens of
@@ -104,6 +106,13 @@ class PrefixTuning(Method):
 
     def logits(self, model, params, inputs: mx.array) -> mx.array:
         return model(inputs, cache=shared_cache(self._pairs(model, params), inputs.shape[0]))
+
+    @property
+    def shares_record_prompt(self) -> bool:
+        return bool(self.options.shared_record_prompt)
+
+    def training_prefix(self, model, params):
+        return self._pairs(model, params)
 
     def prefix_length(self, params) -> int:
         return int(params["prefix"]["0"]["keys"].shape[1])

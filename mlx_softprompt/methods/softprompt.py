@@ -23,6 +23,8 @@ class SoftPromptOptions(Options):
     num_tokens: int = option(16, "Soft-prompt length n (virtual tokens).")
     init: str = option("vocab", 'P init: text:"..." (its embedding rows), vocab (random rows) or random.')
     shared_prefix: bool = option(True, "Training: run P once per batch into shared KV caches (same loss as naive).")
+    shared_record_prompt: bool = option(False, "Training: run [P; x] once for the rows of a record "
+                                               "(record_prompt.py; same loss as naive).")
 
     def check(self):
         if int(self.num_tokens) < 1:
@@ -98,17 +100,22 @@ def supports_shared_prefix(model) -> bool:
     return all(type(c) is KVCache for c in make_prompt_cache(model))
 
 
-def shared_prefix_cache(model, prompt: mx.array, batch_size: int):
-    """P's keys/values, computed once (batch 1), broadcast to `batch_size` rows; None if unsupported."""
+def prefix_pairs(model, prompt: mx.array) -> list:
+    """P's per-layer (keys, values) [1, H, n, hd], computed once (differentiable in P)."""
     from mlx_lm.models.cache import make_prompt_cache
 
-    if not supports_shared_prefix(model):
-        return None
     cache = make_prompt_cache(model)
     n = prompt.shape[0]
     with models.injected(model, prompt):
         model(mx.full((1, n), models.PLACEHOLDER_ID, dtype=mx.int32), cache=cache)
-    return shared_cache([(c.keys[..., :n, :], c.values[..., :n, :]) for c in cache], batch_size)
+    return [(c.keys[..., :n, :], c.values[..., :n, :]) for c in cache]
+
+
+def shared_prefix_cache(model, prompt: mx.array, batch_size: int):
+    """P's keys/values, computed once (batch 1), broadcast to `batch_size` rows; None if unsupported."""
+    if not supports_shared_prefix(model):
+        return None
+    return shared_cache(prefix_pairs(model, prompt), batch_size)
 
 
 class SoftPrompt(Method):
@@ -122,7 +129,8 @@ class SoftPrompt(Method):
     name = "softprompt"
     label = "soft prompt"
     Options = SoftPromptOptions
-    shorthands = {"num_tokens": "num_tokens", "init": "init", "shared_prefix": "shared_prefix"}
+    shorthands = {"num_tokens": "num_tokens", "init": "init", "shared_prefix": "shared_prefix",
+                  "shared_record_prompt": "shared_record_prompt"}
 
     def init(self, model, tokenizer=None, seed: int = 0) -> dict:
         o = self.options
@@ -142,6 +150,13 @@ class SoftPrompt(Method):
         n = int(P.shape[0])
         with self.bind(model, params):
             return model(models.with_placeholders(inputs, n))[:, n:]
+
+    @property
+    def shares_record_prompt(self) -> bool:
+        return bool(self.options.shared_record_prompt)
+
+    def training_prefix(self, model, params):
+        return prefix_pairs(model, params["soft_prompt"])
 
     def prefix_length(self, params) -> int:
         return int(params["soft_prompt"].shape[0])
