@@ -711,7 +711,7 @@ def _windows(lines: list, key: str) -> list:
     return [x[key] for x in lines[1:]] or [x[key] for x in lines]
 
 
-def run_ours(base: Path, cache: Path, tmp: Path, tag: str, objective: str, s: Settings) -> dict:
+def run_ours(base: Path, cache: Path, tmp: Path, tag: str, objective: str, s: Settings, extra=()) -> dict:
     import subprocess
 
     out = tmp / f"{tag}.safetensors"
@@ -721,7 +721,7 @@ def run_ours(base: Path, cache: Path, tmp: Path, tag: str, objective: str, s: Se
             "--out", str(out), "--objective", objective, "--num-tokens", str(s.peer_num_tokens),
             "--batch-size", str(s.peer_batch), "--iters", str(s.peer_iters), "--steps-per-report",
             str(s.peer_report), "--val-split", "0", "--save-every", str(s.peer_iters), "--learning-rate", "1e-3",
-            "--max-seq-length", "1024"]
+            "--max-seq-length", "1024", *extra]
     t = time.perf_counter()
     subprocess.run(argv, check=True, capture_output=True, text=True)
     lines = [json.loads(x) for x in Path(str(out) + ".metrics.jsonl").read_text().splitlines()]
@@ -760,13 +760,14 @@ def part_peer(s: Settings, out: Out, res: dict, tmp: Path) -> None:
              f"as `text` rows; the demo base; batch {s.peer_batch}; {s.peer_iters} steps per run, tokens/s the median "
              f"of the {s.peer_report}-step report windows after the first (compiling); each tool's own figures; "
              f"{s.peer_repeats} runs each, interleaved)")
-    runs = {"ours-ce": [], "ours-tv": [], "lora": []}
+    runs = {"ours-ce": [], "ours-tv": [], "ours-tv-record": [], "lora": []}
     for i in range(s.peer_repeats):
         for name in rotated(list(runs), i):
             if name == "lora":
                 runs[name].append(run_mlx_lm_lora(base, mlx_data, tmp, s))
             else:
-                runs[name].append(run_ours(base, cache, tmp, name, name.split("-")[1], s))
+                extra = ["--shared-record-prompt"] if name.endswith("-record") else ["--no-shared-record-prompt"]
+                runs[name].append(run_ours(base, cache, tmp, name, name.split("-")[1], s, extra))
         out.done(case=f"peer run {i + 1}")
     lora = {"tokens_per_s": median([r["tokens_per_s"] for r in runs["lora"]]),
             "peak_bytes": int(median([r["peak_bytes"] for r in runs["lora"]]))}
@@ -776,6 +777,8 @@ def part_peer(s: Settings, out: Out, res: dict, tmp: Path) -> None:
     res["peer"] = {"data": info, "runs": runs, "rows": []}
     for name, label, what, obj in (("ours-ce", "mlx-softprompt train", f"soft prompt, n = {s.peer_num_tokens}", "ce"),
                                    ("ours-tv", "mlx-softprompt train", f"soft prompt, n = {s.peer_num_tokens}", "tv"),
+                                   ("ours-tv-record", "mlx-softprompt train --shared-record-prompt",
+                                    f"soft prompt, n = {s.peer_num_tokens}", "tv"),
                                    ("lora", "mlx_lm.lora", "LoRA rank 8, all layers", "ce")):
         tps = median([r["tokens_per_s"] for r in runs[name]])
         peak = int(median([r["peak_bytes"] for r in runs[name]]))
@@ -786,6 +789,15 @@ def part_peer(s: Settings, out: Out, res: dict, tmp: Path) -> None:
         res["peer"]["rows"].append(row)
         out.line(f"| {label} | {what} | {obj} | {tps:,.0f} | {'-' if pad is None else f'{pad:.1%}'} | "
                  f"{peak / 1e6:,.0f} | {row['speed_vs_lora']:.2f}x | {row['peak_vs_lora']:.2f}x |")
+    out.line()
+    rec, plain = runs["ours-tv-record"], runs["ours-tv"]
+    speed = median([r["tokens_per_s"] for r in rec]) / median([r["tokens_per_s"] for r in plain])
+    mem = median([r["peak_bytes"] for r in rec]) / median([r["peak_bytes"] for r in plain])
+    pairs = " / ".join(f"{a['tokens_per_s'] / b['tokens_per_s']:.2f}x" for a, b in zip(rec, plain))
+    res["peer"]["record_vs_plain"] = {"tokens_per_s": speed, "peak": mem}
+    out.line(f"The record's prompt shared (`--shared-record-prompt`, tv) against the plain tv step: "
+             f"**{speed:.2f}x** tokens/s, {mem:.2f}x peak memory (runs side by side: {pairs}); the padding "
+             "share of the record layout counts the prompts' and the continuations' padded positions.")
     out.line()
 
 

@@ -371,6 +371,9 @@ def train_(
     metrics: Optional[str] = typer.Option(None, "--metrics", help="Metrics JSONL (default: OUT.metrics.jsonl)."),
     shared_prefix: Optional[bool] = typer.Option(None, "--shared-prefix/--no-shared-prefix",
                                                  help="Run P once per batch into shared KV caches (default on)."),
+    shared_record_prompt: Optional[bool] = typer.Option(
+        None, "--shared-record-prompt/--no-shared-record-prompt",
+        help="softprompt/prefix: run a record's prompt once for its rows (tv/kl: 2 rows a record; default off)."),
     grad_checkpoint: Optional[bool] = typer.Option(None, "--grad-checkpoint/--no-grad-checkpoint",
                                                    help="Recompute activations in the backward pass: less memory, ~1 more forward."),
     loss_chunk: Optional[int] = typer.Option(None, "--loss-chunk", help="Compute the loss over N positions at a time "
@@ -400,6 +403,7 @@ def train_(
         max_seq_length=max_seq_length, val_split=val_split, val_every=val_every, val_batches=val_batches,
         save_every=save_every, seed=seed, teacher_mode=teacher_mode, hard_guard=hard_guard,
         steps_per_report=steps_per_report, metrics=metrics, shared_prefix=shared_prefix, resume=resume or None,
+        shared_record_prompt=shared_record_prompt,
         grad_checkpoint=grad_checkpoint, loss_chunk=loss_chunk,
         lora_rank=lora_rank, lora_layers=lora_layers, lora_keys=lora_keys, lora_scale=lora_scale,
         steer_layer=steer_layer, method_options=t.parse_mapping(method_options, "--method-options"),

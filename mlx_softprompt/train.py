@@ -445,6 +445,11 @@ def load_state(path, args: TrainArgs, expect: dict, say=None):
     if meta.get("format") != STATE_FORMAT:
         raise UserError(f"{path}: not an mlx-softprompt training-state file")
     saved = json.loads(meta.get("settings", "{}"))
+    if isinstance(saved.get("method_options"), dict) and saved.get("method") == args.method:
+        try:  # options added since the file was written take their defaults
+            saved["method_options"] = methods.options_from(args.method, saved["method_options"])
+        except UserError:
+            pass
     for k in RESUME_KEYS:
         if k == "iters" and k in saved and isinstance(saved[k], int) and args.iters > saved[k]:
             if say is not None:

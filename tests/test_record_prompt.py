@@ -129,3 +129,52 @@ def test_record_layout_and_padding_positions():
         t = int(np.array(shared["mask"])[b].sum())
         np.testing.assert_array_equal(np.array(shared["targets"])[b, :t], tgt[b][mask[b] > 0])
         np.testing.assert_array_equal(np.array(shared["topk_ids"])[b, :t], np.array(plain["topk_ids"])[b][mask[b] > 0])
+
+
+class _Stop(Exception):
+    pass
+
+
+class _StopAt(train.TrainingCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_loss_report(self, info):
+        if info["step"] == self.step:
+            raise _Stop
+
+
+def test_training_on_the_record_layout_resumes_bitwise(tiny_teacher, tmp_path):
+    """An interrupted run (after its step-3 checkpoint) resumed ends bitwise equal to an uninterrupted one;
+    the validation loss before training equals the plain path's; the metric line has the padding share."""
+    import json
+
+    from mlx_softprompt import prompt_file
+
+    base, cache = tiny_teacher
+    data, bundle = train.open_teacher(cache), models.load(base)
+
+    def args(out, **kw):
+        a = dict(base=base, teacher=cache, out=str(tmp_path / out), num_tokens=4, iters=6, batch_size=8,
+                 learning_rate=1e-2, val_split=0.25, val_every=3, save_every=3, steps_per_report=1,
+                 shared_record_prompt=True)
+        a.update(kw)
+        return train.make_args(None, **a)
+
+    quiet = lambda *a, **k: None  # noqa: E731
+    said = []
+    train.train(args("a.safetensors"), data, model_bundle=bundle, log=said.append)
+    assert not any("shared_record_prompt" in s for s in said)  # the llama base takes it
+    with pytest.raises(_Stop):
+        train.train(args("b.safetensors"), data, model_bundle=bundle, log=quiet, callback=_StopAt(5))
+    train.train(args("b.safetensors", resume=True), data, model_bundle=bundle, log=quiet)
+    a, b = (np.array(prompt_file.load(tmp_path / f"{x}.safetensors").prompt) for x in "ab")
+    np.testing.assert_array_equal(a, b)
+    train.train(args("plain.safetensors", shared_record_prompt=False), data, model_bundle=bundle, log=quiet)
+    lines = {x: [json.loads(s) for s in (tmp_path / f"{x}.safetensors.metrics.jsonl").read_text().splitlines()]
+             for x in ("a", "plain")}
+    v_rec, v_plain = (next(m["val_loss"] for m in lines[x] if m.get("step") == 0 and "val_loss" in m)
+                      for x in ("a", "plain"))
+    assert abs(v_rec - v_plain) <= 1e-5 * abs(v_plain)
+    shares = [m["padding_share"] for m in lines["a"] if "padding_share" in m]
+    assert len(shares) == 6 and all(0 <= s < 1 for s in shares)
