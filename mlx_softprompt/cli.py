@@ -373,7 +373,7 @@ def train_(
                                                  help="Run P once per batch into shared KV caches (default on)."),
     shared_record_prompt: Optional[bool] = typer.Option(
         None, "--shared-record-prompt/--no-shared-record-prompt",
-        help="softprompt/prefix: run a record's prompt once for its rows (tv/kl: 2 rows a record; default off)."),
+        help="softprompt/prefix: run a prompt once for all its rows (tv/kl: 2 rows a record; default on)."),
     grad_checkpoint: Optional[bool] = typer.Option(None, "--grad-checkpoint/--no-grad-checkpoint",
                                                    help="Recompute activations in the backward pass: less memory, ~1 more forward."),
     loss_chunk: Optional[int] = typer.Option(None, "--loss-chunk", help="Compute the loss over N positions at a time "

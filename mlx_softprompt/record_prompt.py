@@ -37,6 +37,12 @@ from . import batching
 
 ATTR = "_mlx_softprompt_record_prompt"  # the probe's verdict, kept on the model object
 
+# Rows per distinct prompt from which the record layout is used. Measured on the demo's teacher
+# rows (docs/PERFORMANCE.md): tv/kl (about 2 rows a prompt) 1.75x the plain step's tokens/s;
+# ce with one sample a prompt (1 row a prompt, nothing shared) 0.9-1.0x: two forward calls and
+# two padded lengths for nothing.
+MIN_ROWS_PER_PROMPT = 1.5
+
 
 @lru_cache(maxsize=None)
 def _classes():
@@ -182,6 +188,12 @@ def collate(rows: list, max_seq_length: int, topk_k: int = 0):
         batch.update(topk_ids=mx.array(t_ids), topk_logprobs=mx.array(t_lps), tail_mass=mx.array(t_tail))
     ntok = sum(len(row.prompt) + t for row, t in zip(rows, cont))
     return batch, int(ntok)
+
+
+def pays(rows: Sequence) -> bool:
+    """Whether the training rows share prompts enough for the record layout (MIN_ROWS_PER_PROMPT)."""
+    prompts = len({tuple(r.prompt) for r in rows})
+    return bool(prompts) and len(rows) >= MIN_ROWS_PER_PROMPT * prompts
 
 
 def positions(batch: dict, tokens: int) -> tuple:

@@ -852,10 +852,11 @@ def train(args: TrainArgs, data: Optional[TeacherData] = None, model_bundle=None
     start = restore(args, params, optimizer, expect, rank, size, say)
     mx.eval(params, optimizer.state)
 
-    share = method.shares_record_prompt and record_prompt.supported(model)
-    if method.shares_record_prompt and not share:
-        say("note: shared_record_prompt: this model's layers do not take per-row offsets and masks on plain "
-            "KV caches (sliding window, recurrent state or own position handling); each row runs its prompt")
+    share = method.shares_record_prompt and record_prompt.pays(train_rows)
+    if share and not record_prompt.supported(model):
+        share = False
+        say("note: this model's layers cannot share a record's prompt across its rows (sliding window, "
+            "recurrent state or their own position and mask handling): each row runs its prompt")
     extra = {"share_prompts": True} if share else {}  # a custom iterate_batches need not know the option
 
     if args.loss_chunk and memory.head_of(model) is None:
@@ -892,7 +893,7 @@ def train(args: TrainArgs, data: Optional[TeacherData] = None, model_bundle=None
 
     say(f"train: {args.method} x {args.objective} ({args.teacher_mode} teacher), {len(train_rows)} train rows / "
         f"{len(val_rows)} val rows from {len(data.records)} records, {per_epoch} batches per epoch, "
-        f"{size} machine(s)")
+        f"{size} machine(s)" + (", each prompt run once for its rows" if share else ""))
     bar = Bar(total=args.iters - start, desc="train" if start == 0 else f"train (from step {start})",
               unit="step", disable=rank != 0)
     both = CallbackList(Reporter(metrics, bar), callback)

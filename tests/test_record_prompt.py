@@ -114,6 +114,7 @@ def test_models_that_cannot_take_it_are_refused_by_the_probe():
 
 def test_record_layout_and_padding_positions():
     rows = _rows()
+    assert record_prompt.pays(rows) and not record_prompt.pays(rows[::2])  # ce: one row a prompt, nothing shared
     plain, ntok = train.collate(rows, 1024, 4)
     shared, ntok2 = train.collate(rows, 1024, 4, share_prompts=True)
     assert ntok == ntok2  # the same rows' tokens: tokens/s stays comparable
@@ -156,21 +157,23 @@ def test_training_on_the_record_layout_resumes_bitwise(tiny_teacher, tmp_path):
 
     def args(out, **kw):
         a = dict(base=base, teacher=cache, out=str(tmp_path / out), num_tokens=4, iters=6, batch_size=8,
-                 learning_rate=1e-2, val_split=0.25, val_every=3, save_every=3, steps_per_report=1,
-                 shared_record_prompt=True)
+                 learning_rate=1e-2, val_split=0.25, val_every=3, save_every=3, steps_per_report=1)
         a.update(kw)
         return train.make_args(None, **a)
 
     quiet = lambda *a, **k: None  # noqa: E731
     said = []
     train.train(args("a.safetensors"), data, model_bundle=bundle, log=said.append)
-    assert not any("shared_record_prompt" in s for s in said)  # the llama base takes it
+    assert not any("cannot share a record's prompt" in s for s in said)  # the llama base takes it
+    assert any("each prompt run once for its rows" in s for s in said)
     with pytest.raises(_Stop):
         train.train(args("b.safetensors"), data, model_bundle=bundle, log=quiet, callback=_StopAt(5))
     train.train(args("b.safetensors", resume=True), data, model_bundle=bundle, log=quiet)
     a, b = (np.array(prompt_file.load(tmp_path / f"{x}.safetensors").prompt) for x in "ab")
     np.testing.assert_array_equal(a, b)
-    train.train(args("plain.safetensors", shared_record_prompt=False), data, model_bundle=bundle, log=quiet)
+    said = []
+    train.train(args("plain.safetensors", shared_record_prompt=False), data, model_bundle=bundle, log=said.append)
+    assert not any("each prompt run once" in s for s in said)
     lines = {x: [json.loads(s) for s in (tmp_path / f"{x}.safetensors.metrics.jsonl").read_text().splitlines()]
              for x in ("a", "plain")}
     v_rec, v_plain = (next(m["val_loss"] for m in lines[x] if m.get("step") == 0 and "val_loss" in m)

@@ -137,7 +137,7 @@ def test_method_options_block_and_shorthands(tmp_path):
     args = train.make_args(str(cfg), lora_scale=2.0)
     assert args.method_options == {"rank": 4, "layers": 16, "keys": ["q_proj"], "scale": 2.0}
     assert train.make_args(None, base="m", teacher="c", out="p.safetensors", num_tokens=3).method_options == \
-        {"num_tokens": 3, "init": "vocab", "shared_prefix": True, "shared_record_prompt": False}
+        {"num_tokens": 3, "init": "vocab", "shared_prefix": True, "shared_record_prompt": True}
     with pytest.raises(UserError, match="--lora-rank is an option of lora, not of --method softprompt"):
         train.make_args(None, base="m", teacher="c", out="p.safetensors", lora_rank=4)
     cfg.write_text("base: m\nteacher: c\nout: p.safetensors\nmethod: prefix\nmethod_options: {rank: 2}\n")

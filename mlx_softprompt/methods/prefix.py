@@ -32,7 +32,7 @@ from .softprompt import check_init, shared_cache
 class PrefixOptions(Options):
     num_tokens: int = option(16, "Prefix length n (key/value pairs per layer).")
     init: str = option("vocab", 'Init: text:"..." or vocab (the keys/values of those tokens), or random.')
-    shared_record_prompt: bool = option(False, "Training: run each record's prompt once for its rows "
+    shared_record_prompt: bool = option(True, "Training: run each record's prompt once for its rows "
                                                "(record_prompt.py; same loss as naive).")
 
     def check(self):

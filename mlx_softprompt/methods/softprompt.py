@@ -23,7 +23,7 @@ class SoftPromptOptions(Options):
     num_tokens: int = option(16, "Soft-prompt length n (virtual tokens).")
     init: str = option("vocab", 'P init: text:"..." (its embedding rows), vocab (random rows) or random.')
     shared_prefix: bool = option(True, "Training: run P once per batch into shared KV caches (same loss as naive).")
-    shared_record_prompt: bool = option(False, "Training: run [P; x] once for the rows of a record "
+    shared_record_prompt: bool = option(True, "Training: run [P; x] once for the rows of a record "
                                                "(record_prompt.py; same loss as naive).")
 
     def check(self):
