@@ -13,8 +13,9 @@ rounding):
   parameters into ``mx.checkpoint``; arrays that reach a block any other way
   would get no gradient. Here the class is patched only while the context
   is active, and the keys/values of a shared prefix (P's, in a
-  ``methods.softprompt.shared_cache``; prefix tuning's too) are passed in explicitly, so P's gradient
-  through them is kept.
+  ``methods.softprompt.shared_cache``; prefix tuning's too; a record's prompt's, in
+  ``record_prompt.RecordKVCache``, a subclass rebuilt with its mask and offsets) are passed in
+  explicitly, so the gradient through them is kept.
 - ``headless(model)``: the forward returns the final hidden states and the
   LM head is given back as a function, so the loss can apply the head chunk
   by chunk over the sequence (``losses.chunked``, ``--loss-chunk``) and the

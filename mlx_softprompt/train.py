@@ -13,6 +13,10 @@ batches of epoch e are drawn by a generator seeded with (seed, e) alone;
 global micro-batch m is a function of (seed, m). So the data position is just
 the number of batches consumed, and a resumed run sees the same batches.
 
+Layout. With a soft prompt or prefix tuning, the rows of a batch that start
+with the same prompt run it once (record_prompt.py: the record layout, the
+same loss and gradients) when the rows are at least 1.5 per distinct prompt.
+
 Step. One compiled function (mx.compile over the trainable params, the
 optimiser state and the RNG state, as mlx-lm's trainer) computes the summed
 objective and its gradient for a micro-batch, accumulates --grad-accum of
