@@ -125,15 +125,26 @@ def forward(model, batch: dict, prefix: Optional[Sequence] = None) -> mx.array:
     if head is not None:
         first = head(first)
     _, record_cache = _classes()
-    cache = []
-    offset = (n + lengths)[record].astype(mx.int32)
-    valid = (mx.arange(n + X)[None] < (n + lengths)[:, None])[record][:, None, None, :]
-    for c in fill:
-        rc = record_cache()
-        rc.keys, rc.values = c.keys[record], c.values[record]
-        rc.offset, rc.valid = offset, valid
-        cache.append(rc)
-    rest = model(batch["inputs"], cache=cache)
+    offsets = (n + lengths).astype(mx.int32)
+    valid = mx.arange(n + X)[None] < offsets[:, None]
+
+    def continue_(inputs, rec):
+        cache = []
+        for c in fill:
+            rc = record_cache()
+            rc.keys, rc.values = c.keys[rec], c.values[rec]
+            rc.offset, rc.valid = offsets[rec], valid[rec][:, None, None, :]
+            cache.append(rc)
+        return model(inputs, cache=cache)
+
+    if "inputs_short" in batch:  # the short continuations (refusals) apart, padded to their own length
+        s, Cs = batch["inputs_short"].shape
+        short = continue_(batch["inputs_short"], record[:s])
+        rest = continue_(batch["inputs"], record[s:])
+        short = mx.pad(short, [(0, 0), (0, rest.shape[1] - Cs), (0, 0)])
+        rest = mx.concatenate([short, rest], axis=0)
+    else:
+        rest = continue_(batch["inputs"], record)
     return mx.concatenate([first[record].astype(rest.dtype), rest], axis=1)
 
 
@@ -143,7 +154,12 @@ def collate(rows: list, max_seq_length: int, topk_k: int = 0):
     prompts [R, X] (the distinct prompts, right-padded), prompt_lengths [R], record [B] (each
     row's prompt), inputs [B, C] (each row's continuation: its target minus the last token),
     targets / mask / top-k [B, 1 + C]: position 0 is predicted by the prompt's last token.
+    Rows are ordered by continuation length; when that saves SPLIT_SAVING of the
+    continuations' positions, the first s rows (a tv/kl batch's short refusals) run apart:
+    inputs_short [s, Cs] and inputs [B - s, C].
     """
+    cont_of = [row.length(max_seq_length) - len(row.prompt) for row in rows]
+    rows = [rows[i] for i in np.argsort(cont_of, kind="stable")]  # the loss is a sum over rows: any order
     index, prompts, record, cont = {}, [], [], []
     for row in rows:
         key = tuple(row.prompt)
@@ -159,6 +175,7 @@ def collate(rows: list, max_seq_length: int, topk_k: int = 0):
     p_ids = np.zeros((R, X), np.int32)
     for r, p in enumerate(prompts):
         p_ids[r, :len(p)] = p
+    s = _split(cont, max_seq_length)
     inputs = np.zeros((B, T - 1), np.int32)
     targets = np.zeros((B, T), np.int32)
     mask = np.zeros((B, T), np.float32)
@@ -186,6 +203,10 @@ def collate(rows: list, max_seq_length: int, topk_k: int = 0):
     }
     if topk_k:
         batch.update(topk_ids=mx.array(t_ids), topk_logprobs=mx.array(t_lps), tail_mass=mx.array(t_tail))
+    if s:
+        Cs = batching.padded_length(cont[s - 1], max_seq_length) - 1
+        batch["inputs_short"] = mx.array(inputs[:s, :Cs])
+        batch["inputs"] = mx.array(inputs[s:])
     ntok = sum(len(row.prompt) + t for row, t in zip(rows, cont))
     return batch, int(ntok)
 
@@ -196,19 +217,36 @@ def pays(rows: Sequence) -> bool:
     return bool(prompts) and len(rows) >= MIN_ROWS_PER_PROMPT * prompts
 
 
+SPLIT_SAVING = 0.2
+
+
+def _split(cont: list, max_seq_length: int) -> int:
+    """How many of the (ascending) continuations run apart: the split that computes the fewest
+    continuation positions, if it saves at least SPLIT_SAVING of them, else 0."""
+    B = len(cont)
+    C = batching.padded_length(cont[-1], max_seq_length) - 1
+    best, at = B * C, 0
+    for s in range(1, B):
+        cost = s * (batching.padded_length(cont[s - 1], max_seq_length) - 1) + (B - s) * C
+        if cost < best:
+            best, at = cost, s
+    return at if best <= (1 - SPLIT_SAVING) * B * C else 0
+
+
 def positions(batch: dict, tokens: int) -> tuple:
     """(computed positions, real positions) of a batch (either layout), for the padding share.
 
     Plain: B x L computed, a row of t tokens has t - 1 real positions. Record layout: the
     prompts' R x X and the continuations' B x C computed; real are the prompts' own tokens
     (each once) and each row's continuation."""
-    B = batch["inputs"].shape[0]
+    B = batch["weight"].shape[0]
     if "prompts" not in batch:
         return int(batch["inputs"].size), int(tokens - B)
     lengths = np.asarray(batch["prompt_lengths"])
     per_row = lengths[np.asarray(batch["record"])]
     real = int(lengths.sum()) + int(tokens - per_row.sum() - B)
-    return int(batch["prompts"].size + batch["inputs"].size), real
+    short = batch["inputs_short"].size if "inputs_short" in batch else 0
+    return int(batch["prompts"].size + batch["inputs"].size + short), real
 
 
 def supported(model) -> bool:
@@ -236,7 +274,7 @@ def _probe(model) -> bool:
     rng = np.random.default_rng(0)
     tok = lambda k: rng.integers(1, vocab, k).tolist()  # noqa: E731
     x1, x2 = tok(5), tok(2)
-    seqs = [(x1, tok(4)), (x1, tok(2)), (x2, tok(6))]
+    seqs = [(x1, tok(2)), (x1, tok(4)), (x2, tok(6))]  # in collate's order (by continuation length)
 
     class _Row:
         def __init__(self, p, t):

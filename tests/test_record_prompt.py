@@ -59,7 +59,7 @@ def _loss_and_grad(model, rows, share, objective="tv", mode="cache", chunk=0, ch
 
 
 def _same(a, b):
-    assert a[1] == b[1]  # the same weighted target tokens
+    assert abs(a[1] - b[1]) <= 1e-6 * b[1]  # the same weighted target tokens (summed in another order)
     assert abs(a[0] - b[0]) <= 1e-5 * abs(b[0])
     np.testing.assert_allclose(a[2], b[2], atol=1e-5 * np.abs(b[2]).max(), rtol=1e-4)
     assert np.abs(b[2]).max() > 0
@@ -73,8 +73,18 @@ def test_record_prompt_gives_the_naive_loss_and_gradient(arch):
     shared, naive = _loss_and_grad(model, rows, True), _loss_and_grad(model, rows, False)
     _same(shared, naive)
     batch = shared[3]
-    assert batch["prompts"].shape[0] == 4 and batch["inputs"].shape[0] == 8  # x once per record
+    assert batch["prompts"].shape[0] == 4  # x once per record
+    assert batch["inputs_short"].shape[0] + batch["inputs"].shape[0] == 8  # short continuations apart
     assert len(set(np.array(batch["prompt_lengths"]).tolist())) == 4  # prompts of different lengths
+
+
+def test_record_prompt_without_the_split_of_short_continuations(monkeypatch):
+    model = _model("llama")
+    rows = _rows(seed=4)
+    monkeypatch.setattr(record_prompt, "SPLIT_SAVING", 1.0)  # never worth it: one [B, C] block
+    shared = _loss_and_grad(model, rows, True)
+    assert "inputs_short" not in shared[3] and shared[3]["inputs"].shape[0] == 8
+    _same(shared, _loss_and_grad(model, rows, False))
 
 
 @pytest.mark.parametrize("objective,mode", [("kl", "online"), ("ce", "cache")])
@@ -123,13 +133,19 @@ def test_record_layout_and_padding_positions():
     computed2, real2 = record_prompt.positions(shared, ntok2)
     x = sum(len(r.prompt) for r in rows[::2])  # each record's prompt once
     assert real2 == real - x
-    assert computed2 == shared["prompts"].size + shared["inputs"].size
-    # each target token is where the plain layout has it, masked alike
+    assert computed2 == shared["prompts"].size + shared["inputs_short"].size + shared["inputs"].size
+    # each row's target tokens as the plain layout has them, masked alike (rows by continuation length)
     mask, tgt = np.array(plain["mask"]), np.array(plain["targets"])
-    for b in range(len(rows)):
+    order = np.argsort([len(r.target) for r in rows], kind="stable")
+    for b, i in enumerate(order):
         t = int(np.array(shared["mask"])[b].sum())
-        np.testing.assert_array_equal(np.array(shared["targets"])[b, :t], tgt[b][mask[b] > 0])
-        np.testing.assert_array_equal(np.array(shared["topk_ids"])[b, :t], np.array(plain["topk_ids"])[b][mask[b] > 0])
+        np.testing.assert_array_equal(np.array(shared["targets"])[b, :t], tgt[i][mask[i] > 0])
+        np.testing.assert_array_equal(np.array(shared["topk_ids"])[b, :t], np.array(plain["topk_ids"])[i][mask[i] > 0])
+    np.testing.assert_array_equal(np.array(shared["weight"]), np.array(plain["weight"])[order])
+    # the short refusals run apart: fewer continuation positions than one [B, C] block
+    s, Cs = shared["inputs_short"].shape
+    assert shared["inputs"].shape[0] == len(rows) - s and s * Cs + shared["inputs"].size < len(rows) * (
+        shared["targets"].shape[1] - 1)
 
 
 class _Stop(Exception):
