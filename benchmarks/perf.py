@@ -16,6 +16,11 @@ What `make bench-perf` runs. Five parts (issue 8):
            on the tiny model and on a ~110M-parameter Llama-shaped model.
 5. blas:   MLX's bundled BLAS against OpenBLAS (benchmarks/blas_effect.py).
 
+Before them (issue 18): peer, `mlx-softprompt train` against `mlx_lm.lora` itself on
+the demo's teacher rows (ce, tv plain, tv with the record's prompt shared); record,
+the training step in the plain layout and the record layout (with and without its
+split of short continuations) on tiny Llamas.
+
 Every figure is the median of >= 3 measured repeats after a warm-up (which
 also compiles). Things compared with each other are measured in the same run,
 interleaved repeat by repeat, so a change of load on a shared machine hits all
@@ -87,6 +92,7 @@ class Settings:
     peer_batch: int = 8
     peer_num_tokens: int = 16
     peer_limit: int = 0  # prompts per label for the demo teacher cache (0: the whole train split)
+    record_shapes: tuple = ((40, 16, 60), (64, 16, 256))  # (prompt, refusal, response) tokens, +-8 per record
 
 
 def quick(s: Settings) -> Settings:
@@ -99,6 +105,7 @@ def quick(s: Settings) -> Settings:
     s.infer_max_tokens = s.infer_max_tokens_big = 8
     s.fast_repeats = s.infer_repeats = s.infer_repeats_big = 3
     s.peer_iters, s.peer_report, s.peer_repeats, s.peer_limit = 12, 4, 1, 16
+    s.record_shapes = ((12, 4, 16),)
     return s
 
 
@@ -801,6 +808,88 @@ def part_peer(s: Settings, out: Out, res: dict, tmp: Path) -> None:
     out.line()
 
 
+def record_rows(prompt_len: int, refusal_len: int, response_len: int, vocab: int, k: int, batch: int, seed: int = 0):
+    """batch / 2 teacher records as train.build_rows makes them for tv: a refusal row [x; r] (one
+    refusal for all) and a response row [x; y] with top-k teacher log-probs, lengths +-8 per record."""
+    rng = np.random.default_rng(seed)
+    refusal = rng.integers(2, vocab, refusal_len).tolist()
+    out = []
+    for i in range(batch // 2):
+        x = rng.integers(2, vocab, max(2, prompt_len + int(rng.integers(-8, 9)))).tolist()
+        y = rng.integers(2, vocab, max(2, response_len + int(rng.integers(-8, 9)))).tolist()
+        out.append(train.Row(x, refusal, 0.4, False, i))
+        row = train.Row(x, y, 0.6, True, i)
+        z = rng.standard_normal((len(y), k + 1)) * 2.0
+        lp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+        row.topk_ids = np.stack([rng.choice(vocab, k, replace=False) for _ in y]).astype(np.int32)
+        row.topk_logprobs, row.tail_mass = lp[:, :k].astype(np.float32), np.exp(lp[:, k]).astype(np.float32)
+        out.append(row)
+    return out
+
+
+def record_step(model, rows_, layout: str, num_tokens: int, k: int):
+    """The training step (tv, cached top-k) on one batch in a layout: plain, record (the record's
+    prompt shared, short continuations apart) or record-one-block (without that split)."""
+    from mlx_softprompt import record_prompt
+
+    method = methods.get("softprompt", num_tokens=num_tokens, init="random",
+                         shared_record_prompt=layout != "plain")
+    params = method.init(model, None, 0)
+    optimizer = optim.AdamW(learning_rate=1e-4)
+    optimizer.init(params)
+    step, state = train.make_step(model, train.make_loss(model, method, "tv", "cache"), params, optimizer,
+                                  grad_clip=1.0, world_size=1)
+    saved = record_prompt.SPLIT_SAVING
+    record_prompt.SPLIT_SAVING = 1.0 if layout == "record-one-block" else saved
+    try:
+        batch, ntok = train.collate(rows_, 1 << 16, k, share_prompts=layout != "plain")
+    finally:
+        record_prompt.SPLIT_SAVING = saved
+    computed, real = record_prompt.positions(batch, ntok)
+    mx.eval(batch, state)
+
+    def run():
+        lsum, ntok_, norm = step(batch, None, True)
+        mx.eval(state, lsum, ntok_, norm)
+
+    return run, ntok, computed, real
+
+
+def part_record(s: Settings, out: Out, res: dict) -> None:
+    out.line(f"## 0b. The record's prompt shared, step by step (train.make_step, tv with top-{s.topk}; batch "
+             f"{s.batch} = {s.batch // 2} records x (refusal row, response row); n = 16; tiny Llamas of "
+             f"{s.tiny_layers} layers, vocabulary {s.vocab}, fp32; the three layouts interleaved)")
+    out.line("| base | prompt / refusal / response tokens | layout | tokens/s | peak MB | padding share | "
+             "vs plain tokens/s | vs plain peak |")
+    out.line("|---|---|---|---:|---:|---:|---:|---:|")
+    res["record"] = []
+    labels = {"plain": "plain (P shared, x per row)", "record-one-block": "record, one continuation block",
+              "record": "record (the default)"}
+    for dim in s.tiny_dims:
+        model = build(llama_config(dim, s.tiny_layers, s.vocab))
+        for shape in s.record_shapes:
+            rows_ = record_rows(*shape, s.vocab, s.topk, s.batch)
+            made = {name: record_step(model, rows_, name, 16, s.topk) for name in labels}
+            m = measure({name: v[0] for name, v in made.items()}, s.fast_repeats, s.warmup)
+            for name in labels:
+                _, ntok, computed, real = made[name]
+                r = m[name]
+                row = {"dim": dim, "shape": list(shape), "layout": name, "tokens": ntok,
+                       "tokens_per_s": ntok / r["seconds"], "padding_share": 1 - real / computed, **r,
+                       "speed_vs_plain": m["plain"]["seconds"] / r["seconds"],
+                       "peak_vs_plain": r["peak_bytes"] / m["plain"]["peak_bytes"]}
+                res["record"].append(row)
+                out.line(f"| d={dim} | {' / '.join(map(str, shape))} | {labels[name]} | {row['tokens_per_s']:,.0f} | "
+                         f"{r['peak_bytes'] / 1e6:,.0f} | {row['padding_share']:.1%} | {row['speed_vs_plain']:.2f}x | "
+                         f"{row['peak_vs_plain']:.2f}x |")
+            del made
+            gc.collect()
+            out.done(case=f"record d={dim} {shape}")
+        del model
+        gc.collect()
+    out.line()
+
+
 def part_stages(s: Settings, out: Out, res: dict, tmp: Path, from_json=None) -> None:
     import scale
 
@@ -944,10 +1033,10 @@ def render(out_dir: Path) -> str:
     return png
 
 
-ALL_PARTS = ["peer", "train", "torch", "infer", "scale", "blas", "stages"]
+ALL_PARTS = ["peer", "record", "train", "torch", "infer", "scale", "blas", "stages"]
 
 
-HEADINGS = {"train": "## 1.", "torch": "## 2.", "infer": "## 3.", "scale": "## 4.", "blas": "## 5."}
+HEADINGS = {"record": "## 0b.", "train": "## 1.", "torch": "## 2.", "infer": "## 3.", "scale": "## 4.", "blas": "## 5."}
 
 
 def _without(lines: list, parts: list) -> list:
@@ -1005,12 +1094,13 @@ def main(argv=None):
     out_dir.mkdir(parents=True, exist_ok=True)
     n_points = len(s.sweep_n) + len([L for L in s.sweep_length if not (L == s.length and s.num_tokens in s.sweep_n)])
     cases = {"train": len(s.tiny_dims) * len(s.bits), "torch": len(s.tiny_dims), "infer": len(s.infer_dims),
-             "scale": 2 * n_points, "blas": 1, "peer": s.peer_repeats, "stages": 1}
+             "scale": 2 * n_points, "blas": 1, "peer": s.peer_repeats, "stages": 1,
+             "record": len(s.tiny_dims) * len(s.record_shapes)}
     out = Out(sum(cases[p] for p in parts))
     res = {"started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": machine(), "load_start": loadavg(),
            "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(s).items()},
            "quick": a.quick, "parts": parts, "train": [], "torch": [], "infer": [], "scale": [], "blas": {},
-           "peer": {}, "stages": {}}
+           "peer": {}, "stages": {}, "record": []}
     m = res["machine"]
     out.line(f"Machine: {m['cpu']}, {m['cores']} cores; MLX {m['mlx']}; BLAS: {m['blas']}; load {res['load_start']}")
     out.line()
@@ -1026,6 +1116,8 @@ def main(argv=None):
                 part_infer(s, out, res, Path(tmp))
             elif p == "scale":
                 part_scale(s, out, res)
+            elif p == "record":
+                part_record(s, out, res)
             elif p == "blas":
                 part_blas(s, out, res)
             elif p == "peer":

@@ -15,6 +15,8 @@ x runs once per row. Here a batch runs in two stages:
    (``make_mask``: mlx-lm's ``create_attention_mask`` asks the cache for the
    mask) and gives every row its own RoPE offset n + len(x_i) (an array, as
    mlx-lm's ``BatchKVCache``; ``mx.fast.rope`` takes one offset per row).
+   Short continuations (a tv/kl batch's refusals, next to longer responses)
+   run as a second group padded to their own length when that saves enough.
 
 The loss sees, per row, the logits of its target tokens only ([B, 1 + C]):
 the same terms as the plain path, so the same loss and gradients.
@@ -26,9 +28,8 @@ are detected by a probe (``supported``: the two-stage logits of a small batch
 against the plain forward) and keep the plain layout.
 """
 
-import copy
 from functools import lru_cache
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 import mlx.core as mx
 import numpy as np
