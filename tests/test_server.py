@@ -699,7 +699,7 @@ def test_cli_serve_binds_loopback_and_shuts_down(served):
         resp, _ = _raw(port, "OPTIONS", "/v1/models", None, {"Origin": ORIGIN, "Access-Control-Request-Method": "GET"})
         assert resp.status == 204 and resp.getheader("Access-Control-Allow-Origin") == ORIGIN
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=30) == 0
+        assert proc.wait(timeout=90) == 0
         err = proc.stderr.read()
         assert f"http://127.0.0.1:{port}/v1" in err and "5 virtual tokens" in err and "Traceback" not in err
     finally:
