@@ -30,8 +30,8 @@ file (the out path) and a training-state file (params, optimiser state with
 its step, the RNG key, the data position, the settings); --resume continues
 from it and ends with the same P as an uninterrupted run.
 
-Machines. Under ``mlx.launch`` each rank reads its share (rows rank::size) of
-every global batch; rank 0 alone writes files and draws the progress bar.
+Machines. Under ``mlx.launch`` each rank reads its share (a contiguous block
+of rows, so a record's rows stay on one machine: rank_share) of every global batch; rank 0 alone writes files and draws the progress bar.
 """
 
 import hashlib
@@ -580,13 +580,13 @@ def make_step(model, loss, params, optimizer, grad_clip: float, world_size: int,
 
 def evaluate_rows(loss, params, rows: List[Row], args: TrainArgs, topk_k: int, rank: int = 0, size: int = 1,
                   max_batches: int = -1, share_prompts: bool = False) -> float:
-    """The objective (per weighted target token) over rows; each rank takes rows[rank::size] of each batch."""
+    """The objective (per weighted target token) over rows; each rank takes its rank_share of each batch."""
     total, count = mx.array(0.0), mx.array(0.0)
     nb = -(-len(rows) // args.batch_size)
     if max_batches > 0:
         nb = min(nb, max_batches)
     for i in range(nb):
-        share = rows[i * args.batch_size:(i + 1) * args.batch_size][rank::size]
+        share = rank_share(rows[i * args.batch_size:(i + 1) * args.batch_size], rank, size)
         if not share:
             continue
         batch, _ = collate(share, args.max_seq_length, topk_k, share_prompts)
@@ -639,6 +639,13 @@ class Metrics:
             r.close()
 
 
+def rank_share(batch: Sequence, rank: int, size: int) -> Sequence:
+    """This machine's rows of a global batch: a contiguous block (a record's rows are adjacent in a
+    batch, batching.Order, and stay on one machine, where they share their prompt: record_prompt)."""
+    per = -(-len(batch) // size)
+    return batch[rank * per:(rank + 1) * per]
+
+
 def iterate_batches(rows: List[Row], args: TrainArgs, topk_k: int, start: int = 0, rank: int = 0, size: int = 1,
                     share_prompts: bool = False):
     """(batch, real token count) for global micro-batches start, start+1, ...: this rank's share.
@@ -653,7 +660,7 @@ def iterate_batches(rows: List[Row], args: TrainArgs, topk_k: int, start: int = 
     m = start
     while True:
         idx = order.batch(m)
-        yield collate([rows[i] for i in idx[rank::size]], args.max_seq_length, topk_k, share_prompts)
+        yield collate([rows[i] for i in rank_share(idx, rank, size)], args.max_seq_length, topk_k, share_prompts)
         m += 1
 
 
