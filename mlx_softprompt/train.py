@@ -840,8 +840,12 @@ def train(args: TrainArgs, data: Optional[TeacherData] = None, model_bundle=None
     rows = build_rows(data, args.objective, args.hard_guard, topk=use_topk)
     too_long = [r for r in rows if len(r.prompt) >= args.max_seq_length]
     rows = [r for r in rows if len(r.prompt) < args.max_seq_length]
-    val_rows = sorted((r for r in rows if is_val(r.prompt_index, args.seed, args.val_split)),
-                      key=lambda r: r.length(args.max_seq_length))  # by length: little padding
+    val_rows = [r for r in rows if is_val(r.prompt_index, args.seed, args.val_split)]
+    val_longest = {}
+    for r in val_rows:
+        val_longest[r.prompt_index] = max(val_longest.get(r.prompt_index, 0), r.length(args.max_seq_length))
+    # by their prompt's longest row (little padding), a prompt's rows adjacent (one prompt run: record_prompt)
+    val_rows.sort(key=lambda r: (val_longest[r.prompt_index], r.prompt_index))
     train_rows = [r for r in rows if not is_val(r.prompt_index, args.seed, args.val_split)]
     if too_long:
         say(f"note: {len(too_long)} rows skipped: prompt longer than --max-seq-length {args.max_seq_length}")

@@ -41,7 +41,8 @@ def _rows(k=4, seed=0):
     return rows
 
 
-def _loss_and_grad(model, rows, share, objective="tv", mode="cache", chunk=0, checkpoint=False, method="softprompt"):
+def _loss_and_grad(model, rows, share, objective="tv", mode="cache", chunk=0, checkpoint=False, method="softprompt",
+                   max_len=1024):
     """(loss sum, count, gradient) of one batch: the record layout, or the naive path (P prepended per row)."""
     topk = 4 if mode == "cache" and objective != "ce" else 0
     if method == "softprompt":
@@ -49,7 +50,7 @@ def _loss_and_grad(model, rows, share, objective="tv", mode="cache", chunk=0, ch
     else:
         m = methods.get("prefix", num_tokens=3, init="random", shared_record_prompt=share)
     params = m.init(model, None, 2)
-    batch, ntok = train.collate(rows, 1024, topk, share_prompts=share)
+    batch, ntok = train.collate(rows, max_len, topk, share_prompts=share)
     loss = train.make_loss(model, m, objective, mode, chunk, checkpoint)
     (s, c), g = mx.value_and_grad(loss)(params, batch)
     from mlx.utils import tree_flatten
@@ -76,6 +77,22 @@ def test_record_prompt_gives_the_naive_loss_and_gradient(arch):
     assert batch["prompts"].shape[0] == 4  # x once per record
     assert batch["inputs_short"].shape[0] + batch["inputs"].shape[0] == 8  # short continuations apart
     assert len(set(np.array(batch["prompt_lengths"]).tolist())) == 4  # prompts of different lengths
+
+
+def test_record_prompt_with_rows_cut_at_max_seq_length():
+    model = _model("llama")
+    rows = _rows(seed=5)  # prompts of 3 to 9 tokens: at 10 tokens a row keeps 1 to 7 target tokens
+    _same(_loss_and_grad(model, rows, True, max_len=10), _loss_and_grad(model, rows, False, max_len=10))
+
+
+def test_the_option_is_the_soft_prompt_s_and_prefix_tuning_s_only():
+    from mlx_softprompt.errors import UserError
+
+    args = train.make_args(None, base="m", teacher="c", out="p.safetensors", method="prefix",
+                           shared_record_prompt=False)
+    assert args.method_options["shared_record_prompt"] is False
+    with pytest.raises(UserError, match="--shared-record-prompt is an option of softprompt / prefix"):
+        train.make_args(None, base="m", teacher="c", out="p.safetensors", method="lora", shared_record_prompt=True)
 
 
 def test_record_prompt_without_the_split_of_short_continuations(monkeypatch):
