@@ -208,6 +208,9 @@ def test_topics(build):
     bal = build._balanced(data.load_suite()["train"], rng)
     harm = sum(build.is_harmful(e) for e in bal)
     assert harm == len(bal) - harm
+    mixed = [data.Example("a", label="harmful", source=build.CORPUS_SOURCE), data.Example("b", label="benign")]
+    bal = build._balanced(mixed, rng, benchmark_copies=3)  # "b" 3 times, "a" resampled to match
+    assert sorted(e.prompt for e in bal) == ["a", "a", "a", "b", "b", "b"]
 
 
 def test_set_field(build):

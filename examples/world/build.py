@@ -215,6 +215,9 @@ class WorldConfig:
     corpus: bool = True  # train on the generated corpus too (corpus.py), not the benchmarks' train split alone
     corpus_seed: int = 0
     corpus_per_act: int = 10  # prompts per curated act (corpus size)
+    # Times each benchmark or project train prompt appears per epoch (corpus prompts once): the
+    # corpus outnumbers them 4 to 1, and alone it teaches the benchmarks' frames as harmful.
+    benchmark_copies: int = 1
     vocab_size: int = 3000
     base: ModelSize = field(default_factory=lambda: ModelSize(192, 3, intermediate_size=512))
     guard: ModelSize = field(default_factory=lambda: ModelSize(192, 3, intermediate_size=512))
@@ -270,6 +273,9 @@ def guard_text(prompt: str, response: Optional[str] = None) -> str:
 
     mode = "input" if response is None else "output"
     return guard_spec().render(guard_messages(prompt, response=response), mode, bos_token="", eos_token="")
+
+
+CORPUS_SOURCE = "world-corpus"  # data.Example.source of the generated corpus's records
 
 
 def is_harmful(ex: data.Example) -> bool:
@@ -373,8 +379,10 @@ def _clip(tok, prompt: str, cfg: WorldConfig) -> str:
     return prompt if len(ids) <= cfg.max_prompt_tokens else tok.decode(ids[: cfg.max_prompt_tokens])
 
 
-def _balanced(train: list, rng: np.random.Generator) -> list:
-    """Harmful and safe prompts in equal numbers (the smaller side resampled)."""
+def _balanced(train: list, rng: np.random.Generator, benchmark_copies: int = 1) -> list:
+    """Harmful and safe prompts in equal numbers (the smaller side resampled), after repeating
+    each prompt not from the generated corpus `benchmark_copies` times."""
+    train = [e for e in train for _ in range(1 if e.source == CORPUS_SOURCE else benchmark_copies)]
     harm = [e for e in train if is_harmful(e)]
     safe = [e for e in train if not is_harmful(e)]
     small, big = (harm, safe) if len(harm) < len(safe) else (safe, harm)
@@ -388,7 +396,7 @@ def base_epoch(tok, train: list, cfg: WorldConfig, rng: np.random.Generator) -> 
     (refuse harmful), and the plain-text classification."""
     seqs = []
     pick = lambda xs: xs[rng.integers(len(xs))]  # noqa: E731
-    for ex in _balanced(train, rng):
+    for ex in _balanced(train, rng, cfg.benchmark_copies):
         p = _clip(tok, ex.prompt, cfg)
         topic = topic_of(ex)
         variants = [p] + [augment(p, rng) for _ in range(cfg.augment_copies)]
@@ -407,7 +415,7 @@ def guard_epoch(guard, train: list, cfg: WorldConfig, rng: np.random.Generator) 
     with a harmful request? a refusal is always safe), on the train prompts."""
     seqs = []
     tok = guard.tokenizer
-    for ex in _balanced(train, rng):
+    for ex in _balanced(train, rng, cfg.benchmark_copies):
         p = _clip(tok, ex.prompt, cfg)
         copies = [augment(p, rng) for _ in range(cfg.guard_copies)]
         for v in [p] + copies:
@@ -768,7 +776,7 @@ def build(out, cfg: Optional[WorldConfig] = None, only: str = "all") -> dict:
     suite = world_suite(cfg, corpus_path)
     train = suite["train"]
     info = {"config": asdict(cfg), "train_data_hash": data.dataset_hash(train),
-            "n_train": len(train), "n_train_corpus": sum(e.source == "world-corpus" for e in train),
+            "n_train": len(train), "n_train_corpus": sum(e.source == CORPUS_SOURCE for e in train),
             "n_val": len(suite["val"]), "n_everyday_val": len(suite["everyday_val"]), "refusal": REFUSAL,
             "safety_system_prompts": list(SAFETY_SYSTEM_PROMPTS),
             "neutral_system_prompts": list(NEUTRAL_SYSTEM_PROMPTS),
