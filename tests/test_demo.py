@@ -234,10 +234,10 @@ def test_world_build_small(tmp_path, monkeypatch, build):
 
     monkeypatch.setattr(build, "world_suite", small)
     monkeypatch.setattr(build, "topic_match", lambda *a, **k: 0.5)  # generation: covered by the demo test
-    cfg = build.WorldConfig(base_epochs=1, guard_epochs=1, vocab_size=600, semantic_init=False,
+    cfg = build.WorldConfig(base_epochs=1, guard_epochs=1, vocab_size=600, semantic_init=False, distill_weight=0.0,
                             base=build.ModelSize(32, 1, intermediate_size=64), corpus_per_act=1)
     info = build.build(tmp_path / "w", cfg)
-    for split in ("val", "everyday_val"):
+    for split in build.VAL_SETS:
         for key in ("base_refuses_harmful", "safety_system_refuses_harmful", "guard_flags_harmful", "classify_accuracy"):
             assert 0.0 <= info[split][key] <= 1.0
     shipped = [json.loads(x) for x in (tmp_path / "w" / "corpus.jsonl").read_text().splitlines()]
@@ -250,10 +250,15 @@ def test_world_build_small(tmp_path, monkeypatch, build):
     notes = (tmp_path / "w" / "BUILD.md").read_text()
     assert notes.startswith("# The demo world") and "everyday_val" in notes
     # continuing from that world (init): its tokenizer and guard, trained further
-    cfg2 = build.WorldConfig(guard_epochs=1, corpus_per_act=1, init=str(tmp_path / "w"))
-    build.build(tmp_path / "w2", cfg2, only="guard")
-    assert (tmp_path / "w2" / "base" / "tokenizer.json").read_bytes() == (tmp_path / "w" / "base" / "tokenizer.json").read_bytes()
+    cfg2 = build.WorldConfig(guard_epochs=1, corpus_per_act=1, distill_weight=0.0, init=str(tmp_path / "w"))
+    info2 = build.build(tmp_path / "w2", cfg2, only="guard")
+    for name in ("tokenizer.json", "model.safetensors"):  # the earlier world's base, unchanged
+        assert (tmp_path / "w2" / "base" / name).read_bytes() == (tmp_path / "w" / "base" / name).read_bytes()
     assert load_guard(str(tmp_path / "w2" / "guard-spec.json"), str(tmp_path / "w2" / "guard")).model is not None
+    assert info2["init_world"]["config"]["base"]["hidden_size"] == 32
+    assert info2["base_training"] == info["base_training"]
+    notes = (tmp_path / "w2" / "BUILD.md").read_text()
+    assert "--only guard" in notes and "--set guard_epochs=1" in notes
     # the demo reads what it needs at run time from world.json
     settings = demo.world_settings(tmp_path / "w")
     assert settings["refusal"] == build.REFUSAL and settings["generic_system_prompt"] == build.GENERIC_SYSTEM_PROMPT
@@ -309,7 +314,7 @@ def test_distillation_loss_moves_the_decision_state(tmp_path, build):
     info = build.train_lm(model, lambda: seqs, 6, cfg, 3e-3, "t", tok.pad_token_id, rng, targets=targets)
     assert info["distill_loss_final"] < info["distill_loss_first"]
     assert [k for k, _ in tree_flatten(model.parameters())] == names
-    off = build.train_lm(model, lambda: seqs, 1, build.WorldConfig(batch_size=8), 3e-3, "t", tok.pad_token_id,
+    off = build.train_lm(model, lambda: seqs, 1, build.WorldConfig(batch_size=8, distill_weight=0.0), 3e-3, "t", tok.pad_token_id,
                          rng, targets=targets)
     assert "distill_loss_final" not in off
 
@@ -332,7 +337,10 @@ def test_shipped_world_is_small_and_recorded():
     assert sum(info["bytes"].values()) < 40e6
     total = sum(f.stat().st_size for f in WORLD.rglob("*") if f.is_file() and "__pycache__" not in f.parts)
     assert total < 45e6
-    assert (WORLD / "BUILD.md").read_text().count(f"--seed {info['config']['seed']}") == 1
+    notes = (WORLD / "BUILD.md").read_text()
+    assert f"build.py build --out examples/world --seed {info['config']['seed']}" in notes
+    if info["config"]["init"]:  # a continued world records the world it continued
+        assert info["init_world"]["config"]["seed"] == info["config"]["seed"] and "--out stage1" in notes
     # built on the train split only: the recorded hash is the train split's (benchmarks + corpus)
     with_corpus = info["config"].get("corpus", False)
     suite = data.load_suite(data.SOURCES + ((str(WORLD / "corpus.jsonl"),) if with_corpus else ()))

