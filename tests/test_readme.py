@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from huggingface_hub import ModelCard
 
 from conftest import run_cli
@@ -73,3 +75,25 @@ def test_the_python_api_example_runs(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "answer: " in r.stdout and "| softprompt-tv |" in r.stdout and "| dual |" in r.stdout
     assert (tmp_path / "out" / "safe.safetensors").is_file() and (tmp_path / "out" / "report.json").is_file()
+
+
+def test_constraints_pin_released_versions_only():
+    """constraints.txt is what make and CI install from on a fresh machine: every line a released
+    `name==version` (a local wheel path or URL would install here and fail everywhere else), and
+    every extra's package pinned."""
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+
+    root = Path(__file__).resolve().parents[1]
+    lines = [l.strip() for l in (root / "constraints.txt").read_text().splitlines()]
+    pins = {}
+    for line in lines:
+        if not line or line.startswith("#"):
+            continue
+        m = re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9._-]*)==([A-Za-z0-9.!+_-]+)", line)
+        assert m, f"constraints.txt: {line!r} is not name==version"
+        pins[re.sub(r"[-_.]+", "-", m.group(1)).lower()] = m.group(2)
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    for extra, reqs in project["optional-dependencies"].items():
+        for req in reqs:
+            name = re.sub(r"[-_.]+", "-", re.match(r"[A-Za-z0-9._-]+", req).group(0)).lower()
+            assert name in pins, f"extra {extra!r}: {name} has no pin in constraints.txt"
