@@ -106,3 +106,35 @@ def padding_share(positions: int, real_positions: int) -> float:
     """Share of the computed positions (batches' B x L) that are padding, not the rows' own."""
     positions = int(positions)
     return 1.0 - real_positions / positions if positions else 0.0
+
+
+def target_arrays(B: int, T: int, topk_k: int = 0) -> dict:
+    """Zeroed per-position arrays a collate fills: targets and mask [B, T], and with topk_k > 0
+    the soft rows' cached teacher top-k (ids, log-probs [B, T, k]) and tail mass [B, T]."""
+    a = {"targets": np.zeros((B, T), np.int32), "mask": np.zeros((B, T), np.float32)}
+    if topk_k:
+        a.update(topk_ids=np.zeros((B, T, topk_k), np.int32), topk_logprobs=np.zeros((B, T, topk_k), np.float32),
+                 tail_mass=np.zeros((B, T), np.float32))
+    return a
+
+
+def put_teacher(a: dict, b: int, row, at: int, n: int) -> None:
+    """A soft row's first n cached teacher positions at positions [at, at + n) of batch row b."""
+    if "topk_ids" in a and row.soft and row.topk_ids is not None and n > 0:
+        a["topk_ids"][b, at:at + n] = row.topk_ids[:n]
+        a["topk_logprobs"][b, at:at + n] = row.topk_logprobs[:n]
+        a["tail_mass"][b, at:at + n] = row.tail_mass[:n]
+
+
+def to_batch(layout: dict, inputs: np.ndarray, a: dict, rows: Sequence) -> dict:
+    """The batch dict (MLX arrays): the layout's own arrays, inputs, the filled target arrays,
+    and the rows' weights and soft flags."""
+    import mlx.core as mx
+
+    batch = {k: mx.array(v) for k, v in layout.items()}
+    batch["inputs"] = mx.array(inputs)
+    batch.update(targets=mx.array(a["targets"]), mask=mx.array(a["mask"]),
+                 weight=mx.array(np.array([r.weight for r in rows], np.float32)),
+                 soft=mx.array(np.array([r.soft for r in rows], np.float32)))
+    batch.update({k: mx.array(a[k]) for k in ("topk_ids", "topk_logprobs", "tail_mass") if k in a})
+    return batch

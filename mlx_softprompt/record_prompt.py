@@ -159,17 +159,17 @@ def collate(rows: list, max_seq_length: int, topk_k: int = 0):
     continuations' positions, the first s rows (a tv/kl batch's short refusals) run apart:
     inputs_short [s, Cs] and inputs [B - s, C].
     """
+    # each row's target tokens (truncation included): the plain row's positions less its prompt's, plus one
     cont_of = [row.length(max_seq_length) - len(row.prompt) for row in rows]
-    rows = [rows[i] for i in np.argsort(cont_of, kind="stable")]  # the loss is a sum over rows: any order
-    index, prompts, record, cont = {}, [], [], []
+    order = np.argsort(cont_of, kind="stable")  # the loss is a sum over rows: any order
+    rows, cont = [rows[i] for i in order], [cont_of[i] for i in order]
+    index, prompts, record = {}, [], []
     for row in rows:
         key = tuple(row.prompt)
         if key not in index:
             index[key] = len(prompts)
             prompts.append(row.prompt)
         record.append(index[key])
-        n = row.length(max_seq_length) - 1  # the plain row's positions
-        cont.append(n - len(row.prompt) + 1)  # its target tokens (truncation included)
     R, B = len(prompts), len(rows)
     X = batching.padded_length(max(len(p) for p in prompts), max_seq_length)
     T = batching.padded_length(max(cont), max_seq_length)  # 1 + C target positions (>= 2: max_seq_length >= 2)
@@ -178,32 +178,14 @@ def collate(rows: list, max_seq_length: int, topk_k: int = 0):
         p_ids[r, :len(p)] = p
     s = _split(cont, max_seq_length)
     inputs = np.zeros((B, T - 1), np.int32)
-    targets = np.zeros((B, T), np.int32)
-    mask = np.zeros((B, T), np.float32)
-    if topk_k:
-        t_ids = np.zeros((B, T, topk_k), np.int32)
-        t_lps = np.zeros((B, T, topk_k), np.float32)
-        t_tail = np.zeros((B, T), np.float32)
+    a = batching.target_arrays(B, T, topk_k)
     for b, (row, t) in enumerate(zip(rows, cont)):
         inputs[b, :t - 1] = row.target[:t - 1]
-        targets[b, :t] = row.target[:t]
-        mask[b, :t] = 1.0
-        if topk_k and row.soft and row.topk_ids is not None:
-            t_ids[b, :t] = row.topk_ids[:t]
-            t_lps[b, :t] = row.topk_logprobs[:t]
-            t_tail[b, :t] = row.tail_mass[:t]
-    batch = {
-        "prompts": mx.array(p_ids),
-        "prompt_lengths": mx.array(np.array([len(p) for p in prompts], np.int32)),
-        "record": mx.array(np.array(record, np.int32)),
-        "inputs": mx.array(inputs),
-        "targets": mx.array(targets),
-        "mask": mx.array(mask),
-        "weight": mx.array(np.array([r.weight for r in rows], np.float32)),
-        "soft": mx.array(np.array([r.soft for r in rows], np.float32)),
-    }
-    if topk_k:
-        batch.update(topk_ids=mx.array(t_ids), topk_logprobs=mx.array(t_lps), tail_mass=mx.array(t_tail))
+        a["targets"][b, :t] = row.target[:t]
+        a["mask"][b, :t] = 1.0
+        batching.put_teacher(a, b, row, 0, t)
+    batch = batching.to_batch({"prompts": p_ids, "prompt_lengths": np.array([len(p) for p in prompts], np.int32),
+                               "record": np.array(record, np.int32)}, inputs, a, rows)
     if s:
         Cs = batching.padded_length(cont[s - 1], max_seq_length) - 1
         batch["inputs_short"] = mx.array(inputs[:s, :Cs])

@@ -356,34 +356,16 @@ def collate(rows: List[Row], max_seq_length: int, topk_k: int = 0, share_prompts
         return record_prompt.collate(rows, max_seq_length, topk_k)
     lens = [row.length(max_seq_length) - 1 for row in rows]
     L = batching.padded_length(max(lens), max_seq_length - 1)
-    B = len(rows)
-    inputs = np.zeros((B, L), np.int32)
-    targets = np.zeros((B, L), np.int32)
-    mask = np.zeros((B, L), np.float32)
-    if topk_k:
-        t_ids = np.zeros((B, L, topk_k), np.int32)
-        t_lps = np.zeros((B, L, topk_k), np.float32)
-        t_tail = np.zeros((B, L), np.float32)
+    inputs = np.zeros((len(rows), L), np.int32)
+    a = batching.target_arrays(len(rows), L, topk_k)
     for b, (row, n) in enumerate(zip(rows, lens)):
         tokens = (row.prompt + row.target)[: n + 1]
         inputs[b, :n] = tokens[:-1]
-        targets[b, :n] = tokens[1:]
+        a["targets"][b, :n] = tokens[1:]
         start = len(row.prompt) - 1
-        mask[b, start:n] = 1.0
-        if topk_k and row.soft and row.topk_ids is not None and n > start:
-            T = n - start
-            t_ids[b, start:n] = row.topk_ids[:T]
-            t_lps[b, start:n] = row.topk_logprobs[:T]
-            t_tail[b, start:n] = row.tail_mass[:T]
-    batch = {
-        "inputs": mx.array(inputs),
-        "targets": mx.array(targets),
-        "mask": mx.array(mask),
-        "weight": mx.array(np.array([r.weight for r in rows], np.float32)),
-        "soft": mx.array(np.array([r.soft for r in rows], np.float32)),
-    }
-    if topk_k:
-        batch.update(topk_ids=mx.array(t_ids), topk_logprobs=mx.array(t_lps), tail_mass=mx.array(t_tail))
+        a["mask"][b, start:n] = 1.0
+        batching.put_teacher(a, b, row, start, n - start)
+    batch = batching.to_batch({}, inputs, a, rows)
     return batch, int(sum(n + 1 for n in lens))
 
 
