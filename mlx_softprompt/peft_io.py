@@ -156,14 +156,10 @@ def prefix_from_peft(weight: mx.array, num_layers: int, kv_heads: int) -> dict:
 
 
 def _prefix_layers(pf) -> dict:
-    layers = {}
-    for key, value in pf.tensors.items():
-        parts = key.split(".")
-        if len(parts) == 3 and parts[0] == "prefix" and parts[1].isdigit() and parts[2] in ("keys", "values"):
-            layers.setdefault(parts[1], {})[parts[2]] = value
-    if not layers or sorted(layers, key=int) != [str(i) for i in range(len(layers))] or \
-            any(set(v) != {"keys", "values"} or any(t.ndim != 3 for t in v.values()) for v in layers.values()):
-        raise UserError(f"{pf.path}: malformed prefix tensors (expected prefix.<layer>.keys/values)")
+    from .methods.prefix import PrefixTuning, check_layout
+
+    layers = PrefixTuning().params_from(pf.tensors, pf.path).get("prefix", {})
+    check_layout(layers, pf.path)
     return layers
 
 

@@ -18,6 +18,7 @@ sliding-window or recurrent caches cannot hold a fixed prefix: refused.
 """
 
 from dataclasses import dataclass
+from typing import Optional
 
 import mlx.core as mx
 import numpy as np
@@ -63,6 +64,20 @@ def token_prefix(model, ids) -> dict:
     n = len(ids)
     return {str(l): {"keys": c.keys[0, :, :n, :].astype(mx.float32),
                      "values": c.values[0, :, :n, :].astype(mx.float32)} for l, c in enumerate(cache)}
+
+
+def check_layout(layers: dict, path, want: Optional[int] = None) -> None:
+    """A prefix's layout, without a base: layers "0".."L-1" (L = `want` when given), each with
+    keys and values [kv heads, n, head dim] of one n."""
+    n_layers = len(layers) if want is None else want
+    ok = bool(layers) and sorted(layers, key=lambda s: int(s) if s.isdigit() else -1) == [str(i) for i in range(n_layers)]
+    ok = ok and all(isinstance(layers[k], dict) and set(layers[k]) == {"keys", "values"} for k in layers)
+    if not ok:
+        raise UserError(f"{path}: prefix tensors for {len(layers)} layers, the base has {want}" if want is not None
+                        else f"{path}: malformed prefix tensors (expected prefix.<layer>.keys/values for layers 0..L-1)")
+    n = {layers[k][kind].shape[1] for k in layers for kind in ("keys", "values")}
+    if len(n) != 1 or any(layers[k][kind].ndim != 3 for k in layers for kind in ("keys", "values")):
+        raise UserError(f"{path}: malformed prefix tensors (expected [kv heads, n, head dim] per layer)")
 
 
 class PrefixTuning(Method):
@@ -133,15 +148,8 @@ class PrefixTuning(Method):
         from mlx_lm.models.cache import make_prompt_cache
 
         _require_kv(model)
-        want = len(make_prompt_cache(model))
         layers = params.get("prefix", {})
-        ok = sorted(layers, key=lambda s: int(s) if s.isdigit() else -1) == [str(i) for i in range(want)]
-        ok = ok and all(isinstance(layers[k], dict) and set(layers[k]) == {"keys", "values"} for k in layers)
-        if not ok:
-            raise UserError(f"{path}: prefix tensors for {len(layers)} layers, the base has {want}")
-        n = {layers[k][kind].shape[1] for k in layers for kind in ("keys", "values")}
-        if len(n) != 1 or any(layers[k][kind].ndim != 3 for k in layers for kind in ("keys", "values")):
-            raise UserError(f"{path}: malformed prefix tensors (expected [kv heads, n, head dim] per layer)")
+        check_layout(layers, path, want=len(make_prompt_cache(model)))
         # shapes per layer must match what the base computes
         ref = token_prefix(model, [0])
         for k in layers:
