@@ -28,7 +28,6 @@ it is served with.
 import re
 import secrets
 import threading
-import weakref
 from typing import Callable, List, Optional, Sequence
 
 from .errors import UserError
@@ -72,10 +71,13 @@ class PromptBuilder:
         self.hf = hf_tokenizer(tokenizer)
         self.controls = control_tokens(tokenizer)
         self._control_re = re.compile("|".join(re.escape(c) for c in self.controls)) if self.controls else None
-        self.has_template = bool(getattr(self.hf, "chat_template", None))
         # `split_special_tokens` flips a flag on the shared Rust tokenizer: one encoding at a time, or a
         # concurrent request's control tokens could be read with the wrong setting
         self._lock = threading.Lock()
+
+    @property
+    def has_template(self) -> bool:
+        return bool(getattr(self.hf, "chat_template", None))
 
     # ------------------------------------------------------------ helpers
 
@@ -90,6 +92,11 @@ class PromptBuilder:
         if not text:
             return []
         return list(self.hf.encode(text, add_special_tokens=add_special_tokens, split_special_tokens=True))
+
+    def _hits(self, messages: Sequence[dict]) -> List[tuple]:
+        """[(message index, the first control-token text in it)] for the messages that have one."""
+        hits = [(i, self.contains_control(m["content"])) for i, m in enumerate(messages)]
+        return [(i, c) for i, c in hits if c]
 
     def contains_control(self, text: str) -> Optional[str]:
         if self._control_re is None:
@@ -112,8 +119,7 @@ class PromptBuilder:
     def _chat_prompt(self, messages: Sequence[dict]) -> List[int]:
         if not self.has_template:
             return self._text_ids("\n".join(m["content"] for m in messages), add_special_tokens=True)
-        hits = [(i, self.contains_control(m["content"])) for i, m in enumerate(messages)]
-        hits = [(i, c) for i, c in hits if c]
+        hits = self._hits(messages)
         if not hits:
             return self._ids(list(messages))
         return self._segmented(messages, hits)
@@ -157,8 +163,7 @@ class PromptBuilder:
                         what: str = "this model's chat template") -> List[int]:
         """Ids of `render(messages) + suffix` (another template, a guard's), by the same rule."""
         with self._lock:
-            hits = [(i, self.contains_control(m["content"])) for i, m in enumerate(messages)]
-            hits = [(i, c) for i, c in hits if c]
+            hits = self._hits(messages)
             if not hits:
                 return list(self.hf.encode(render(list(messages)) + suffix, add_special_tokens=False))
             return self._segmented(messages, hits, lambda m: render(m) + suffix, what)
@@ -214,20 +219,14 @@ class PromptBuilder:
 # private-use code points, as transformers' mark_control_tokens uses
 MARK_START, MARK_END = "\U000f0000", "\U000f0001"
 
-_builders: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-_builders_lock = threading.Lock()
+ATTR = "_mlx_softprompt_prompt_builder"  # a tokenizer's builder, kept on the tokenizer itself
 
 
 def builder(tokenizer) -> PromptBuilder:
-    """The PromptBuilder of `tokenizer` (made once per tokenizer)."""
+    """The PromptBuilder of `tokenizer`, made once and kept on it (its control tokens are read once)."""
     hf = hf_tokenizer(tokenizer)
-    with _builders_lock:
-        try:
-            return _builders[hf]
-        except (KeyError, TypeError):
-            pb = PromptBuilder(tokenizer)
-            try:
-                _builders[hf] = pb
-            except TypeError:  # not weak-referenceable: build each time
-                pass
-            return pb
+    pb = getattr(hf, ATTR, None)
+    if pb is None:
+        pb = PromptBuilder(tokenizer)
+        object.__setattr__(hf, ATTR, pb)
+    return pb

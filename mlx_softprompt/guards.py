@@ -695,6 +695,7 @@ class Guard:
     def __init__(self, spec: GuardSpec, model, tokenizer, config: Optional[dict] = None, path: str = "",
                  date=None):
         self.spec, self.model, self.tokenizer, self.config, self.path = spec, model, tokenizer, config or {}, path
+        self.prompts = builder(tokenizer)  # conversation -> ids, control tokens only from the template
         shipped = model_chat_template(tokenizer, path) if spec.prefer == "model" else None
         self.chat_template = shipped  # the guard's own template, when it is the one used
         self.template_origin = "model" if shipped is not None else "spec"
@@ -802,7 +803,7 @@ class Guard:
     def prompt_ids(self, messages: Sequence[dict], mode: str, categories: Optional[List[Category]] = None) -> List[int]:
         """Token ids up to the decision position (or up to where the guard starts its greedy answer)."""
         # a message's control-token text stays text: only the guard's template yields control tokens
-        ids = builder(self.tokenizer).rendered_prompt(
+        ids = self.prompts.rendered_prompt(
             list(messages), lambda m: self.render(m, mode, categories), self.spec.prefix(mode),
             what=f"guard {self.spec.id}'s template")
         if mode in self.spec.read_after:
