@@ -109,8 +109,8 @@ class Command(TyperCommand):
             i += 1
         return out, config
 
-    def config_values(self, ctx, path: Path) -> dict:
-        """The file's values as {param name: converted value}."""
+    def config_values(self, ctx, path: Path) -> tuple:
+        """The file's values as ({param name: converted value}, {param name: the key it was given by})."""
         by_key = {}
         for p in self.params:
             if isinstance(p, TyperOption) and p.name != "config":
@@ -119,8 +119,7 @@ class Command(TyperCommand):
         for old, new in ALIASES.items():
             if _key(new) in by_key and _key(old) not in by_key:
                 by_key[_key(old)] = by_key[_key(new)]
-        values = {}
-        self._sources = {}
+        values, keys = {}, {}
         for key, value in load_yaml(path).items():
             p = by_key.get(_key(str(key)))
             if p is None:
@@ -137,22 +136,22 @@ class Command(TyperCommand):
                     values[p.name] = p.type_cast_value(ctx, value)
             except typer.BadParameter as e:
                 raise UserError(f"{path}: {key}: {e.message}")
-            self._sources[p.name] = (path, str(key))
-        return values
+            keys[p.name] = str(key)
+        return values, keys
 
     def parse_args(self, ctx, args: List[str]) -> List[str]:
         args, path = self.rewrite(list(args))
         FROM_CONFIG.clear()
-        self._sources = {}
+        keys = {}
         if path is not None and self.reads_config:
-            ctx.default_map = {**(ctx.default_map or {}), **self.config_values(ctx, path)}
+            values, keys = self.config_values(ctx, path)
+            ctx.default_map = {**(ctx.default_map or {}), **values}
         rest = super().parse_args(ctx, args)
         for p in self.params:
-            src = self._sources.get(p.name)
             # typer may vendor its own click: compare the source by name
-            if src is not None and getattr(ctx.get_parameter_source(p.name), "name", "") == "DEFAULT_MAP":
+            if p.name in keys and getattr(ctx.get_parameter_source(p.name), "name", "") == "DEFAULT_MAP":
                 for opt in p.opts:
-                    FROM_CONFIG[opt] = src
+                    FROM_CONFIG[opt] = (path, keys[p.name])
         return rest
 
 
