@@ -74,6 +74,17 @@ def _random_prompt(model, n, seed):
     return mx.random.normal((n, models.hidden_size(model)), key=mx.random.key(seed)) * std
 
 
+def _assert_config_is_peft_s(ours_dir, theirs_dir, *keys):
+    """Our exported adapter_config.json has the fields peft itself writes, with the same values for the
+    shared shape fields and `keys`."""
+    theirs = json.loads((Path(theirs_dir) / CONFIG_NAME).read_text())
+    ours = json.loads((Path(ours_dir) / CONFIG_NAME).read_text())
+    assert set(ours) == set(theirs) - {"peft_version"}
+    for key in ("peft_type", "task_type", "num_virtual_tokens", "token_dim", "num_transformer_submodules",
+                "num_layers", "num_attention_heads") + keys:
+        assert ours[key] == theirs[key], key
+
+
 def _peft_logits(peft_model, ids):
     with torch.no_grad():
         return peft_model(input_ids=torch.tensor([ids])).logits[0].numpy()
@@ -264,15 +275,10 @@ def test_adapter_made_by_peft_imports(base, tmp_path, arch):
     with safe_open(str(tmp_path / "theirs" / WEIGHTS_NAME), "pt") as f:
         assert list(f.keys()) == [TENSOR_KEY]  # the key peft writes for prompt tuning
     # our exported config has the same fields with the same meaning as peft's own
-    theirs_cfg = json.loads((tmp_path / "theirs" / CONFIG_NAME).read_text())
     P = _random_prompt(model, 6, seed=1)
     ours_dir = export_peft(prompt_file.save(tmp_path / "p.safetensors", {"soft_prompt": P}, model, config),
                            tmp_path / "ours", base_model_name=hf_dir)
-    ours_cfg = json.loads((ours_dir / CONFIG_NAME).read_text())
-    assert set(ours_cfg) == set(theirs_cfg) - {"peft_version"}
-    for key in ("peft_type", "task_type", "num_virtual_tokens", "token_dim", "num_transformer_submodules",
-                "num_layers", "num_attention_heads", "inference_mode", "prompt_tuning_init"):
-        assert ours_cfg[key] == theirs_cfg[key], key
+    _assert_config_is_peft_s(ours_dir, tmp_path / "theirs", "inference_mode", "prompt_tuning_init")
 
     out = import_peft(tmp_path / "theirs", tmp_path / "imported.safetensors", mlx_dir)
     P2 = prompt_file.load(out).prompt
@@ -390,12 +396,7 @@ def test_prefix_tuning_exports_to_and_imports_from_peft(base, tmp_path, arch):
     torch.manual_seed(0)
     made = get_peft_model(_hf(hf_dir), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5))
     made.save_pretrained(tmp_path / "theirs")
-    theirs_cfg = json.loads((tmp_path / "theirs" / CONFIG_NAME).read_text())
-    ours_cfg = json.loads((adapter / CONFIG_NAME).read_text())
-    assert set(ours_cfg) == set(theirs_cfg) - {"peft_version"}
-    for key in ("peft_type", "task_type", "num_virtual_tokens", "token_dim", "num_transformer_submodules",
-                "num_layers", "num_attention_heads", "encoder_hidden_size", "prefix_projection"):
-        assert ours_cfg[key] == theirs_cfg[key], key
+    _assert_config_is_peft_s(adapter, tmp_path / "theirs", "encoder_hidden_size", "prefix_projection")
 
     # peft's own adapter in MLX
     out = import_peft(tmp_path / "theirs", tmp_path / "imported.safetensors", mlx_dir)
