@@ -62,9 +62,7 @@ class Order:
             raise ValueError("records must give one id per row")
         uniq, self.record = np.unique(ids, return_inverse=True)
         self.records = len(uniq)
-        longest = np.zeros(self.records, np.int64)
-        np.maximum.at(longest, self.record, self.lengths)
-        self.record_length = longest[self.record]
+        self.record_length = record_lengths(self.lengths, self.record)
         self.n, self.bs, self.seed, self.accum = len(self.lengths), int(batch_size), int(seed), int(accum)
         group = self.bs * self.accum
         if self.n < group:
@@ -100,6 +98,15 @@ class Order:
             self._epoch, self._rows = e, self.epoch(e)
         g, a = divmod(j, self.accum)
         return self._rows[g, a * self.bs:(a + 1) * self.bs]
+
+
+def record_lengths(lengths: Sequence[int], records: Sequence[int]) -> np.ndarray:
+    """Per row, the longest row of its record (rows of a record are sorted and batched together)."""
+    lengths, records = np.asarray(lengths, np.int64), np.asarray(records)
+    uniq, inverse = np.unique(records, return_inverse=True)
+    longest = np.zeros(len(uniq), np.int64)
+    np.maximum.at(longest, inverse, lengths)
+    return longest[inverse]
 
 
 def padding_share(positions: int, real_positions: int) -> float:

@@ -823,11 +823,11 @@ def train(args: TrainArgs, data: Optional[TeacherData] = None, model_bundle=None
     too_long = [r for r in rows if len(r.prompt) >= args.max_seq_length]
     rows = [r for r in rows if len(r.prompt) < args.max_seq_length]
     val_rows = [r for r in rows if is_val(r.prompt_index, args.seed, args.val_split)]
-    val_longest = {}
-    for r in val_rows:
-        val_longest[r.prompt_index] = max(val_longest.get(r.prompt_index, 0), r.length(args.max_seq_length))
     # by their prompt's longest row (little padding), a prompt's rows adjacent (one prompt run: record_prompt)
-    val_rows.sort(key=lambda r: (val_longest[r.prompt_index], r.prompt_index))
+    val_longest = batching.record_lengths([r.length(args.max_seq_length) for r in val_rows],
+                                          [r.prompt_index for r in val_rows])
+    val_rows = [val_rows[i] for i in sorted(range(len(val_rows)),
+                                            key=lambda i: (val_longest[i], val_rows[i].prompt_index))]
     train_rows = [r for r in rows if not is_val(r.prompt_index, args.seed, args.val_split)]
     if too_long:
         say(f"note: {len(too_long)} rows skipped: prompt longer than --max-seq-length {args.max_seq_length}")
