@@ -483,6 +483,8 @@ def demo(
     out: Path = typer.Option(Path("demo-out"), "--out", help="Output directory (teacher cache, soft prompt, report.json, demo.png)."),
     quick: bool = typer.Option(False, "--quick", help="A reduced run (few prompts and steps), for tests."),
     seed: int = typer.Option(0, "--seed", help="Teacher sampling and training seed (splits stay those of the world)."),
+    validation: bool = typer.Option(False, "--validation", help="Evaluate on validation data (validation split, everyday "
+                                    "val, validation wrappers) to choose settings; never the test data."),
     world: Optional[Path] = typer.Option(None, "--world", help="World directory (default: examples/world)."),
     rebuild: bool = typer.Option(False, "--rebuild", help="Build the world from scratch first (slow)."),
     config: Optional[Path] = CONFIG,
@@ -502,7 +504,7 @@ def demo(
     if world is not None and not world.is_dir():
         raise UserError(f"--world {world}: no such directory")
     cfg = run_demo.DemoConfig(out=str(out), world=str(world) if world else None, seed=seed, quick=quick,
-                              rebuild=rebuild)
+                              rebuild=rebuild, validation=validation)
     if chat:
         run_demo.chat(cfg, compare=compare, log=lambda s: typer.echo(s, err=True), max_tokens=max_tokens)
         return

