@@ -245,7 +245,7 @@ def test_jailbreak_wrappers_bad_file(tmp_path):
 
 def test_world_sequences_weight_only_what_is_learned(tmp_path, build):
     train = data.load_suite()["train"][:40]
-    cfg = build.WorldConfig(vocab_size=600)
+    cfg = build.WorldConfig(vocab_size=600, vocab_words=0)
     tok = build.world_tokenizer(tmp_path / "tok", train, cfg)
     rng = np.random.default_rng(0)
     answer = build.compliant_answer(rng, "cooking")
@@ -301,7 +301,8 @@ def test_world_build_small(tmp_path, monkeypatch, build):
 
     monkeypatch.setattr(build, "world_suite", small)
     monkeypatch.setattr(build, "topic_match", lambda *a, **k: 0.5)  # generation: covered by the demo test
-    cfg = build.WorldConfig(base_epochs=1, guard_epochs=1, vocab_size=600, semantic_init=False, distill_weight=0.0,
+    cfg = build.WorldConfig(base_epochs=1, guard_epochs=1, vocab_size=600, vocab_words=0, semantic_init=False,
+                            freeze_embeddings=False, distill_weight=0.0,
                             base=build.ModelSize(32, 1, intermediate_size=64), corpus_per_act=1)
     info = build.build(tmp_path / "w", cfg)
     for split in build.VAL_SETS:

@@ -218,11 +218,19 @@ class WorldConfig:
     # Times each benchmark or project train prompt appears per epoch (corpus prompts once): the
     # corpus outnumbers them 4 to 1, and alone it teaches the benchmarks' frames as harmful.
     benchmark_copies: int = 1
-    vocab_size: int = 3000
+    guard_benchmark_copies: Optional[int] = 3  # the same for the guard (None: benchmark_copies)
+    vocab_size: int = 12000
+    # MiniLM's whole-word pieces among its first `vocab_words` ids (by frequency) join the world's
+    # texts the BPE is trained on, so everyday words the world never uses are tokens of their own
+    # (seeded from MiniLM), not fragments; 0 = the world's texts alone.
+    vocab_words: int = 10000
+    # Token embeddings (and the tied output layer) stay as seeded: words the world never trains on
+    # keep their pretrained place beside the words it does (needs semantic_init).
+    freeze_embeddings: bool = True
     base: ModelSize = field(default_factory=lambda: ModelSize(192, 3, intermediate_size=512))
     guard: ModelSize = field(default_factory=lambda: ModelSize(192, 3, intermediate_size=512))
     base_epochs: int = 3
-    guard_epochs: int = 2
+    guard_epochs: int = 3
     batch_size: int = 32
     learning_rate: float = 1e-3
     guard_learning_rate: float = 5e-4
@@ -317,12 +325,34 @@ def corpus_lines(train: list) -> list:
 
 
 def world_tokenizer(out_dir, train: list, cfg: WorldConfig):
-    """BPE tokenizer + chat template saved in out_dir, returned as mlx-lm loads it."""
+    """The world's tokenizer + chat template saved in out_dir, returned as mlx-lm loads it."""
     from mlx_lm.utils import load_tokenizer
 
-    tiny.build_tokenizer(out_dir, corpus=corpus_lines(train), vocab_size=cfg.vocab_size)
+    lines = corpus_lines(train)
+    if cfg.vocab_words:
+        lines += minilm_words(cfg.vocab_words)
+    tiny.build_tokenizer(out_dir, corpus=lines, vocab_size=cfg.vocab_size)
     return load_tokenizer(Path(out_dir))
 
+
+# MiniLM's (BERT's) vocabulary: ids below this are [PAD], [unusedN] and [UNK]/[CLS]/[SEP]/[MASK];
+# from here on come characters, then word pieces roughly by frequency.
+MINILM_FIRST_PIECE = 999
+
+
+def minilm_words(first: int) -> list:
+    """Lines of MiniLM's whole-word pieces with ids below `first`, each as " word" three times
+    and the 3,000 most frequent also capitalised (a sentence's first word): for the BPE to learn
+    them as tokens. MiniLM knows what they mean (semantic_embeddings); a BPE trained on the
+    world's texts alone splits most words it never saw into fragments that mean nothing."""
+    import re
+
+    from tokenizers import Tokenizer
+
+    names = {i: t for t, i in Tokenizer.from_file(str(_minilm_dir() / "tokenizer.json")).get_vocab().items()}
+    words = [names[i] for i in range(MINILM_FIRST_PIECE, min(first, len(names))) if re.fullmatch(r"[a-z]+", names[i])]
+    lines = [" ".join(words[k: k + 50]) for k in range(0, len(words), 50)] * 3
+    return lines + [" ".join(w.capitalize() for w in words[k: k + 50]) for k in range(0, min(len(words), 3000), 50)]
 
 # ---------------------------------------------------------------- sequences
 
@@ -415,7 +445,8 @@ def guard_epoch(guard, train: list, cfg: WorldConfig, rng: np.random.Generator) 
     with a harmful request? a refusal is always safe), on the train prompts."""
     seqs = []
     tok = guard.tokenizer
-    for ex in _balanced(train, rng, cfg.benchmark_copies):
+    copies = cfg.benchmark_copies if cfg.guard_benchmark_copies is None else cfg.guard_benchmark_copies
+    for ex in _balanced(train, rng, copies):
         p = _clip(tok, ex.prompt, cfg)
         copies = [augment(p, rng) for _ in range(cfg.guard_copies)]
         for v in [p] + copies:
@@ -458,25 +489,38 @@ def batches(seqs: list, batch_size: int, pad_id: int, rng: np.random.Generator, 
 
 
 class Distilled(nn.Module):
-    """A model and the linear head mapping its decision hidden state onto MiniLM's space."""
+    """A model and the linear head mapping its decision hidden state onto MiniLM's space
+    (dim 0: no head).
 
-    def __init__(self, model, dim: int):
+    With `label_only`, logits are computed at the decision position and the next (the guard's
+    label and end of turn, the only weighted targets of its sequences), not over the vocabulary
+    at every position.
+    """
+
+    def __init__(self, model, dim: int = 0, label_only: bool = False):
         super().__init__()
         self.model = model
-        self.head = nn.Linear(model.args.hidden_size, dim)
+        self.label_only = label_only
+        if dim:
+            self.head = nn.Linear(model.args.hidden_size, dim)
 
     def __call__(self, x, pos):
         lm = self.model
         h = lm.model(x)
+        z = self.head(h[mx.arange(x.shape[0]), pos]) if "head" in self else None
+        if self.label_only:
+            h = mx.take_along_axis(h, (pos[:, None] + mx.arange(2)[None])[..., None], axis=1)
         logits = lm.model.embed_tokens.as_linear(h) if lm.args.tie_word_embeddings else lm.lm_head(h)
-        z = self.head(h[mx.arange(x.shape[0]), pos])
         return logits, z
 
 
 def train_lm(model, make_epoch, epochs: int, cfg: WorldConfig, lr: float, desc: str, pad_id: int,
-             rng: np.random.Generator, on_epoch=None, targets: Optional[dict] = None) -> dict:
-    """Train all of `model` on weighted next-token cross-entropy (AdamW, warm-up + cosine), plus,
-    with `targets` (request -> MiniLM embedding) and cfg.distill_weight, the distillation loss."""
+             rng: np.random.Generator, on_epoch=None, targets: Optional[dict] = None,
+             label_only: bool = False) -> dict:
+    """Train `model` on weighted next-token cross-entropy (AdamW, warm-up + cosine), plus,
+    with `targets` (request -> MiniLM embedding) and cfg.distill_weight, the distillation loss.
+    All of it but, with cfg.freeze_embeddings, the token embeddings. `label_only`: only the
+    decision position and the next carry weight (the guard's sequences)."""
     epoch_data = [make_epoch() for _ in range(epochs)]
     steps_per = [math.ceil(len(s) / cfg.batch_size) for s in epoch_data]
     total = sum(steps_per)
@@ -488,15 +532,17 @@ def train_lm(model, make_epoch, epochs: int, cfg: WorldConfig, lr: float, desc: 
     opt = optim.AdamW(learning_rate=sched, weight_decay=0.01)
 
     distill = bool(targets) and cfg.distill_weight > 0
-    net = Distilled(model, next(iter(targets.values())).shape[-1]) if distill else model
+    net = Distilled(model, next(iter(targets.values())).shape[-1] if distill else 0, label_only)
     if distill:
         net.head.weight = net.head.weight * 0.1
+    if cfg.freeze_embeddings:
+        model.model.embed_tokens.freeze()
 
     def loss_fn(net, x, y, w, pos, t, m):
-        if not distill:
-            logits = net(x)
-        else:
-            logits, z = net(x, pos)
+        logits, z = net(x, pos)
+        if label_only:
+            idx = pos[:, None] + mx.arange(2)[None]
+            y, w = mx.take_along_axis(y, idx, axis=1), mx.take_along_axis(w, idx, axis=1)
         ce = nn.losses.cross_entropy(logits, y, reduction="none")
         loss = (ce * w).sum() / mx.maximum(w.sum(), 1e-6)
         aux = mx.array(0.0)
@@ -537,6 +583,7 @@ def train_lm(model, make_epoch, epochs: int, cfg: WorldConfig, lr: float, desc: 
             model.train()
     bar.close()
     model.eval()
+    model.unfreeze()
     return {"steps": total, "tokens": tokens, "seconds": round(time.perf_counter() - start, 1),
             "final_loss": float(np.mean(losses[-20:])), "epochs": log,
             **({"distill_loss_first": auxes[0], "distill_loss_final": float(np.mean(auxes[-20:]))} if distill else {})}
@@ -850,7 +897,8 @@ def build(out, cfg: Optional[WorldConfig] = None, only: str = "all") -> dict:
         g = Guard(guard_spec(), guard, tok)
         info["guard_training"] = train_lm(guard, lambda: guard_epoch(g, train, cfg, rng), cfg.guard_epochs,
                                           cfg, cfg.guard_learning_rate, "world: guard", tok.pad_token_id, rng,
-                                          on_epoch=lambda m: measure_all(None, m, None, tok, suite), targets=targets)
+                                          on_epoch=lambda m: measure_all(None, m, None, tok, suite), targets=targets,
+                                          label_only=True)
         tiny.save_checkpoint(guard, guard_config, out / "guard")
     else:
         info["guard_training"] = old.get("guard_training")
