@@ -430,7 +430,7 @@ def test_frozen_embeddings_and_label_only_logits(tmp_path, build):
     from mlx_softprompt.guards import Guard
 
     train = data.load_suite()["train"][:16]
-    cfg = build.WorldConfig(vocab_size=400, vocab_words=0, batch_size=8, distill_weight=0.0,
+    cfg = build.WorldConfig(vocab_size=400, vocab_words=0, batch_size=8, distill_weight=0.0, freeze_embeddings=True,
                             base=build.ModelSize(32, 1, intermediate_size=64))
     tok = build.world_tokenizer(tmp_path, train, cfg)
     g = Guard(build.guard_spec(), None, tok)
