@@ -218,24 +218,25 @@ class WorldConfig:
     # Times each benchmark or project train prompt appears per epoch (corpus prompts once): the
     # corpus outnumbers them 4 to 1, and alone it teaches the benchmarks' frames as harmful.
     benchmark_copies: int = 1
-    guard_benchmark_copies: Optional[int] = 3  # the same for the guard (None: benchmark_copies)
-    vocab_size: int = 12000
+    guard_benchmark_copies: Optional[int] = None  # the same for the guard (None: benchmark_copies)
+    vocab_size: int = 3000
     # MiniLM's whole-word pieces among its first `vocab_words` ids (by frequency) join the world's
     # texts the BPE is trained on, so everyday words the world never uses are tokens of their own
-    # (seeded from MiniLM), not fragments; 0 = the world's texts alone.
-    vocab_words: int = 10000
+    # (seeded from MiniLM), not fragments; 0 = the world's texts alone. (Measured with
+    # vocab_size=12000, vocab_words=10000, not shipped: see docs/DEMO.md, "Levers".)
+    vocab_words: int = 0
     # Token embeddings stay exactly as seeded (needs semantic_init). Measured, not the default: with
     # them frozen the base stayed at chance (classification 51%, refusing everything) after 2 of 3
     # epochs; MiniLM's rows differ mostly in a few components, too alike to read as they are.
     freeze_embeddings: bool = False
-    # The base's output layer is its own: a word the base never reads then gets no gradient at all
-    # and keeps its MiniLM seed, where a tied layer pushes every unseen word at every step. (And
-    # with frozen embeddings a tied output layer cannot learn to write: loss 7.0 against 2.4 after
-    # 100 steps.)
-    base: ModelSize = field(default_factory=lambda: ModelSize(192, 3, intermediate_size=512, tie=False))
+    # base.tie=false gives the base its own output layer: a word the base never reads then gets no
+    # gradient at all and keeps its MiniLM seed, where a tied layer pushes every unseen word at
+    # every step (and with frozen embeddings a tied output layer cannot learn to write: loss 7.0
+    # against 2.4 after 100 steps). The guard starts from such a base tied (guard_from_base).
+    base: ModelSize = field(default_factory=lambda: ModelSize(192, 3, intermediate_size=512))
     guard: ModelSize = field(default_factory=lambda: ModelSize(192, 3, intermediate_size=512))
     base_epochs: int = 3
-    guard_epochs: int = 3
+    guard_epochs: int = 2
     batch_size: int = 32
     learning_rate: float = 1e-3
     guard_learning_rate: float = 5e-4
