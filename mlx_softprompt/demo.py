@@ -67,13 +67,14 @@ class DemoConfig:
     # teach: the benchmarks' train split plus the first N train prompts of the world's corpus ...
     corpus_train: Optional[int] = 600
     # ... plus N of those prompts (this share harmful) in the teach part of the project's wrappers
-    wrapped_train: int = 0
+    # (chosen on validation data, docs/DEMO.md "The soft prompt's teaching set")
+    wrapped_train: int = 600
     wrapped_harmful_share: float = 0.5
     max_tokens: int = 48
     top_k: int = 64
-    # train (train.TrainArgs fields)
+    # train (train.TrainArgs fields); rows up to 1024 tokens hold the longest wrapped prompt and its answer
     train: dict = field(default_factory=lambda: {
-        "num_tokens": 16, "init": "vocab", "iters": 200, "batch_size": 16, "learning_rate": 0.01,
+        "num_tokens": 64, "init": "vocab", "iters": 400, "batch_size": 16, "learning_rate": 0.01,
         "warmup": 20, "max_seq_length": 1024, "val_split": 0.1, "val_every": 50, "save_every": 200,
         "steps_per_report": 10,
     })

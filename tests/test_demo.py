@@ -514,7 +514,8 @@ def test_shipped_world_is_small_and_recorded():
 
 @needs_world
 def test_demo_teaches_wrapped_prompts():
-    cfg = demo.DemoConfig(wrapped_train=max(demo.DemoConfig().wrapped_train, 40))
+    cfg = demo.DemoConfig()  # the demo's own recipe
+    assert cfg.wrapped_train >= 40
     train = demo.demo_data(cfg, WORLD)["train"]
     plain = [e for e in train if e.source != "wrapped"]
     wrapped = [e for e in train if e.source == "wrapped"]
@@ -561,21 +562,21 @@ def test_demo_validation_mode_sees_no_test_prompt():
     gf = data.jailbreak_templates()
     assert not [e for e in jb if any(t.split(data.JAILBREAK_SLOT)[0][:200] in e.prompt for t in gf)]
     # no validation wrapper is taught
-    taught = {e.meta.get("template") for e in demo.demo_data(demo.DemoConfig(wrapped_train=60), WORLD)["train"]}
+    taught = {e.meta.get("template") for e in demo.demo_data(demo.DemoConfig(), WORLD)["train"]}
     assert not taught & val_wrappers
 
 
 @pytest.fixture(scope="module")
 def quick_demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "demo-out"
-    cfg = demo.DemoConfig(out=str(out), quick=True, wrapped_train=8)
+    cfg = demo.DemoConfig(out=str(out), quick=True)  # the default recipe, reduced (8 wrapped prompts)
     return cfg, demo.run(cfg, log=lambda *a, **k: None)
 
 
 @pytest.fixture(scope="module")
 def quick_validation_demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "demo-val"
-    cfg = demo.DemoConfig(out=str(out), quick=True, validation=True, wrapped_train=8)
+    cfg = demo.DemoConfig(out=str(out), quick=True, validation=True)
     return cfg, demo.run(cfg, log=lambda *a, **k: None)
 
 
