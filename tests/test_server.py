@@ -673,7 +673,8 @@ def _free_port():
 def test_cli_serve_binds_loopback_and_shuts_down(served):
     _, system, _, base, pfile, _ = served
     port = _free_port()
-    env = {"MLX_SOFTPROMPT_NO_BLAS": "1", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "PYTHONIOENCODING": "utf-8"}
+    env = {"MLX_SOFTPROMPT_NO_BLAS": "1", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "PYTHONIOENCODING": "utf-8",
+           "PYTHONFAULTHANDLER": "1"}  # a hung shutdown (SIGABRT below) prints every thread's stack
     if os.environ.get("LD_PRELOAD"):
         env["LD_PRELOAD"] = os.environ["LD_PRELOAD"]
     proc = subprocess.Popen([sys.executable, "-m", "mlx_softprompt", "serve", "--model", base, "--prompt-file",
@@ -698,9 +699,14 @@ def test_cli_serve_binds_loopback_and_shuts_down(served):
         assert r.choices[0].message.content == _reference(system, [{"role": "user", "content": PROMPTS[0]}]).text
         resp, _ = _raw(port, "OPTIONS", "/v1/models", None, {"Origin": ORIGIN, "Access-Control-Request-Method": "GET"})
         assert resp.status == 204 and resp.getheader("Access-Control-Allow-Origin") == ORIGIN
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=90) == 0
+        proc.send_signal(signal.SIGINT)  # with the client's keep-alive connection still open
+        try:
+            code = proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGABRT)
+            pytest.fail("serve did not stop within 90 s of SIGINT; its threads:\n" + proc.communicate(timeout=30)[1][-6000:])
         err = proc.stderr.read()
+        assert code == 0, err
         assert f"http://127.0.0.1:{port}/v1" in err and "5 virtual tokens" in err and "Traceback" not in err
     finally:
         if proc.poll() is None:
