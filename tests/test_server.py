@@ -679,7 +679,10 @@ def test_cli_serve_binds_loopback_and_shuts_down(served):
         env["LD_PRELOAD"] = os.environ["LD_PRELOAD"]
     proc = subprocess.Popen([sys.executable, "-m", "mlx_softprompt", "serve", "--model", base, "--prompt-file",
                              str(pfile), "--port", str(port), "--cors-origin", ORIGIN], stderr=subprocess.PIPE,
-                            stdout=subprocess.DEVNULL, env=env, text=True)
+                            stdout=subprocess.DEVNULL, env=env, text=True,
+                            # Ctrl-C as in a terminal: a test run started in the background (nohup, `&`)
+                            # hands its children SIGINT ignored, and Python then keeps it ignored
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 120
         while True:
