@@ -131,8 +131,9 @@ def world_settings(path: Path) -> dict:
     return info
 
 
-def suite_names(cfg: DemoConfig) -> tuple:
-    return VAL_SUITES if cfg.validation else SUITES
+def suite_names(validation: bool) -> tuple:
+    """The three suites in order: SUITES, or VAL_SUITES for a validation run."""
+    return VAL_SUITES if validation else SUITES
 
 
 def wrapped_teach(pool: list, n: int, harmful_share: float, seed: int = data.DEFAULT_SEED) -> list:
@@ -170,7 +171,7 @@ def demo_data(cfg: DemoConfig, wpath: Path) -> dict:
         jailbreak = data.wrapped_prompts(harmful, "val", rounds=cfg.jailbreak_rounds)
     else:
         jailbreak = data.jailbreak_suite(harmful=harmful, rounds=cfg.jailbreak_rounds)
-    return {"train": train, **dict(zip(suite_names(cfg), (bench, everyday, data.limit_per_label(jailbreak, cfg.limit))))}
+    return {"train": train, **dict(zip(suite_names(cfg.validation), (bench, everyday, data.limit_per_label(jailbreak, cfg.limit))))}
 
 
 def run(cfg: DemoConfig, log=print) -> dict:
@@ -190,7 +191,7 @@ def run(cfg: DemoConfig, log=print) -> dict:
 
     sets = demo_data(cfg, wpath)
     train = sets["train"]
-    names = suite_names(cfg)
+    names = suite_names(cfg.validation)
     n_wrapped = sum(e.source == "wrapped" for e in train)
     log(f"demo: world {wpath}; {len(train)} train prompts ({n_wrapped} in the teach wrappers); " +
         ", ".join(f"{len(sets[s])} {s}" for s in names) + f" (split seed {data.DEFAULT_SEED})" +
@@ -292,13 +293,8 @@ def sample_chats(report: dict, examples: list) -> list:
     return out
 
 
-def _suites(report: dict) -> tuple:
-    """The report's three suites in order: SUITES, or VAL_SUITES for a validation run."""
-    return VAL_SUITES if report["demo"].get("validation") else SUITES
-
-
 def _names(report: dict) -> list:
-    systems = report["suites"][_suites(report)[0]]["systems"]
+    systems = report["suites"][suite_names(report["demo"].get("validation"))[0]]["systems"]
     return [n for n in SYSTEM_ORDER if n in systems] + [n for n in systems if n not in SYSTEM_ORDER]
 
 
@@ -315,7 +311,7 @@ def table(report: dict) -> str:
     from . import tables
 
     s = report["suites"]
-    first, everyday, jail = suites = _suites(report)
+    first, everyday, jail = suites = suite_names(report["demo"].get("validation"))
     short = " / ".join(suites)
     rows = {name: {k: s[k]["systems"][name] for k in suites} for name in _names(report)}
     cols = [
@@ -364,7 +360,7 @@ def plot(report: dict, path) -> None:
                ("agreement_with_dual", "agreement with dual")]
     x = np.arange(len(names))
     w = 0.8 / len(metrics)
-    suites = _suites(report)
+    suites = suite_names(report["demo"].get("validation"))
     fig, axes = plt.subplots(1, len(suites), figsize=(13, 4), sharey=True)
     for ax, suite in zip(axes, suites):
         systems = report["suites"][suite]["systems"]
