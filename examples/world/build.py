@@ -446,13 +446,19 @@ def base_epoch(tok, train: list, cfg: WorldConfig, rng: np.random.Generator) -> 
     return seqs
 
 
+def guard_repeats(config: dict) -> int:
+    """Times each benchmark or project prompt appears per guard epoch (a WorldConfig as a dict,
+    as world.json records it)."""
+    g = config.get("guard_benchmark_copies")
+    return config["benchmark_copies"] if g is None else g
+
+
 def guard_epoch(guard, train: list, cfg: WorldConfig, rng: np.random.Generator) -> list:
     """Input moderation (is the request harmful?) and output moderation (did the answer comply
     with a harmful request? a refusal is always safe), on the train prompts."""
     seqs = []
     tok = guard.tokenizer
-    copies = cfg.benchmark_copies if cfg.guard_benchmark_copies is None else cfg.guard_benchmark_copies
-    for ex in _balanced(train, rng, copies):
+    for ex in _balanced(train, rng, guard_repeats(asdict(cfg))):
         p = _clip(tok, ex.prompt, cfg)
         copies = [augment(p, rng) for _ in range(cfg.guard_copies)]
         for v in [p] + copies:
@@ -1019,7 +1025,6 @@ def build_notes(info: dict) -> str:
     bt, gt = info["base_training"], info["guard_training"]
     earlier = info.get("init_world") or {}
     first_bt, first_gt = earlier.get("base_training") or {}, earlier.get("guard_training") or {}
-    copies = lambda cf: cf["benchmark_copies"] if cf.get("guard_benchmark_copies") is None else cf["guard_benchmark_copies"]  # noqa: E731
     base_epochs = f"{bc['base_epochs']} epochs ({bt['steps']} steps, {bt['seconds'] / 60:.0f} min)"
     run = "nice -n 19 python examples/world/build.py build"
     if first:
@@ -1040,12 +1045,12 @@ def build_notes(info: dict) -> str:
         else:
             guard_epochs = (f"{first['guard_epochs']} epochs ({first_gt.get('seconds', 0) / 60:.0f} min), then "
                             f"{c['guard_epochs']} more ({gt['seconds'] / 60:.0f} min")
-        guard_epochs += (f", benchmark and project prompts {copies(c)} times per epoch)" if copies(c) > 1 else ")")
+        guard_epochs += (f", benchmark and project prompts {guard_repeats(c)} times per epoch)" if guard_repeats(c) > 1 else ")")
     else:
         recipe = f"    {run} --out examples/world --seed {c['seed']} {_set_flags(c)}".rstrip()
         stages = "One stage, from scratch."
         guard_epochs = (f"{c['guard_epochs']} epochs ({gt['seconds'] / 60:.0f} min"
-                        + (f", benchmark and project prompts {copies(c)} times per epoch)" if copies(c) > 1 else ")"))
+                        + (f", benchmark and project prompts {guard_repeats(c)} times per epoch)" if guard_repeats(c) > 1 else ")"))
     minutes = (info["build_seconds"] + sum((earlier.get(k) or {}).get("seconds", 0) for k in ("base_training", "guard_training"))) / 60
     guard_arch = (f"the base's architecture and weights (d={b['hidden_size']}, {b['num_layers']} layers), "
                   "fine-tuned" if bc["guard_from_base"] else
