@@ -670,7 +670,8 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_cli_serve_binds_loopback_and_shuts_down(served):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_cli_serve_binds_loopback_and_shuts_down(served, stop):
     _, system, _, base, pfile, _ = served
     port = _free_port()
     env = {"MLX_SOFTPROMPT_NO_BLAS": "1", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "PYTHONIOENCODING": "utf-8",
@@ -702,12 +703,12 @@ def test_cli_serve_binds_loopback_and_shuts_down(served):
         assert r.choices[0].message.content == _reference(system, [{"role": "user", "content": PROMPTS[0]}]).text
         resp, _ = _raw(port, "OPTIONS", "/v1/models", None, {"Origin": ORIGIN, "Access-Control-Request-Method": "GET"})
         assert resp.status == 204 and resp.getheader("Access-Control-Allow-Origin") == ORIGIN
-        proc.send_signal(signal.SIGINT)  # with the client's keep-alive connection still open
+        proc.send_signal(stop)  # with the client's keep-alive connection still open
         try:
             code = proc.wait(timeout=90)
         except subprocess.TimeoutExpired:
             proc.send_signal(signal.SIGABRT)
-            pytest.fail("serve did not stop within 90 s of SIGINT; its threads:\n" + proc.communicate(timeout=30)[1][-6000:])
+            pytest.fail(f"serve did not stop within 90 s of {stop.name}; its threads:\n" + proc.communicate(timeout=30)[1][-6000:])
         err = proc.stderr.read()
         assert code == 0, err
         assert f"http://127.0.0.1:{port}/v1" in err and "5 virtual tokens" in err and "Traceback" not in err

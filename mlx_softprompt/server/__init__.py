@@ -194,10 +194,21 @@ def serve(system, cfg: ServerConfig) -> None:
     if not app.policy.bound.is_loopback:
         print(f"warning: listening on {host}, not loopback: anyone who can reach this port can use the model",
               file=sys.stderr, flush=True)
+    # SIGTERM (docker stop, systemd, kill) stops it as Ctrl-C does: open connections closed, exit 0.
+    import signal
+    import threading
+
+    def _stop(signum, frame):
+        raise KeyboardInterrupt
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _stop) if main else None
     try:
         httpd.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
         httpd.server_close()
         app.close()
