@@ -2,6 +2,7 @@
 jailbreak suite, and a reduced `mlx-softprompt demo` run end to end."""
 
 import importlib.util
+import dataclasses
 import json
 import math
 import sys
@@ -336,6 +337,13 @@ def test_world_build_small(tmp_path, monkeypatch, build):
     assert info3["guard_training"] == info["guard_training"]
     notes = (tmp_path / "w3" / "BUILD.md").read_text()
     assert "--only base" in notes and "the guard is stage 1's" in notes and "then 1 more at learning rate 0.0005" in notes
+    # a base alone, trained further with no guard yet, then a guard fine-tuned from that base
+    build.build(tmp_path / "b", cfg, only="base")
+    build.build(tmp_path / "b2", dataclasses.replace(cfg, init=str(tmp_path / "b")), only="base")
+    assert not (tmp_path / "b2" / "guard" / "model.safetensors").exists()
+    info4 = build.build(tmp_path / "b2", cfg, only="guard")
+    assert info4["guard_training"]["steps"] > 0 and 0.0 <= info4["everyday_val"]["guard_flags_harmful"] <= 1.0
+    assert load_guard(str(tmp_path / "b2" / "guard-spec.json"), str(tmp_path / "b2" / "guard")).model is not None
     # the demo reads what it needs at run time from world.json
     settings = demo.world_settings(tmp_path / "w")
     assert settings["refusal"] == build.REFUSAL and settings["generic_system_prompt"] == build.GENERIC_SYSTEM_PROMPT

@@ -882,10 +882,11 @@ def build(out, cfg: Optional[WorldConfig] = None, only: str = "all") -> dict:
         earlier = json.loads((init / "world.json").read_text()) if (init / "world.json").exists() else {}
         info["init_world"] = {k: earlier.get(k) for k in ("config", "base_training", "guard_training", "init_world")}
         _copy_tokenizer(init / "base", out / "base")
-        if only != "all" and init.resolve() != out.resolve():  # the earlier world's other model, as it was
+        other = "base" if only == "guard" else "guard"
+        # the earlier world's other model, as it was (an earlier stage that built only a base has no guard)
+        if only != "all" and init.resolve() != out.resolve() and (init / other).exists():
             import shutil
 
-            other = "base" if only == "guard" else "guard"
             shutil.copytree(init / other, out / other, dirs_exist_ok=True)
             old = {**old, f"{other}_training": earlier.get(f"{other}_training")}
     elif only in ("all", "base") or not (out / "base" / "tokenizer.json").exists():
