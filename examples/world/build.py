@@ -500,6 +500,11 @@ def batches(seqs: list, batch_size: int, pad_id: int, rng: np.random.Generator, 
 # ---------------------------------------------------------------- training
 
 
+def label_positions(pos):
+    """The guard's label position and the next (its end of turn): its only weighted targets."""
+    return pos[:, None] + mx.arange(2)[None]
+
+
 class Distilled(nn.Module):
     """A model and the linear head mapping its decision hidden state onto MiniLM's space
     (dim 0: no head).
@@ -521,7 +526,7 @@ class Distilled(nn.Module):
         h = lm.model(x)
         z = self.head(h[mx.arange(x.shape[0]), pos]) if "head" in self else None
         if self.label_only:
-            h = mx.take_along_axis(h, (pos[:, None] + mx.arange(2)[None])[..., None], axis=1)
+            h = mx.take_along_axis(h, label_positions(pos)[..., None], axis=1)
         logits = lm.model.embed_tokens.as_linear(h) if lm.args.tie_word_embeddings else lm.lm_head(h)
         return logits, z
 
@@ -553,7 +558,7 @@ def train_lm(model, make_epoch, epochs: int, cfg: WorldConfig, lr: float, desc: 
     def loss_fn(net, x, y, w, pos, t, m):
         logits, z = net(x, pos)
         if label_only:
-            idx = pos[:, None] + mx.arange(2)[None]
+            idx = label_positions(pos)
             y, w = mx.take_along_axis(y, idx, axis=1), mx.take_along_axis(w, idx, axis=1)
         ce = nn.losses.cross_entropy(logits, y, reduction="none")
         loss = (ce * w).sum() / mx.maximum(w.sum(), 1e-6)
