@@ -355,7 +355,8 @@ def test_world_build_small(tmp_path, monkeypatch, build):
     assert info2["init_world"]["config"]["base"]["hidden_size"] == 32
     assert info2["base_training"] == info["base_training"]
     notes = (tmp_path / "w2" / "BUILD.md").read_text()
-    assert "--only guard" in notes and "--set guard_epochs=1" in notes
+    assert "--only guard" in notes and "--set guard_epochs=1" in notes and "--set guard_wrapped=4" in notes
+    assert "4 train prompts per epoch in the project's train jailbreak-style wrappers" in notes
     # or its base trained further, the guard kept as it was
     cfg3 = build.WorldConfig(base_epochs=1, corpus_per_act=1, distill_weight=0.0, learning_rate=5e-4, init=str(tmp_path / "w"))
     info3 = build.build(tmp_path / "w3", cfg3, only="base")

@@ -1032,6 +1032,15 @@ def _set_flags(config: dict) -> str:
     return " ".join(flags)
 
 
+def _guard_extras(c: dict) -> str:
+    """What a guard stage's epochs held besides the train prompts once each (BUILD.md)."""
+    parts = [f"benchmark and project prompts {guard_repeats(c)} times per epoch"] if guard_repeats(c) > 1 else []
+    if c.get("guard_wrapped"):
+        parts.append(f"{c['guard_wrapped']} train prompts per epoch in the project's train jailbreak-style "
+                     "wrappers, labelled by the request")
+    return "".join(", " + p for p in parts)
+
+
 def build_notes(info: dict) -> str:
     c = info["config"]
     first = (info.get("init_world") or {}).get("config")
@@ -1062,12 +1071,11 @@ def build_notes(info: dict) -> str:
         else:
             guard_epochs = (f"{first['guard_epochs']} epochs ({first_gt.get('seconds', 0) / 60:.0f} min), then "
                             f"{c['guard_epochs']} more ({gt['seconds'] / 60:.0f} min")
-        guard_epochs += (f", benchmark and project prompts {guard_repeats(c)} times per epoch)" if guard_repeats(c) > 1 else ")")
+        guard_epochs += _guard_extras(c) + ")"
     else:
         recipe = f"    {run} --out examples/world --seed {c['seed']} {_set_flags(c)}".rstrip()
         stages = "One stage, from scratch."
-        guard_epochs = (f"{c['guard_epochs']} epochs ({gt['seconds'] / 60:.0f} min"
-                        + (f", benchmark and project prompts {guard_repeats(c)} times per epoch)" if guard_repeats(c) > 1 else ")"))
+        guard_epochs = f"{c['guard_epochs']} epochs ({gt['seconds'] / 60:.0f} min" + _guard_extras(c) + ")"
     minutes = (info["build_seconds"] + sum((earlier.get(k) or {}).get("seconds", 0) for k in ("base_training", "guard_training"))) / 60
     guard_arch = (f"the base's architecture and weights (d={b['hidden_size']}, {b['num_layers']} layers), "
                   "fine-tuned" if bc["guard_from_base"] else
