@@ -37,7 +37,7 @@ import math
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from functools import partial
 from pathlib import Path
 from typing import Optional
@@ -472,12 +472,11 @@ def guard_epoch(guard, train: list, cfg: WorldConfig, rng: np.random.Generator) 
         answer = REFUSAL if refuse else compliant_answer(rng, topic_of(ex))
         seqs.append(guard_seq(guard, p, is_harmful(ex) and not refuse, response=answer, key=ex.prompt))
     if cfg.guard_wrapped:
-        wrappers = [w.prompt for w in data.jailbreak_wrappers("train")]
         pool = _balanced(train, rng)
-        for k, i in enumerate(rng.choice(len(pool), min(cfg.guard_wrapped, len(pool)), replace=False)):
-            ex = pool[i]
-            text = wrappers[k % len(wrappers)].replace(data.WRAPPER_SLOT, _clip(tok, ex.prompt, cfg))
-            seqs.append(guard_seq(guard, text, is_harmful(ex), key=ex.prompt))
+        picked = [pool[i] for i in rng.choice(len(pool), min(cfg.guard_wrapped, len(pool)), replace=False)]
+        clipped = [replace(ex, prompt=_clip(tok, ex.prompt, cfg)) for ex in picked]
+        for ex, wrapped in zip(picked, data.wrapped_prompts(clipped, "train")):  # the wrappers in turn
+            seqs.append(guard_seq(guard, wrapped.prompt, is_harmful(ex), key=ex.prompt))
     return seqs
 
 
