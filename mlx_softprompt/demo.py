@@ -293,8 +293,12 @@ def sample_chats(report: dict, examples: list) -> list:
     return out
 
 
+def _report_suites(report: dict) -> tuple:
+    return suite_names(report["demo"].get("validation"))
+
+
 def _names(report: dict) -> list:
-    systems = report["suites"][suite_names(report["demo"].get("validation"))[0]]["systems"]
+    systems = report["suites"][_report_suites(report)[0]]["systems"]
     return [n for n in SYSTEM_ORDER if n in systems] + [n for n in systems if n not in SYSTEM_ORDER]
 
 
@@ -311,7 +315,7 @@ def table(report: dict) -> str:
     from . import tables
 
     s = report["suites"]
-    first, everyday, jail = suites = suite_names(report["demo"].get("validation"))
+    first, everyday, jail = suites = _report_suites(report)
     short = " / ".join(suites)
     rows = {name: {k: s[k]["systems"][name] for k in suites} for name in _names(report)}
     cols = [
@@ -360,7 +364,7 @@ def plot(report: dict, path) -> None:
                ("agreement_with_dual", "agreement with dual")]
     x = np.arange(len(names))
     w = 0.8 / len(metrics)
-    suites = suite_names(report["demo"].get("validation"))
+    suites = _report_suites(report)
     fig, axes = plt.subplots(1, len(suites), figsize=(13, 4), sharey=True)
     for ax, suite in zip(axes, suites):
         systems = report["suites"][suite]["systems"]
