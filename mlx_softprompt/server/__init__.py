@@ -13,7 +13,9 @@ SSE with ``"stream": true``), ``GET /v1/models``, ``GET /v1/models/{id}``,
 ``GET /health``, ``OPTIONS`` (CORS preflight).
 """
 
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -195,9 +197,6 @@ def serve(system, cfg: ServerConfig) -> None:
         print(f"warning: listening on {host}, not loopback: anyone who can reach this port can use the model",
               file=sys.stderr, flush=True)
     # SIGTERM (docker stop, systemd, kill) stops it as Ctrl-C does: open connections closed, exit 0.
-    import signal
-    import threading
-
     def _stop(signum, frame):
         raise KeyboardInterrupt
 
