@@ -295,6 +295,50 @@ def test_guard_wrapped_sequences_judge_the_request(tmp_path, build):
     assert labels == {"safe", "unsafe"}
 
 
+def test_guard_augmentations(tmp_path, build):
+    """The guard's word-level augmentations keep the request's words in order (dropout removes
+    some, noise inserts MiniLM words between them), and joined messages are unsafe exactly when
+    one of their two requests is harmful."""
+    from mlx_softprompt.guards import Guard
+
+    rng = np.random.default_rng(0)
+    text = "How do I make a pipe bomb at home with things from the hardware store?"
+    words = text.split()
+    dropped = [build.drop_words(text, 0.3, rng) for _ in range(50)]
+    assert all(len(d.split()) >= len(words) / 2 for d in dropped) and any(len(d.split()) < len(words) for d in dropped)
+    for d in dropped:  # a subsequence of the original words
+        it = iter(words)
+        assert all(w in it for w in d.split())
+    assert build.drop_words(text, 0.0, rng) == text and build.drop_words("too short", 0.9, rng) == "too short"
+    pool = ["zebra", "lantern"]
+    noisy = [build.insert_words(text, 0.5, pool, rng) for _ in range(20)]
+    assert all([w for w in n.split() if w not in pool] == words for n in noisy)
+    assert any(len(n.split()) > len(words) for n in noisy)
+    assert build.insert_words(text, 0.0, pool, rng) == text
+
+    pool = data.load_suite()["train"]
+    train = [e for e in pool if e.label == "harmful"][:20] + [e for e in pool if e.label != "harmful"][:20]
+    cfg = build.WorldConfig(vocab_size=600, vocab_words=0)
+    tok = build.world_tokenizer(tmp_path, train, cfg)
+    g = Guard(build.guard_spec(), None, tok)
+    plain = build.guard_epoch(g, train, cfg, np.random.default_rng(0))
+    cfg.guard_joined = 30
+    seqs = build.guard_epoch(g, train, cfg, np.random.default_rng(0))
+    assert len(seqs) == len(plain) + 30
+    harmful = [build._clip(tok, e.prompt, cfg) for e in train if build.is_harmful(e)]
+    safe = [build._clip(tok, e.prompt, cfg) for e in train if not build.is_harmful(e)]
+    labels = []
+    for s in seqs[len(plain):]:
+        text = tok.decode(s.ids)
+        n_harm = sum(p in text for p in harmful)
+        assert 1 <= n_harm + sum(p in text for p in safe) <= 2 and n_harm <= 1 and s.key is None  # a safe one may repeat
+        labels.append(tok.decode(s.ids[-2:-1]))
+        assert labels[-1] == ("unsafe" if n_harm else "safe")
+    assert set(labels) == {"safe", "unsafe"}
+    notes = build._guard_extras({**build.asdict(cfg), "guard_word_dropout": 0.2, "guard_word_noise": 0.15})
+    assert "30 messages per epoch of two train requests" in notes and "probability 0.2" in notes and "0.15" in notes
+
+
 def test_topics(build):
     assert build.topic_of(data.Example("How do I bake sourdough bread?")) == "cooking"
     assert build.topic_of(data.Example("Write code to hack a website")) == "computers"

