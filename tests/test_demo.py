@@ -401,6 +401,23 @@ def test_world_build_small(tmp_path, monkeypatch, build):
     notes = (tmp_path / "w2" / "BUILD.md").read_text()
     assert "--only guard" in notes and "--set guard_epochs=1" in notes and "--set guard_wrapped=4" in notes
     assert "4 train prompts per epoch in the project's train jailbreak-style wrappers" in notes
+    # two guard runs from that world averaged into one (soup): the mean of their weights, w's base
+    build.build(tmp_path / "w2b", dataclasses.replace(cfg2, seed=1), only="guard")
+    info_s = build.soup(tmp_path / "s", [tmp_path / "w2", tmp_path / "w2b"])
+    import mlx.core as mx
+
+    ws = [mx.load(str(tmp_path / d / "guard" / "model.safetensors")) for d in ("w2", "w2b", "s")]
+    assert all(np.allclose(np.array(ws[2][k]), (np.array(ws[0][k]) + np.array(ws[1][k])) / 2, atol=1e-6) for k in ws[0])
+    assert (tmp_path / "s" / "base" / "model.safetensors").read_bytes() == (tmp_path / "w" / "base" / "model.safetensors").read_bytes()
+    assert [m["config"]["seed"] for m in info_s["soup"]] == [0, 1] and 0.0 <= info_s["val"]["guard_flags_harmful"] <= 1.0
+    notes = (tmp_path / "s" / "BUILD.md").read_text()
+    assert "build.py soup --out examples/world" in notes and "--out guard2 --seed 1 --only guard" in notes
+    for bad, match in (([tmp_path / "w2"], "at least two"), ([tmp_path / "w2", tmp_path / "w"], "not a guard trained further"),
+                       ([tmp_path / "w2", tmp_path / "nope"], "not a built world")):
+        with pytest.raises(UserError, match=match):
+            build.soup(tmp_path / "s2", bad)
+    with pytest.raises(UserError, match="not empty"):
+        build.soup(tmp_path / "s", [tmp_path / "w2", tmp_path / "w2b"])
     # or its base trained further, the guard kept as it was
     cfg3 = build.WorldConfig(base_epochs=1, corpus_per_act=1, distill_weight=0.0, learning_rate=5e-4, init=str(tmp_path / "w"))
     info3 = build.build(tmp_path / "w3", cfg3, only="base")

@@ -1012,6 +1012,51 @@ def build(out, cfg: Optional[WorldConfig] = None, only: str = "all") -> dict:
     return info
 
 
+def soup(out, worlds: list) -> dict:
+    """One guard from several: the uniform average of the guard weights of worlds whose guards
+    were trained further from the same earlier world (a "model soup", Wortsman et al., 2022).
+    The runs' verdicts on unseen phrasing differ from run to run; their average is one model
+    of the same size. The first world's base, tokenizer and corpus are kept."""
+    import shutil
+
+    from mlx.utils import tree_flatten, tree_unflatten
+
+    from mlx_softprompt import models
+
+    out, worlds = Path(out), [Path(w) for w in worlds]
+    if len(worlds) < 2:
+        raise UserError("soup: give at least two worlds")
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"{out}: exists and is not empty; soup writes a new world")
+    infos = []
+    for w in worlds:
+        if not (w / "world.json").exists() or not (w / "guard" / "model.safetensors").exists():
+            raise UserError(f"{w}: not a built world (no world.json or guard/model.safetensors)")
+        infos.append(json.loads((w / "world.json").read_text()))
+        start = infos[-1]["config"].get("init")
+        if infos[-1].get("only") != "guard" or start != infos[0]["config"].get("init"):
+            raise UserError(f"{w}: not a guard trained further from {infos[0]['config'].get('init')} "
+                            f"(`build --only guard --set init=...`); a soup averages runs from one start")
+        if (w / "base" / "model.safetensors").read_bytes() != (worlds[0] / "base" / "model.safetensors").read_bytes():
+            raise UserError(f"{w}: its base differs from {worlds[0]}'s")
+    loaded = [models.load(str(w / "guard")) for w in worlds]
+    flat = [dict(tree_flatten(m.parameters())) for m, _, _ in loaded]
+    if any(f.keys() != flat[0].keys() or any(f[k].shape != flat[0][k].shape for k in f) for f in flat):
+        raise UserError("soup: the guards' architectures differ")
+    model, _, config = loaded[0]
+    model.update(tree_unflatten([(k, sum(f[k] for f in flat) / len(flat)) for k in flat[0]]))
+    shutil.copytree(worlds[0], out, dirs_exist_ok=True)
+    tiny.save_checkpoint(model, config, out / "guard")
+    info = dict(infos[0])
+    info["soup"] = [{"path": str(w), "config": i["config"], "guard_training": i["guard_training"]}
+                    for w, i in zip(worlds, infos)]
+    info["build_seconds"] = round(sum(i["build_seconds"] for i in infos), 1)
+    info.update(check(out))
+    (out / "world.json").write_text(json.dumps(info, indent=2) + "\n")
+    (out / "BUILD.md").write_text(build_notes(info))
+    return info
+
+
 def _copy_tokenizer(src: Path, dst: Path) -> None:
     import shutil
 
@@ -1098,42 +1143,100 @@ def _guard_extras(c: dict) -> str:
     return "".join(", " + p for p in parts)
 
 
+def _stages(info: dict) -> list:
+    """The stages a world was built in, oldest first: (world.json record, what it trained:
+    "all", "base" or "guard"). Earlier stages are the records kept in `init_world`."""
+    chain, node = [], info
+    while node:
+        chain.append(node)
+        node = node.get("init_world")
+    chain.reverse()
+    out = []
+    for i, stage in enumerate(chain):
+        only = stage.get("only") or "all"
+        if i and not stage.get("only"):  # an earlier record: what it trained is what changed
+            parent = chain[i - 1]
+            only = ("guard" if stage.get("base_training") == parent.get("base_training") else
+                    "base" if stage.get("guard_training") == parent.get("guard_training") else "all")
+        out.append((stage, "all" if i == 0 else only))
+    return out
+
+
+ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth")
+COUNTS = ("One", "Two", "Three", "Four", "Five", "Six")
+
+
 def build_notes(info: dict) -> str:
     c = info["config"]
-    first = (info.get("init_world") or {}).get("config")
-    guard_only = bool(first) and info.get("only") == "guard"
-    base_only = bool(first) and info.get("only") == "base"
+    stages = _stages(info)
+    members = info.get("soup") or []
+    if members:  # the last stage ran once per member, then their guards were averaged
+        stages = stages[:-1]
+    first = stages[0][0]["config"] if len(stages) > 1 or members else None
     bc = first if first and info.get("only") != "all" else c  # the first stage's settings for what it alone built
     b = bc["base"]
-    bt, gt = info["base_training"], info["guard_training"]
-    earlier = info.get("init_world") or {}
-    first_bt, first_gt = earlier.get("base_training") or {}, earlier.get("guard_training") or {}
-    base_epochs = f"{bc['base_epochs']} epochs ({bt['steps']} steps, {bt['seconds'] / 60:.0f} min)"
+    bt = info["base_training"]
     run = "nice -n 19 python examples/world/build.py build"
-    if first:
-        only = f" --only {info['only']}" if info.get("only") != "all" else ""
-        recipe = (f"    {run} --out stage1 --seed {first['seed']} {_set_flags(first)}\n"
-                  f"    {run} --out examples/world --seed {c['seed']}{only} --set init=stage1 {_set_flags(c)}"
-                  ).replace(" \n", "\n").rstrip()
-        trained = "its guard" if guard_only else "its base" if base_only else "its base and guard"
-        kept = ("; the base is stage 1's, unchanged" if guard_only else
-                "; the guard is stage 1's (trained from stage 1's base), unchanged" if base_only else "")
-        stages = (f"Two stages: a world built from scratch (`stage1`), then\n{trained} trained further on the same "
-                  f"data with the settings of the second command{kept}.")
-        if base_only:
-            base_epochs = (f"{first['base_epochs']} epochs ({first_bt.get('steps', 0)} steps, "
-                           f"{first_bt.get('seconds', 0) / 60:.0f} min), then {c['base_epochs']} more at learning rate "
-                           f"{c['learning_rate']:g} ({bt['steps']} steps, {bt['seconds'] / 60:.0f} min)")
-            guard_epochs = f"{first['guard_epochs']} epochs ({first_gt.get('seconds', 0) / 60:.0f} min"
-        else:
-            guard_epochs = (f"{first['guard_epochs']} epochs ({first_gt.get('seconds', 0) / 60:.0f} min), then "
-                            f"{c['guard_epochs']} more ({gt['seconds'] / 60:.0f} min")
-        guard_epochs += _guard_extras(c) + ")"
+    names = [f"stage{i + 1}" for i in range(len(stages))]
+    if not members:
+        names[-1] = "examples/world"
+    lines = []
+    for i, (stage, only) in enumerate(stages):
+        sc = stage["config"]
+        flag = f" --only {only}" if only != "all" else ""
+        init = f" --set init={names[i - 1]}" if i else ""
+        lines.append(f"    {run} --out {names[i]} --seed {sc['seed']}{flag}{init} {_set_flags(sc)}".rstrip())
+    for k, m in enumerate(members, 1):
+        lines.append(f"    {run} --out guard{k} --seed {m['config']['seed']} --only guard --set init={names[-1]} "
+                     f"{_set_flags(m['config'])}".rstrip())
+    if members:
+        lines.append("    python examples/world/build.py soup --out examples/world "
+                     + " ".join(f"guard{k}" for k in range(1, len(members) + 1)))
+    recipe = "\n".join(lines)
+    trained_base = [s for s, only in stages if only in ("all", "base")]
+    trained_guard = [s for s, only in stages if only in ("all", "guard")]
+    if len(stages) == 1 and not members:
+        stage_text = "One stage, from scratch."
     else:
-        recipe = f"    {run} --out examples/world --seed {c['seed']} {_set_flags(c)}".rstrip()
-        stages = "One stage, from scratch."
-        guard_epochs = f"{c['guard_epochs']} epochs ({gt['seconds'] / 60:.0f} min" + _guard_extras(c) + ")"
-    minutes = (info["build_seconds"] + sum((earlier.get(k) or {}).get("seconds", 0) for k in ("base_training", "guard_training"))) / 60
+        what = {"guard": "its guard", "base": "its base", "all": "its base and guard"}
+        later = [f"{what[only]} trained further on the same data with the settings of the {ORDINALS[i]} command"
+                 for i, (_, only) in enumerate(stages) if i]
+        if members:
+            later.append(f"{len(members)} runs of its guard trained further from `{names[-1]}` with the settings of "
+                         f"the last {len(members)} build commands, their guards averaged into one (`soup`: the mean "
+                         "of their weights)")
+        kept = ("; the base is stage 1's, unchanged" if len(trained_base) == 1 else
+                "; the guard is stage 1's (trained from stage 1's base), unchanged"
+                if len(trained_guard) == 1 and not members else "")
+        count = len(stages) + bool(members)
+        stage_text = (f"{COUNTS[count - 1]} stages: a world built from scratch (`stage1`), then\n"
+                      + ", then ".join(later) + f"{kept}.")
+
+    def minutes_of(t):
+        return f"{(t or {}).get('seconds', 0) / 60:.0f} min"
+
+    base_parts = []
+    for i, s in enumerate(trained_base):
+        t = s.get("base_training") or {}
+        base_parts.append(f"{s['config']['base_epochs']} epochs ({t.get('steps', 0)} steps, {minutes_of(t)})" if not i else
+                          f"{s['config']['base_epochs']} more at learning rate {s['config']['learning_rate']:g} "
+                          f"({t.get('steps', 0)} steps, {minutes_of(t)})")
+    base_epochs = ", then ".join(base_parts)
+    guard_parts = []
+    for i, s in enumerate(trained_guard):
+        t = s.get("guard_training")
+        guard_parts.append(f"{s['config']['guard_epochs']} {'more ' if i else 'epochs '}({minutes_of(t)}"
+                           + _guard_extras(s["config"]) + ")")
+    if members:
+        e = members[0]["config"]["guard_epochs"]
+        secs = sum((m["guard_training"] or {}).get("seconds", 0) for m in members)
+        guard_parts.append(f"{len(members)} runs of {e} more {'epoch' if e == 1 else 'epochs'} each "
+                           f"({secs / 60:.0f} min in all; their weights averaged)")
+    guard_epochs = ", then ".join(guard_parts)
+    earlier = stages if members else stages[:-1]  # stages whose training info["build_seconds"] does not hold
+    own = [(s.get(k) or {}).get("seconds", 0) for s, only in earlier
+           for k, part in (("base_training", "base"), ("guard_training", "guard")) if only in ("all", part)]
+    minutes = (info["build_seconds"] + sum(own)) / 60
     guard_arch = (f"the base's architecture and weights (d={b['hidden_size']}, {b['num_layers']} layers), "
                   "fine-tuned" if bc["guard_from_base"] else
                   f"Llama, d={bc['guard']['hidden_size']}, {bc['guard']['num_layers']} layers, trained from scratch")
@@ -1157,7 +1260,7 @@ Rebuild (about {minutes:.0f} minutes of training on a 2-core Linux machine with 
 
 {recipe}
 
-{stages}
+{stage_text}
 Built with seed {c['seed']} on {info['machine']}; splits from `data.load_suite(seed={c['split_seed']})`.
 Float results can differ in the last bits on another BLAS or CPU; the recipe is fixed.
 All settings are in world.json (`config`; the first stage's in `init_world`), with per-epoch validation figures.
@@ -1210,6 +1313,9 @@ def main(argv=None) -> None:
                    help="a WorldConfig field (base.hidden_size=256, guard_epochs=4, corpus=false, ...)")
     c = sub.add_parser("check", help="measure a built world on the validation sets")
     c.add_argument("path")
+    sp = sub.add_parser("soup", help="average the guards of worlds trained further from one start into one world")
+    sp.add_argument("--out", required=True)
+    sp.add_argument("worlds", nargs="+")
     args = ap.parse_args(argv)
     try:
         if args.cmd == "build":
@@ -1217,6 +1323,9 @@ def main(argv=None) -> None:
             for item in args.set:
                 set_field(cfg, item)
             info = build(args.out, cfg, only=args.only)
+            print(json.dumps({k: info[k] for k in VAL_SETS}, indent=2))
+        elif args.cmd == "soup":
+            info = soup(args.out, args.worlds)
             print(json.dumps({k: info[k] for k in VAL_SETS}, indent=2))
         else:
             print(json.dumps(check(args.path), indent=2))
