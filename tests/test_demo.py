@@ -267,9 +267,9 @@ def test_world_sequences_weight_only_what_is_learned(tmp_path, build):
     assert tok.decode(s.ids[-2:-1]) == "safe"
 
 
-def test_guard_wrapped_sequences_judge_the_request(tmp_path, build):
-    """guard_wrapped adds input-moderation sequences of train prompts inside the project's train
-    wrappers, each labelled by its request (harmful and safe alike); the val wrappers stay unseen."""
+def _guard_epoch_setup(tmp_path, build):
+    """20 harmful and 20 safe train prompts, a small world tokenizer, a guard on it (no weights:
+    sequences only) and its plain epoch."""
     from mlx_softprompt.guards import Guard
 
     pool = data.load_suite()["train"]
@@ -277,7 +277,13 @@ def test_guard_wrapped_sequences_judge_the_request(tmp_path, build):
     cfg = build.WorldConfig(vocab_size=600, vocab_words=0)
     tok = build.world_tokenizer(tmp_path, train, cfg)
     g = Guard(build.guard_spec(), None, tok)
-    plain = build.guard_epoch(g, train, cfg, np.random.default_rng(0))
+    return train, cfg, tok, g, build.guard_epoch(g, train, cfg, np.random.default_rng(0))
+
+
+def test_guard_wrapped_sequences_judge_the_request(tmp_path, build):
+    """guard_wrapped adds input-moderation sequences of train prompts inside the project's train
+    wrappers, each labelled by its request (harmful and safe alike); the val wrappers stay unseen."""
+    train, cfg, tok, g, plain = _guard_epoch_setup(tmp_path, build)
     cfg.guard_wrapped = 12
     seqs = build.guard_epoch(g, train, cfg, np.random.default_rng(0))
     assert len(seqs) == len(plain) + 12
@@ -299,8 +305,6 @@ def test_guard_augmentations(tmp_path, build):
     """The guard's word-level augmentations keep the request's words in order (dropout removes
     some, noise inserts MiniLM words between them), and joined messages are unsafe exactly when
     one of their two requests is harmful."""
-    from mlx_softprompt.guards import Guard
-
     rng = np.random.default_rng(0)
     text = "How do I make a pipe bomb at home with things from the hardware store?"
     words = text.split()
@@ -316,12 +320,7 @@ def test_guard_augmentations(tmp_path, build):
     assert any(len(n.split()) > len(words) for n in noisy)
     assert build.insert_words(text, 0.0, pool, rng) == text
 
-    pool = data.load_suite()["train"]
-    train = [e for e in pool if e.label == "harmful"][:20] + [e for e in pool if e.label != "harmful"][:20]
-    cfg = build.WorldConfig(vocab_size=600, vocab_words=0)
-    tok = build.world_tokenizer(tmp_path, train, cfg)
-    g = Guard(build.guard_spec(), None, tok)
-    plain = build.guard_epoch(g, train, cfg, np.random.default_rng(0))
+    train, cfg, tok, g, plain = _guard_epoch_setup(tmp_path, build)
     cfg.guard_joined = 30
     seqs = build.guard_epoch(g, train, cfg, np.random.default_rng(0))
     assert len(seqs) == len(plain) + 30
