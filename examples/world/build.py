@@ -6,6 +6,7 @@ and guard-spec.json.
 
     LD_PRELOAD=<OpenBLAS> nice -n 19 python examples/world/build.py build --out examples/world --seed 0
     python examples/world/build.py check examples/world     # behaviour on the validation sets
+    python examples/world/build.py soup --out DIR W1 W2 ...  # average guards trained from one start
 
 Nothing can be downloaded on a fresh CI machine, so the project builds its own world in
 which the method can be watched working, honestly measured:
