@@ -364,6 +364,23 @@ def test_set_field(build):
             build.set_field(cfg, bad)
 
 
+@pytest.mark.parametrize("item, message", [
+    ("guard_word_dropout=1.5", "guard_word_dropout=1.5: a probability"),
+    ("guard_word_noise=-0.1", "guard_word_noise=-0.1: a probability"),
+    ("guard_joined=-3", "guard_joined=-3: a count"),
+    ("guard_epochs=0", "guard_epochs=0: 1 or more"),
+    ("init=/no/such/world", "init=/no/such/world: not a built world"),
+])
+def test_build_refuses_bad_settings_before_training(tmp_path, capsys, build, item, message):
+    """A setting no build can use is one line naming the field, exit 1, before anything is written."""
+    with pytest.raises(SystemExit) as e:
+        build.main(["build", "--out", str(tmp_path / "w"), "--set", item])
+    assert e.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {message}" + err.split(message, 1)[1] and "\n" not in err
+    assert not (tmp_path / "w").exists()
+
+
 def test_world_build_small(tmp_path, monkeypatch, build):
     """The build recipe end to end on a slice of the data: loadable base, guard, spec, corpus, notes."""
     full = build.world_suite

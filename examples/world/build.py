@@ -924,6 +924,7 @@ def _make_model(tok, size: ModelSize, seed: int, semantic: bool = False):
 def build(out, cfg: Optional[WorldConfig] = None, only: str = "all") -> dict:
     """Build the world into `out` (corpus.jsonl, base/, guard/, guard-spec.json, world.json, BUILD.md)."""
     cfg = cfg or WorldConfig()
+    check_config(cfg)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     corpus_path = write_corpus(out, cfg) if cfg.corpus else None
@@ -1333,6 +1334,21 @@ def main(argv=None) -> None:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+
+
+def check_config(cfg: WorldConfig) -> None:
+    """Settings no build can use, named before any training starts."""
+    for name in ("guard_word_dropout", "guard_word_noise"):
+        if not 0.0 <= getattr(cfg, name) < 1.0:
+            raise UserError(f"{name}={getattr(cfg, name)}: a probability in [0, 1)")
+    for name in ("guard_joined", "guard_wrapped", "benchmark_copies", "guard_copies", "augment_copies"):
+        if getattr(cfg, name) < 0:
+            raise UserError(f"{name}={getattr(cfg, name)}: a count, 0 or more")
+    for name in ("base_epochs", "guard_epochs", "batch_size", "vocab_size", "corpus_per_act"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"{name}={getattr(cfg, name)}: 1 or more")
+    if cfg.init and not (Path(cfg.init) / "base" / "tokenizer.json").exists():
+        raise UserError(f"init={cfg.init}: not a built world (no base/tokenizer.json)")
 
 
 def set_field(cfg: WorldConfig, item: str) -> None:
