@@ -434,6 +434,8 @@ def test_world_build_small(tmp_path, monkeypatch, build):
             build.soup(tmp_path / "s2", bad)
     with pytest.raises(UserError, match="not empty"):
         build.soup(tmp_path / "s", [tmp_path / "w2", tmp_path / "w2b"])
+    with pytest.raises(UserError, match="already a soup"):
+        build.soup(tmp_path / "s3", [tmp_path / "s", tmp_path / "w2b"])
     # or its base trained further, the guard kept as it was
     cfg3 = build.WorldConfig(base_epochs=1, corpus_per_act=1, distill_weight=0.0, learning_rate=5e-4, init=str(tmp_path / "w"))
     info3 = build.build(tmp_path / "w3", cfg3, only="base")

@@ -1035,9 +1035,11 @@ def soup(out, worlds: list) -> dict:
         if not (w / "world.json").exists() or not (w / "guard" / "model.safetensors").exists():
             raise UserError(f"{w}: not a built world (no world.json or guard/model.safetensors)")
         infos.append(json.loads((w / "world.json").read_text()))
-        start = infos[-1]["config"].get("init")
-        if infos[-1].get("only") != "guard" or start != infos[0]["config"].get("init"):
-            raise UserError(f"{w}: not a guard trained further from {infos[0]['config'].get('init')} "
+        if "soup" in infos[-1]:
+            raise UserError(f"{w}: already a soup; average the runs it was made of")
+        # the same start: the world each continued, as its world.json recorded it
+        if infos[-1].get("only") != "guard" or infos[-1].get("init_world") != infos[0].get("init_world"):
+            raise UserError(f"{w}: not a guard trained further from the world {worlds[0]}'s guard was "
                             f"(`build --only guard --set init=...`); a soup averages runs from one start")
         if (w / "base" / "model.safetensors").read_bytes() != (worlds[0] / "base" / "model.safetensors").read_bytes():
             raise UserError(f"{w}: its base differs from {worlds[0]}'s")
@@ -1177,7 +1179,6 @@ def build_notes(info: dict) -> str:
     first = stages[0][0]["config"] if len(stages) > 1 or members else None
     bc = first if first and info.get("only") != "all" else c  # the first stage's settings for what it alone built
     b = bc["base"]
-    bt = info["base_training"]
     run = "nice -n 19 python examples/world/build.py build"
     names = [f"stage{i + 1}" for i in range(len(stages))]
     if not members:
