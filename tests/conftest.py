@@ -95,6 +95,32 @@ def tiny_teacher(tiny_model, tmp_path_factory):
     return base, str(root / "cache")
 
 
+@pytest.fixture(scope="module")
+def teacher(tiny_teacher):
+    """The tiny teacher cache opened for training: (base dir, cache dir, train.open_teacher(cache))."""
+    from mlx_softprompt import train
+
+    base, cache = tiny_teacher
+    return base, cache, train.open_teacher(cache)
+
+
+def greedy_by_hand(model, tok, messages, P, steps=8, system=None):
+    """Greedy decoding of [P; chat(messages)] with full forward passes: no KV cache, P recomputed
+    at every token (the reference cached generation must match)."""
+    import mlx.core as mx
+
+    from mlx_softprompt import generate, models
+
+    ids = generate.chat_ids(tok, messages, system=system)
+    out = []
+    for _ in range(steps):
+        nxt = int(mx.argmax(models.forward(model, ids + out, P)[0, -1]).item())
+        if nxt in tok.eos_token_ids:
+            break
+        out.append(nxt)
+    return out
+
+
 def run_cli(capsys, *args):
     """The CLI in-process (no interpreter start-up): (exit code, stdout, stderr)."""
     from mlx_softprompt.cli import main

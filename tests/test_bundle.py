@@ -13,7 +13,7 @@ import pytest
 from mlx_softprompt import bundle, generate, models, prompt_file
 from mlx_softprompt.errors import UserError
 from mlx_softprompt.system import open_system
-from conftest import run_cli
+from conftest import greedy_by_hand, run_cli
 
 TEXTS = ["Write a poem about the sea.", "What is the capital of France?"]
 
@@ -24,18 +24,6 @@ def _cli(*args):
         env["LD_PRELOAD"] = os.environ["LD_PRELOAD"]
     return subprocess.run([sys.executable, "-m", "mlx_softprompt", *args], capture_output=True, text=True,
                           env=env, timeout=120)
-
-
-def greedy_by_hand(model, tok, text, P, steps=8):
-    """Greedy decoding of [P; chat(text)] with full forward passes (no cache at all)."""
-    ids = generate.chat_ids(tok, text)
-    out = []
-    for _ in range(steps):
-        nxt = int(mx.argmax(models.forward(model, ids + out, P)[0, -1]).item())
-        if nxt in tok.eos_token_ids:
-            break
-        out.append(nxt)
-    return out
 
 
 def _tokens(system, text, steps=8):

@@ -10,11 +10,11 @@ import subprocess
 import sys
 import time
 
-import mlx.core as mx
 import pytest
 
 from mlx_softprompt import bundle, chat, generate, guards, models
 from mlx_softprompt.system import open_system
+from conftest import greedy_by_hand
 
 TURNS = ["Write a poem about the sea.", "What is the capital of France?", "Thank you very much!"]
 REFUSAL = "I'm sorry, but I can't help with that."
@@ -44,18 +44,6 @@ def setup(tiny_softprompt, tmp_path_factory):
 
 def _strip_eos(tokens, tok):
     return [t for t in tokens if t not in tok.eos_token_ids]
-
-
-def greedy_by_hand(model, tok, messages, P, steps, system=None):
-    """Greedy decoding of [P; chat(messages)], full forward passes: P recomputed at every token."""
-    ids = generate.chat_ids(tok, messages, system=system)
-    out = []
-    for _ in range(steps):
-        nxt = int(mx.argmax(models.forward(model, ids + out, P)[0, -1]).item())
-        if nxt in tok.eos_token_ids:
-            break
-        out.append(nxt)
-    return out
 
 
 @pytest.mark.parametrize("system_text", [None, "You are a helpful assistant."])

@@ -12,12 +12,6 @@ from mlx_softprompt.methods.base import decoder_layers
 
 
 @pytest.fixture(scope="module")
-def teacher(tiny_teacher):
-    base, cache = tiny_teacher
-    return base, cache, train.open_teacher(cache)
-
-
-@pytest.fixture(scope="module")
 def base(teacher):
     model, tok, config = models.load(teacher[0])
     model.freeze()

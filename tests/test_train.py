@@ -30,12 +30,6 @@ def _quiet(*a, **k):
 
 
 @pytest.fixture(scope="module")
-def teacher(tiny_teacher):
-    base, cache = tiny_teacher
-    return base, cache, train.open_teacher(cache)
-
-
-@pytest.fixture(scope="module")
 def base(teacher):
     return models.load(teacher[0])
 
