@@ -436,6 +436,19 @@ def test_world_build_small(tmp_path, monkeypatch, build):
         build.soup(tmp_path / "s", [tmp_path / "w2", tmp_path / "w2b"])
     with pytest.raises(UserError, match="already a soup"):
         build.soup(tmp_path / "s3", [tmp_path / "s", tmp_path / "w2b"])
+    import shutil
+
+    from mlx_softprompt import tiny
+
+    shutil.copytree(tmp_path / "w2b", tmp_path / "other-base")  # a run whose base is not w's
+    tiny.make_tiny_checkpoint(tmp_path / "other-base" / "base", hidden_size=16, num_layers=1)
+    with pytest.raises(UserError, match="its base differs"):
+        build.soup(tmp_path / "s4", [tmp_path / "w2", tmp_path / "other-base"])
+    shutil.copytree(tmp_path / "w2b", tmp_path / "other-guard")  # a run whose guard is another size
+    tiny.make_tiny_checkpoint(tmp_path / "other-guard" / "guard", hidden_size=16, num_layers=1)
+    with pytest.raises(UserError, match="architectures differ"):
+        build.soup(tmp_path / "s5", [tmp_path / "w2", tmp_path / "other-guard"])
+    assert not any((tmp_path / s).exists() for s in ("s2", "s3", "s4", "s5"))  # nothing written on refusal
     # or its base trained further, the guard kept as it was
     cfg3 = build.WorldConfig(base_epochs=1, corpus_per_act=1, distill_weight=0.0, learning_rate=5e-4, init=str(tmp_path / "w"))
     info3 = build.build(tmp_path / "w3", cfg3, only="base")
