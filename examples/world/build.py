@@ -39,7 +39,7 @@ import platform
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Optional
 
@@ -303,7 +303,7 @@ def drop_words(text: str, p: float, rng: np.random.Generator) -> str:
     return " ".join(w for w, k in zip(words, keep) if k)
 
 
-def insert_words(text: str, p: float, pool: list, rng: np.random.Generator) -> str:
+def insert_words(text: str, p: float, pool, rng: np.random.Generator) -> str:
     """`text` with a word of `pool` inserted after each of its words with probability `p`."""
     if p <= 0 or not pool:
         return text
@@ -387,19 +387,23 @@ MINILM_FIRST_PIECE = 999
 NOISE_WORDS = 15000  # guard_word_noise draws from MiniLM's whole words below this id
 
 
-def minilm_words(first: int, lines: bool = True) -> list:
-    """Lines of MiniLM's whole-word pieces with ids below `first`, each as " word" three times
-    and the 3,000 most frequent also capitalised (a sentence's first word): for the BPE to learn
-    them as tokens. MiniLM knows what they mean (semantic_embeddings); a BPE trained on the
-    world's texts alone splits most words it never saw into fragments that mean nothing."""
+@lru_cache(maxsize=None)
+def minilm_whole_words(first: int) -> tuple:
+    """MiniLM's whole-word pieces (lower-case letters only) with ids below `first`, by frequency."""
     import re
 
     from tokenizers import Tokenizer
 
     names = {i: t for t, i in Tokenizer.from_file(str(_minilm_dir() / "tokenizer.json")).get_vocab().items()}
-    words = [names[i] for i in range(MINILM_FIRST_PIECE, min(first, len(names))) if re.fullmatch(r"[a-z]+", names[i])]
-    if not lines:
-        return words
+    return tuple(names[i] for i in range(MINILM_FIRST_PIECE, min(first, len(names))) if re.fullmatch(r"[a-z]+", names[i]))
+
+
+def minilm_words(first: int) -> list:
+    """Lines of MiniLM's whole-word pieces with ids below `first`, each as " word" three times
+    and the 3,000 most frequent also capitalised (a sentence's first word): for the BPE to learn
+    them as tokens. MiniLM knows what they mean (semantic_embeddings); a BPE trained on the
+    world's texts alone splits most words it never saw into fragments that mean nothing."""
+    words = minilm_whole_words(first)
     lines = [" ".join(words[k: k + 50]) for k in range(0, len(words), 50)] * 3
     return lines + [" ".join(w.capitalize() for w in words[k: k + 50]) for k in range(0, min(len(words), 3000), 50)]
 
@@ -501,10 +505,10 @@ def guard_epoch(guard, train: list, cfg: WorldConfig, rng: np.random.Generator) 
     with a harmful request? a refusal is always safe), on the train prompts."""
     seqs = []
     tok = guard.tokenizer
-    pool = minilm_words(NOISE_WORDS, lines=False) if cfg.guard_word_noise > 0 else []
+    noise_words = minilm_whole_words(NOISE_WORDS) if cfg.guard_word_noise > 0 else ()
     for ex in _balanced(train, rng, guard_repeats(asdict(cfg))):
         p = _clip(tok, ex.prompt, cfg)
-        copies = [insert_words(drop_words(augment(p, rng), cfg.guard_word_dropout, rng), cfg.guard_word_noise, pool, rng)
+        copies = [insert_words(drop_words(augment(p, rng), cfg.guard_word_dropout, rng), cfg.guard_word_noise, noise_words, rng)
                   for _ in range(cfg.guard_copies)]
         for v in [p] + copies:
             seqs.append(guard_seq(guard, v, is_harmful(ex), key=ex.prompt))
@@ -516,7 +520,8 @@ def guard_epoch(guard, train: list, cfg: WorldConfig, rng: np.random.Generator) 
         safe = [e for e in train if not is_harmful(e)]
         for _ in range(cfg.guard_joined):
             unsafe = rng.random() < 0.5
-            a = (harm if unsafe else safe)[rng.integers(len(harm if unsafe else safe))]
+            side = harm if unsafe else safe
+            a = side[rng.integers(len(side))]
             b = safe[rng.integers(len(safe))]
             pair = [_clip(tok, a.prompt, cfg), _clip(tok, b.prompt, cfg)]
             if rng.random() < 0.5:
@@ -1030,7 +1035,7 @@ def soup(out, worlds: list) -> dict:
         raise UserError("soup: give at least two worlds")
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out}: exists and is not empty; soup writes a new world")
-    infos = []
+    infos, first_base = [], None
     for w in worlds:
         if not (w / "world.json").exists() or not (w / "guard" / "model.safetensors").exists():
             raise UserError(f"{w}: not a built world (no world.json or guard/model.safetensors)")
@@ -1041,7 +1046,9 @@ def soup(out, worlds: list) -> dict:
         if infos[-1].get("only") != "guard" or infos[-1].get("init_world") != infos[0].get("init_world"):
             raise UserError(f"{w}: not a guard trained further from the world {worlds[0]}'s guard was "
                             f"(`build --only guard --set init=...`); a soup averages runs from one start")
-        if (w / "base" / "model.safetensors").read_bytes() != (worlds[0] / "base" / "model.safetensors").read_bytes():
+        base = (w / "base" / "model.safetensors").read_bytes()
+        first_base = first_base or base
+        if base != first_base:
             raise UserError(f"{w}: its base differs from {worlds[0]}'s")
     loaded = [models.load(str(w / "guard")) for w in worlds]
     flat = [dict(tree_flatten(m.parameters())) for m, _, _ in loaded]
