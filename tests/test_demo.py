@@ -51,10 +51,10 @@ def test_corpus_reproducible_and_shipped(corpus, build):
     assert records == corpus.generate(0)
     assert records != corpus.generate(1)
     # the shipped file is the generator's output for the world's recorded seed
-    cfg = {**{k: getattr(build.WorldConfig(), k) for k in ("corpus_seed", "corpus_per_act")},
+    cfg = {**{k: getattr(build.WorldConfig(), k) for k in ("corpus_seed", "corpus_per_act", "corpus_more")},
            **json.loads((WORLD / "world.json").read_text())["config"]}
     shipped = [json.loads(line) for line in (WORLD / "corpus.jsonl").read_text().splitlines()]
-    assert shipped == corpus.generate(cfg["corpus_seed"], cfg["corpus_per_act"])
+    assert shipped == corpus.generate(cfg["corpus_seed"], cfg["corpus_per_act"], cfg["corpus_more"])
 
 
 def test_corpus_is_varied_and_twinned(corpus):
@@ -75,6 +75,33 @@ def test_corpus_is_varied_and_twinned(corpus):
     examples, _ = data.read_jsonl(path)
     assert [e.label for e in examples][:50] == [r["label"] for r in corpus.generate(0)][:50]
     assert all(e.meta["topic"] for e in examples[:50])
+
+
+def test_corpus_more_adds_acts_and_frames_and_keeps_the_first_set(corpus):
+    first, more = corpus.generate(0), corpus.generate(0, more=True)
+    assert corpus.generate(0, more=False) == first  # a world built without it regenerates exactly
+    assert len(more) > 1.8 * len(first)
+    labels = [r["label"] for r in more]
+    assert 0.45 < labels.count("harmful") / len(more) < 0.55
+    assert len({data.normalise(r["prompt"]) for r in more}) == len(more)
+    assert set(corpus.MORE_ACTS) == set(corpus.CATEGORIES)
+    acts = {a for h, b in corpus.MORE_ACTS.values() for a in h + b}
+    assert not acts & {a for _, h, _, b in corpus.CATEGORIES.values() for a in h + b}
+    for name, (harmful, benign) in corpus.MORE_ACTS.items():
+        assert abs(len(harmful) - len(benign)) <= 1 and len(harmful) >= 10, name
+        assert all(act == act.strip() and not act.endswith((".", "?")) for act in harmful + benign), name
+    # every new frame is used, with the act in it
+    texts = [r["prompt"] for r in more if r["phrasing"] != "misspelt"]
+    for style, frames in corpus.MORE_FRAMES.items():
+        assert style in corpus.PHRASINGS
+        for frame in frames:
+            head = frame.split("{act}")[0].replace("{ctx} ", "")
+            hit = [t for t in texts if head in t] if head else texts
+            assert hit, frame
+    # the new acts come with their category and topic, like the first set's
+    old_prompts = {r["prompt"] for r in first}
+    new_harmful = [r for r in more if r["label"] == "harmful" and r["prompt"] not in old_prompts]
+    assert {r["category"] for r in new_harmful} == set(corpus.CATEGORIES)
 
 
 def test_misspell_keeps_words_recognisable(corpus):
@@ -101,6 +128,7 @@ def test_everyday_split_fixed_and_unseen():
             "weapons", "selfharm"} <= cats
     # never a generated prompt nor a benchmark/project prompt
     others = {data.normalise(json.loads(line)["prompt"]) for line in (WORLD / "corpus.jsonl").read_text().splitlines()}
+    others |= {data.normalise(r["prompt"]) for r in _script("corpus").generate(0, more=True)}
     others |= {data.normalise(e.prompt) for s in data.load_suite().values() for e in s}
     assert not [e.prompt for e in test + val if data.normalise(e.prompt) in others]
 
@@ -623,7 +651,7 @@ def test_world_settings_bad_file(tmp_path):
 
 
 @needs_world
-def test_shipped_world_is_small_and_recorded():
+def test_shipped_world_is_small_and_recorded(build):
     info = json.loads((WORLD / "world.json").read_text())
     assert sum(info["bytes"].values()) < 40e6
     total = sum(f.stat().st_size for f in WORLD.rglob("*") if f.is_file() and "__pycache__" not in f.parts)
@@ -639,6 +667,8 @@ def test_shipped_world_is_small_and_recorded():
     from mlx_softprompt.guards import load_spec
 
     assert load_spec(WORLD / "guard-spec.json").id == "demo-guard"
+    # the shipped spec is what the builder writes
+    assert json.loads((WORLD / "guard-spec.json").read_text()) == build.GUARD_SPEC
 
 
 @needs_world
