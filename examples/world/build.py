@@ -217,6 +217,7 @@ class WorldConfig:
     corpus: bool = True  # train on the generated corpus too (corpus.py), not the benchmarks' train split alone
     corpus_seed: int = 0
     corpus_per_act: int = 10  # prompts per curated act (corpus size)
+    corpus_more: bool = False  # the corpus's second set of acts and frames too (corpus.py MORE_ACTS, MORE_FRAMES)
     # Times each benchmark or project train prompt appears per epoch (corpus prompts once): the
     # corpus outnumbers them 4 to 1, and alone it teaches the benchmarks' frames as harmful.
     benchmark_copies: int = 1
@@ -339,7 +340,7 @@ def is_harmful(ex: data.Example) -> bool:
 def write_corpus(out: Path, cfg: WorldConfig) -> Path:
     """The generated corpus (corpus.py) from its seed, as corpus.jsonl in the world's directory."""
     path = Path(out) / "corpus.jsonl"
-    records = corpus.generate(cfg.corpus_seed, cfg.corpus_per_act)
+    records = corpus.generate(cfg.corpus_seed, cfg.corpus_per_act, cfg.corpus_more)
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     if not path.exists() or path.read_text(encoding="utf-8") != text:
         path.write_text(text, encoding="utf-8")
@@ -1250,7 +1251,8 @@ def build_notes(info: dict) -> str:
     guard_arch = (f"the base's architecture and weights (d={b['hidden_size']}, {b['num_layers']} layers), "
                   "fine-tuned" if bc["guard_from_base"] else
                   f"Llama, d={bc['guard']['hidden_size']}, {bc['guard']['num_layers']} layers, trained from scratch")
-    corpus_line = (f"the generated corpus (`corpus.py`, seed {c['corpus_seed']}, {c['corpus_per_act']} prompts per act; "
+    corpus_line = (f"the generated corpus (`corpus.py`, seed {c['corpus_seed']}, {c['corpus_per_act']} prompts per act"
+                   f"{', both sets of acts and frames (`--more`)' if c.get('corpus_more') else ''}; "
                    f"{info['n_train_corpus']} of its prompts are in the train split)" if c["corpus"] else "no generated corpus")
     distill = (f"Both models also learn, as an auxiliary loss (weight {bc['distill_weight']}), to map their hidden "
                "state at the position where they decide (the first answer token, the yes/no, the guard's label) "
