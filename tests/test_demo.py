@@ -498,6 +498,25 @@ def test_world_build_small(tmp_path, monkeypatch, build):
     assert settings["refusal"] == build.REFUSAL and settings["generic_system_prompt"] == build.GENERIC_SYSTEM_PROMPT
 
 
+def test_build_notes_name_a_stage_on_other_data_and_read_older_records(build):
+    """A stage trained on another corpus says so; a stage recorded before a setting existed reads as its default."""
+    older = json.loads((WORLD / "world.json").read_text())
+    node = older
+    while node.get("init_world"):
+        node = node["init_world"]
+    for key in ("benchmark_copies", "guard_benchmark_copies", "corpus_more"):  # fields added after stage 1 was built
+        node["config"].pop(key, None)
+    third = {**older, "only": "base", "config": {**older["config"], "init": "stage2", "corpus_more": True, "base_epochs": 1},
+             "init_world": {k: older.get(k) for k in ("config", "base_training", "guard_training", "init_world")},
+             "base_training": {"steps": 5, "seconds": 60.0}}
+    notes = build.build_notes(third)
+    assert "Three stages" in notes and "its guard trained further on the same data" in notes
+    assert "then its base trained further on other data (`corpus_more=true`) with the settings of the third" in notes
+    line = next(x for x in notes.splitlines() if "--only base" in x)
+    assert "--set init=stage2 --set corpus_more=true" in line and "--set base_epochs=1" in line
+    assert "both sets of acts and frames (`--more`)" in notes
+
+
 def _minilm_installed(build):
     try:
         build._minilm_dir()

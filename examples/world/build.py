@@ -1163,6 +1163,9 @@ def _stages(info: dict) -> list:
         chain.append(node)
         node = node.get("init_world")
     chain.reverse()
+    # a record from before a setting existed was built with its default (new settings default to the old behaviour)
+    defaults = asdict(WorldConfig())
+    chain = [{**stage, "config": {**defaults, **stage["config"]}} for stage in chain]
     out = []
     for i, stage in enumerate(chain):
         only = stage.get("only") or "all"
@@ -1172,6 +1175,17 @@ def _stages(info: dict) -> list:
                     "base" if stage.get("guard_training") == parent.get("guard_training") else "all")
         out.append((stage, "all" if i == 0 else only))
     return out
+
+
+DATA_FIELDS = ("split_seed", "corpus", "corpus_seed", "corpus_per_act", "corpus_more")  # what decides the train split
+
+
+def _data_change(before: dict, after: dict) -> str:
+    """BUILD.md's words for a later stage's data against the stage before it (WorldConfigs as dicts)."""
+    changed = [k for k in DATA_FIELDS if before[k] != after[k]]
+    if not changed:
+        return "the same data"
+    return "other data (" + ", ".join(f"`{k}={str(after[k]).lower()}`" for k in changed) + ")"
 
 
 ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth")
@@ -1210,8 +1224,8 @@ def build_notes(info: dict) -> str:
         stage_text = "One stage, from scratch."
     else:
         what = {"guard": "its guard", "base": "its base", "all": "its base and guard"}
-        later = [f"{what[only]} trained further on the same data with the settings of the {ORDINALS[i]} command"
-                 for i, (_, only) in enumerate(stages) if i]
+        later = [f"{what[only]} trained further on {_data_change(stages[i - 1][0]['config'], stage['config'])} "
+                 f"with the settings of the {ORDINALS[i]} command" for i, (stage, only) in enumerate(stages) if i]
         if members:
             later.append(f"{len(members)} runs of its guard trained further from `{names[-1]}` with the settings of "
                          f"the last {len(members)} build commands, their guards averaged into one (`soup`: the mean "
