@@ -73,7 +73,8 @@ def test_corpus_is_varied_and_twinned(corpus):
     # it reads through the data layer like any prompt file, labels intact
     path = WORLD / "corpus.jsonl"
     examples, _ = data.read_jsonl(path)
-    assert [e.label for e in examples][:50] == [r["label"] for r in corpus.generate(0)][:50]
+    more = json.loads((WORLD / "world.json").read_text())["config"].get("corpus_more", False)
+    assert [e.label for e in examples][:50] == [r["label"] for r in corpus.generate(0, more=more)][:50]
     assert all(e.meta["topic"] for e in examples[:50])
 
 
@@ -89,6 +90,9 @@ def test_corpus_more_adds_acts_and_frames_and_keeps_the_first_set(corpus):
     assert not acts & {a for _, h, _, b in corpus.CATEGORIES.values() for a in h + b}
     for name, (harmful, benign) in corpus.MORE_ACTS.items():
         assert abs(len(harmful) - len(benign)) <= 1 and len(harmful) >= 10, name
+        shared = sum(bool(set(h.split()) & set(b.split()) - {"a", "my", "to", "the", "{who}"})
+                     for h, b in zip(harmful, benign))
+        assert shared >= len(harmful) // 2, name  # twins, as in the first set
         assert all(act == act.strip() and not act.endswith((".", "?")) for act in harmful + benign), name
     # every new frame is used, with the act in it
     texts = [r["prompt"] for r in more if r["phrasing"] != "misspelt"]
@@ -500,14 +504,17 @@ def test_world_build_small(tmp_path, monkeypatch, build):
 
 def test_build_notes_name_a_stage_on_other_data_and_read_older_records(build):
     """A stage trained on another corpus says so; a stage recorded before a setting existed reads as its default."""
-    older = json.loads((WORLD / "world.json").read_text())
-    node = older
-    while node.get("init_world"):
-        node = node["init_world"]
-    for key in ("benchmark_copies", "guard_benchmark_copies", "corpus_more"):  # fields added after stage 1 was built
-        node["config"].pop(key, None)
-    third = {**older, "only": "base", "config": {**older["config"], "init": "stage2", "corpus_more": True, "base_epochs": 1},
-             "init_world": {k: older.get(k) for k in ("config", "base_training", "guard_training", "init_world")},
+    shipped = json.loads((WORLD / "world.json").read_text())
+    first = shipped
+    while first.get("init_world"):
+        first = first["init_world"]
+    first = {k: first.get(k) for k in ("config", "base_training", "guard_training")}
+    for key in ("benchmark_copies", "guard_benchmark_copies", "corpus_more"):  # fields added after it was built
+        first["config"].pop(key, None)
+    second = {**shipped, "only": "guard", "init_world": first, "base_training": first["base_training"],
+              "config": {**first["config"], "init": "stage1", "benchmark_copies": 3}}
+    third = {**shipped, "only": "base", "config": {**second["config"], "init": "stage2", "corpus_more": True, "base_epochs": 1},
+             "init_world": {k: second.get(k) for k in ("config", "base_training", "guard_training", "init_world")},
              "base_training": {"steps": 5, "seconds": 60.0}}
     notes = build.build_notes(third)
     assert "Three stages" in notes and "its guard trained further on the same data" in notes
@@ -515,6 +522,7 @@ def test_build_notes_name_a_stage_on_other_data_and_read_older_records(build):
     line = next(x for x in notes.splitlines() if "--only base" in x)
     assert "--set init=stage2 --set corpus_more=true" in line and "--set base_epochs=1" in line
     assert "both sets of acts and frames (`--more`)" in notes
+    assert "benchmark and project prompts 3 times per epoch" in notes  # the second stage's, not the first's
 
 
 def _minilm_installed(build):
