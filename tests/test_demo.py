@@ -78,8 +78,10 @@ def test_corpus_is_varied_and_twinned(corpus):
     assert all(e.meta["topic"] for e in examples[:50])
 
 
-def test_corpus_more_adds_acts_and_frames_and_keeps_the_first_set(corpus):
+def test_corpus_more_adds_acts_and_frames_and_keeps_the_first_set(corpus, tmp_path):
     first, more = corpus.generate(0), corpus.generate(0, more=True)
+    corpus.main(["--out", str(tmp_path / "c.jsonl"), "--seed", "0", "--more"])  # the script's flag
+    assert [json.loads(line) for line in (tmp_path / "c.jsonl").read_text().splitlines()] == more
     assert corpus.generate(0, more=False) == first  # a world built without it regenerates exactly
     assert len(more) > 1.8 * len(first)
     labels = [r["label"] for r in more]
