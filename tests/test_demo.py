@@ -1,6 +1,7 @@
 """The demo world (examples/world): its corpus, its builder script, the everyday split, the
 jailbreak suite, and a reduced `mlx-softprompt demo` run end to end."""
 
+import hashlib
 import importlib.util
 import dataclasses
 import json
@@ -82,7 +83,9 @@ def test_corpus_more_adds_acts_and_frames_and_keeps_the_first_set(corpus, tmp_pa
     first, more = corpus.generate(0), corpus.generate(0, more=True)
     corpus.main(["--out", str(tmp_path / "c.jsonl"), "--seed", "0", "--more"])  # the script's flag
     assert [json.loads(line) for line in (tmp_path / "c.jsonl").read_text().splitlines()] == more
-    assert corpus.generate(0, more=False) == first  # a world built without it regenerates exactly
+    # a world built without it regenerates exactly: the first set's corpus is the file v1-v5 were built on
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in first)
+    assert hashlib.sha256(text.encode()).hexdigest() == "b73df8acbc2ce88416134095adbbd8ff83a99721aceae11c9cbea98c8a4e6ce2"
     assert len(more) > 1.8 * len(first)
     labels = [r["label"] for r in more]
     assert 0.45 < labels.count("harmful") / len(more) < 0.55
@@ -121,7 +124,7 @@ def test_misspell_keeps_words_recognisable(corpus):
 # ---------------------------------------------------------------- the everyday split
 
 
-def test_everyday_split_fixed_and_unseen():
+def test_everyday_split_fixed_and_unseen(corpus):
     suite = data.load_suite(("everyday",))
     assert not suite["train"]
     test, val = suite["test"], suite["val"]
@@ -134,7 +137,7 @@ def test_everyday_split_fixed_and_unseen():
             "weapons", "selfharm"} <= cats
     # never a generated prompt nor a benchmark/project prompt
     others = {data.normalise(json.loads(line)["prompt"]) for line in (WORLD / "corpus.jsonl").read_text().splitlines()}
-    others |= {data.normalise(r["prompt"]) for r in _script("corpus").generate(0, more=True)}
+    others |= {data.normalise(r["prompt"]) for r in corpus.generate(0, more=True)}
     others |= {data.normalise(e.prompt) for s in data.load_suite().values() for e in s}
     assert not [e.prompt for e in test + val if data.normalise(e.prompt) in others]
 
