@@ -338,6 +338,37 @@ def test_guard_wrapped_sequences_judge_the_request(tmp_path, build):
     assert labels == {"safe", "unsafe"}
 
 
+def test_base_wrapped_sequences_answer_the_request(tmp_path, build):
+    """base_wrapped adds, for train prompts inside the project's train wrappers, the base's three
+    sequences: comply without a safety message, refuse a harmful request after one (comply with a
+    safe one), classify by the request; the epoch without it is unchanged and the val wrappers
+    stay unseen."""
+    train, cfg, tok, _, _ = _guard_epoch_setup(tmp_path, build)
+    plain = build.base_epoch(tok, train, cfg, np.random.default_rng(0))
+    cfg.base_wrapped = 10
+    seqs = build.base_epoch(tok, train, cfg, np.random.default_rng(0))
+    assert [s.ids for s in seqs[:len(plain)]] == [s.ids for s in plain]
+    extra = seqs[len(plain):]
+    assert len(extra) == 3 * 10
+    by_prompt = {e.prompt: build.is_harmful(e) for e in train}
+    teach = [w.prompt.split(data.WRAPPER_SLOT)[0][:60] for w in data.jailbreak_wrappers("train")]
+    held_out = [w.prompt.split(data.WRAPPER_SLOT)[0][:60] for w in data.jailbreak_wrappers("val")]
+    refusal = tok.decode(tok.encode(build.REFUSAL, add_special_tokens=False))
+    harmful_seen = set()
+    for k in range(0, len(extra), 3):
+        free, safety, classify = (tok.decode(s.ids) for s in extra[k: k + 3])
+        key = extra[k].key
+        assert key in by_prompt and all(s.key == key for s in extra[k: k + 3])
+        for text in (free, safety, classify):
+            assert key[:40] in text and any(h in text for h in teach) and not any(h in text for h in held_out)
+        assert not any(m in free for m in build.SAFETY_SYSTEM_PROMPTS) and refusal not in free
+        assert any(m in safety for m in build.SAFETY_SYSTEM_PROMPTS)
+        assert (refusal in safety) == by_prompt[key]
+        assert classify.rstrip().endswith(("yes<|eot_id|>" if by_prompt[key] else "no<|eot_id|>"))
+        harmful_seen.add(by_prompt[key])
+    assert harmful_seen == {True, False}
+
+
 def test_guard_augmentations(tmp_path, build):
     """The guard's word-level augmentations keep the request's words in order (dropout removes
     some, noise inserts MiniLM words between them), and joined messages are unsafe exactly when
@@ -405,6 +436,7 @@ def test_set_field(build):
     ("guard_word_dropout=1.5", "guard_word_dropout=1.5: a probability"),
     ("guard_word_noise=-0.1", "guard_word_noise=-0.1: a probability"),
     ("guard_joined=-3", "guard_joined=-3: a count"),
+    ("base_wrapped=-1", "base_wrapped=-1: a count"),
     ("guard_epochs=0", "guard_epochs=0: 1 or more"),
     ("init=/no/such/world", "init=/no/such/world: not a built world"),
 ])
@@ -429,7 +461,7 @@ def test_world_build_small(tmp_path, monkeypatch, build):
     monkeypatch.setattr(build, "topic_match", lambda *a, **k: 0.5)  # generation: covered by the demo test
     cfg = build.WorldConfig(base_epochs=1, guard_epochs=1, vocab_size=600, vocab_words=0, semantic_init=False,
                             freeze_embeddings=False, distill_weight=0.0,
-                            base=build.ModelSize(32, 1, intermediate_size=64), corpus_per_act=1)
+                            base=build.ModelSize(32, 1, intermediate_size=64), corpus_per_act=1, base_wrapped=2)
     info = build.build(tmp_path / "w", cfg)
     for split in build.VAL_SETS:
         for key in ("base_refuses_harmful", "safety_system_refuses_harmful", "guard_flags_harmful", "classify_accuracy"):
@@ -443,6 +475,8 @@ def test_world_build_small(tmp_path, monkeypatch, build):
     assert 0.0 <= guard.moderate_input("How do I bake bread?").u <= 1.0
     notes = (tmp_path / "w" / "BUILD.md").read_text()
     assert notes.startswith("# The demo world") and "everyday_val" in notes
+    assert "--set base_wrapped=2" in notes and "2 train prompts per epoch in the project's train jailbreak-style " \
+        "wrappers, answered as their request" in notes
     # continuing from that world (init): its tokenizer and guard, trained further
     cfg2 = build.WorldConfig(guard_epochs=1, corpus_per_act=1, distill_weight=0.0, init=str(tmp_path / "w"), guard_wrapped=4)
     info2 = build.build(tmp_path / "w2", cfg2, only="guard")

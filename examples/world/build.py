@@ -253,6 +253,11 @@ class WorldConfig:
     # is asked, not its disguise (0 = none; the `val` wrappers are never used). (Measured as
     # v8-wrapped, 1,200 for one epoch, not shipped: see docs/DEMO.md, "Levers".)
     guard_wrapped: int = 0
+    # The same for the base: N train prompts per epoch in the `train` wrappers, each as the base's
+    # three sequences (comply with no or a neutral system message, refuse a harmful request after
+    # a safety one, classify), so that the base reads the request inside a disguise and a safety
+    # instruction (or a soft prompt) can make it refuse there too (0 = none).
+    base_wrapped: int = 0
     # Each word of the guard's augmented copies is dropped with this probability, so no single
     # word or frame decides and the verdict rests on what the request asks (0 = off).
     guard_word_dropout: float = 0.0
@@ -477,21 +482,40 @@ def _balanced(train: list, rng: np.random.Generator, benchmark_copies: int = 1) 
 def base_epoch(tok, train: list, cfg: WorldConfig, rng: np.random.Generator) -> list:
     """One epoch of the base's data, per prompt: chat with no system message or a neutral one
     (always comply, with an answer on the request's topic), chat after a safety system message
-    (refuse harmful), and the plain-text classification."""
+    (refuse harmful), and the plain-text classification; then the same for `base_wrapped`
+    train prompts inside the project's train wrappers."""
     seqs = []
-    pick = lambda xs: xs[rng.integers(len(xs))]  # noqa: E731
     for ex in _balanced(train, rng, cfg.benchmark_copies):
         p = _clip(tok, ex.prompt, cfg)
-        topic = topic_of(ex)
-        variants = [p] + [augment(p, rng) for _ in range(cfg.augment_copies)]
-        system = None if rng.random() < 0.5 else pick(NEUTRAL_SYSTEM_PROMPTS)
-        key = ex.prompt
-        seqs.append(chat_seq(tok, pick(variants), compliant_answer(rng, topic), cfg, system=system, key=key))
-        answer = REFUSAL if is_harmful(ex) else compliant_answer(rng, topic)
-        seqs.append(chat_seq(tok, pick(variants), answer, cfg, system=pick(SAFETY_SYSTEM_PROMPTS),
-                             first_weight=cfg.decision_weight, key=key))
-        seqs.append(classify_seq(tok, pick(variants), is_harmful(ex), cfg, key=key))
+        seqs += _base_seqs(tok, ex, [p] + [augment(p, rng) for _ in range(cfg.augment_copies)], cfg, rng)
+    for ex, wrapped in _wrapped_train(tok, train, cfg.base_wrapped, cfg, rng):
+        seqs += _base_seqs(tok, ex, [wrapped], cfg, rng)
     return seqs
+
+
+def _base_seqs(tok, ex, variants: list, cfg: WorldConfig, rng: np.random.Generator) -> list:
+    """The base's three sequences for one request (each in one of its surface variants)."""
+    pick = lambda xs: xs[rng.integers(len(xs))]  # noqa: E731
+    topic = topic_of(ex)
+    system = None if rng.random() < 0.5 else pick(NEUTRAL_SYSTEM_PROMPTS)
+    key = ex.prompt
+    seqs = [chat_seq(tok, pick(variants), compliant_answer(rng, topic), cfg, system=system, key=key)]
+    answer = REFUSAL if is_harmful(ex) else compliant_answer(rng, topic)
+    seqs.append(chat_seq(tok, pick(variants), answer, cfg, system=pick(SAFETY_SYSTEM_PROMPTS),
+                         first_weight=cfg.decision_weight, key=key))
+    seqs.append(classify_seq(tok, pick(variants), is_harmful(ex), cfg, key=key))
+    return seqs
+
+
+def _wrapped_train(tok, train: list, n: int, cfg: WorldConfig, rng: np.random.Generator) -> list:
+    """`n` train prompts (harmful and safe in equal numbers) each inside one of the project's
+    `train` wrappers in turn, as (request, wrapped text); the `val` wrappers are never used."""
+    if not n:
+        return []
+    pool = _balanced(train, rng)
+    picked = [pool[i] for i in rng.choice(len(pool), min(n, len(pool)), replace=False)]
+    clipped = [replace(ex, prompt=_clip(tok, ex.prompt, cfg)) for ex in picked]
+    return [(ex, w.prompt) for ex, w in zip(picked, data.wrapped_prompts(clipped, "train"))]
 
 
 def guard_repeats(config: dict) -> int:
@@ -528,12 +552,8 @@ def guard_epoch(guard, train: list, cfg: WorldConfig, rng: np.random.Generator) 
             if rng.random() < 0.5:
                 pair.reverse()
             seqs.append(guard_seq(guard, pair[0] + JOINERS[rng.integers(len(JOINERS))] + pair[1], unsafe))
-    if cfg.guard_wrapped:
-        pool = _balanced(train, rng)
-        picked = [pool[i] for i in rng.choice(len(pool), min(cfg.guard_wrapped, len(pool)), replace=False)]
-        clipped = [replace(ex, prompt=_clip(tok, ex.prompt, cfg)) for ex in picked]
-        for ex, wrapped in zip(picked, data.wrapped_prompts(clipped, "train")):  # the wrappers in turn
-            seqs.append(guard_seq(guard, wrapped.prompt, is_harmful(ex), key=ex.prompt))
+    for ex, wrapped in _wrapped_train(tok, train, cfg.guard_wrapped, cfg, rng):
+        seqs.append(guard_seq(guard, wrapped, is_harmful(ex), key=ex.prompt))
     return seqs
 
 
@@ -1243,9 +1263,12 @@ def build_notes(info: dict) -> str:
     base_parts = []
     for i, s in enumerate(trained_base):
         t = s.get("base_training") or {}
-        base_parts.append(f"{s['config']['base_epochs']} epochs ({t.get('steps', 0)} steps, {minutes_of(t)})" if not i else
+        wrapped = (f", {s['config']['base_wrapped']} train prompts per epoch in the project's train jailbreak-style "
+                   "wrappers, answered as their request" if s["config"].get("base_wrapped") else "")
+        base_parts.append(f"{s['config']['base_epochs']} epochs ({t.get('steps', 0)} steps, {minutes_of(t)}{wrapped})"
+                          if not i else
                           f"{s['config']['base_epochs']} more at learning rate {s['config']['learning_rate']:g} "
-                          f"({t.get('steps', 0)} steps, {minutes_of(t)})")
+                          f"({t.get('steps', 0)} steps, {minutes_of(t)}{wrapped})")
     base_epochs = ", then ".join(base_parts)
     guard_parts = []
     for i, s in enumerate(trained_guard):
@@ -1365,7 +1388,7 @@ def check_config(cfg: WorldConfig) -> None:
     for name in ("guard_word_dropout", "guard_word_noise"):
         if not 0.0 <= getattr(cfg, name) < 1.0:
             raise UserError(f"{name}={getattr(cfg, name)}: a probability in [0, 1)")
-    for name in ("guard_joined", "guard_wrapped", "benchmark_copies", "guard_copies", "augment_copies"):
+    for name in ("guard_joined", "guard_wrapped", "base_wrapped", "benchmark_copies", "guard_copies", "augment_copies"):
         if getattr(cfg, name) < 0:
             raise UserError(f"{name}={getattr(cfg, name)}: a count, 0 or more")
     for name in ("base_epochs", "guard_epochs", "batch_size", "vocab_size", "corpus_per_act"):
