@@ -256,7 +256,8 @@ class WorldConfig:
     # The same for the base: N train prompts per epoch in the `train` wrappers, each as the base's
     # three sequences (comply with no or a neutral system message, refuse a harmful request after
     # a safety one, classify), so that the base reads the request inside a disguise and a safety
-    # instruction (or a soft prompt) can make it refuse there too (0 = none).
+    # instruction (or a soft prompt) can make it refuse there too (0 = none). (v11's base: 2,400 for
+    # one epoch; see docs/DEMO.md, "A base that reads requests inside wrappers".)
     base_wrapped: int = 0
     # Each word of the guard's augmented copies is dropped with this probability, so no single
     # word or frame decides and the verdict rests on what the request asks (0 = off).
