@@ -304,15 +304,19 @@ def test_world_sequences_weight_only_what_is_learned(tmp_path, build):
     assert tok.decode(s.ids[-2:-1]) == "safe"
 
 
-def _guard_epoch_setup(tmp_path, build):
-    """20 harmful and 20 safe train prompts, a small world tokenizer, a guard on it (no weights:
-    sequences only) and its plain epoch."""
-    from mlx_softprompt.guards import Guard
-
+def _small_world(tmp_path, build):
+    """20 harmful and 20 safe train prompts and a small world tokenizer trained on them."""
     pool = data.load_suite()["train"]
     train = [e for e in pool if e.label == "harmful"][:20] + [e for e in pool if e.label != "harmful"][:20]
     cfg = build.WorldConfig(vocab_size=600, vocab_words=0)
-    tok = build.world_tokenizer(tmp_path, train, cfg)
+    return train, cfg, build.world_tokenizer(tmp_path, train, cfg)
+
+
+def _guard_epoch_setup(tmp_path, build):
+    """A small world (_small_world), a guard on it (no weights: sequences only) and its plain epoch."""
+    from mlx_softprompt.guards import Guard
+
+    train, cfg, tok = _small_world(tmp_path, build)
     g = Guard(build.guard_spec(), None, tok)
     return train, cfg, tok, g, build.guard_epoch(g, train, cfg, np.random.default_rng(0))
 
@@ -343,7 +347,7 @@ def test_base_wrapped_sequences_answer_the_request(tmp_path, build):
     sequences: comply without a safety message, refuse a harmful request after one (comply with a
     safe one), classify by the request; the epoch without it is unchanged and the val wrappers
     stay unseen."""
-    train, cfg, tok, _, _ = _guard_epoch_setup(tmp_path, build)
+    train, cfg, tok = _small_world(tmp_path, build)
     plain = build.base_epoch(tok, train, cfg, np.random.default_rng(0))
     cfg.base_wrapped = 10
     seqs = build.base_epoch(tok, train, cfg, np.random.default_rng(0))

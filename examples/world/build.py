@@ -1264,12 +1264,12 @@ def build_notes(info: dict) -> str:
     base_parts = []
     for i, s in enumerate(trained_base):
         t = s.get("base_training") or {}
-        wrapped = (f", {s['config']['base_wrapped']} train prompts per epoch in the project's train jailbreak-style "
-                   "wrappers, answered as their request" if s["config"].get("base_wrapped") else "")
-        base_parts.append(f"{s['config']['base_epochs']} epochs ({t.get('steps', 0)} steps, {minutes_of(t)}{wrapped})"
-                          if not i else
-                          f"{s['config']['base_epochs']} more at learning rate {s['config']['learning_rate']:g} "
-                          f"({t.get('steps', 0)} steps, {minutes_of(t)}{wrapped})")
+        sc = s["config"]
+        wrapped = (f", {sc['base_wrapped']} train prompts per epoch in the project's train jailbreak-style "
+                   "wrappers, answered as their request" if sc["base_wrapped"] else "")
+        detail = f"({t.get('steps', 0)} steps, {minutes_of(t)}{wrapped})"
+        base_parts.append(f"{sc['base_epochs']} epochs {detail}" if not i else
+                          f"{sc['base_epochs']} more at learning rate {sc['learning_rate']:g} {detail}")
     base_epochs = ", then ".join(base_parts)
     guard_parts = []
     for i, s in enumerate(trained_guard):
