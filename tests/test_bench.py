@@ -132,6 +132,106 @@ def test_no_test_prompt_in_any_training_input(run):
     assert chosen_on and {data.split_of(p, cfg.seed) for p in chosen_on} == {"val"}
 
 
+class _Plus:
+    """A decoder layer whose output gets `vector` added (every other attribute is the layer's)."""
+
+    def __init__(self, layer, vector):
+        self.layer, self.vector = layer, vector
+
+    def __getattr__(self, name):
+        return getattr(self.layer, name)
+
+    def __call__(self, *args, **kwargs):
+        return self.layer(*args, **kwargs) + self.vector
+
+
+def _kl_by_hand(base_dir, layer, vector, prompts, answers):
+    """Per-token KL(p_base || p_steered) along the base's answers, written against mlx-lm
+    directly (its loader, the tokenizer's own chat template, the decoder list), not through
+    the project's System or steering hook."""
+    import mlx.core as mx
+    from mlx_lm import load
+
+    def logprobs(x):
+        z = model(x)[0, len(ids) - 1:].astype(mx.float32)
+        return z - mx.logsumexp(z, axis=-1, keepdims=True)
+
+    model, tok = load(base_dir)
+    layers = model.model.layers
+    kl_sum, n = 0.0, 0
+    for prompt, a in zip(prompts, answers):
+        y = list(a["tokens"]) + ([tok.eos_token_id] if a["finished"] else [])
+        if not y:
+            continue
+        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+        x = mx.array([list(ids) + y[:-1]])
+        p = logprobs(x)
+        orig = layers[layer]
+        layers[layer] = _Plus(orig, vector)
+        try:
+            q = logprobs(x)
+        finally:
+            layers[layer] = orig
+        kl_sum += float((mx.exp(p) * (p - q)).sum())
+        n += len(y)
+    return kl_sum / n
+
+
+def test_steer_dom_choice_is_bounded_by_utility_kl(run):
+    """Every grid setting carries its utility KL on the benign validation prompts, matching a
+    computation by hand; the choice is the best agreement among settings within the bound."""
+    import mlx.core as mx
+    from safetensors.numpy import load_file
+
+    root, cfg, results, log = run
+    out = root / "out"
+    dom = json.loads((out / "cells" / "steer-dom" / "report.json").read_text())["settings"]["steer_dom"]
+    assert dom["max_utility_kl"] == bench.STEER_DOM_MAX_KL
+    grid = dom["grid"]
+    assert all(isinstance(g["utility_kl"], float) and g["utility_kl"] >= 0 for g in grid)
+    ok = [g for g in grid if g["utility_kl"] <= dom["max_utility_kl"]]
+    assert dom["within_utility_bound"] == bool(ok)
+    chosen = next(g for g in grid if (g["layer"], g["alpha"]) == (dom["layer"], dom["alpha"]))
+    if ok:
+        assert chosen in ok
+        assert chosen["agreement_with_dual"] == max(g["agreement_with_dual"] for g in ok)
+    else:
+        assert chosen["utility_kl"] == min(g["utility_kl"] for g in grid)
+    ref = json.loads((out / "val_references.json").read_text())
+    benign = [(p, a) for p, a in zip(ref["prompts"], ref["base"]) if a["label"] == "benign"]
+    assert benign
+    tensors = load_file(out / "cells" / "steer-dom" / "steer-dom.safetensors")
+    vector = mx.array(tensors["steer"])
+    by_hand = _kl_by_hand(cfg.base, dom["layer"], dom["alpha"] * vector, *zip(*benign))
+    assert chosen["utility_kl"] == pytest.approx(by_hand, rel=1e-3, abs=1e-6)
+
+
+def test_steer_dom_selection_without_a_setting_in_bound(run):
+    """A bound no setting meets picks the least disruptive setting (and says so); no bound
+    picks on agreement alone."""
+    import mlx.core as mx
+
+    from mlx_softprompt import system
+
+    root, cfg, results, log = run
+    base = system.base_system(*models.load(cfg.base))
+    val = bench.split_data(cfg)["val"]
+    ecfg = bench.eval_config(cfg)
+    ref = bench.references(root / "out" / "val_references.json", base, val, ecfg, None)
+    assert ref.dual is not None  # read back from the bench run, with the guard's verdicts
+    directions = mx.random.normal((2, base.model.args.hidden_size), key=mx.random.key(0))
+    kw = dict(layers=[1], alphas=[0.5, 64.0], max_tokens=3, batch_size=8)
+    strict = bench.select_steer_dom(base, directions, val, ref, max_utility_kl=0.0, **kw)
+    assert not strict["within_utility_bound"]
+    assert strict["alpha"] == 0.5  # alpha 64 on a unit-variance direction changes the model more
+    assert strict["grid"][1]["utility_kl"] > strict["grid"][0]["utility_kl"] > 0
+    free = bench.select_steer_dom(base, directions, val, ref, max_utility_kl=None, **kw)
+    assert free["within_utility_bound"]
+    best = max(free["grid"], key=lambda g: (g["agreement_with_dual"], -g["over_refusal"], -g["alpha"]))
+    assert (free["layer"], free["alpha"]) == (best["layer"], best["alpha"])
+    assert [g["utility_kl"] for g in free["grid"]] == pytest.approx([g["utility_kl"] for g in strict["grid"]])
+
+
 def test_pareto_front():
     pts = {"a": (0.0, 0.9), "b": (0.1, 0.2), "c": (0.2, 0.3), "d": (0.5, 0.1), "e": (0.5, 0.1)}
     assert bench.pareto(pts) == ["a", "b", "d", "e"]  # c is beaten by b; ties both stay
@@ -144,6 +244,12 @@ def test_pareto_front():
     ("base: b\nguard: g\nmethods: {lora: [mse]}\n", "objectives among"),
     ("base: b\nguard: g\nmethods: {steer-dom: [tv]}\n", "takes no objectives"),
     ("base: [b\n", "invalid YAML"),
+    ("base: b\nguard: g\nsteer_dom: {alpha: [1.0]}\n", "steer_dom: unknown key"),
+    ("base: b\nguard: g\nsteer_dom: {alphas: []}\n", "steer_dom.alphas"),
+    ("base: b\nguard: g\nsteer_dom: {alphas: [1, -2]}\n", "steer_dom.alphas"),
+    ("base: b\nguard: g\nsteer_dom: {layers: [a]}\n", "steer_dom.layers"),
+    ("base: b\nguard: g\nsteer_dom: {max_tokens: 0}\n", "steer_dom.max_tokens"),
+    ("base: b\nguard: g\nsteer_dom: {max_utility_kl: -1}\n", "steer_dom.max_utility_kl"),
 ])
 def test_bad_configs(tmp_path, text, msg):
     path = tmp_path / "bench.yaml"
