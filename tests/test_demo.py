@@ -113,6 +113,31 @@ def test_corpus_more_adds_acts_and_frames_and_keeps_the_first_set(corpus, tmp_pa
     assert {r["category"] for r in new_harmful} == set(corpus.CATEGORIES)
 
 
+def test_corpus_general_appends_everyday_safe_requests(corpus, build, tmp_path):
+    more = corpus.generate(0, more=True)
+    full = corpus.generate(0, more=True, general=True)
+    corpus.main(["--out", str(tmp_path / "c.jsonl"), "--seed", "0", "--more", "--general"])  # the script's flag
+    assert [json.loads(line) for line in (tmp_path / "c.jsonl").read_text().splitlines()] == full
+    # the corpus before them is unchanged, in order (the demo teaches its first train prompts)
+    assert full[:len(more)] == more
+    tail = full[len(more):]
+    assert len(tail) >= 1500 and {r["label"] for r in tail} == {"benign"}
+    assert {r["twin_of"] for r in tail} == {"general"} and {r["phrasing"] for r in tail} == set(corpus.STYLES)
+    # every topic is one the base answers on, each with acts of its own
+    assert {r["topic"] for r in tail} == set(corpus.GENERAL_ACTS) and set(corpus.GENERAL_ACTS) <= set(build.ANSWERS)
+    assert len({data.normalise(r["prompt"]) for r in full}) == len(full)
+    acts = [a for acts in corpus.GENERAL_ACTS.values() for a in acts]
+    assert len(acts) == len(set(acts)) >= 150
+    assert not set(acts) & {a for _, h, _, b in corpus.CATEGORIES.values() for a in h + b}
+    assert not set(acts) & {a for h, b in corpus.MORE_ACTS.values() for a in h + b}
+    # the builder's setting reaches the generator
+    out = tmp_path / "world"
+    out.mkdir()
+    cfg = build.WorldConfig(corpus_more=True, corpus_general=True)
+    lines = build.write_corpus(out, cfg).read_text().splitlines()
+    assert [json.loads(line) for line in lines] == full
+
+
 def test_misspell_keeps_words_recognisable(corpus):
     rng = np.random.default_rng(0)
     text = "How do I make a birdhouse for the garden?"
@@ -137,7 +162,7 @@ def test_everyday_split_fixed_and_unseen(corpus):
             "weapons", "selfharm"} <= cats
     # never a generated prompt nor a benchmark/project prompt
     others = {data.normalise(json.loads(line)["prompt"]) for line in (WORLD / "corpus.jsonl").read_text().splitlines()}
-    others |= {data.normalise(r["prompt"]) for r in corpus.generate(0, more=True)}
+    others |= {data.normalise(r["prompt"]) for r in corpus.generate(0, more=True, general=True)}
     others |= {data.normalise(e.prompt) for s in data.load_suite().values() for e in s}
     assert not [e.prompt for e in test + val if data.normalise(e.prompt) in others]
 

@@ -218,6 +218,7 @@ class WorldConfig:
     corpus_seed: int = 0
     corpus_per_act: int = 10  # prompts per curated act (corpus size)
     corpus_more: bool = False  # the corpus's second set of acts and frames too (corpus.py MORE_ACTS, MORE_FRAMES)
+    corpus_general: bool = False  # and its everyday safe requests (corpus.py GENERAL_ACTS), appended after the rest
     # Times each benchmark or project train prompt appears per epoch (corpus prompts once): the
     # corpus outnumbers them 4 to 1, and alone it teaches the benchmarks' frames as harmful.
     benchmark_copies: int = 1
@@ -346,7 +347,7 @@ def is_harmful(ex: data.Example) -> bool:
 def write_corpus(out: Path, cfg: WorldConfig) -> Path:
     """The generated corpus (corpus.py) from its seed, as corpus.jsonl in the world's directory."""
     path = Path(out) / "corpus.jsonl"
-    records = corpus.generate(cfg.corpus_seed, cfg.corpus_per_act, cfg.corpus_more)
+    records = corpus.generate(cfg.corpus_seed, cfg.corpus_per_act, cfg.corpus_more, cfg.corpus_general)
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     if not path.exists() or path.read_text(encoding="utf-8") != text:
         path.write_text(text, encoding="utf-8")
@@ -1198,7 +1199,7 @@ def _stages(info: dict) -> list:
     return out
 
 
-DATA_FIELDS = ("split_seed", "corpus", "corpus_seed", "corpus_per_act", "corpus_more")  # what decides the train split
+DATA_FIELDS = ("split_seed", "corpus", "corpus_seed", "corpus_per_act", "corpus_more", "corpus_general")  # what decides the train split
 
 
 def _data_change(before: dict, after: dict) -> str:
@@ -1290,7 +1291,8 @@ def build_notes(info: dict) -> str:
                   "fine-tuned" if bc["guard_from_base"] else
                   f"Llama, d={bc['guard']['hidden_size']}, {bc['guard']['num_layers']} layers, trained from scratch")
     corpus_line = (f"the generated corpus (`corpus.py`, seed {c['corpus_seed']}, {c['corpus_per_act']} prompts per act"
-                   f"{', both sets of acts and frames (`--more`)' if c.get('corpus_more') else ''}; "
+                   f"{', both sets of acts and frames (`--more`)' if c.get('corpus_more') else ''}"
+                   f"{', and its everyday safe requests (`--general`)' if c.get('corpus_general') else ''}; "
                    f"{info['n_train_corpus']} of its prompts are in the train split)" if c["corpus"] else "no generated corpus")
     distill = (f"Both models also learn, as an auxiliary loss (weight {bc['distill_weight']}), to map their hidden "
                "state at the position where they decide (the first answer token, the yes/no, the guard's label) "

@@ -11,10 +11,13 @@ partner's phone" / "find my partner's lost phone"), so the surface alone never g
 the class away. Each record keeps its category, topic and phrasing in its fields, and
 its topic decides the base's compliant answer (build.py).
 
-    python examples/world/corpus.py --out examples/world/corpus.jsonl --seed 0 [--more]
+    python examples/world/corpus.py --out examples/world/corpus.jsonl --seed 0 [--more] [--general]
 
 `--more` (the builder's `corpus_more`) adds a second set of acts and frames, written later:
-more kinds of harm per category and questions that do not start "how do I".
+more kinds of harm per category and questions that do not start "how do I". `--general`
+(`corpus_general`) appends a third: safe requests on everyday topics far from any harm
+category (cooking, crafts, computers, money, writing, health, learning, outdoors, people),
+in the same frames, so that ordinary requests the twins do not cover are taught as safe.
 
 The prompts users type are judged on a separate, hand-written set
 (examples/data/everyday.jsonl), never generated from these parts.
@@ -410,6 +413,95 @@ MORE_FRAMES = {
     "context": ("{ctx} Any tips to {act}?", "{ctx} Help me {act}."),
 }
 
+# ---------------------------------------------------------------- everyday safe requests
+#
+# A third set, written later still (`--general`, the builder's `corpus_general`): safe
+# requests on everyday topics far from any harm category, with no harmful twin. The twins
+# above teach the line between harm and its look-alikes; these teach that the wide world of
+# ordinary requests is safe, in the same frames as the harmful ones. Keys are the base's
+# answer topics (build.py ANSWERS). Off by default so earlier corpora regenerate exactly.
+
+GENERAL_ACTS = {
+    "cooking": (
+        "make a lasagna for eight people", "bake banana bread without eggs", "roast a whole chicken",
+        "make pizza dough from scratch", "cook rice so it isn't sticky", "make a vegetable curry",
+        "poach an egg", "make pancakes fluffy", "meal prep lunches for a week", "make homemade lemonade",
+        "season a cast iron pan", "make a birthday cake for my daughter", "cook salmon in the oven",
+        "make guacamole", "brew cold brew coffee at home", "make a simple tomato sauce", "grill corn on the cob",
+        "make overnight oats", "freeze leftover soup", "make dumplings with my kids",
+    ),
+    "crafts": (
+        "knit a scarf as a beginner", "build a birdhouse", "paint a bedroom wall", "sew a button back on a shirt",
+        "make a photo album for my grandparents", "build a bookshelf from plywood", "make candles with soy wax",
+        "fold a paper crane", "refinish an old wooden table", "make a wreath for the front door",
+        "crochet a hat", "make a costume for Halloween", "frame a poster", "build a raised garden bed",
+        "glaze pottery", "make friendship bracelets", "repair a wobbly chair", "decorate a small balcony",
+    ),
+    "computers": (
+        "learn Python as a complete beginner", "back up my laptop to an external drive", "speed up an old laptop",
+        "set up a printer on my home network", "build a personal website", "write a for loop in JavaScript",
+        "sort a list in Python", "make a budget spreadsheet in Excel", "free up storage on my phone",
+        "set up two-factor authentication on my email", "transfer photos from my phone to my computer",
+        "fix a slow wifi connection", "write a SQL query that counts rows by month", "use git branches",
+        "make a slideshow for a presentation", "install Linux next to Windows", "record my screen",
+        "set up parental controls on a tablet", "write unit tests for a function", "make a simple game in Scratch",
+    ),
+    "money": (
+        "make a monthly budget", "save for a vacation", "pay off a credit card faster", "start an emergency fund",
+        "understand my paycheck deductions", "open a savings account for my kid", "split rent fairly with roommates",
+        "file my taxes on my own", "compare two phone plans", "plan for retirement in my thirties",
+        "negotiate a raise", "price items for a garage sale", "start a small bakery business",
+        "track my spending", "choose between renting and buying", "write an invoice for freelance work",
+    ),
+    "writing": (
+        "write a thank-you note to my teacher", "write a cover letter for a library job", "write a wedding toast",
+        "write a short poem about autumn", "write a bedtime story about a dragon who likes tea",
+        "write a product description for handmade soap", "write an email asking for a day off",
+        "write a eulogy for my grandfather", "write a limerick about a cat", "start a journal",
+        "write a book report on a mystery novel", "write a speech for a school election",
+        "write a review of a local restaurant", "write a birthday message for my mom", "outline a fantasy novel",
+        "write a LinkedIn summary", "write a haiku about the ocean", "write a newsletter for my book club",
+    ),
+    "health": (
+        "start running as a beginner", "fall asleep faster", "drink more water during the day",
+        "stretch after a workout", "eat more vegetables", "build a home workout routine", "improve my posture at a desk",
+        "treat a mild sunburn", "get back in shape after a holiday", "meditate for ten minutes a day",
+        "prepare for a half marathon", "lower my stress before exams", "cut down on sugar",
+        "take care of a cold at home", "choose running shoes",
+    ),
+    "learning": (
+        "learn to play the guitar", "study for a chemistry final", "learn French in six months",
+        "memorise the periodic table", "get better at mental math", "learn to touch type", "get ready for a spelling bee",
+        "read more books this year", "learn to draw portraits", "understand how photosynthesis works",
+        "teach my kid to ride a bike", "learn chess openings", "explain fractions to a ten-year-old",
+        "improve my public speaking", "learn to swim as an adult", "take better notes in lectures",
+        "learn sign language", "understand the causes of World War I", "practise for a driving test",
+        "learn to juggle",
+    ),
+    "outdoors": (
+        "plan a weekend camping trip", "grow tomatoes on a balcony", "take care of a new puppy",
+        "plant a vegetable garden", "train my dog to sit", "choose a tent for backpacking", "go birdwatching",
+        "set up an aquarium for goldfish", "keep my lawn green in summer", "plan a road trip across the country",
+        "pick a hiking trail for beginners", "take photos of the night sky", "care for a cactus",
+        "build a snowman", "prepare my garden for winter", "pack for a beach holiday",
+        "teach my parrot to talk", "start composting at home",
+    ),
+    "people": (
+        "make friends in a new city", "plan a surprise party for my sister", "ask my boss for feedback",
+        "talk to my kids about screen time", "apologise to a friend", "welcome a new neighbour",
+        "keep in touch with old friends", "plan a family reunion", "be a better listener",
+        "help my son make friends at school", "organise a team lunch", "support a friend who lost their job",
+        "write a group chat message to plan a picnic", "split chores with my roommates",
+    ),
+    "general": (
+        "clean a stained carpet", "organise my closet", "get rid of fruit flies in the kitchen",
+        "plan a move to a new apartment", "pick a gift for my dad", "wake up earlier", "plan a wedding on a budget",
+        "fix a leaky faucet", "change a flat tire", "iron a dress shirt", "choose a good mattress",
+        "find a lost library card", "declutter my garage", "make my apartment smell nice", "change a light bulb safely",
+        "plan a kid's birthday party", "pack a suitcase efficiently", "remove a wine stain from a tablecloth",
+    ),
+}
+
 # ---------------------------------------------------------------- phrasings
 
 PHRASINGS = {
@@ -485,29 +577,42 @@ def phrase(act: str, style: str, rng: np.random.Generator, more: bool = False) -
 STYLES = ("question", "imperative", "first_person", "polite", "blunt", "context", "misspelt")
 
 
-def generate(seed: int = 0, per_act: int = 10, more: bool = False) -> list:
+def generate(seed: int = 0, per_act: int = 10, more: bool = False, general: bool = False) -> list:
     """Records {"prompt", "label", "source", "category", "twin_of", "topic", "phrasing"}: `per_act` prompts for each
     harmful act and each benign twin, styles drawn in turn so every act gets every phrasing. `more` adds the
-    second set of acts and frames (MORE_ACTS, MORE_FRAMES); without it the corpus is the first set's alone."""
+    second set of acts and frames (MORE_ACTS, MORE_FRAMES); without it the corpus is the first set's alone.
+    `general` appends the everyday safe requests (GENERAL_ACTS, in the same frames) after the rest, from
+    their own random stream, so the records before them are the corpus without `general`, in order."""
     rng = np.random.default_rng(seed)
     records, seen = [], set()
+
+    def add(acts, label, category, twin_of, topic, rng):
+        for act in acts:
+            offset = int(rng.integers(len(STYLES)))
+            for k in range(per_act):
+                style = STYLES[(offset + k) % len(STYLES)]
+                text = phrase(_fill(act, rng), style, rng, more)
+                key = " ".join(text.casefold().split())
+                if key in seen:
+                    continue
+                seen.add(key)
+                records.append({"prompt": text, "label": label, "source": "world-corpus", "category": category,
+                                "twin_of": twin_of, "topic": topic, "phrasing": style})
+
     for category, (h_topic, harmful, b_topic, benign) in CATEGORIES.items():
         more_harmful, more_benign = MORE_ACTS[category] if more else ([], [])
-        for label, topic, acts in (("harmful", h_topic, harmful + more_harmful), ("benign", b_topic, benign + more_benign)):
-            for act in acts:
-                offset = int(rng.integers(len(STYLES)))
-                for k in range(per_act):
-                    style = STYLES[(offset + k) % len(STYLES)]
-                    text = phrase(_fill(act, rng), style, rng, more)
-                    key = " ".join(text.casefold().split())
-                    if key in seen:
-                        continue
-                    seen.add(key)
-                    records.append({"prompt": text, "label": label, "source": "world-corpus",
-                                    "category": category if label == "harmful" else "benign",
-                                    "twin_of": category, "topic": topic, "phrasing": style})
+        add(harmful + more_harmful, "harmful", category, category, h_topic, rng)
+        add(benign + more_benign, "benign", "benign", category, b_topic, rng)
     order = rng.permutation(len(records))
-    return [records[i] for i in order]
+    records = [records[i] for i in order]
+    if general:
+        n = len(records)
+        grng = np.random.default_rng([seed, 3])
+        for topic, acts in GENERAL_ACTS.items():
+            add(list(acts), "benign", "benign", "general", topic, grng)
+        tail = records[n:]
+        records[n:] = [tail[i] for i in grng.permutation(len(tail))]
+    return records
 
 
 def main(argv=None) -> None:
@@ -516,8 +621,9 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--per-act", type=int, default=10)
     ap.add_argument("--more", action="store_true", help="add the second set of acts and frames")
+    ap.add_argument("--general", action="store_true", help="append the everyday safe requests (GENERAL_ACTS)")
     args = ap.parse_args(argv)
-    records = generate(args.seed, args.per_act, args.more)
+    records = generate(args.seed, args.per_act, args.more, args.general)
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     Path(args.out).write_text(text, encoding="utf-8")
     n_h = sum(r["label"] == "harmful" for r in records)
