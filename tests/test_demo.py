@@ -753,8 +753,13 @@ def test_shipped_world_is_small_and_recorded(build):
     assert total < 45e6
     notes = (WORLD / "BUILD.md").read_text()
     assert f"build.py build --out examples/world --seed {info['config']['seed']}" in notes
-    if info["config"]["init"]:  # a continued world records the world it continued
-        assert info["init_world"]["config"]["seed"] == info["config"]["seed"] and "--out stage1" in notes
+    if info["config"]["init"]:  # a continued world records the worlds it continued, each stage with its own seed
+        chain, node = [], info["init_world"]
+        while node:
+            chain.append(node)
+            node = node.get("init_world")
+        for k, stage in enumerate(reversed(chain), 1):
+            assert f"build.py build --out stage{k} --seed {stage['config']['seed']}" in notes
     # built on the train split only: the recorded hash is the train split's (benchmarks + corpus)
     with_corpus = info["config"].get("corpus", False)
     suite = data.load_suite(data.SOURCES + ((str(WORLD / "corpus.jsonl"),) if with_corpus else ()))
