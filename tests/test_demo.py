@@ -752,6 +752,7 @@ def test_shipped_world_is_small_and_recorded(build):
     total = sum(f.stat().st_size for f in WORLD.rglob("*") if f.is_file() and "__pycache__" not in f.parts)
     assert total < 45e6
     notes = (WORLD / "BUILD.md").read_text()
+    assert notes == build.build_notes(info)  # the shipped recipe is what the builder writes from world.json
     assert f"build.py build --out examples/world --seed {info['config']['seed']}" in notes
     if info["config"]["init"]:  # a continued world records the worlds it continued, each stage with its own seed
         chain, node = [], info["init_world"]
