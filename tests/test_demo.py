@@ -416,6 +416,10 @@ def test_guard_augmentations(tmp_path, build):
     assert all([w for w in n.split() if w not in pool] == words for n in noisy)
     assert any(len(n.split()) > len(words) for n in noisy)
     assert build.insert_words(text, 0.0, pool, rng) == text
+    if _minilm_installed(build):  # the words noise draws from: MiniLM's, letters only, no single letters
+        vocab = build.noise_vocabulary()
+        assert len(vocab) > 5000 and all(len(w) > 1 and w.isalpha() for w in vocab)
+        assert set(vocab) < set(build.minilm_whole_words(build.NOISE_WORDS))
 
     train, cfg, tok, g, plain = _guard_epoch_setup(tmp_path, build)
     cfg.guard_joined = 30

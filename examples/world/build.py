@@ -406,6 +406,12 @@ def minilm_whole_words(first: int) -> tuple:
     return tuple(names[i] for i in range(MINILM_FIRST_PIECE, min(first, len(names))) if re.fullmatch(r"[a-z]+", names[i]))
 
 
+def noise_vocabulary() -> tuple:
+    """The words guard_word_noise inserts: MiniLM's whole words below NOISE_WORDS, single letters
+    left out (an inserted "a" or "x" is a typo, not a word the guard never saw)."""
+    return tuple(w for w in minilm_whole_words(NOISE_WORDS) if len(w) > 1)
+
+
 def minilm_words(first: int) -> list:
     """Lines of MiniLM's whole-word pieces with ids below `first`, each as " word" three times
     and the 3,000 most frequent also capitalised (a sentence's first word): for the BPE to learn
@@ -532,7 +538,7 @@ def guard_epoch(guard, train: list, cfg: WorldConfig, rng: np.random.Generator) 
     with a harmful request? a refusal is always safe), on the train prompts."""
     seqs = []
     tok = guard.tokenizer
-    noise_words = minilm_whole_words(NOISE_WORDS) if cfg.guard_word_noise > 0 else ()
+    noise_words = noise_vocabulary() if cfg.guard_word_noise > 0 else ()
     for ex in _balanced(train, rng, guard_repeats(asdict(cfg))):
         p = _clip(tok, ex.prompt, cfg)
         copies = [insert_words(drop_words(augment(p, rng), cfg.guard_word_dropout, rng), cfg.guard_word_noise, noise_words, rng)
