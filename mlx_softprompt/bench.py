@@ -398,7 +398,7 @@ def select_steer_dom(base, directions: mx.array, val_examples, val_ref, layers=N
     if ok:
         best = max(ok, key=lambda g: (g["agreement_with_dual"] or 0.0, -(g["over_refusal"] or 0.0), -g["alpha"]))
     else:
-        best = min(grid, key=lambda g: (g["utility_kl"], g["alpha"]))
+        best = min(grid, key=lambda g: (float("inf") if g["utility_kl"] is None else g["utility_kl"], g["alpha"]))
     return {"layer": best["layer"], "alpha": best["alpha"], "within_utility_bound": bool(ok),
             "max_utility_kl": max_utility_kl, "grid": grid}
 
