@@ -293,27 +293,25 @@ def run(cfg: BenchConfig, out, log=print) -> dict:
 
 
 def _check_steer_dom(sd: dict, path) -> None:
+    where = f"{path}: steer_dom"
     unknown = sorted(set(sd) - set(STEER_DOM_KEYS))
     if unknown:
-        raise UserError(f"{path}: steer_dom: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(STEER_DOM_KEYS)}")
-
-    def number(v):
-        return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-    alphas = sd.get("alphas", [1.0])
-    if not isinstance(alphas, list) or not alphas or not all(number(a) and a > 0 for a in alphas):
-        raise UserError(f"{path}: steer_dom.alphas: a non-empty list of positive numbers")
-    layers = sd.get("layers")
-    if layers is not None and (not isinstance(layers, list) or not layers
-                               or not all(isinstance(x, int) and not isinstance(x, bool) for x in layers)):
-        raise UserError(f"{path}: steer_dom.layers: a non-empty list of layer indices (or null: every layer)")
+        raise UserError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(STEER_DOM_KEYS)}")
+    alphas = checks.of_type(sd.get("alphas", [1.0]), list, f"{where}.alphas")
+    if not alphas:
+        raise UserError(f"{where}.alphas: a non-empty list of positive numbers")
+    checks.each(alphas, lambda a, n: checks.positive(checks.of_type(a, float, n), n, integer=False), f"{where}.alphas")
+    if sd.get("layers") is not None:
+        layers = checks.of_type(sd["layers"], list, f"{where}.layers")
+        if not layers:
+            raise UserError(f"{where}.layers: a non-empty list of layer indices (or null: every layer)")
+        checks.each(layers, lambda x, n: checks.of_type(x, int, n), f"{where}.layers")
     for key in ("max_tokens", "val_limit"):
-        v = sd.get(key)
-        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
-            raise UserError(f"{path}: steer_dom.{key}: a positive integer")
-    v = sd.get("max_utility_kl", STEER_DOM_MAX_KL)
-    if v is not None and (not number(v) or v < 0):
-        raise UserError(f"{path}: steer_dom.max_utility_kl: a number >= 0 (nats/token), or null for no bound")
+        if sd.get(key) is not None:
+            checks.positive(checks.of_type(sd[key], int, f"{where}.{key}"), f"{where}.{key}")
+    if sd.get("max_utility_kl") is not None:  # null: no bound
+        name = f"{where}.max_utility_kl"
+        checks.number(checks.of_type(sd["max_utility_kl"], float, name), name, lo=0)
 
 
 def _steer_dom_cell(cfg, cell: Path, base, teacher: Path, val: list, ecfg, guard, out: Path, log):
@@ -380,20 +378,20 @@ def select_steer_dom(base, directions: mx.array, val_examples, val_ref, layers=N
     if max_utility_kl is not None and not benign:
         raise UserError("steer-dom: the validation split has no benign prompt to bound the utility KL on "
                         "(set steer_dom.max_utility_kl: null to choose on agreement alone)")
-    grid = []
+    grid, suts = [], []
     for layer in layers:
         for alpha in alphas:
-            sut = steer_system(base, directions[layer], layer, alpha)
-            answers = ev.judge(ev.generate_answers(sut, val_examples, max_tokens, batch_size,
-                                                   desc=f"steer-dom layer {layer} alpha {alpha:g}"), refusal)
+            sut = steer_system(base, directions[layer], layer, alpha, name=f"steer-dom layer {layer} alpha {alpha:g}")
+            answers = ev.judge(ev.generate_answers(sut, val_examples, max_tokens, batch_size, desc=sut.name), refusal)
             m = ev.safety_metrics(answers, dual)
-            kl = None
-            if benign:
-                kl = ev.utility([sut], base, [e for e, _ in benign], [a for _, a in benign],
-                                refusal=refusal)[sut.name]["utility_kl"]
             grid.append({"layer": layer, "alpha": alpha, "agreement_with_dual": m["agreement_with_dual"],
                          "over_refusal": m["over_refusal"], "unsafe_compliance": m["unsafe_compliance"],
-                         "utility_kl": kl, "n_val": len(val_examples)})
+                         "utility_kl": None, "n_val": len(val_examples)})
+            suts.append(sut)
+    if benign:  # one pass for the whole grid: the base's log-probs are computed once, not per setting
+        util = ev.utility(suts, base, [e for e, _ in benign], [a for _, a in benign], refusal=refusal)
+        for g, sut in zip(grid, suts):
+            g["utility_kl"] = util[sut.name]["utility_kl"]
     ok = [g for g in grid if max_utility_kl is None or (g["utility_kl"] is not None and g["utility_kl"] <= max_utility_kl)]
     if ok:
         best = max(ok, key=lambda g: (g["agreement_with_dual"] or 0.0, -(g["over_refusal"] or 0.0), -g["alpha"]))

@@ -759,11 +759,7 @@ def test_shipped_world_is_small_and_recorded(build):
     assert notes == build.build_notes(info)  # the shipped recipe is what the builder writes from world.json
     assert f"build.py build --out examples/world --seed {info['config']['seed']}" in notes
     if info["config"]["init"]:  # a continued world records the worlds it continued, each stage with its own seed
-        chain, node = [], info["init_world"]
-        while node:
-            chain.append(node)
-            node = node.get("init_world")
-        for k, stage in enumerate(reversed(chain), 1):
+        for k, (stage, _) in enumerate(build._stages(info)[:-1], 1):
             assert f"build.py build --out stage{k} --seed {stage['config']['seed']}" in notes
     # built on the train split only: the recorded hash is the train split's (benchmarks + corpus)
     with_corpus = info["config"].get("corpus", False)
