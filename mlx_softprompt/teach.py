@@ -4,8 +4,10 @@ One model is in memory at a time. Input moderation (default):
 
   1. guard verdicts u(x) for every prompt (guard loaded, then released);
   2. the base is loaded; per shard: K teacher samples y ~ p_f(.|x) per prompt (batched,
-     mlx-lm's BatchGenerator with one sampler per sample), then the base's top-k
-     log-probs along each sample (batched forwards); the shard is written.
+     mlx-lm's BatchGenerator with one sampler per sample), with the base's top-k
+     log-probs along each sample read off the same decoding steps; the shard is written.
+     A base whose log-probs come in less than float32 (bfloat16 weights) gets them
+     recomputed in float32 by batched forwards over (prompt, sample) instead.
 
 Output moderation: samples and log-probs first (written as partial shards), then the
 guard scores each (prompt, sample) pair and the final shards are written.
@@ -247,26 +249,76 @@ class _Sampler:
 
 
 def sample_responses(model, tokenizer, prompts: Sequence[List[int]], keys: Sequence[tuple], cfg: TeachConfig,
-                     bar: Optional[Bar] = None) -> List[List[int]]:
-    """Teacher samples for (prompt ids, (prompt index, sample index)) rows; EOS kept when the base stopped."""
+                     bar: Optional[Bar] = None, top_k: int = 0) -> tuple:
+    """Teacher samples for (prompt ids, (prompt index, sample index)) rows; EOS kept when the base stopped.
+
+    Returns (samples, top-k rows). With `top_k`, each sample's rows are those `topk_logprobs`
+    gives, read off the log-probs the decoding steps computed anyway (no second forward
+    over prompt + sample); a sample whose log-probs came in less than float32 gets None,
+    for `topk_logprobs` to recompute. Without `top_k` the second item is None.
+    """
     from mlx_lm.generate import BatchGenerator
 
     if not prompts:
-        return []
+        return [], ([] if top_k else None)
     gen = BatchGenerator(model, max_tokens=cfg.max_tokens, stop_tokens=[[t] for t in tokenizer.eos_token_ids],
                          completion_batch_size=cfg.batch_size, prefill_batch_size=cfg.batch_size)
     try:
         samplers = [_Sampler(cfg.seed, i, j, cfg.temp, cfg.top_p) for i, j in keys]
         uids = gen.insert([list(p) for p in prompts], [cfg.max_tokens] * len(prompts), samplers=samplers)
         out = {uid: [] for uid in uids}
+        steps = {uid: [] for uid in uids} if top_k else None
         while responses := gen.next_generated():
+            if top_k:
+                _step_topk(responses, top_k, steps)
             for r in responses:
                 out[r.uid].append(int(r.token))
                 if r.finish_reason is not None and bar is not None:
                     bar.update(1, tokens=bar.postfix.get("tokens", 0) + len(out[r.uid]))
     finally:
         gen.close()
-    return [out[uid] for uid in uids]
+    if not top_k:
+        return [out[uid] for uid in uids], None
+    tks = []
+    for uid in uids:
+        rows = steps[uid]
+        if any(r is None for r in rows) or len(rows) != len(out[uid]):
+            tks.append(None)
+        elif not rows:
+            tks.append(_empty(top_k))
+        else:
+            tks.append(_sorted_topk(np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows])))
+    return [out[uid] for uid in uids], tks
+
+
+def _step_topk(responses, k: int, steps: dict) -> None:
+    """The top-k of one decoding step's float32 log-probs, one batched op for the step's samples."""
+    exact = []
+    for r in responses:
+        lp = getattr(r, "logprobs", None)
+        if lp is not None and lp.dtype == mx.float32:
+            exact.append(r)
+        else:
+            steps[r.uid].append(None)
+    if not exact:
+        return
+    lp = mx.stack([r.logprobs.reshape(-1) for r in exact])
+    if k > lp.shape[-1]:
+        raise UserError(f"--top-k {k} is larger than the base's vocabulary ({lp.shape[-1]})")
+    idx = mx.argpartition(-lp, kth=k - 1, axis=-1)[:, :k]
+    val = mx.take_along_axis(lp, idx, axis=-1)
+    idx, val = np.array(idx), np.array(val)
+    for b, r in enumerate(exact):
+        steps[r.uid].append((idx[b], val[b]))
+
+
+def _sorted_topk(ids: np.ndarray, vals: np.ndarray) -> tuple:
+    """[T, k] top-k ids and log-probs -> sorted by log-prob (descending, ties by id), with the tail mass."""
+    order = np.lexsort((ids, -vals), axis=-1)
+    ids = np.take_along_axis(ids, order, axis=-1).astype(np.int32)
+    vals = np.take_along_axis(vals, order, axis=-1).astype(np.float32)
+    tail_mass = np.clip(1.0 - np.exp(vals.astype(np.float64)).sum(axis=-1), 0.0, None).astype(np.float32)
+    return ids, vals, tail_mass
 
 
 def topk_logprobs(model, rows: Sequence[tuple], k: int, batch_size: int, pad_id: int = 0,
@@ -274,17 +326,16 @@ def topk_logprobs(model, rows: Sequence[tuple], k: int, batch_size: int, pad_id:
     """For (prompt ids, response ids) rows: (topk ids [T,k], topk log-probs [T,k], tail mass [T]).
 
     Row t is the base's full-vocabulary distribution at the position that predicts
-    response[t]. Rows are batched by length; positions before the shortest prompt run
-    through a KV cache only, so the output head sees just the ragged tail.
+    response[t], in float32. Rows are batched by length; positions before the shortest
+    prompt run through a KV cache only, so the output head sees just the ragged tail.
     """
     from mlx_lm.models.cache import make_prompt_cache
 
     out: List[Optional[tuple]] = [None] * len(rows)
-    empty = (np.zeros((0, k), np.int32), np.zeros((0, k), np.float32), np.zeros((0,), np.float32))
     todo = [i for i, (_, r) in enumerate(rows) if len(r) > 0]
     for i, (_, r) in enumerate(rows):
         if not r:
-            out[i] = empty
+            out[i] = _empty(k)
     todo.sort(key=lambda i: (len(rows[i][0]) + len(rows[i][1]), i))
     for s in range(0, len(todo), batch_size):
         chunk = todo[s:s + batch_size]
@@ -307,15 +358,25 @@ def topk_logprobs(model, rows: Sequence[tuple], k: int, batch_size: int, pad_id:
         for b, i in enumerate(chunk):
             T = len(rows[i][1])
             a = starts[b] - lo
-            ids, vals = idx[b, a:a + T], val[b, a:a + T]
-            order = np.lexsort((ids, -vals), axis=-1)  # by log-prob, descending; ties by id
-            ids = np.take_along_axis(ids, order, axis=-1).astype(np.int32)
-            vals = np.take_along_axis(vals, order, axis=-1).astype(np.float32)
-            tail_mass = np.clip(1.0 - np.exp(vals.astype(np.float64)).sum(axis=-1), 0.0, None).astype(np.float32)
-            out[i] = (ids, vals, tail_mass)
+            out[i] = _sorted_topk(idx[b, a:a + T], val[b, a:a + T])
         if bar is not None:
             bar.update(len(chunk))
     return out
+
+
+def _topk_rows(model, tok, pids: dict, keys, ys, tks, cfg: TeachConfig, manifest: dict, bar: Bar) -> List[tuple]:
+    """Every sample's top-k rows: those read during sampling, the rest (a less-than-float32 base's)
+    recomputed in float32 by `topk_logprobs` (its own timed phase)."""
+    redo = [n for n, t in enumerate(tks) if t is None]
+    bar.update(len(tks) - len(redo))
+    if redo:
+        with _phase(manifest, "topk"):
+            got = topk_logprobs(model, [(pids[keys[n][0]], ys[n]) for n in redo], cfg.top_k, cfg.batch_size,
+                                _pad(tok), bar)
+        tks = list(tks)
+        for n, t in zip(redo, got):
+            tks[n] = t
+    return tks
 
 
 # ---------------------------------------------------------------- the stage
@@ -478,11 +539,9 @@ def _input_mode(cfg, examples, manifest, out, m: _Models, done, nshards):
                         if _used_u(verdicts[p - prompts[0]][0], cfg) < 1.0]
                 skipped = len(prompts) * cfg.samples_per_prompt - len(keys)
                 sbar.update(skipped)
-                ys = sample_responses(model, tok, [pids[p] for p, _ in keys], keys, cfg, sbar)
-            with _phase(manifest, "topk"):
-                tk = topk_logprobs(model, [(pids[p], y) for (p, _), y in zip(keys, ys)], cfg.top_k, cfg.batch_size,
-                                   _pad(tok), kbar)
-                kbar.update(skipped)
+                ys, tk = sample_responses(model, tok, [pids[p] for p, _ in keys], keys, cfg, sbar, cfg.top_k)
+            tk = _topk_rows(model, tok, pids, keys, ys, tk, cfg, manifest, kbar)
+            kbar.update(skipped)
             got = {key: (y, t) for key, y, t in zip(keys, ys, tk)}
             records, u_raw = [], []
             for p in prompts:
@@ -513,10 +572,8 @@ def _output_mode(cfg, examples, manifest, out, m: _Models, done, nshards):
                     model, tok = m.get_base()
                     pids = {p: _prompt_ids(tok, examples[p]) for p in prompts}
                     keys = [(p, j) for p in prompts for j in range(cfg.samples_per_prompt)]
-                    ys = sample_responses(model, tok, [pids[p] for p, _ in keys], keys, cfg, sbar)
-                with _phase(manifest, "topk"):
-                    tk = topk_logprobs(model, [(pids[p], y) for (p, _), y in zip(keys, ys)], cfg.top_k,
-                                       cfg.batch_size, _pad(tok), kbar)
+                    ys, tk = sample_responses(model, tok, [pids[p] for p, _ in keys], keys, cfg, sbar, cfg.top_k)
+                tk = _topk_rows(model, tok, pids, keys, ys, tk, cfg, manifest, kbar)
                 records = [tc.Record(pids[p], list(y), 0.0, t[0], t[1], t[2], examples[p].label, p, j)
                            for (p, j), y, t in zip(keys, ys, tk)]
                 f = PARTIAL.format(i)

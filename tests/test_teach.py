@@ -94,10 +94,34 @@ def test_records_match_guard_and_base(world, reference):
     assert any(a.response_ids != b.response_ids for a, b in zip(recs[::2], recs[1::2]))
     m = cache.manifest
     assert m["complete"] and m["settings"]["top_k"] == cfg.top_k and m["inputs"]["num_prompts"] == len(PROMPTS)
-    assert {"guard", "sample", "topk"} <= set(m["phases"])
+    # a float32 base: the top-k rows come from the sampling steps' own log-probs, no second pass
+    assert set(m["phases"]) == {"guard", "sample"}
     assert all(ph["seconds"] > 0 and ph["peak_memory_gb"] > 0 for ph in m["phases"].values())
     assert m["base"]["fingerprint"]["embedding_hash"] == models.fingerprint(base, {})["embedding_hash"]
     assert "sketch" not in m["guard"]["fingerprint"]
+
+
+def test_a_bfloat16_base_gets_its_topk_recomputed_in_float32(world, tmp_path):
+    """Decoding log-probs in bfloat16 are too coarse for the cache; a second float32 pass computes them."""
+    root, base, guard, data = world
+    half = tmp_path / "base-bf16"
+    shutil.copytree(base, half)
+    for f in half.glob("*.safetensors"):
+        w = mx.load(str(f))
+        mx.save_safetensors(str(f), {k: v.astype(mx.bfloat16) if mx.issubdtype(v.dtype, mx.floating) else v
+                                     for k, v in w.items()}, metadata={"format": "mlx"})
+    cfg = _cfg(world, "bf16", base=str(half), samples_per_prompt=1)
+    teach(cfg)
+    cache = tc.open_cache(cfg.out)
+    assert "topk" in cache.manifest["phases"]
+    model, _, _ = models.load(str(half))
+    assert model.parameters()["model"]["embed_tokens"]["weight"].dtype == mx.bfloat16
+    for r in cache:
+        logits = models.forward(model, r.prompt_ids + r.response_ids[:-1])[0].astype(mx.float32)
+        lp = np.array(logits - mx.logsumexp(logits, axis=-1, keepdims=True))[len(r.prompt_ids) - 1:]
+        best = -np.sort(-lp, axis=-1)[:, :cfg.top_k]
+        np.testing.assert_allclose(r.topk_logprobs, best, atol=2e-2)
+        assert r.topk_logprobs.dtype == np.float32 and np.all(np.diff(r.topk_logprobs, axis=-1) <= 0)
 
 
 def test_hard_guard_skips_samples_of_refused_prompts(world, reference):
