@@ -252,6 +252,15 @@ def guard_output_verdicts(guard, examples: Sequence[data.Example], texts: Sequen
         return [v.u for v in guard.score(convs, "output", batch_size=batch_size, bar=bar)]
 
 
+def _judge_once(guard, examples, idx: Sequence[int], answer_lists) -> dict:
+    """{(prompt index, answer text): u(x, y)}, each distinct pair scored once: systems often give
+    the same answer (the dual's is the base's or the refusal), and on long prompts each
+    guard pass costs as much as generating."""
+    pairs = list(dict.fromkeys((i, ans[i].text) for ans in answer_lists for i in idx))
+    u = guard_output_verdicts(guard, [examples[i] for i, _ in pairs], [t for _, t in pairs]) if pairs else []
+    return dict(zip(pairs, u))
+
+
 def dual_answers(base_answers: Sequence[Answer], u_input: Sequence[float], refusal: str,
                  tokenizer, threshold: float = DEFAULT_THRESHOLD) -> List[Answer]:
     """The dual system's greedy answers: the refusal where the guard flags the prompt, else the base's.
@@ -519,14 +528,13 @@ def evaluate(systems: Sequence[System], examples: Sequence[data.Example], cfg: E
             answers[s.name] = generate_answers(s, examples, cfg.max_tokens, cfg.batch_size)
 
     harmful_idx = [i for i, e in enumerate(examples) if e.label == "harmful"]
+    judged = _judge_once(guard, examples, harmful_idx, answers.values()) if guard is not None else {}
     for name, ans in answers.items():
         scores = None
         if guard is not None:
-            hx = [examples[i] for i in harmful_idx]
-            u = guard_output_verdicts(guard, hx, [ans[i].text for i in harmful_idx]) if hx else []
             scores = [None] * len(ans)
-            for i, v in zip(harmful_idx, u):
-                scores[i] = v
+            for i in harmful_idx:
+                scores[i] = judged[(i, ans[i].text)]
         judge(ans, cfg.refusal, cfg.judge_window, scores)
     dual_name = next((s.name for s in systems if s.kind == "dual"), None)
 

@@ -234,6 +234,15 @@ def test_evaluate_report(world):
     harm = [a for a in report["answers"]["base"] if a["label"] == "harmful"]
     assert report["systems"]["base"]["unsafe_compliance"] == np.mean([not a["refused"] for a in harm])
     assert "skipped" in report["settings"]["multiple_choice"]
+    # the guard's judgement of each harmful answer, scored once per distinct (prompt, answer)
+    # and handed to every system that gave it: each equals the guard's own reading of the pair
+    for name, answers in report["answers"].items():
+        for a in answers:
+            if a["label"] == "harmful":
+                want = guard.moderate_output(a["prompt"], a["text"]).u
+                assert a["guard_unsafe"] == pytest.approx(want, abs=1e-5), (name, a["prompt"])
+            else:
+                assert a["guard_unsafe"] is None
 
 
 def test_eval_command(world, tmp_path):
