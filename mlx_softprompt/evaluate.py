@@ -202,20 +202,25 @@ def generate_answers(sut: System, examples: Sequence[data.Example], max_tokens: 
     """Greedy answers of a (non-dual) system, batched with mlx-lm's batch_generate.
 
     Each prompt of a batch continues its own copy of P's prefix cache, so batched and
-    one-by-one greedy answers are the same tokens.
+    one-by-one greedy answers are the same tokens. Batches are formed in order of prompt
+    length (answers come back in the input order): jailbreak templates range from 150
+    to 2,000 tokens, and a batch pads to its longest prompt.
     """
     from mlx_lm.generate import batch_generate
 
     if sut.kind == "dual":
         raise ValueError("use dual_answers for the dual system")
     tok = sut.tokenizer
-    out: List[Answer] = []
+    out: List[Optional[Answer]] = [None] * len(examples)
+    all_ids = [sut.ids(ex) for ex in examples]
+    order = sorted(range(len(examples)), key=lambda i: (len(all_ids[i]), i))
     bar = Bar(total=len(examples), desc=desc or f"generate {sut.name}", unit="prompt")
     try:
         with sut.bound():
-            for i in range(0, len(examples), batch_size):
-                chunk = examples[i:i + batch_size]
-                ids = [sut.ids(ex) for ex in chunk]
+            for s in range(0, len(order), batch_size):
+                at = order[s:s + batch_size]
+                chunk = [examples[i] for i in at]
+                ids = [all_ids[i] for i in at]
                 caches = [copy_cache(sut.cache) for _ in chunk] if sut.n_prefix else None
                 try:
                     token_ids = batch_generate(sut.model, tok, ids, prompt_caches=caches, max_tokens=max_tokens,
@@ -224,9 +229,9 @@ def generate_answers(sut: System, examples: Sequence[data.Example], max_tokens: 
                     # an architecture whose caches cannot be batched: the same greedy answers one by one
                     cfg = GenerationConfig(max_tokens=max_tokens)
                     token_ids = [complete(sut.model, tok, x, sut.cache, cfg).tokens for x in ids]
-                for ex, toks in zip(chunk, token_ids):
+                for i, ex, toks in zip(at, chunk, token_ids):
                     toks = [int(t) for t in toks]
-                    out.append(Answer(ex.prompt, ex.label, tok.decode(toks), toks, len(toks) < max_tokens))
+                    out[i] = Answer(ex.prompt, ex.label, tok.decode(toks), toks, len(toks) < max_tokens)
                 bar.update(len(chunk))
     finally:
         bar.close()
