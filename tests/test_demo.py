@@ -367,6 +367,30 @@ def test_guard_wrapped_sequences_judge_the_request(tmp_path, build):
     assert labels == {"safe", "unsafe"}
 
 
+def test_guard_turns_sequences_are_labelled_by_the_last_request(tmp_path, build):
+    """guard_turns adds input-moderation sequences of train prompts after earlier turns of the
+    same chat, rendered through the guard's own template, labelled by the last request only."""
+    from mlx_softprompt.guards import guard_messages
+
+    train, cfg, tok, g, plain = _guard_epoch_setup(tmp_path, build)
+    cfg.guard_turns = 16
+    rng = np.random.default_rng(0)
+    seqs = build.guard_epoch(g, train, cfg, rng)
+    assert len(seqs) == len(plain) + 16
+    by_prompt = {e.prompt: build.is_harmful(e) for e in train}
+    chats = build.history_train(tok, train, 16, cfg, np.random.default_rng(1))
+    assert {e.label == "harmful" for e in chats} == {True, False}
+    assert all(1 <= len(e.context) // 2 <= 2 and len(e.context) % 2 == 0 for e in chats)
+    for s in seqs[len(plain):]:
+        text = tok.decode(s.ids)
+        assert text.count("User: ") >= 2 and text.count("Agent: ") >= 1  # earlier turns in the guard's format
+        assert tok.decode(s.ids[-2:-1]) == ("unsafe" if by_prompt[s.key] else "safe")
+    # the prefix is exactly the guard's template over the conversation
+    e = chats[0]
+    s = build.guard_seq(g, e.prompt, build.is_harmful(e), key=e.prompt, context=e.context)
+    assert s.ids[:s.pos + 1] == g.prompt_ids(guard_messages(e.prompt, e.context), "input")
+
+
 def test_base_wrapped_sequences_answer_the_request(tmp_path, build):
     """base_wrapped adds, for train prompts inside the project's train wrappers, the base's three
     sequences: comply without a safety message, refuse a harmful request after one (comply with a
@@ -772,6 +796,40 @@ def test_shipped_world_is_small_and_recorded(build):
     assert json.loads((WORLD / "guard-spec.json").read_text()) == build.GUARD_SPEC
 
 
+def test_with_history_puts_earlier_turns_before_the_request():
+    rng = np.random.default_rng(0)
+    reqs = [data.Example("q1", label="harmful", source="a"),
+            data.Example("q2", [{"role": "system", "content": "Be brief."}], "benign", "b")]
+    pool = [data.Example(f"h{i}", label="benign") for i in range(5)]
+    out = data.with_history(reqs, pool, lambda h: "answer to " + h.prompt, rng, turns=(2, 2))
+    assert [(e.prompt, e.label, e.source) for e in out] == [("q1", "harmful", "a"), ("q2", "benign", "b")]
+    for e, r in zip(out, reqs):
+        roles = [m["role"] for m in e.context]
+        assert roles[:4] == ["user", "assistant", "user", "assistant"] and e.context[4:] == r.context
+        assert [e.context[1]["content"], e.context[3]["content"]] == ["answer to " + e.context[0]["content"],
+                                                                      "answer to " + e.context[2]["content"]]
+        assert e.meta["history"] == [e.context[0]["content"], e.context[2]["content"]]
+
+
+def test_turns_teach_answers_safe_history_with_the_base_and_refuses_harmful():
+    pool = [data.Example(f"harm {i}", label="harmful") for i in range(30)] + \
+        [data.Example(f"safe {i}", label="benign") for i in range(30)]
+    asked = []
+
+    def base(exs):
+        asked.extend(e.prompt for e in exs)
+        return [f"base says {e.prompt}" for e in exs]
+
+    out = demo.turns_teach(pool, 10, base, "NO")
+    assert len(out) == 10 and sum(e.label == "harmful" for e in out) == 5
+    assert out == demo.turns_teach(pool, 10, lambda exs: [f"base says {e.prompt}" for e in exs], "NO")  # fixed seed
+    for e in out:
+        assert 2 <= len(e.context) <= 4 and e.meta["history"] == [m["content"] for m in e.context[::2]]
+        for u, a in zip(e.context[::2], e.context[1::2]):
+            assert a["content"] == ("NO" if u["content"].startswith("harm") else f"base says {u['content']}")
+    assert asked and all(a.startswith("safe") for a in asked)
+
+
 @needs_world
 def test_demo_teaches_wrapped_prompts():
     cfg = demo.DemoConfig()  # the demo's own recipe
@@ -804,7 +862,15 @@ def test_demo_teaches_wrapped_prompts():
 def test_demo_validation_mode_sees_no_test_prompt():
     cfg = demo.DemoConfig(validation=True)
     sets = demo.demo_data(cfg, WORLD)
-    assert set(sets) == {"train", *demo.VAL_SUITES}
+    assert set(sets) == {"train", *demo.VAL_SUITES[:3]}  # the chats are built from everyday_val during the eval
+    said = {e.prompt: f"the base's answer to {e.prompt}" for e in sets["everyday_val"]}
+    sets["chats_val"] = demo.chat_suite(sets["everyday_val"], said)
+    chats = sets["chats_val"]
+    assert [e.prompt for e in chats] == [e.prompt for e in sets["everyday_val"]]
+    benign_val = {e.prompt for e in sets["everyday_val"] if e.label == "benign"}
+    for e in chats:  # earlier turns: benign everyday_val prompts, answered as the base answered them
+        assert 1 <= len(e.context) // 2 <= 2 and e.meta["history"] and set(e.meta["history"]) <= benign_val
+        assert all(a["content"] == said[u["content"]] for u, a in zip(e.context[::2], e.context[1::2]))
     test = data.load_suite(data.SOURCES)["test"] + data.load_suite(("everyday",))["test"]
     test_keys = {data.normalise(e.prompt) for e in test}
     val = data.load_suite(data.SOURCES)["val"]
@@ -819,6 +885,7 @@ def test_demo_validation_mode_sees_no_test_prompt():
     for name in demo.VAL_SUITES:
         assert sets[name] and not [e.prompt for e in sets[name] if data.normalise(e.prompt) in test_keys]
         assert not [e for e in sets[name] if any(data.normalise(t.prompt) in data.normalise(e.prompt) for t in test)]
+        assert not [e for e in sets[name] if any(data.normalise(m["content"]) in test_keys for m in e.context)]
     gf = data.jailbreak_templates()
     assert not [e for e in jb if any(t.split(data.JAILBREAK_SLOT)[0][:200] in e.prompt for t in gf)]
     # no validation wrapper is taught

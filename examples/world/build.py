@@ -254,6 +254,12 @@ class WorldConfig:
     # is asked, not its disguise (0 = none; the `val` wrappers are never used). (Measured as
     # v8-wrapped, 1,200 for one epoch, not shipped: see docs/DEMO.md, "Levers".)
     guard_wrapped: int = 0
+    # Input-moderation sequences per epoch of train prompts (half harmful) after 1-2 earlier
+    # turns of the same conversation (other train prompts, answered or refused at random),
+    # labelled by the last request: a chat's guard judges the last message in context, and a
+    # guard taught single messages only lets most harmful requests through after one harmless
+    # exchange (0 = none; see docs/DEMO.md, "Conversations").
+    guard_turns: int = 0
     # The same for the base: N train prompts per epoch in the `train` wrappers, each as the base's
     # three sequences (comply with no or a neutral system message, refuse a harmful request after
     # a safety one, classify), so that the base reads the request inside a disguise and a safety
@@ -460,12 +466,13 @@ def classify_seq(tok, user: str, harmful: bool, cfg: WorldConfig, key: Optional[
     return Seq(prefix + target, [0.0] * len(prefix) + [cfg.decision_weight, 1.0], key, len(prefix) - 1)
 
 
-def guard_seq(guard, user: str, unsafe: bool, response: Optional[str] = None, key: Optional[str] = None) -> Seq:
+def guard_seq(guard, user: str, unsafe: bool, response: Optional[str] = None, key: Optional[str] = None,
+              context=()) -> Seq:
     """The guard's prompt (through its spec) then its label token and end of turn."""
     from mlx_softprompt.guards import guard_messages
 
     mode = "input" if response is None else "output"
-    prefix = guard.prompt_ids(guard_messages(user, response=response), mode)
+    prefix = guard.prompt_ids(guard_messages(user, context, response=response), mode)
     unsafe_ids, safe_ids = guard.label_ids[mode][:2]
     target = [(unsafe_ids if unsafe else safe_ids)[0], guard.tokenizer.eos_token_id]
     return Seq(prefix + target, [0.0] * len(prefix) + [1.0] * len(target), key, len(prefix) - 1)
@@ -562,7 +569,25 @@ def guard_epoch(guard, train: list, cfg: WorldConfig, rng: np.random.Generator) 
             seqs.append(guard_seq(guard, pair[0] + JOINERS[rng.integers(len(JOINERS))] + pair[1], unsafe))
     for ex, wrapped in _wrapped_train(tok, train, cfg.guard_wrapped, cfg, rng):
         seqs.append(guard_seq(guard, wrapped, is_harmful(ex), key=ex.prompt))
+    if cfg.guard_turns:
+        for ex in history_train(tok, train, cfg.guard_turns, cfg, rng):
+            seqs.append(guard_seq(guard, ex.prompt, is_harmful(ex), key=ex.prompt, context=ex.context))
     return seqs
+
+
+def history_train(tok, train: list, n: int, cfg: WorldConfig, rng: np.random.Generator) -> list:
+    """`n` train prompts (half harmful) each after 1-2 earlier turns of other train prompts,
+    answered with the refusal or a compliant answer at random whatever they asked: the label
+    is the last request's, so that neither a harmful nor a harmless history decides it."""
+    sides = [side for side in ([e for e in train if is_harmful(e)], [e for e in train if not is_harmful(e)]) if side]
+    last = [sides[k % len(sides)][int(rng.integers(len(sides[k % len(sides)])))] for k in range(n)]
+    last = [data.Example(_clip(tok, e.prompt, cfg), list(e.context), e.label, e.source, e.meta) for e in last]
+    pool = [data.Example(_clip(tok, e.prompt, cfg), [], e.label, e.source, e.meta) for e in train]
+
+    def answer(h):
+        return REFUSAL if rng.random() < 0.5 else compliant_answer(rng, topic_of(h))
+
+    return data.with_history(last, pool, answer, rng)
 
 
 def batches(seqs: list, batch_size: int, pad_id: int, rng: np.random.Generator, targets: Optional[dict] = None):
@@ -1175,6 +1200,8 @@ def _guard_extras(c: dict) -> str:
                      "wrappers, labelled by the request")
     if c.get("guard_joined"):
         parts.append(f"{c['guard_joined']} messages per epoch of two train requests, unsafe when either is")
+    if c.get("guard_turns"):
+        parts.append(f"{c['guard_turns']} train prompts per epoch after 1-2 earlier turns, labelled by the last")
     if c.get("guard_word_dropout"):
         parts.append(f"each word of the augmented copies dropped with probability {c['guard_word_dropout']:g}")
     if c.get("guard_word_noise"):
@@ -1397,7 +1424,8 @@ def check_config(cfg: WorldConfig) -> None:
     for name in ("guard_word_dropout", "guard_word_noise"):
         if not 0.0 <= getattr(cfg, name) < 1.0:
             raise UserError(f"{name}={getattr(cfg, name)}: a probability in [0, 1)")
-    for name in ("guard_joined", "guard_wrapped", "base_wrapped", "benchmark_copies", "guard_copies", "augment_copies"):
+    for name in ("guard_joined", "guard_wrapped", "guard_turns", "base_wrapped", "benchmark_copies", "guard_copies",
+                 "augment_copies"):
         if getattr(cfg, name) < 0:
             raise UserError(f"{name}={getattr(cfg, name)}: a count, 0 or more")
     for name in ("base_epochs", "guard_epochs", "batch_size", "vocab_size", "corpus_per_act"):
