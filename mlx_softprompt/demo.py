@@ -9,7 +9,7 @@ project's one pipeline on it, the same code the `teach`, `train` and `eval` comm
    corpus; teach.py -> a teacher cache);
 2. train: a soft prompt with the TV objective (train.py);
 3. eval (evaluate.py) of the base alone, the dual system (base + guard), the soft prompt
-   and a textual system prompt in words the base never saw, on three suites side by side:
+   and a textual system prompt in words the base never saw, on four suites side by side:
    - ``test``: the test split of the benchmarks and the project's benign/borderline sets;
    - ``everyday``: hand-written requests phrased the way people type them
      (examples/data/everyday.jsonl, split "test"), never used to build or choose anything;
