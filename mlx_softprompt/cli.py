@@ -493,7 +493,8 @@ def demo(
     max_tokens: int = typer.Option(64, "--max-tokens", help="With --chat: tokens per answer."),
 ):
     """The whole method on the built-in tiny world: teach -> train -> eval on the test split, the
-    everyday split and the jailbreak suite; a table, report.json, a plot. --chat: try your own prompts."""
+    everyday split, the jailbreak suite and everyday chats; a table, report.json, a plot. --chat: try
+    your own prompts."""
     from . import demo as run_demo
 
     if compare and not chat:
