@@ -282,7 +282,7 @@ def sample_responses(model, tokenizer, prompts: Sequence[List[int]], keys: Seque
     tks = []
     for uid in uids:
         rows = steps[uid]
-        if any(r is None for r in rows) or len(rows) != len(out[uid]):
+        if any(r is None for r in rows):
             tks.append(None)
         elif not rows:
             tks.append(_empty(top_k))

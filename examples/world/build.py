@@ -580,8 +580,11 @@ def history_train(tok, train: list, n: int, cfg: WorldConfig, rng: np.random.Gen
     answered with the refusal or a compliant answer at random whatever they asked: the label
     is the last request's, so that neither a harmful nor a harmless history decides it."""
     sides = [side for side in ([e for e in train if is_harmful(e)], [e for e in train if not is_harmful(e)]) if side]
-    last = [sides[k % len(sides)][int(rng.integers(len(sides[k % len(sides)])))] for k in range(n)]
-    last = [data.Example(_clip(tok, e.prompt, cfg), list(e.context), e.label, e.source, e.meta) for e in last]
+    last = []
+    for k in range(n):  # harmful and safe in turn
+        side = sides[k % len(sides)]
+        e = side[int(rng.integers(len(side)))]
+        last.append(data.Example(_clip(tok, e.prompt, cfg), list(e.context), e.label, e.source, e.meta))
     pool = [data.Example(_clip(tok, e.prompt, cfg), [], e.label, e.source, e.meta) for e in train]
 
     def answer(h):
