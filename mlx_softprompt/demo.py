@@ -82,7 +82,7 @@ class DemoConfig:
     # train (train.TrainArgs fields); rows up to 1024 tokens hold the longest wrapped prompt and its answer
     train: dict = field(default_factory=lambda: {
         "num_tokens": 64, "init": "vocab", "iters": 400, "batch_size": 16, "learning_rate": 0.01,
-        "warmup": 20, "max_seq_length": 1024, "val_split": 0.1, "val_every": 50, "save_every": 200,
+        "warmup": 20, "max_seq_length": 1024, "val_split": 0.1, "val_every": 200, "save_every": 200,
         "steps_per_report": 10,
     })
     # eval

@@ -39,6 +39,10 @@ from .errors import UserError
 from .progress import Bar
 
 PARTIAL = "partial-{:05d}.safetensors"
+# Shards are written one by one (a stopped run resumes at the next), but the models run over
+# up to this many prompts at a time, sorted by length: a shard's prompts batched alone pad
+# short prompts to long ones (the demo's wrapped prompts run to 900 tokens beside 30-token ones).
+GROUP_PROMPTS = 1024
 
 
 @dataclass
@@ -264,8 +268,14 @@ def sample_responses(model, tokenizer, prompts: Sequence[List[int]], keys: Seque
     gen = BatchGenerator(model, max_tokens=cfg.max_tokens, stop_tokens=[[t] for t in tokenizer.eos_token_ids],
                          completion_batch_size=cfg.batch_size, prefill_batch_size=cfg.batch_size)
     try:
-        samplers = [_Sampler(cfg.seed, i, j, cfg.temp, cfg.top_p) for i, j in keys]
-        uids = gen.insert([list(p) for p in prompts], [cfg.max_tokens] * len(prompts), samplers=samplers)
+        # Inserted shortest first so prefill batches hold prompts of like length; each sample's
+        # own seed makes it the same in any order.
+        order = sorted(range(len(prompts)), key=lambda n: (len(prompts[n]), n))
+        samplers = [_Sampler(cfg.seed, *keys[n], cfg.temp, cfg.top_p) for n in order]
+        got = gen.insert([list(prompts[n]) for n in order], [cfg.max_tokens] * len(prompts), samplers=samplers)
+        uids = [0] * len(prompts)
+        for n, uid in zip(order, got):
+            uids[n] = uid
         out = {uid: [] for uid in uids}
         steps = {uid: [] for uid in uids} if top_k else None
         while responses := gen.next_generated():
@@ -384,6 +394,17 @@ def _topk_rows(model, tok, pids: dict, keys, ys, tks, cfg: TeachConfig, manifest
 
 def _shard_range(i: int, cfg: TeachConfig, n: int) -> range:
     return range(i * cfg.shard_size, min(n, (i + 1) * cfg.shard_size))
+
+
+def _groups(cfg: TeachConfig, n: int, nshards: int) -> List[List[int]]:
+    """Shard indices in fixed runs of up to GROUP_PROMPTS rows (at least one shard each): the
+    models run over a group at a time, and the same groups in a resumed run as in one run."""
+    per = max(1, GROUP_PROMPTS // (cfg.shard_size * cfg.samples_per_prompt))
+    return [list(range(s, min(nshards, s + per))) for s in range(0, nshards, per)]
+
+
+def _rows(shards: Sequence[int], cfg: TeachConfig, n: int, samples: Optional[int] = None) -> int:
+    return sum(len(_shard_range(i, cfg, n)) for i in shards) * (cfg.samples_per_prompt if samples is None else samples)
 
 
 def _used_u(u_raw: float, cfg: TeachConfig) -> float:
@@ -511,48 +532,61 @@ def teach(cfg: TeachConfig) -> dict:
 
 def _input_mode(cfg, examples, manifest, out, m: _Models, done, nshards):
     n = len(examples)
-    need = [i for i in range(nshards) if i not in done and str(i) not in manifest["verdicts"]]
+    groups = _groups(cfg, n, nshards)
+    # Verdicts are written a group at a time, so a group has all of them or none.
+    need = [gr for gr in groups if any(i not in done and str(i) not in manifest["verdicts"] for i in gr)]
     if need:
-        with _phase(manifest, "guard"), Bar(total=sum(len(_shard_range(i, cfg, n)) for i in need),
+        with _phase(manifest, "guard"), Bar(total=sum(_rows(gr, cfg, n, 1) for gr in need),
                                             desc="guard verdicts", unit="prompt") as bar:
             g = m.get_guard()
-            for i in need:
-                convs = [guards.guard_messages(examples[p].prompt, examples[p].context) for p in _shard_range(i, cfg, n)]
-                verdicts = g.score(convs, "input", batch_size=cfg.batch_size, bar=bar)
-                manifest["verdicts"][str(i)] = [[v.u, v.category] for v in verdicts]
+            for group in need:
+                shards = [i for i in group if i not in done]
+                prompts = [p for i in shards for p in _shard_range(i, cfg, n)]
+                convs = [guards.guard_messages(examples[p].prompt, examples[p].context) for p in prompts]
+                verdicts = dict(zip(prompts, g.score(convs, "input", batch_size=cfg.batch_size, bar=bar)))
+                for i in shards:
+                    manifest["verdicts"][str(i)] = [[verdicts[p].u, verdicts[p].category] for p in _shard_range(i, cfg, n)]
                 tc.write_manifest(out, manifest)
         m.drop_guard()
-    pending = [i for i in range(nshards) if i not in done]
-    if not pending:
+    todo = [gr for gr in groups if any(i not in done for i in gr)]
+    if not todo:
         return
-    rows_total = sum(len(_shard_range(i, cfg, n)) * cfg.samples_per_prompt for i in pending)
+    # A group's verdicts stay in the manifest until all its shards are written: a group a stopped
+    # run left half written is sampled again whole, so its samples are the uninterrupted run's.
+    rows_total = sum(_rows([i for i in gr if str(i) in manifest["verdicts"]], cfg, n) for gr in todo)
     sbar = Bar(total=rows_total, desc="teacher samples", unit="sample")
     kbar = Bar(total=rows_total, desc="top-k log-probs", unit="sample")
     try:
-        for i in pending:
-            prompts = list(_shard_range(i, cfg, n))
-            verdicts = manifest["verdicts"][str(i)]
+        for group in todo:
+            members = [i for i in group if str(i) in manifest["verdicts"]]
+            verdicts = {p: v for i in members for p, v in zip(_shard_range(i, cfg, n), manifest["verdicts"][str(i)])}
+            prompts = sorted(verdicts)
             with _phase(manifest, "sample"):
                 model, tok = m.get_base()
                 pids = {p: _prompt_ids(tok, examples[p]) for p in prompts}
                 keys = [(p, j) for p in prompts for j in range(cfg.samples_per_prompt)
-                        if _used_u(verdicts[p - prompts[0]][0], cfg) < 1.0]
+                        if _used_u(verdicts[p][0], cfg) < 1.0]
                 skipped = len(prompts) * cfg.samples_per_prompt - len(keys)
                 sbar.update(skipped)
                 ys, tk = sample_responses(model, tok, [pids[p] for p, _ in keys], keys, cfg, sbar, cfg.top_k)
             tk = _topk_rows(model, tok, pids, keys, ys, tk, cfg, manifest, kbar)
             kbar.update(skipped)
             got = {key: (y, t) for key, y, t in zip(keys, ys, tk)}
-            records, u_raw = [], []
-            for p in prompts:
-                ur, cat = verdicts[p - prompts[0]]
-                for j in range(cfg.samples_per_prompt):
-                    y, t = got.get((p, j), ([], _empty(cfg.top_k)))
-                    records.append(tc.Record(pids[p], list(y), _used_u(ur, cfg), t[0], t[1], t[2],
-                                             examples[p].label, p, j, cat))
-                    u_raw.append(ur)
-            _add_shard(manifest, out, i, records, u_raw, cfg)
-            manifest["verdicts"].pop(str(i), None)
+            for i in members:
+                if i in done:
+                    continue
+                records, u_raw = [], []
+                for p in _shard_range(i, cfg, n):
+                    ur, cat = verdicts[p]
+                    for j in range(cfg.samples_per_prompt):
+                        y, t = got.get((p, j), ([], _empty(cfg.top_k)))
+                        records.append(tc.Record(pids[p], list(y), _used_u(ur, cfg), t[0], t[1], t[2],
+                                                 examples[p].label, p, j, cat))
+                        u_raw.append(ur)
+                _add_shard(manifest, out, i, records, u_raw, cfg)
+                tc.write_manifest(out, manifest)
+            for i in members:
+                manifest["verdicts"].pop(str(i), None)
             tc.write_manifest(out, manifest)
     finally:
         sbar.close()
@@ -561,27 +595,35 @@ def _input_mode(cfg, examples, manifest, out, m: _Models, done, nshards):
 
 def _output_mode(cfg, examples, manifest, out, m: _Models, done, nshards):
     n = len(examples)
-    need = [i for i in range(nshards) if i not in done and str(i) not in manifest["partials"]]
+    groups = _groups(cfg, n, nshards)
+    # Sampling: every shard not yet judged of a group with one still to sample, so that a group a
+    # stopped run left half sampled is sampled again whole (the uninterrupted run's samples).
+    need = [gr for gr in groups if any(i not in done and str(i) not in manifest["partials"] for i in gr)]
     if need:
-        rows_total = sum(len(_shard_range(i, cfg, n)) * cfg.samples_per_prompt for i in need)
+        rows_total = sum(_rows([i for i in gr if i not in done], cfg, n) for gr in need)
         with Bar(total=rows_total, desc="teacher samples", unit="sample") as sbar, \
                 Bar(total=rows_total, desc="top-k log-probs", unit="sample") as kbar:
-            for i in need:
-                prompts = list(_shard_range(i, cfg, n))
+            for group in need:
+                members = [i for i in group if i not in done]
+                prompts = [p for i in members for p in _shard_range(i, cfg, n)]
                 with _phase(manifest, "sample"):
                     model, tok = m.get_base()
                     pids = {p: _prompt_ids(tok, examples[p]) for p in prompts}
                     keys = [(p, j) for p in prompts for j in range(cfg.samples_per_prompt)]
                     ys, tk = sample_responses(model, tok, [pids[p] for p, _ in keys], keys, cfg, sbar, cfg.top_k)
                 tk = _topk_rows(model, tok, pids, keys, ys, tk, cfg, manifest, kbar)
-                records = [tc.Record(pids[p], list(y), 0.0, t[0], t[1], t[2], examples[p].label, p, j)
-                           for (p, j), y, t in zip(keys, ys, tk)]
-                f = PARTIAL.format(i)
-                sha = tc.write_shard(out / f, records, cfg.top_k)
-                manifest["partials"][str(i)] = {"file": f, "sha256": sha}
-                tc.write_manifest(out, manifest)
-    pending = [i for i in range(nshards) if i not in done]
-    if not pending:
+                got = {key: (y, t) for key, y, t in zip(keys, ys, tk)}
+                for i in members:
+                    if str(i) in manifest["partials"]:
+                        continue
+                    records = [tc.Record(pids[p], list(got[p, j][0]), 0.0, *got[p, j][1], examples[p].label, p, j)
+                               for p in _shard_range(i, cfg, n) for j in range(cfg.samples_per_prompt)]
+                    f = PARTIAL.format(i)
+                    sha = tc.write_shard(out / f, records, cfg.top_k)
+                    manifest["partials"][str(i)] = {"file": f, "sha256": sha}
+                    tc.write_manifest(out, manifest)
+    todo = [gr for gr in groups if any(i not in done for i in gr)]
+    if not todo:
         return
     base_tok = m.get_base()[1] if m.base is not None else None
     m.drop_base()
@@ -591,25 +633,37 @@ def _output_mode(cfg, examples, manifest, out, m: _Models, done, nshards):
         from .models import resolve_model_path
 
         base_tok = load_tokenizer(resolve_model_path(cfg.base))
-    with _phase(manifest, "guard"), Bar(total=sum(len(_shard_range(i, cfg, n)) * cfg.samples_per_prompt
-                                                  for i in pending), desc="guard verdicts", unit="sample") as bar:
+    # Judging: a group's partial files stay until all its shards are written, so a group a stopped
+    # run left half judged is judged again whole (the uninterrupted run's verdicts).
+    with _phase(manifest, "guard"), Bar(total=sum(_rows(gr, cfg, n) for gr in todo),
+                                        desc="guard verdicts", unit="sample") as bar:
         g = m.get_guard()
         eos = set(base_tok.eos_token_ids)
-        for i in pending:
-            part = manifest["partials"][str(i)]
-            records = tc.read_shard(out / part["file"], part["sha256"])
+        finished = {s["index"]: s for s in manifest["shards"]}
+        for group in todo:
+            parts = {i: manifest["partials"][str(i)] for i in group if str(i) in manifest["partials"]}
+            shards = {i: tc.read_shard(out / parts[i]["file"], parts[i]["sha256"]) if i in parts
+                      else tc.read_shard(out / finished[i]["file"], finished[i]["sha256"]) for i in group}
             convs = []
-            for r in records:
-                ex = examples[r.prompt_index]
-                y = [t for t in r.response_ids if t not in eos]
-                convs.append(guards.guard_messages(ex.prompt, ex.context, base_tok.decode(y)))
-            verdicts = g.score(convs, "output", batch_size=cfg.batch_size, bar=bar)
-            for r, v in zip(records, verdicts):
-                r.u, r.category = _used_u(v.u, cfg), v.category
-            _add_shard(manifest, out, i, records, [v.u for v in verdicts], cfg)
-            manifest["partials"].pop(str(i), None)
+            for i in group:
+                for r in shards[i]:
+                    ex = examples[r.prompt_index]
+                    y = [t for t in r.response_ids if t not in eos]
+                    convs.append(guards.guard_messages(ex.prompt, ex.context, base_tok.decode(y)))
+            verdicts = iter(g.score(convs, "output", batch_size=cfg.batch_size, bar=bar))
+            for i in group:
+                vs = [next(verdicts) for _ in shards[i]]
+                if i not in parts:
+                    continue
+                for r, v in zip(shards[i], vs):
+                    r.u, r.category = _used_u(v.u, cfg), v.category
+                _add_shard(manifest, out, i, shards[i], [v.u for v in vs], cfg)
+                tc.write_manifest(out, manifest)
+            for i in parts:
+                manifest["partials"].pop(str(i), None)
             tc.write_manifest(out, manifest)
-            (out / part["file"]).unlink(missing_ok=True)
+            for part in parts.values():
+                (out / part["file"]).unlink(missing_ok=True)
 
 
 def _prompt_ids(tok, ex: data.Example) -> List[int]:

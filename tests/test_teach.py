@@ -165,7 +165,10 @@ def _same(a, b):
         np.testing.assert_array_equal(x.tail_mass, y.tail_mass)
 
 
-def test_resume_after_sigkill_equals_uninterrupted_run(world):
+def test_resume_after_sigkill_equals_uninterrupted_run(world, monkeypatch):
+    # The models run over a group of shards at a time (two here, of one prompt each): the kill
+    # can leave a group half written, which the resumed run samples again whole.
+    monkeypatch.setattr("mlx_softprompt.teach.GROUP_PROMPTS", 4)
     cfg = _cfg(world, "killed", shard_size=1, max_tokens=24)
     ref_cfg = replace(cfg, out=str(Path(cfg.out).parent / "uninterrupted"))
     teach(ref_cfg)
@@ -174,7 +177,9 @@ def test_resume_after_sigkill_equals_uninterrupted_run(world):
             "--batch-size", "3", "--seed", "3"]
     # Same BLAS as this process (no re-exec), so both runs compute the same floats.
     env = dict(os.environ, MLX_SOFTPROMPT_NO_BLAS="1", HF_HUB_OFFLINE="1")
-    proc = subprocess.Popen([sys.executable, "-m", "mlx_softprompt"] + args, env=env,
+    run = ("import runpy, sys; import mlx_softprompt.teach as t; t.GROUP_PROMPTS = 4; "
+           "sys.argv[0] = 'mlx-softprompt'; runpy.run_module('mlx_softprompt', run_name='__main__')")
+    proc = subprocess.Popen([sys.executable, "-c", run] + args, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     first = Path(cfg.out) / tc.shard_name(0)
     deadline = time.time() + 120
@@ -190,6 +195,36 @@ def test_resume_after_sigkill_equals_uninterrupted_run(world):
     teach(cfg)  # the same arguments again: finishes the job
     _same(tc.open_cache(cfg.out), tc.open_cache(ref_cfg.out))
     assert not list(Path(cfg.out).glob(".*.tmp*"))
+
+
+@pytest.mark.parametrize("mode", ["input", "output"])
+def test_a_group_left_half_written_is_run_again_whole(world, monkeypatch, mode):
+    """Stopped after the first shard of a group of three, a rerun redoes the group and writes
+    the rest: the cache equals an uninterrupted run's, to the bit."""
+    import mlx_softprompt.teach as teach_mod
+
+    monkeypatch.setattr(teach_mod, "GROUP_PROMPTS", 6)  # 3 shards of 1 prompt x 2 samples
+    cfg = _cfg(world, f"half-{mode}", shard_size=1, mode=mode)
+    ref_cfg = replace(cfg, out=str(Path(cfg.out).parent / f"whole-{mode}"))
+    teach(ref_cfg)
+    add_shard = teach_mod._add_shard
+
+    def stop_after_one(*args, **kw):
+        if tc.read_manifest(cfg.out)["shards"]:
+            raise KeyboardInterrupt
+        add_shard(*args, **kw)
+
+    monkeypatch.setattr(teach_mod, "_add_shard", stop_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        teach(cfg)
+    m = tc.read_manifest(cfg.out)
+    assert [s["index"] for s in m["shards"]] == [0]
+    # the whole group's verdicts (input mode) or samples (output mode) are kept for the rerun
+    assert sorted(m["verdicts" if mode == "input" else "partials"]) == [str(i) for i in range(len(PROMPTS))]
+    monkeypatch.setattr(teach_mod, "_add_shard", add_shard)
+    teach(cfg)
+    _same(tc.open_cache(cfg.out), tc.open_cache(ref_cfg.out))
+    assert not list(Path(cfg.out).glob("partial-*"))
 
 
 def test_rerun_of_a_finished_cache_changes_nothing(world, reference):
