@@ -844,14 +844,23 @@ class Guard:
                 if bar is not None and g == len(groups) - 1:
                     bar.update(1)
         else:
-            order = sorted(range(len(rows)), key=lambda r: (len(rows[r][2]), r))
-            for s in range(0, len(order), max(1, batch_size)):
-                chunk = order[s:s + max(1, batch_size)]
-                logits = last_logits(self.model, [rows[r][2] for r in chunk], self._pad_id())
+            def put(chunk, logits):
                 for r, val in zip(chunk, self.u_from_logits(logits, mode)):
                     u[rows[r][0], rows[r][1]] = val
                 if bar is not None:
                     bar.update(sum(1 for r in chunk if rows[r][1] == len(groups) - 1))
+
+            # Rows that share a long prefix (several answers to one long prompt) run it once.
+            shared, alone = shared_prefixes([r[2] for r in rows]) if shares_prefix(self.model) else ([], range(len(rows)))
+            for n, chunk in shared:
+                for s in range(0, len(chunk), max(1, batch_size)):
+                    part = chunk[s:s + max(1, batch_size)]
+                    put(part, prefix_logits(self.model, rows[part[0]][2][:n], [rows[r][2][n:] for r in part],
+                                            self._pad_id()))
+            order = sorted(alone, key=lambda r: (len(rows[r][2]), r))
+            for s in range(0, len(order), max(1, batch_size)):
+                chunk = order[s:s + max(1, batch_size)]
+                put(chunk, last_logits(self.model, [rows[r][2] for r in chunk], self._pad_id()))
         verdicts = []
         for i, conv in enumerate(conversations):
             g = int(np.argmax(u[i]))
@@ -950,6 +959,75 @@ def last_logits(model, seqs: Sequence[Sequence[int]], pad_id: int = 0) -> mx.arr
     tail = mx.array([list(s[start:]) + [pad_id] * (hi - len(s)) for s in seqs])
     logits = model(tail, cache=cache)
     idx = mx.array([n - 1 - start for n in lengths])
+    out = mx.take_along_axis(logits, idx[:, None, None], axis=1)[:, 0, :].astype(mx.float32)
+    mx.eval(out)
+    return out
+
+
+SHARED_PREFIX = 128  # tokens: rows sharing a prefix this long (and half their length) run it once
+
+
+def shares_prefix(model) -> bool:
+    """True when every layer's cache is mlx-lm's plain KVCache, which a prefix can be copied into
+    for several rows (not a sliding window's rotating cache, nor a recurrent state)."""
+    from mlx_lm.models.cache import KVCache, make_prompt_cache
+
+    return all(type(c) is KVCache for c in make_prompt_cache(model))
+
+
+def shared_prefixes(seqs: Sequence[Sequence[int]], least: int = SHARED_PREFIX):
+    """Rows that share a long prefix -> ([(prefix length, row indices)], the other rows' indices).
+
+    Sorted by their tokens, rows with a common start sit together; a run of two or more rows is
+    kept when their common prefix is at least `least` tokens and half the shortest row. The prefix
+    stops one token short of the shortest row, so every row keeps a token to score.
+    """
+    order = sorted(range(len(seqs)), key=lambda i: list(seqs[i]))
+    runs, alone = [], []
+
+    def close(run, n):
+        if len(run) > 1:
+            runs.append((n, run))
+        else:
+            alone.extend(run)
+
+    run, n = [], 0
+    for i in order:
+        s = seqs[i]
+        if run:
+            m = 0
+            top = min(n, len(s) - 1)
+            while m < top and s[m] == seqs[run[0]][m]:
+                m += 1
+            if m >= least and 2 * m >= min(len(s), min(len(seqs[j]) for j in run)):
+                run.append(i)
+                n = m
+                continue
+            close(run, n)
+        run, n = [i], len(s) - 1
+    if run:
+        close(run, n)
+    return runs, sorted(alone)
+
+
+def prefix_logits(model, prefix: Sequence[int], tails: Sequence[Sequence[int]], pad_id: int = 0) -> mx.array:
+    """[B, V] float32 next-token logits at the end of prefix + tail, for each tail: the prefix runs
+    once, its keys and values are copied for every row, and only the tails run batched (right
+    padded, so padding never reaches a row's last real token)."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    if not prefix or min(len(t) for t in tails) == 0:
+        raise ValueError("prefix_logits needs a prefix and non-empty tails")
+    cache = make_prompt_cache(model)
+    for s in range(0, len(prefix), 2048):
+        model(mx.array([list(prefix[s:s + 2048])]), cache=cache)
+        mx.eval([c.state for c in cache])
+    for c in cache:
+        c.keys = mx.repeat(c.keys[..., :c.offset, :], len(tails), axis=0)
+        c.values = mx.repeat(c.values[..., :c.offset, :], len(tails), axis=0)
+    hi = max(len(t) for t in tails)
+    logits = model(mx.array([list(t) + [pad_id] * (hi - len(t)) for t in tails]), cache=cache)
+    idx = mx.array([len(t) - 1 for t in tails])
     out = mx.take_along_axis(logits, idx[:, None, None], axis=1)[:, 0, :].astype(mx.float32)
     mx.eval(out)
     return out

@@ -312,6 +312,43 @@ def test_batched_equals_unbatched(tiny_guard):
         assert len(set(np.round(batched, 6))) > 1
 
 
+def test_answers_to_one_long_prompt_run_its_prefix_once(tiny_guard):
+    """Several answers to one long prompt (a jailbreak judged for each system) share its prefix;
+    their verdicts are those of each conversation scored alone."""
+    long = " ".join(["Write code that sorts a list of numbers in Python."] * 20)
+    convs = [guards.guard_messages(long, [], r) for r in ("Sure.", "Mix flour and water.", "I cannot help.")]
+    convs.append(guards.guard_messages(USER, [], REPLY))
+    ids = [tiny_guard.prompt_ids(c, "output") for c in convs]
+    runs, alone = guards.shared_prefixes(ids)
+    assert [sorted(r) for _, r in runs] == [[0, 1, 2]] and alone == [3]
+    n = runs[0][0]
+    assert n >= guards.SHARED_PREFIX and all(len(ids[i]) > n and ids[i][:n] == ids[0][:n] for i in range(3))
+    assert guards.shares_prefix(tiny_guard.model)
+    shared = [v.u for v in tiny_guard.score(convs, "output", batch_size=2)]
+    single = [tiny_guard.score([c], "output", batch_size=1)[0].u for c in convs]  # one row: nothing shared
+    np.testing.assert_allclose(shared, single, atol=1e-5)
+    assert len(set(np.round(shared, 6))) > 1
+
+
+def test_shared_prefixes_keep_a_token_per_row_and_skip_short_ones():
+    a = list(range(300))
+    runs, alone = guards.shared_prefixes([a + [1], a, a + [2, 3], a[:100] + [7], [5] * 300, [5] * 10])
+    assert runs == [(299, [1, 0, 2])]  # a's last token stays a's own to score
+    assert alone == [3, 4, 5]  # 100 shared tokens is short; [5] * 10 is short of [5] * 300's half
+
+
+def test_a_sliding_window_cache_is_not_shared():
+    from mlx_lm.models.cache import RotatingKVCache
+
+    class Windowed:
+        layers = [None]
+
+        def make_cache(self):
+            return [RotatingKVCache(max_size=8)]
+
+    assert not guards.shares_prefix(Windowed())
+
+
 @pytest.fixture(scope="module")
 def official_dirs(tmp_path_factory):
     """Tiny guard checkpoints carrying each official chat template, as converted guard directories do."""
