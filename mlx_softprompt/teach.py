@@ -653,7 +653,7 @@ def _output_mode(cfg, examples, manifest, out, m: _Models, done, nshards):
             verdicts = iter(g.score(convs, "output", batch_size=cfg.batch_size, bar=bar))
             for i in group:
                 vs = [next(verdicts) for _ in shards[i]]
-                if i not in parts:
+                if i not in parts or i in done:  # a finished shard stays as it is
                     continue
                 for r, v in zip(shards[i], vs):
                     r.u, r.category = _used_u(v.u, cfg), v.category

@@ -221,9 +221,11 @@ def test_a_group_left_half_written_is_run_again_whole(world, monkeypatch, mode):
     assert [s["index"] for s in m["shards"]] == [0]
     # the whole group's verdicts (input mode) or samples (output mode) are kept for the rerun
     assert sorted(m["verdicts" if mode == "input" else "partials"]) == [str(i) for i in range(len(PROMPTS))]
+    first = (Path(cfg.out) / tc.shard_name(0)).stat().st_mtime_ns
     monkeypatch.setattr(teach_mod, "_add_shard", add_shard)
     teach(cfg)
     _same(tc.open_cache(cfg.out), tc.open_cache(ref_cfg.out))
+    assert (Path(cfg.out) / tc.shard_name(0)).stat().st_mtime_ns == first  # the finished shard is kept
     assert not list(Path(cfg.out).glob("partial-*"))
 
 
