@@ -851,7 +851,9 @@ class Guard:
                     bar.update(sum(1 for r in chunk if rows[r][1] == len(groups) - 1))
 
             # Rows that share a long prefix (several answers to one long prompt) run it once.
-            shared, alone = shared_prefixes([r[2] for r in rows]) if shares_prefix(self.model) else ([], range(len(rows)))
+            shared, alone = ([], range(len(rows)))
+            if shares_prefix(self.model):
+                shared, alone = shared_prefixes([r[2] for r in rows])
             for n, chunk in shared:
                 for s in range(0, len(chunk), max(1, batch_size)):
                     part = chunk[s:s + max(1, batch_size)]

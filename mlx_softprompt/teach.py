@@ -40,8 +40,9 @@ from .progress import Bar
 
 PARTIAL = "partial-{:05d}.safetensors"
 # Shards are written one by one (a stopped run resumes at the next), but the models run over
-# up to this many prompts at a time, sorted by length: a shard's prompts batched alone pad
-# short prompts to long ones (the demo's wrapped prompts run to 900 tokens beside 30-token ones).
+# a group of shards of up to this many rows (prompts x samples) at a time, sorted by length: a
+# shard's prompts batched alone pad short prompts to long ones (the demo's wrapped prompts run
+# to 900 tokens beside 30-token ones).
 GROUP_PROMPTS = 1024
 
 
@@ -536,8 +537,8 @@ def _input_mode(cfg, examples, manifest, out, m: _Models, done, nshards):
     # Verdicts are written a group at a time, so a group has all of them or none.
     need = [gr for gr in groups if any(i not in done and str(i) not in manifest["verdicts"] for i in gr)]
     if need:
-        with _phase(manifest, "guard"), Bar(total=sum(_rows(gr, cfg, n, 1) for gr in need),
-                                            desc="guard verdicts", unit="prompt") as bar:
+        total = sum(_rows([i for i in gr if i not in done], cfg, n, 1) for gr in need)
+        with _phase(manifest, "guard"), Bar(total=total, desc="guard verdicts", unit="prompt") as bar:
             g = m.get_guard()
             for group in need:
                 shards = [i for i in group if i not in done]
@@ -545,7 +546,8 @@ def _input_mode(cfg, examples, manifest, out, m: _Models, done, nshards):
                 convs = [guards.guard_messages(examples[p].prompt, examples[p].context) for p in prompts]
                 verdicts = dict(zip(prompts, g.score(convs, "input", batch_size=cfg.batch_size, bar=bar)))
                 for i in shards:
-                    manifest["verdicts"][str(i)] = [[verdicts[p].u, verdicts[p].category] for p in _shard_range(i, cfg, n)]
+                    manifest["verdicts"][str(i)] = [[verdicts[p].u, verdicts[p].category]
+                                                    for p in _shard_range(i, cfg, n)]
                 tc.write_manifest(out, manifest)
         m.drop_guard()
     todo = [gr for gr in groups if any(i not in done for i in gr)]
