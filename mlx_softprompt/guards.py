@@ -981,19 +981,21 @@ def shared_prefixes(seqs: Sequence[Sequence[int]], least: int = SHARED_PREFIX):
     """Rows that share a long prefix -> ([(prefix length, row indices)], the other rows' indices).
 
     Sorted by their tokens, rows with a common start sit together; a run of two or more rows is
-    kept when their common prefix is at least `least` tokens and half the shortest row. The prefix
-    stops one token short of the shortest row, so every row keeps a token to score.
+    kept when their common prefix is at least `least` tokens and half of every row in it (so a
+    guard's long fixed header does not tie a short request to a long jailbreak, whose answers
+    then share the whole jailbreak). The prefix stops one token short of the shortest row, so
+    every row keeps a token to score. Each run's rows come sorted by length.
     """
     order = sorted(range(len(seqs)), key=lambda i: list(seqs[i]))
     runs, alone = [], []
 
     def close(run, n):
         if len(run) > 1:
-            runs.append((n, run))
+            runs.append((n, sorted(run, key=lambda i: (len(seqs[i]), i))))
         else:
             alone.extend(run)
 
-    run, n = [], 0
+    run, n, longest = [], 0, 0
     for i in order:
         s = seqs[i]
         if run:
@@ -1001,12 +1003,12 @@ def shared_prefixes(seqs: Sequence[Sequence[int]], least: int = SHARED_PREFIX):
             top = min(n, len(s) - 1)
             while m < top and s[m] == seqs[run[0]][m]:
                 m += 1
-            if m >= least and 2 * m >= min(len(s), min(len(seqs[j]) for j in run)):
+            if m >= least and 2 * m >= max(len(s), longest):
                 run.append(i)
-                n = m
+                n, longest = m, max(longest, len(s))
                 continue
             close(run, n)
-        run, n = [i], len(s) - 1
+        run, n, longest = [i], len(s) - 1, len(s)
     if run:
         close(run, n)
     return runs, sorted(alone)

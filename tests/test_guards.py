@@ -333,8 +333,19 @@ def test_answers_to_one_long_prompt_run_its_prefix_once(tiny_guard):
 def test_shared_prefixes_keep_a_token_per_row_and_skip_short_ones():
     a = list(range(300))
     runs, alone = guards.shared_prefixes([a + [1], a, a + [2, 3], a[:100] + [7], [5] * 300, [5] * 10])
-    assert runs == [(299, [1, 0, 2])]  # a's last token stays a's own to score
+    assert runs == [(299, [1, 0, 2])]  # sorted by length; a's last token stays a's own to score
     assert alone == [3, 4, 5]  # 100 shared tokens is short; [5] * 10 is short of [5] * 300's half
+
+
+def test_a_long_header_does_not_tie_short_requests_to_a_long_one():
+    """A guard whose template starts with 200 fixed tokens: the short requests share the header,
+    the answers to one long request share the header and the request."""
+    header, long = [1] * 200, list(range(10, 810))
+    rows = [header + [900 + k] * 30 for k in range(3)]  # three short requests
+    rows += [header + long + [2000 + k] * 20 for k in range(3)]  # three answers to one long request
+    runs, alone = guards.shared_prefixes(rows)
+    assert sorted((n, sorted(r)) for n, r in runs) == [(200, [0, 1, 2]), (1000, [3, 4, 5])]
+    assert alone == []
 
 
 def test_a_sliding_window_cache_is_not_shared():
