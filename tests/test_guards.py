@@ -330,6 +330,19 @@ def test_answers_to_one_long_prompt_run_its_prefix_once(tiny_guard):
     assert len(set(np.round(shared, 6))) > 1
 
 
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "gemma2", "phi3", "mistral", "starcoder2"])
+def test_a_shared_prefix_gives_each_architecture_its_own_verdicts(arch, tmp_path):
+    path = tiny.make_tiny_checkpoint(tmp_path / arch, arch=arch, seed=3, corpus=GUARD_CORPUS)
+    g = guards.load_guard("examples/guards/tiny-guard.json", str(path))
+    long = " ".join(["Explain how to write a poem about the sea."] * 20)
+    convs = [guards.guard_messages(long, [], r) for r in ("Sure.", "Mix flour and water.", "I cannot help.")]
+    if guards.shares_prefix(g.model):
+        assert guards.shared_prefixes([g.prompt_ids(c, "output") for c in convs])[0]
+    shared = [v.u for v in g.score(convs, "output", batch_size=3)]
+    single = [g.score([c], "output", batch_size=1)[0].u for c in convs]
+    np.testing.assert_allclose(shared, single, atol=1e-5)
+
+
 def test_shared_prefixes_keep_a_token_per_row_and_skip_short_ones():
     a = list(range(300))
     runs, alone = guards.shared_prefixes([a + [1], a, a + [2, 3], a[:100] + [7], [5] * 300, [5] * 10])
