@@ -937,13 +937,14 @@ class Guard:
         mx.clear_cache()
 
 
-def last_logits(model, seqs: Sequence[Sequence[int]], pad_id: int = 0) -> mx.array:
+def last_logits(model, seqs: Sequence[Sequence[int]], pad_id: int = 0, cache=None) -> mx.array:
     """[B, V] float32 next-token logits at each row's own last position (right padding).
 
     The common prefix (shortest row minus one) goes through a KV cache without
     computing its logits; only the ragged tail is run with the output head, so a
     large vocabulary costs B x (tail length) x V, not B x L x V. Right padding sits
     after each row's last real token, so causal attention never lets it matter.
+    `cache`: a KV cache already holding B rows of earlier tokens (prefix_logits).
     """
     from mlx_lm.models.cache import make_prompt_cache
 
@@ -951,7 +952,7 @@ def last_logits(model, seqs: Sequence[Sequence[int]], pad_id: int = 0) -> mx.arr
     if min(lengths) == 0:
         raise ValueError("cannot score an empty sequence")
     lo, hi = min(lengths), max(lengths)
-    cache = make_prompt_cache(model)
+    cache = make_prompt_cache(model) if cache is None else cache
     start = 0
     while lo - 1 - start > 0:  # prefill the shared part in chunks, logits never materialised
         n = min(2048, lo - 1 - start)
@@ -1016,8 +1017,7 @@ def shared_prefixes(seqs: Sequence[Sequence[int]], least: int = SHARED_PREFIX):
 
 def prefix_logits(model, prefix: Sequence[int], tails: Sequence[Sequence[int]], pad_id: int = 0) -> mx.array:
     """[B, V] float32 next-token logits at the end of prefix + tail, for each tail: the prefix runs
-    once, its keys and values are copied for every row, and only the tails run batched (right
-    padded, so padding never reaches a row's last real token)."""
+    once, its keys and values are copied for every row, and the tails run batched (last_logits)."""
     from mlx_lm.models.cache import make_prompt_cache
 
     if not prefix or min(len(t) for t in tails) == 0:
@@ -1029,12 +1029,7 @@ def prefix_logits(model, prefix: Sequence[int], tails: Sequence[Sequence[int]], 
     for c in cache:
         c.keys = mx.repeat(c.keys[..., :c.offset, :], len(tails), axis=0)
         c.values = mx.repeat(c.values[..., :c.offset, :], len(tails), axis=0)
-    hi = max(len(t) for t in tails)
-    logits = model(mx.array([list(t) + [pad_id] * (hi - len(t)) for t in tails]), cache=cache)
-    idx = mx.array([len(t) - 1 for t in tails])
-    out = mx.take_along_axis(logits, idx[:, None, None], axis=1)[:, 0, :].astype(mx.float32)
-    mx.eval(out)
-    return out
+    return last_logits(model, tails, pad_id, cache=cache)
 
 
 def load_guard(name_or_spec_path, model_path: Optional[str] = None, date=None) -> Guard:
