@@ -365,17 +365,25 @@ def jailbreak_templates() -> list[str]:
     return templates
 
 
-def with_history(requests: list[Example], pool: list[Example], answer, rng, turns=(1, 2)) -> list[Example]:
+def with_history(requests: list[Example], pool: list[Example], answer, rng, turns=(1, 2),
+                 repeat_request: bool = False) -> list[Example]:
     """Each request after earlier exchanges of the same conversation, as a chat model meets it:
     a number of turns drawn from `turns` (lo, hi), each a user message from `pool` and the
     assistant's `answer(pool example)`. The request keeps its label (a guard judges the last
-    user message in context); meta records the earlier prompts. `rng` is a numpy Generator."""
+    user message in context); meta records the earlier prompts. `rng` is a numpy Generator.
+
+    An earlier turn is never the request itself (a draw of it is drawn again), unless
+    `repeat_request`: the world builder's training chats allow it, as its shipped guard was built."""
     lo, hi = turns
     out = []
     for ex in requests:
+        if not repeat_request and all(h.prompt == ex.prompt for h in pool):
+            raise ValueError(f"with_history: no earlier turn to draw for {ex.prompt[:60]!r}: the pool holds only it")
         context = []
         for _ in range(int(rng.integers(lo, hi + 1))):
             h = pool[int(rng.integers(len(pool)))]
+            while not repeat_request and h.prompt == ex.prompt:
+                h = pool[int(rng.integers(len(pool)))]
             context += [{"role": "user", "content": h.prompt}, {"role": "assistant", "content": answer(h)}]
         out.append(Example(ex.prompt, context + list(ex.context), ex.label, ex.source,
                            {**ex.meta, "history": [m["content"] for m in context if m["role"] == "user"]}))

