@@ -153,7 +153,7 @@ def test_everyday_split_fixed_and_unseen(corpus):
     suite = data.load_suite(("everyday",))
     assert not suite["train"]
     test, val = suite["test"], suite["val"]
-    for split, n in ((test, 150), (val, 40)):
+    for split, n in ((test, 150), (val, 140)):
         assert sum(e.label == "harmful" for e in split) >= n
         assert sum(e.label == "benign" for e in split) >= n
     # categories of HarmBench and StrongREJECT all covered by harmful test prompts
@@ -165,6 +165,8 @@ def test_everyday_split_fixed_and_unseen(corpus):
     others |= {data.normalise(r["prompt"]) for r in corpus.generate(0, more=True, general=True)}
     others |= {data.normalise(e.prompt) for s in data.load_suite().values() for e in s}
     assert not [e.prompt for e in test + val if data.normalise(e.prompt) in others]
+    assert not {data.normalise(e.prompt) for e in val} & {data.normalise(e.prompt) for e in test}
+    assert len({data.normalise(e.prompt) for e in test + val}) == len(test + val)
 
 
 def test_record_split_field(tmp_path):
