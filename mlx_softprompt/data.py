@@ -378,7 +378,7 @@ def with_history(requests: list[Example], pool: list[Example], answer, rng, turn
     out = []
     for ex in requests:
         if not repeat_request and all(h.prompt == ex.prompt for h in pool):
-            raise ValueError(f"with_history: no earlier turn to draw for {ex.prompt[:60]!r}: the pool holds only it")
+            raise ValueError(f"with_history: no earlier turn to draw for {ex.prompt[:60]!r}: the pool holds no other prompt")
         context = []
         for _ in range(int(rng.integers(lo, hi + 1))):
             h = pool[int(rng.integers(len(pool)))]

@@ -881,7 +881,7 @@ def test_with_history_never_asks_the_request_before_it():
     rng = np.random.default_rng(0)  # the old draws: one index per turn, none skipped
     assert [e.meta["history"] for e in rep] == [[pool[int(rng.integers(3))].prompt for _ in range(int(rng.integers(2, 3)))]
                                                for _ in reqs]
-    with pytest.raises(ValueError, match="only it"):
+    with pytest.raises(ValueError, match="no other prompt"):
         data.with_history(pool[:1], pool[:1], lambda h: "ok", np.random.default_rng(0))
 
 
