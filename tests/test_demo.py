@@ -698,6 +698,9 @@ def test_guard_teacher(tmp_path, build):
     grad = x.T @ (sw * (p - y)) / len(y) + 0.01 * teacher.w
     assert np.abs(grad).max() < 2e-3 and abs((sw * (p - y)).mean()) < 2e-3
     assert build.auc(p[y == 1], p[y == 0]) > 0.95
+    given = dict(zip((e.prompt for e in train), build.sentence_embeddings([e.prompt for e in train])))
+    again = build.fit_teacher(train, 0.01, steps=4000, embeddings=given)  # the distillation targets' embeddings
+    np.testing.assert_allclose(again.w, teacher.w, atol=1e-6)
     notes = build._guard_extras({**build.asdict(cfg), "guard_teacher": 3.0})
     assert "at weight 3, a logistic regression on MiniLM's sentence embeddings" in notes and "(L2 0.01)" in notes
 

@@ -475,6 +475,13 @@ def classify_seq(tok, user: str, harmful: bool, cfg: WorldConfig, key: Optional[
     return Seq(prefix + target, [0.0] * len(prefix) + [cfg.decision_weight, 1.0], key, len(prefix) - 1)
 
 
+def label_tokens(guard, mode: str) -> tuple:
+    """The first token of the guard's unsafe and of its safe label: what its sequences are taught
+    to say, and what the teacher's probability is read from."""
+    unsafe_ids, safe_ids = guard.label_ids[mode][:2]
+    return unsafe_ids[0], safe_ids[0]
+
+
 def guard_seq(guard, user: str, unsafe: bool, response: Optional[str] = None, key: Optional[str] = None,
               context=(), judge: Optional[str] = None) -> Seq:
     """The guard's prompt (through its spec) then its label token and end of turn; `judge`: the
@@ -483,8 +490,8 @@ def guard_seq(guard, user: str, unsafe: bool, response: Optional[str] = None, ke
 
     mode = "input" if response is None else "output"
     prefix = guard.prompt_ids(guard_messages(user, context, response=response), mode)
-    unsafe_ids, safe_ids = guard.label_ids[mode][:2]
-    target = [(unsafe_ids if unsafe else safe_ids)[0], guard.tokenizer.eos_token_id]
+    unsafe_id, safe_id = label_tokens(guard, mode)
+    target = [unsafe_id if unsafe else safe_id, guard.tokenizer.eos_token_id]
     return Seq(prefix + target, [0.0] * len(prefix) + [1.0] * len(target), key, len(prefix) - 1, judge)
 
 
@@ -868,9 +875,14 @@ def measure_all(base, guard, base_tok, guard_tok, suite: dict) -> dict:
     """measure() on the validation split, on its prompts not from the generated corpus (the
     benchmarks' and the project's: what a world without the corpus is measured on), and on the
     everyday validation prompts."""
-    sets = {"val": suite["val"], "val_benchmarks": [e for e in suite["val"] if e.source != CORPUS_SOURCE],
+    return {name: measure(base, guard, base_tok, guard_tok, ex) for name, ex in val_sets(suite).items()}
+
+
+def val_sets(suite: dict) -> dict:
+    """VAL_SETS by name: the validation split, its prompts not from the generated corpus, the
+    everyday validation prompts."""
+    return {"val": suite["val"], "val_benchmarks": [e for e in suite["val"] if e.source != CORPUS_SOURCE],
             "everyday_val": suite["everyday_val"]}
-    return {name: measure(base, guard, base_tok, guard_tok, sets[name]) for name in VAL_SETS}
 
 
 # ---------------------------------------------------------------- build / load
@@ -991,12 +1003,16 @@ class Teacher:
 TEACHER_SCALE = 10.0  # unit-length embeddings scaled so that the L2 weight is on a usual scale
 
 
-def fit_teacher(train: list, l2: float, steps: int = 3000, lr: float = 0.5) -> Teacher:
+def fit_teacher(train: list, l2: float, steps: int = 3000, lr: float = 0.5,
+                embeddings: Optional[dict] = None) -> Teacher:
     """Fit the guard's teacher on the train prompts (harmful and safe weighted to equal halves)
     by full-batch gradient descent: 5,536 rows of 384 numbers need nothing more. On validation
     (L2 0.01) it ranks everyday prompts better than any guard trained here (AUC 0.95 against
-    0.88-0.89, docs/DEMO.md "Levers"): MiniLM knows the words, the train prompts the task."""
-    x = TEACHER_SCALE * sentence_embeddings([e.prompt for e in train]).astype(np.float64)
+    0.88-0.89, docs/DEMO.md "Levers"): MiniLM knows the words, the train prompts the task.
+    `embeddings`: request -> its MiniLM embedding where already computed (the distillation targets)."""
+    prompts = [e.prompt for e in train]
+    x = (np.stack([embeddings[p] for p in prompts]) if embeddings is not None else sentence_embeddings(prompts))
+    x = TEACHER_SCALE * x.astype(np.float64)
     y = np.array([is_harmful(e) for e in train], np.float64)
     if y.min() == y.max():
         raise UserError("the guard's teacher needs harmful and safe train prompts")
@@ -1021,11 +1037,8 @@ def with_teacher(seqs: list, teacher: Teacher) -> list:
 
 def teacher_measures(teacher: Teacher, suite: dict) -> dict:
     """The teacher's AUC and flags (p >= 0.5) on the validation sets, beside the guard's in world.json."""
-    sets = {"val": suite["val"], "val_benchmarks": [e for e in suite["val"] if e.source != CORPUS_SOURCE],
-            "everyday_val": suite["everyday_val"]}
     out = {}
-    for name in VAL_SETS:
-        ex = sets[name]
+    for name, ex in val_sets(suite).items():
         p = teacher([e.prompt for e in ex])
         harm = np.array([is_harmful(e) for e in ex])
         out[name] = {"auc": round(auc(p[harm], p[~harm]), 4), "flags_harmful": round(float((p[harm] >= 0.5).mean()), 4),
@@ -1145,10 +1158,10 @@ def build(out, cfg: Optional[WorldConfig] = None, only: str = "all") -> dict:
         make_epoch = lambda: guard_epoch(g, train, cfg, rng)  # noqa: E731
         soft_ids = None
         if cfg.guard_teacher > 0:
-            teacher = fit_teacher(train, cfg.guard_teacher_l2)
+            teacher = fit_teacher(train, cfg.guard_teacher_l2, embeddings=targets)
             info["guard_teacher"] = teacher_measures(teacher, suite)
             make_epoch = lambda: with_teacher(guard_epoch(g, train, cfg, rng), teacher)  # noqa: E731
-            soft_ids = tuple(g.label_ids["input"][k][0] for k in (0, 1))
+            soft_ids = label_tokens(g, "input")
         info["guard_training"] = train_lm(guard, make_epoch, cfg.guard_epochs,
                                           cfg, cfg.guard_learning_rate, "world: guard", tok.pad_token_id, rng,
                                           on_epoch=lambda m: measure_all(None, m, None, tok, suite), targets=targets,
