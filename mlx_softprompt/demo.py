@@ -77,6 +77,9 @@ class DemoConfig:
     # ... plus N of those prompts (half harmful) after 1-2 earlier turns of the same chat: other
     # teaching prompts answered as the base answers them, or refused if harmful
     turns_train: int = 0
+    # ... plus N of the world's hand-written training prompts (written.jsonl; half harmful, drawn
+    # with a fixed seed): requests phrased as people type them, not in a generator's frames
+    written_train: int = 0
     max_tokens: int = 48
     top_k: int = 64
     # train (train.TrainArgs fields); rows up to 1024 tokens hold the longest wrapped prompt and its answer
@@ -100,6 +103,7 @@ class DemoConfig:
             self.corpus_train = min(self.corpus_train or 0, 24)
             self.wrapped_train = min(self.wrapped_train, 8)
             self.turns_train = min(self.turns_train, 8)
+            self.written_train = min(self.written_train, 8)
             self.max_tokens = min(self.max_tokens, 24)
             self.eval_max_tokens = min(self.eval_max_tokens, 16)
             self.train = {**self.train, "iters": 20, "batch_size": 8, "warmup": 2, "val_every": 10,
@@ -197,6 +201,24 @@ def wrapped_teach(pool: list, n: int, harmful_share: float, seed: int = data.DEF
     return data.wrapped_prompts(picks, "train", rounds=1) if picks else []
 
 
+def written_teach(path: Path, n: int, seed: int = data.DEFAULT_SEED) -> list:
+    """n of the world's hand-written training prompts (half harmful), drawn with a fixed seed."""
+    import random
+
+    if not n:
+        return []
+    if not path.is_file():
+        raise UserError(f"{path}: not found; written_train needs the world's hand-written training prompts")
+    pool = data.load_suite((str(path),), seed=data.DEFAULT_SEED)["train"]
+    rng = random.Random(seed)
+    harmful = [e for e in pool if e.label == "harmful"]
+    other = [e for e in pool if e.label != "harmful"]
+    n_harmful = min(n // 2, len(harmful))
+    picks = rng.sample(harmful, n_harmful) + rng.sample(other, min(n - n_harmful, len(other)))
+    rng.shuffle(picks)
+    return picks
+
+
 def demo_data(cfg: DemoConfig, wpath: Path) -> dict:
     """{"train": teach prompts, and the three evaluation suites (suite_names): the test split,
     the everyday split and GPTFuzzer's jailbreaks, or with cfg.validation their validation
@@ -210,6 +232,7 @@ def demo_data(cfg: DemoConfig, wpath: Path) -> dict:
         train += generated[: cfg.corpus_train]
     train = data.limit_per_label(train, None if cfg.limit is None else 2 * cfg.limit)
     train += wrapped_teach(train, cfg.wrapped_train, cfg.wrapped_harmful_share)
+    train += written_teach(wpath / "written.jsonl", cfg.written_train)
     part = "val" if cfg.validation else "test"
     bench = data.limit_per_label(suite[part], cfg.limit)
     everyday = data.limit_per_label(data.load_suite(("everyday",), seed=data.DEFAULT_SEED)[part], cfg.limit)

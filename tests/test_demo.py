@@ -169,6 +169,41 @@ def test_everyday_split_fixed_and_unseen(corpus):
     assert len({data.normalise(e.prompt) for e in test + val}) == len(test + val)
 
 
+def test_written_training_prompts(build, tmp_path, monkeypatch):
+    """The hand-written training prompts: train split only, both labels in every category, never
+    a validation or test prompt; the builder's `written` setting adds them, each `written_copies`
+    times per epoch."""
+    lines = build.WRITTEN_PATH.read_text(encoding="utf-8").splitlines()
+    records = [json.loads(line) for line in lines]
+    assert {tuple(sorted(r)) for r in records} == {("category", "label", "prompt", "source", "split")}
+    assert {(r["source"], r["split"]) for r in records} == {(build.WRITTEN_SOURCE, "train")}
+    assert len({data.normalise(r["prompt"]) for r in records}) == len(records) >= 2000
+    everyday = data.load_suite(("everyday",))
+    cats = {e.meta["category"] for e in everyday["test"] if e.label == "harmful"}
+    for cat in cats:
+        labels = [r["label"] for r in records if r["category"] == cat]
+        assert labels.count("harmful") >= 50 and labels.count("benign") >= 50, cat
+    assert sum(r["category"] == "everyday" and r["label"] == "benign" for r in records) >= 200
+    held = {data.normalise(e.prompt) for s in (everyday, data.load_suite()) for k in ("val", "test") for e in s[k]}
+    assert not [r["prompt"] for r in records if data.normalise(r["prompt"]) in held]
+    # the builder's setting: in the train split, never in val; copies per epoch as set
+    cfg = build.WorldConfig(corpus=False, written=True, written_copies=2)
+    suite = build.world_suite(cfg)
+    written = [e for e in suite["train"] if e.source == build.WRITTEN_SOURCE]
+    assert len(written) == len(records)
+    assert not [e for e in suite["val"] if e.source == build.WRITTEN_SOURCE]
+    assert not [e for e in build.world_suite(build.WorldConfig(corpus=False))["train"] if e.source == build.WRITTEN_SOURCE]
+    rng = np.random.default_rng(0)
+    pick = [e for e in written if e.label == "harmful"][:4] + [e for e in written if e.label == "benign"][:4]
+    bench = [e for e in suite["train"] if e.label == "harmful" and e.source == "harmbench"][:1]
+    bench += [e for e in suite["train"] if e.label == "benign" and e.source == "benign"][:1]
+    epoch = build._balanced(pick + bench, rng, 3, 2)
+    assert [sum(x is e for x in epoch) for e in pick + bench] == [2] * 8 + [3, 3]
+    monkeypatch.setattr(build, "WRITTEN_PATH", tmp_path / "none.jsonl")
+    with pytest.raises(UserError, match="written=true: .*none.jsonl not found"):
+        build.check_config(cfg)
+
+
 def test_record_split_field(tmp_path):
     path = tmp_path / "p.jsonl"
     path.write_text('{"prompt": "a", "label": "benign", "split": "val"}\n{"prompt": "b", "label": "benign"}\n')
@@ -847,7 +882,8 @@ def test_shipped_world_is_small_and_recorded(build):
             assert f"build.py build --out stage{k} --seed {stage['config']['seed']}" in notes
     # built on the train split only: the recorded hash is the train split's (benchmarks + corpus)
     with_corpus = info["config"].get("corpus", False)
-    suite = data.load_suite(data.SOURCES + ((str(WORLD / "corpus.jsonl"),) if with_corpus else ()))
+    suite = data.load_suite(data.SOURCES + ((str(WORLD / "corpus.jsonl"),) if with_corpus else ())
+                            + ((str(build.WRITTEN_PATH),) if info["config"].get("written") else ()))
     assert info["train_data_hash"] == data.dataset_hash(suite["train"])
     from mlx_softprompt.guards import load_spec
 
@@ -933,6 +969,23 @@ def test_demo_teaches_wrapped_prompts():
     longest = max(len(tok.apply_chat_template([{"role": "user", "content": w.prompt}], add_generation_prompt=True)["input_ids"])
                   for w in wrapped)
     assert cfg.train["max_seq_length"] >= longest + cfg.max_tokens
+
+
+def test_demo_teaches_written_prompts(tmp_path):
+    """`written_train=N`: N of the world's hand-written training prompts, half harmful, the same
+    draw each run, after everything else (the other teaching prompts are unchanged)."""
+    base = demo.demo_data(demo.DemoConfig(), WORLD)["train"]
+    train = demo.demo_data(demo.DemoConfig(written_train=100), WORLD)["train"]
+    assert train[:len(base)] == base
+    added = train[len(base):]
+    written = {r["prompt"]: r["label"] for r in map(json.loads, (WORLD / "written.jsonl").read_text().splitlines())}
+    assert len(added) == 100 and sum(e.label == "harmful" for e in added) == 50
+    assert all(written[e.prompt] == e.label for e in added) and len({e.prompt for e in added}) == 100
+    assert [e.prompt for e in demo.demo_data(demo.DemoConfig(written_train=100), WORLD)["train"][len(base):]] == \
+        [e.prompt for e in added]
+    (tmp_path / "corpus.jsonl").write_text("")
+    with pytest.raises(UserError, match="written.jsonl: not found"):
+        demo.demo_data(demo.DemoConfig(written_train=10), tmp_path)
 
 
 @needs_world

@@ -219,6 +219,11 @@ class WorldConfig:
     corpus_per_act: int = 10  # prompts per curated act (corpus size)
     corpus_more: bool = False  # the corpus's second set of acts and frames too (corpus.py MORE_ACTS, MORE_FRAMES)
     corpus_general: bool = False  # and its everyday safe requests (corpus.py GENERAL_ACTS), appended after the rest
+    # The project's hand-written training prompts too (written.jsonl beside this script: harmful
+    # requests and benign twins per category, phrased as people type them, all in the train split),
+    # each `written_copies` times per epoch: sentences no generator's frames produce.
+    written: bool = False
+    written_copies: int = 1
     # Times each benchmark or project train prompt appears per epoch (corpus prompts once): the
     # corpus outnumbers them 4 to 1, and alone it teaches the benchmarks' frames as harmful.
     benchmark_copies: int = 1
@@ -351,6 +356,8 @@ def guard_text(prompt: str, response: Optional[str] = None) -> str:
 
 
 CORPUS_SOURCE = "world-corpus"  # data.Example.source of the generated corpus's records
+WRITTEN_SOURCE = "world-written"  # ... and of the hand-written training prompts (written.jsonl)
+WRITTEN_PATH = HERE / "written.jsonl"
 
 
 def is_harmful(ex: data.Example) -> bool:
@@ -371,7 +378,8 @@ def world_suite(cfg: WorldConfig, corpus_path: Optional[Path] = None) -> dict:
     """The world's prompts by split (HarmBench + StrongREJECT + project benign/borderline
     [+ the generated corpus]), plus "everyday_val": the hand-written everyday prompts for
     choices (their test part is never loaded here)."""
-    sources = data.SOURCES + ((str(corpus_path),) if cfg.corpus and corpus_path else ())
+    sources = (data.SOURCES + ((str(corpus_path),) if cfg.corpus and corpus_path else ())
+               + ((str(WRITTEN_PATH),) if cfg.written else ()))
     suite = data.load_suite(sources, seed=cfg.split_seed)
     suite["everyday_val"] = data.load_suite(("everyday",), seed=cfg.split_seed)["val"]
     suite.pop("test")
@@ -500,10 +508,12 @@ def _clip(tok, prompt: str, cfg: WorldConfig) -> str:
     return prompt if len(ids) <= cfg.max_prompt_tokens else tok.decode(ids[: cfg.max_prompt_tokens])
 
 
-def _balanced(train: list, rng: np.random.Generator, benchmark_copies: int = 1) -> list:
+def _balanced(train: list, rng: np.random.Generator, benchmark_copies: int = 1, written_copies: int = 1) -> list:
     """Harmful and safe prompts in equal numbers (the smaller side resampled), after repeating
-    each prompt not from the generated corpus `benchmark_copies` times."""
-    train = [e for e in train for _ in range(1 if e.source == CORPUS_SOURCE else benchmark_copies)]
+    each benchmark or project prompt `benchmark_copies` times and each hand-written training
+    prompt `written_copies` times (the generated corpus's once)."""
+    copies = {CORPUS_SOURCE: 1, WRITTEN_SOURCE: written_copies}
+    train = [e for e in train for _ in range(copies.get(e.source, benchmark_copies))]
     harm = [e for e in train if is_harmful(e)]
     safe = [e for e in train if not is_harmful(e)]
     small, big = (harm, safe) if len(harm) < len(safe) else (safe, harm)
@@ -517,7 +527,7 @@ def base_epoch(tok, train: list, cfg: WorldConfig, rng: np.random.Generator) -> 
     (refuse harmful), and the plain-text classification; then the same for `base_wrapped`
     train prompts inside the project's train wrappers."""
     seqs = []
-    for ex in _balanced(train, rng, cfg.benchmark_copies):
+    for ex in _balanced(train, rng, cfg.benchmark_copies, cfg.written_copies):
         p = _clip(tok, ex.prompt, cfg)
         seqs += _base_seqs(tok, ex, [p] + [augment(p, rng) for _ in range(cfg.augment_copies)], cfg, rng)
     for ex, wrapped in _wrapped_train(tok, train, cfg.base_wrapped, cfg, rng):
@@ -563,7 +573,7 @@ def guard_epoch(guard, train: list, cfg: WorldConfig, rng: np.random.Generator) 
     seqs = []
     tok = guard.tokenizer
     noise_words = noise_vocabulary() if cfg.guard_word_noise > 0 else ()
-    for ex in _balanced(train, rng, guard_repeats(asdict(cfg))):
+    for ex in _balanced(train, rng, guard_repeats(asdict(cfg)), cfg.written_copies):
         p = _clip(tok, ex.prompt, cfg)
         copies = [insert_words(drop_words(augment(p, rng), cfg.guard_word_dropout, rng), cfg.guard_word_noise, noise_words, rng)
                   for _ in range(cfg.guard_copies)]
@@ -1087,10 +1097,15 @@ def build(out, cfg: Optional[WorldConfig] = None, only: str = "all") -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     corpus_path = write_corpus(out, cfg) if cfg.corpus else None
+    if cfg.written and out.resolve() != HERE:  # the world carries the prompts it was trained on (the demo teaches some)
+        import shutil
+
+        shutil.copyfile(WRITTEN_PATH, out / "written.jsonl")
     suite = world_suite(cfg, corpus_path)
     train = suite["train"]
     info = {"config": asdict(cfg), "only": only, "train_data_hash": data.dataset_hash(train),
             "n_train": len(train), "n_train_corpus": sum(e.source == CORPUS_SOURCE for e in train),
+            "n_train_written": sum(e.source == WRITTEN_SOURCE for e in train),
             "n_val": len(suite["val"]), "n_everyday_val": len(suite["everyday_val"]), "refusal": REFUSAL,
             "safety_system_prompts": list(SAFETY_SYSTEM_PROMPTS),
             "neutral_system_prompts": list(NEUTRAL_SYSTEM_PROMPTS),
@@ -1342,7 +1357,7 @@ def _stages(info: dict) -> list:
     return out
 
 
-DATA_FIELDS = ("split_seed", "corpus", "corpus_seed", "corpus_per_act", "corpus_more", "corpus_general")  # what decides the train split
+DATA_FIELDS = ("split_seed", "corpus", "corpus_seed", "corpus_per_act", "corpus_more", "corpus_general", "written")  # what decides the train split
 
 
 def _data_change(before: dict, after: dict) -> str:
@@ -1437,6 +1452,8 @@ def build_notes(info: dict) -> str:
                    f"{', both sets of acts and frames (`--more`)' if c.get('corpus_more') else ''}"
                    f"{', and its everyday safe requests (`--general`)' if c.get('corpus_general') else ''}; "
                    f"{info['n_train_corpus']} of its prompts are in the train split)" if c["corpus"] else "no generated corpus")
+    written_line = (f", and the project's hand-written training prompts (`written.jsonl`, {info.get('n_train_written')} prompts, "
+                    f"{c['written_copies']} {'time' if c['written_copies'] == 1 else 'times'} per epoch)" if c.get("written") else "")
     distill = (f"Both models also learn, as an auxiliary loss (weight {bc['distill_weight']}), to map their hidden "
                "state at the position where they decide (the first answer token, the yes/no, the guard's label) "
                "through a linear head onto MiniLM's sentence embedding of the request (1 - cosine; MiniLM's "
@@ -1462,7 +1479,7 @@ All settings are in world.json (`config`; the first stage's in `init_world`), wi
 
 - Data: the train split only ({info['n_train']} prompts): HarmBench standard behaviours and
   StrongREJECT from the installed packages, the project's benign and borderline sets, and
-  {corpus_line}. Harmful and safe prompts balanced by resampling, surface augmentation
+  {corpus_line}{written_line}. Harmful and safe prompts balanced by resampling, surface augmentation
   (prefixes, suffixes, casing). Train-data hash `{info['train_data_hash'][:16]}`.
 - Tokenizer: byte-level BPE, {bc['vocab_size']} tokens, trained on the world's own texts{words}, with a
   Llama-3-style chat template (`tiny.build_tokenizer`); the guard shares it.
@@ -1540,11 +1557,13 @@ def check_config(cfg: WorldConfig) -> None:
                  "augment_copies"):
         if getattr(cfg, name) < 0:
             raise UserError(f"{name}={getattr(cfg, name)}: a count, 0 or more")
-    for name in ("base_epochs", "guard_epochs", "batch_size", "vocab_size", "corpus_per_act"):
+    for name in ("base_epochs", "guard_epochs", "batch_size", "vocab_size", "corpus_per_act", "written_copies"):
         if getattr(cfg, name) < 1:
             raise UserError(f"{name}={getattr(cfg, name)}: 1 or more")
     if cfg.init and not (Path(cfg.init) / "base" / "tokenizer.json").exists():
         raise UserError(f"init={cfg.init}: not a built world (no base/tokenizer.json)")
+    if cfg.written and not WRITTEN_PATH.is_file():
+        raise UserError(f"written=true: {WRITTEN_PATH} not found")
 
 
 def set_field(cfg: WorldConfig, item: str) -> None:
