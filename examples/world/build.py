@@ -1368,8 +1368,9 @@ def _data_change(before: dict, after: dict) -> str:
     return "other data (" + ", ".join(f"`{k}={str(after[k]).lower()}`" for k in changed) + ")"
 
 
-ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth")
-COUNTS = ("One", "Two", "Three", "Four", "Five", "Six")
+ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth", "tenth",
+            "eleventh", "twelfth")
+COUNTS = ("One", "Two", "Three", "Four", "Five", "Six", "Seven", "Eight", "Nine", "Ten", "Eleven", "Twelve")
 
 
 def build_notes(info: dict) -> str:
