@@ -24,8 +24,9 @@ which the method can be watched working, honestly measured:
   described by ``guard-spec.json`` (a guards spec file).
 
 Both see only the train split of the benchmarks (HarmBench, StrongREJECT), the project's
-benign and borderline prompts, and the generated corpus (corpus.py, written to
-corpus.jsonl from its seed). Choices are made on the validation split and on the
+benign and borderline prompts, the generated corpus (corpus.py, written to
+corpus.jsonl from its seed) and, with ``written``, the project's hand-written training
+prompts (written.jsonl). Choices are made on the validation split and on the
 hand-written everyday validation prompts (examples/data/everyday.jsonl, split "val");
 the test split and the everyday test prompts are never touched here.
 """
@@ -1453,7 +1454,7 @@ def build_notes(info: dict) -> str:
                    f"{', both sets of acts and frames (`--more`)' if c.get('corpus_more') else ''}"
                    f"{', and its everyday safe requests (`--general`)' if c.get('corpus_general') else ''}; "
                    f"{info['n_train_corpus']} of its prompts are in the train split)" if c["corpus"] else "no generated corpus")
-    written_line = (f", and the project's hand-written training prompts (`written.jsonl`, {info.get('n_train_written')} prompts, "
+    written_line = (f", and the project's hand-written training prompts (`written.jsonl`, {info.get('n_train_written'):,} prompts, "
                     f"{c['written_copies']} {'time' if c['written_copies'] == 1 else 'times'} per epoch)" if c.get("written") else "")
     distill = (f"Both models also learn, as an auxiliary loss (weight {bc['distill_weight']}), to map their hidden "
                "state at the position where they decide (the first answer token, the yes/no, the guard's label) "
