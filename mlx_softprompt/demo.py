@@ -190,33 +190,31 @@ def turns_teach(pool: list, n: int, answer_safe, refusal: str, seed: int = data.
 def wrapped_teach(pool: list, n: int, harmful_share: float, seed: int = data.DEFAULT_SEED) -> list:
     """n prompts of the teaching pool (round(n * harmful_share) harmful, the rest benign or
     borderline), drawn with a fixed seed, each in one of the wrappers' teach part in turn."""
+    picks = _draw(pool, n, round(n * harmful_share), seed)
+    return data.wrapped_prompts(picks, "train", rounds=1) if picks else []
+
+
+def _draw(pool: list, n: int, n_harmful: int, seed: int) -> list:
+    """n prompts of the pool, n_harmful of them harmful (or all there are) and the rest benign
+    or borderline, drawn and shuffled with a fixed seed."""
     import random
 
     rng = random.Random(seed)
     harmful = [e for e in pool if e.label == "harmful"]
     other = [e for e in pool if e.label in ("benign", "borderline")]
-    n_harmful = min(round(n * harmful_share), len(harmful))
+    n_harmful = min(n_harmful, len(harmful))
     picks = rng.sample(harmful, n_harmful) + rng.sample(other, min(n - n_harmful, len(other)))
     rng.shuffle(picks)
-    return data.wrapped_prompts(picks, "train", rounds=1) if picks else []
+    return picks
 
 
 def written_teach(path: Path, n: int, seed: int = data.DEFAULT_SEED) -> list:
     """n of the world's hand-written training prompts (half harmful), drawn with a fixed seed."""
-    import random
-
     if not n:
         return []
     if not path.is_file():
         raise UserError(f"{path}: not found; written_train needs the world's hand-written training prompts")
-    pool = data.load_suite((str(path),), seed=data.DEFAULT_SEED)["train"]
-    rng = random.Random(seed)
-    harmful = [e for e in pool if e.label == "harmful"]
-    other = [e for e in pool if e.label != "harmful"]
-    n_harmful = min(n // 2, len(harmful))
-    picks = rng.sample(harmful, n_harmful) + rng.sample(other, min(n - n_harmful, len(other)))
-    rng.shuffle(picks)
-    return picks
+    return _draw(data.load_suite((str(path),), seed=data.DEFAULT_SEED)["train"], n, n // 2, seed)
 
 
 def demo_data(cfg: DemoConfig, wpath: Path) -> dict:
