@@ -656,6 +656,14 @@ def test_build_notes_name_a_stage_on_other_data_and_read_older_records(build):
     assert "--set init=stage2 --set corpus_more=true" in line and "--set base_epochs=1" in line
     assert "both sets of acts and frames (`--more`)" in notes
     assert "benchmark and project prompts 3 times per epoch" in notes  # the second stage's, not the first's
+    # any number of stages: words up to twelve, digits past them (the notes are written after the last stage trained)
+    chain = shipped
+    for _ in range(7):
+        chain = {**shipped, "only": "guard",
+                 "init_world": {k: chain.get(k) for k in ("config", "base_training", "guard_training", "init_world")}}
+    notes = build.build_notes(chain)
+    assert "14 stages:" in notes and "the twelfth command" in notes and "the 13th command" in notes
+    assert [build.ordinal(n) for n in (1, 12, 13, 21, 22, 23, 111)] == ["first", "twelfth", "13th", "21st", "22nd", "23rd", "111th"]
 
 
 def _minilm_installed(build):

@@ -1374,6 +1374,18 @@ ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh", "
 COUNTS = ("One", "Two", "Three", "Four", "Five", "Six", "Seven", "Eight", "Nine", "Ten", "Eleven", "Twelve")
 
 
+def ordinal(n: int) -> str:
+    """BUILD.md's word for the n-th stage (1-based), digits past the words: a world may have any
+    number of stages, and its notes are written only after its last one has trained."""
+    if n <= len(ORDINALS):
+        return ORDINALS[n - 1]
+    return f"{n}{'th' if n % 100 in (11, 12, 13) else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
+
+
+def count_word(n: int) -> str:
+    return COUNTS[n - 1] if n <= len(COUNTS) else str(n)
+
+
 def build_notes(info: dict) -> str:
     c = info["config"]
     stages = _stages(info)
@@ -1407,7 +1419,7 @@ def build_notes(info: dict) -> str:
     else:
         what = {"guard": "its guard", "base": "its base", "all": "its base and guard"}
         later = [f"{what[only]} trained further on {_data_change(stages[i - 1][0]['config'], stage['config'])} "
-                 f"with the settings of the {ORDINALS[i]} command" for i, (stage, only) in enumerate(stages) if i]
+                 f"with the settings of the {ordinal(i + 1)} command" for i, (stage, only) in enumerate(stages) if i]
         if members:
             later.append(f"{len(members)} runs of its guard trained further from `{names[-1]}` with the settings of "
                          f"the last {len(members)} build commands, their guards averaged into one (`soup`: the mean "
@@ -1416,7 +1428,7 @@ def build_notes(info: dict) -> str:
                 "; the guard is stage 1's (trained from stage 1's base), unchanged"
                 if len(trained_guard) == 1 and not members else "")
         count = len(stages) + bool(members)
-        stage_text = (f"{COUNTS[count - 1]} stages: a world built from scratch (`stage1`), then\n"
+        stage_text = (f"{count_word(count)} stages: a world built from scratch (`stage1`), then\n"
                       + ", then ".join(later) + f"{kept}.")
 
     def minutes_of(t):
