@@ -720,8 +720,8 @@ def test_build_notes_name_a_stage_on_other_data_and_read_older_records(build):
     assert "both sets of acts and frames (`--more`)" in notes
     assert "benchmark and project prompts 3 times per epoch" in notes  # the second stage's, not the first's
     # any number of stages: words up to twelve, digits past them (the notes are written after the last stage trained)
-    chain = shipped
-    for _ in range(7):
+    chain, n = shipped, len(build._stages(shipped))
+    for _ in range(14 - n):
         chain = {**shipped, "only": "guard",
                  "init_world": {k: chain.get(k) for k in ("config", "base_training", "guard_training", "init_world")}}
     notes = build.build_notes(chain)
