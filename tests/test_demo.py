@@ -250,6 +250,10 @@ def test_written_merge_drops_what_stands_in_for_held_out_prompts(build, tmp_path
         written.read(bad)
     with pytest.raises(UserError, match=r"bad.jsonl:1: no 'category'"):
         written.read(_jsonl(bad, [{"prompt": "a", "label": "harmful"}]))
+    # the shipped file's records name their source and split; a blank line does not shift the line named
+    bad.write_text(out.read_text() + '\n{"prompt": "c", "label": "benign", "category": "x"}\n', encoding="utf-8")
+    with pytest.raises(UserError, match=r"bad.jsonl:5: needs \"source\": 'world-written' and \"split\": \"train\""):
+        written.check(bad)
 
 
 def test_written_held_out_prompts_cover_every_judged_source(build):

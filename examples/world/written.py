@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +40,10 @@ DUPLICATE_COSINE = 0.95  # this close to a kept prompt: a duplicate
 LABELS = ("harmful", "benign")
 
 
-def _check(ex: data.Example) -> None:
+def _check(ex: data.Example, shipped: bool = False) -> None:
+    """A record read_jsonl rejects with its line; `shipped`: as written.jsonl holds it, named as its own."""
+    if shipped and (ex.source != build.WRITTEN_SOURCE or ex.meta.get("split") != "train"):
+        raise ValueError(f"needs \"source\": {build.WRITTEN_SOURCE!r} and \"split\": \"train\"")
     if ex.label not in LABELS:
         raise ValueError(f"'label' must be one of {', '.join(map(repr, LABELS))}, got {ex.label!r}")
     if ex.context:
@@ -51,9 +55,9 @@ def _check(ex: data.Example) -> None:
         raise ValueError(f"'split' is {ex.meta['split']!r}; these prompts are for training only")
 
 
-def read(path) -> list:
+def read(path, shipped: bool = False) -> list:
     """Records of one file as written.jsonl holds them; a bad line is a UserError naming it."""
-    examples, _ = data.read_jsonl(path, check=_check)
+    examples, _ = data.read_jsonl(path, check=partial(_check, shipped=shipped))
     return [{"prompt": ex.prompt.strip(), "label": ex.label, "category": ex.meta["category"].strip(),
              "source": build.WRITTEN_SOURCE, "split": "train"} for ex in examples]
 
@@ -136,11 +140,7 @@ def merge(paths: list, out=build.WRITTEN_PATH, embed=build.sentence_embeddings) 
 
 def check(path=build.WRITTEN_PATH, embed=build.sentence_embeddings) -> list:
     """What the selection would drop from the file as it is (nothing, for a good file)."""
-    records = read(path)
-    raw = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-    for lineno, (r, obj) in enumerate(zip(records, raw), 1):
-        if obj.get("source") != build.WRITTEN_SOURCE or obj.get("split") != "train":
-            raise UserError(f"{path}:{lineno}: needs \"source\": {build.WRITTEN_SOURCE!r} and \"split\": \"train\"")
+    records = read(path, shipped=True)
     _, dropped = select(records, held_out_prompts(), embed)
     for r, why in dropped:
         print(f"would drop {r['prompt'][:80]!r}: {why}")
