@@ -1463,7 +1463,8 @@ def build_notes(info: dict) -> str:
     guard_parts = []
     for i, s in enumerate(trained_guard[restarts[-1]:] if restarts else trained_guard):
         t = s.get("guard_training")
-        guard_parts.append(f"{s['config']['guard_epochs']} {'more ' if i else 'epochs '}({minutes_of(t)}"
+        e = s["config"]["guard_epochs"]
+        guard_parts.append(f"{e} {'more ' if i else 'epoch ' if e == 1 else 'epochs '}({minutes_of(t)}"
                            + _guard_extras(s["config"]) + ")")
     if restarts:
         k = next(k for k, (x, _) in enumerate(stages) if x is trained_guard[restarts[-1]])
