@@ -293,7 +293,7 @@ class WorldConfig:
     guard_from_base: bool = True  # the guard starts from the base's weights (as Llama Guard from Llama)
     # With init: the guard starts again from this world's base (the earlier world's, or the one this
     # build trained) instead of continuing the earlier guard: a base that reads everyday words better
-    # than the guard judges them is a better start (see docs/DEMO.md, "A guard from the base").
+    # than the guard judges them is a better start (see docs/DEMO.md, "A guard that starts again from the base").
     guard_restart: bool = False
     # Auxiliary loss: the hidden state where the model decides (the first answer token, the guard's
     # label, the yes/no) is mapped by a linear head onto MiniLM's sentence embedding of the request
@@ -1459,7 +1459,7 @@ def build_notes(info: dict) -> str:
     base_epochs = ", then ".join(base_parts)
     # A guard stage that restarted from the base begins the guard's history: earlier guard stages
     # are in the recipe (they are the record) but not in the weights.
-    restarts = [i for i, s in enumerate(trained_guard) if s["config"].get("guard_restart") and s["config"].get("init")]
+    restarts = [i for i, s in enumerate(trained_guard) if _restarted(s, "guard")]
     guard_parts = []
     for i, s in enumerate(trained_guard[restarts[-1]:] if restarts else trained_guard):
         t = s.get("guard_training")
