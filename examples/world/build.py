@@ -1459,16 +1459,15 @@ def build_notes(info: dict) -> str:
     base_epochs = ", then ".join(base_parts)
     # A guard stage that restarted from the base begins the guard's history: earlier guard stages
     # are in the recipe (they are the record) but not in the weights.
-    restarts = [i for i, s in enumerate(trained_guard) if _restarted(s, "guard")]
+    restart = max((k for k, (s, only) in enumerate(stages) if _restarted(s, only)), default=0)
     guard_parts = []
-    for i, s in enumerate(trained_guard[restarts[-1]:] if restarts else trained_guard):
+    for i, s in enumerate(s for s, only in stages[restart:] if only in ("all", "guard")):
         t = s.get("guard_training")
         e = s["config"]["guard_epochs"]
         guard_parts.append(f"{e} {'more ' if i else 'epoch ' if e == 1 else 'epochs '}({minutes_of(t)}"
                            + _guard_extras(s["config"]) + ")")
-    if restarts:
-        k = next(k for k, (x, _) in enumerate(stages) if x is trained_guard[restarts[-1]])
-        guard_parts[0] += (f", starting from the base as the {ordinal(k + 1)} command found it (the earlier "
+    if restart:
+        guard_parts[0] += (f", starting from the base as the {ordinal(restart + 1)} command found it (the earlier "
                            "guard stages are not in its weights)")
     if members:
         e = members[0]["config"]["guard_epochs"]
