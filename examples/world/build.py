@@ -1461,7 +1461,7 @@ def build_notes(info: dict) -> str:
     # are in the recipe (they are the record) but not in the weights.
     restart = max((k for k, (s, only) in enumerate(stages) if _restarted(s, only)), default=0)
     guard_parts = []
-    for i, s in enumerate(s for s, only in stages[restart:] if only in ("all", "guard")):
+    for i, s in enumerate(g for g, only in stages[restart:] if only in ("all", "guard")):
         t = s.get("guard_training")
         e = s["config"]["guard_epochs"]
         guard_parts.append(f"{e} {'more ' if i else 'epoch ' if e == 1 else 'epochs '}({minutes_of(t)}"
