@@ -354,11 +354,38 @@ def test_jailbreak_wrappers_shipped_and_original():
         lengths = sorted(len(w.prompt) for w in part)
         assert lengths[0] < 500 and lengths[-1] > 1500
         assert len({w.meta["style"] for w in part}) >= 5
+    _assert_not_gptfuzzer(teach + val)
+
+
+def _assert_not_gptfuzzer(wrappers):
+    """No 80-character stretch of any wrapper occurs in GPTFuzzer's templates (the installed CSV)."""
     gf = [data.normalise(t) for t in data.jailbreak_templates()]
-    for w in teach + val:
+    for w in wrappers:
         text = data.normalise(w.prompt)
         windows = [text[i:i + 80] for i in range(0, max(1, len(text) - 80), 20)]
         assert not [x for x in windows if any(x in t for t in gf)], w.meta["id"]
+
+
+def test_pending_training_text(build):
+    """Prompts and train wrappers written for a later world, not yet taught to the shipped one
+    (docs/DEMO.md, "The prompts"): in the shipped files' formats, passing their checks, none a
+    validation or test prompt or already shipped, no wrapper id taken, no GPTFuzzer wording."""
+    written = _script("written")
+    pending = written.read(WORLD / "written-pending.jsonl", shipped=True)
+    keys = [data.normalise(r["prompt"]) for r in pending]
+    assert len(set(keys)) == len(keys) >= 2000
+    assert {r["label"] for r in pending} == {"harmful", "benign"}
+    assert not set(keys) & {data.normalise(r["prompt"]) for r in written.read(build.WRITTEN_PATH, shipped=True)}
+    everyday = data.load_suite(("everyday",))
+    held = {data.normalise(e.prompt) for s in (everyday, data.load_suite()) for k in ("val", "test") for e in s[k]}
+    assert not set(keys) & held
+    path = ROOT / "examples" / "data" / "jailbreak_wrappers-pending.jsonl"
+    wrappers = data.jailbreak_wrappers("train", path)
+    assert len(wrappers) == len(path.read_text().splitlines()) >= 20  # all of them for teaching
+    shipped = data.jailbreak_wrappers("train") + data.jailbreak_wrappers("val")
+    assert not {w.meta["id"] for w in wrappers} & {w.meta["id"] for w in shipped}
+    assert not {data.normalise(w.prompt) for w in wrappers} & {data.normalise(w.prompt) for w in shipped}
+    _assert_not_gptfuzzer(wrappers)
 
 
 def test_wrapped_prompts_keep_request_and_label():
