@@ -204,6 +204,41 @@ def test_written_training_prompts(build, tmp_path, monkeypatch):
         build.check_config(cfg)
 
 
+def test_stages_read_the_first_lines_of_the_growing_files(build, tmp_path, monkeypatch):
+    """written.jsonl and the train wrappers grow by appending: a stage reads the first N and
+    world.json records N, so BUILD.md rebuilds each stage on its own text."""
+    lines = build.WRITTEN_PATH.read_text(encoding="utf-8").splitlines(keepends=True)
+    monkeypatch.setattr(build, "WRITTEN_PATH", tmp_path / "written.jsonl")
+    build.WRITTEN_PATH.write_text("".join(lines[:40]), encoding="utf-8")
+    first = {json.loads(x)["prompt"] for x in lines[:25]}
+    cfg = build.WorldConfig(corpus=False, written=True, written_lines=25, guard_wrapped=8)
+    got = {e.prompt for e in build.world_suite(cfg)["train"] if e.source == build.WRITTEN_SOURCE}
+    assert got == first
+    assert build.resolve_limits(build.WorldConfig(written=True)).written_lines == 40
+    wrappers = [w.prompt for w in data.jailbreak_wrappers("train")]
+    assert build.resolve_limits(build.WorldConfig(base_wrapped=5)).train_wrappers == len(wrappers)
+    assert build.resolve_limits(build.WorldConfig()).written_lines == 0  # not read, not recorded
+    # the wrapped prompts come from the first N train wrappers only
+    train, _, tok = _small_world(tmp_path / "tok", build)
+    small = build.WorldConfig(train_wrappers=2)
+    pairs = build._wrapped_train(tok, train, 12, small, np.random.default_rng(0))
+    assert len(pairs) == 12
+    used = {next(w for w in wrappers if w.split(data.WRAPPER_SLOT)[0] in text) for _, text in pairs}
+    assert used == set(wrappers[:2])
+    # a stage recorded before the settings existed read the files as they were then
+    old = {"written": True, "guard_wrapped": 1200}
+    flags = build._set_flags(old)
+    assert "--set written_lines=2505" in flags and "--set train_wrappers=21" in flags
+    assert "written_lines" not in build._set_flags({"written": False})
+    assert "--set written_lines=4000" in build._set_flags({"written": True, "written_lines": 4000})
+    with pytest.raises(UserError, match="written_lines=41: .*written.jsonl has 40 lines"):
+        build.check_config(build.WorldConfig(written=True, written_lines=41))
+    with pytest.raises(UserError, match=f"train_wrappers=999: the project has {len(wrappers)} train wrappers"):
+        build.check_config(build.WorldConfig(train_wrappers=999))
+    with pytest.raises(UserError, match="written_lines=-1: a count"):
+        build.check_config(build.WorldConfig(written_lines=-1))
+
+
 def test_written_merge_drops_what_stands_in_for_held_out_prompts(build, tmp_path, monkeypatch, capsys):
     """examples/world/written.py, the selection written.jsonl went through, with MiniLM itself:
     exact duplicates, near duplicates and paraphrases of a held-out prompt are dropped with the
@@ -989,7 +1024,7 @@ def test_world_settings_bad_file(tmp_path):
 
 
 @needs_world
-def test_shipped_world_is_small_and_recorded(build):
+def test_shipped_world_is_small_and_recorded(build, tmp_path):
     info = json.loads((WORLD / "world.json").read_text())
     assert sum(info["bytes"].values()) < 40e6
     total = sum(f.stat().st_size for f in WORLD.rglob("*") if f.is_file() and "__pycache__" not in f.parts)
@@ -1002,8 +1037,13 @@ def test_shipped_world_is_small_and_recorded(build):
             assert f"build.py build --out stage{k} --seed {stage['config']['seed']}" in notes
     # built on the train split only: the recorded hash is the train split's (benchmarks + corpus)
     with_corpus = info["config"].get("corpus", False)
-    suite = data.load_suite(data.SOURCES + ((str(WORLD / "corpus.jsonl"),) if with_corpus else ())
-                            + ((str(build.WRITTEN_PATH),) if info["config"].get("written") else ()))
+    sources = data.SOURCES + ((str(WORLD / "corpus.jsonl"),) if with_corpus else ())
+    if info["config"].get("written"):  # the first lines of written.jsonl, as many as the world read
+        n = build.with_limits(info["config"])["written_lines"]
+        (tmp_path / "written.jsonl").write_text(
+            "".join(build.WRITTEN_PATH.read_text(encoding="utf-8").splitlines(keepends=True)[:n]), encoding="utf-8")
+        sources += (str(tmp_path / "written.jsonl"),)
+    suite = data.load_suite(sources)
     assert info["train_data_hash"] == data.dataset_hash(suite["train"])
     from mlx_softprompt.guards import load_spec
 

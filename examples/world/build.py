@@ -225,6 +225,12 @@ class WorldConfig:
     # each `written_copies` times per epoch: sentences no generator's frames produce.
     written: bool = False
     written_copies: int = 1
+    # Only the first N lines of written.jsonl, and the first N `train` jailbreak wrappers (0 = all,
+    # recorded in world.json as the number read): new prompts are appended to those files, so each
+    # stage of a world is rebuilt on the text it read. (Stages recorded before these settings read
+    # the first 2,505 lines and the first 21 train wrappers: all there were; see EARLIER_LIMITS.)
+    written_lines: int = 0
+    train_wrappers: int = 0
     # Times each benchmark or project train prompt appears per epoch (corpus prompts once): the
     # corpus outnumbers them 4 to 1, and alone it teaches the benchmarks' frames as harmful.
     benchmark_copies: int = 1
@@ -379,16 +385,60 @@ def write_corpus(out: Path, cfg: WorldConfig) -> Path:
     return path
 
 
+def written_text(cfg: WorldConfig) -> str:
+    """written.jsonl's first `written_lines` lines (all when 0): the hand-written prompts a stage read."""
+    lines = WRITTEN_PATH.read_text(encoding="utf-8").splitlines(keepends=True)
+    return "".join(lines[:cfg.written_lines] if cfg.written_lines else lines)
+
+
 def world_suite(cfg: WorldConfig, corpus_path: Optional[Path] = None) -> dict:
     """The world's prompts by split (HarmBench + StrongREJECT + project benign/borderline
-    [+ the generated corpus]), plus "everyday_val": the hand-written everyday prompts for
-    choices (their test part is never loaded here)."""
-    sources = (data.SOURCES + ((str(corpus_path),) if cfg.corpus and corpus_path else ())
-               + ((str(WRITTEN_PATH),) if cfg.written else ()))
-    suite = data.load_suite(sources, seed=cfg.split_seed)
+    [+ the generated corpus] [+ the hand-written prompts]), plus "everyday_val": the hand-written
+    everyday prompts for choices (their test part is never loaded here)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        sources = data.SOURCES + ((str(corpus_path),) if cfg.corpus and corpus_path else ())
+        if cfg.written:  # the lines this stage read, under the file's own name
+            path = Path(tmp) / WRITTEN_PATH.name
+            path.write_text(written_text(cfg), encoding="utf-8")
+            sources += (str(path),)
+        suite = data.load_suite(sources, seed=cfg.split_seed)
     suite["everyday_val"] = data.load_suite(("everyday",), seed=cfg.split_seed)["val"]
     suite.pop("test")
     return suite
+
+
+def train_wrappers(cfg: WorldConfig) -> list:
+    """The project's `train` jailbreak wrappers a stage used: the first `train_wrappers` (all when 0)."""
+    wrappers = data.jailbreak_wrappers("train")
+    return wrappers[:cfg.train_wrappers] if cfg.train_wrappers else wrappers
+
+
+# What a stage recorded before `written_lines` and `train_wrappers` existed read: written.jsonl's
+# first 2,505 lines and the first 21 train wrappers, all the files held until they grew.
+EARLIER_LIMITS = {"written_lines": 2505, "train_wrappers": 21}
+
+
+def with_limits(config: dict) -> dict:
+    """A recorded config with `written_lines` / `train_wrappers` as the stage read them."""
+    c = dict(config)
+    if c.get("written") and "written_lines" not in c:
+        c["written_lines"] = EARLIER_LIMITS["written_lines"]
+    if (c.get("guard_wrapped") or c.get("base_wrapped")) and "train_wrappers" not in c:
+        c["train_wrappers"] = EARLIER_LIMITS["train_wrappers"]
+    return c
+
+
+def resolve_limits(cfg: WorldConfig) -> WorldConfig:
+    """cfg with `written_lines` / `train_wrappers` of 0 (all) set to the number read, so that
+    world.json records the text this stage read however the files grow later."""
+    changes = {}
+    if cfg.written and not cfg.written_lines:
+        changes["written_lines"] = len(WRITTEN_PATH.read_text(encoding="utf-8").splitlines())
+    if (cfg.guard_wrapped or cfg.base_wrapped) and not cfg.train_wrappers:
+        changes["train_wrappers"] = len(data.jailbreak_wrappers("train"))
+    return replace(cfg, **changes)
 
 
 def corpus_lines(train: list) -> list:
@@ -562,7 +612,10 @@ def _wrapped_train(tok, train: list, n: int, cfg: WorldConfig, rng: np.random.Ge
     pool = _balanced(train, rng)
     picked = [pool[i] for i in rng.choice(len(pool), min(n, len(pool)), replace=False)]
     clipped = [replace(ex, prompt=_clip(tok, ex.prompt, cfg)) for ex in picked]
-    return [(ex, w.prompt) for ex, w in zip(picked, data.wrapped_prompts(clipped, "train"))]
+    wrappers = train_wrappers(cfg)
+    wrapped = data.wrap_prompts(clipped, [w.prompt for w in wrappers], data.WRAPPER_SLOT, "wrapped", 1,
+                                names=[w.meta["id"] for w in wrappers])
+    return [(ex, w.prompt) for ex, w in zip(picked, wrapped)]
 
 
 def guard_repeats(config: dict) -> int:
@@ -1099,13 +1152,12 @@ def build(out, cfg: Optional[WorldConfig] = None, only: str = "all") -> dict:
     """Build the world into `out` (corpus.jsonl, base/, guard/, guard-spec.json, world.json, BUILD.md)."""
     cfg = cfg or WorldConfig()
     check_config(cfg)
+    cfg = resolve_limits(cfg)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     corpus_path = write_corpus(out, cfg) if cfg.corpus else None
     if cfg.written and out.resolve() != HERE:  # the world carries the prompts it was trained on (the demo teaches some)
-        import shutil
-
-        shutil.copyfile(WRITTEN_PATH, out / "written.jsonl")
+        (out / "written.jsonl").write_text(written_text(cfg), encoding="utf-8")
     suite = world_suite(cfg, corpus_path)
     train = suite["train"]
     info = {"config": asdict(cfg), "only": only, "train_data_hash": data.dataset_hash(train),
@@ -1273,7 +1325,7 @@ def check(path, cfg: Optional[WorldConfig] = None, suite: Optional[dict] = None)
     if suite is None:
         info = json.loads((path / "world.json").read_text()) if (path / "world.json").exists() else {}
         if cfg is None:
-            c = dict(info.get("config", {}))
+            c = with_limits(info.get("config", {}))
             sizes = {k: ModelSize(**c.pop(k)) for k in ("base", "guard") if k in c}
             cfg = WorldConfig(**{**c, **sizes})
         suite = world_suite(cfg, path / "corpus.jsonl" if cfg.corpus else None)
@@ -1309,7 +1361,7 @@ def _set_flags(config: dict) -> str:
     """`--set KEY=VALUE` for each setting of a recorded config that differs from WorldConfig's defaults."""
     default = asdict(WorldConfig())
     flags = []
-    for key, value in config.items():
+    for key, value in with_limits(config).items():
         if key in ("seed", "init") or key not in default:
             continue
         if isinstance(value, dict):
@@ -1358,7 +1410,7 @@ def _stages(info: dict) -> list:
     chain.reverse()
     # a record from before a setting existed was built with its default (new settings default to the old behaviour)
     defaults = asdict(WorldConfig())
-    chain = [{**stage, "config": {**defaults, **stage["config"]}} for stage in chain]
+    chain = [{**stage, "config": {**defaults, **with_limits(stage["config"])}} for stage in chain]
     out = []
     for i, stage in enumerate(chain):
         only = stage.get("only") or "all"
@@ -1370,7 +1422,8 @@ def _stages(info: dict) -> list:
     return out
 
 
-DATA_FIELDS = ("split_seed", "corpus", "corpus_seed", "corpus_per_act", "corpus_more", "corpus_general", "written")  # what decides the train split
+DATA_FIELDS = ("split_seed", "corpus", "corpus_seed", "corpus_per_act", "corpus_more", "corpus_general", "written",
+               "written_lines")  # what decides the train split
 
 
 def _data_change(before: dict, after: dict) -> str:
@@ -1588,7 +1641,7 @@ def check_config(cfg: WorldConfig) -> None:
         if not 0.0 <= getattr(cfg, name) < 1.0:
             raise UserError(f"{name}={getattr(cfg, name)}: a probability in [0, 1)")
     for name in ("guard_joined", "guard_wrapped", "guard_turns", "base_wrapped", "benchmark_copies", "guard_copies",
-                 "augment_copies"):
+                 "augment_copies", "written_lines", "train_wrappers"):
         if getattr(cfg, name) < 0:
             raise UserError(f"{name}={getattr(cfg, name)}: a count, 0 or more")
     for name in ("base_epochs", "guard_epochs", "batch_size", "vocab_size", "corpus_per_act", "written_copies"):
@@ -1600,6 +1653,14 @@ def check_config(cfg: WorldConfig) -> None:
         raise UserError("guard_restart=true: needs init=DIR (a guard built from scratch starts from the base anyway)")
     if cfg.written and not WRITTEN_PATH.is_file():
         raise UserError(f"written=true: {WRITTEN_PATH} not found")
+    if cfg.written and cfg.written_lines:
+        have = len(WRITTEN_PATH.read_text(encoding="utf-8").splitlines())
+        if cfg.written_lines > have:
+            raise UserError(f"written_lines={cfg.written_lines}: {WRITTEN_PATH} has {have} lines")
+    if cfg.train_wrappers:
+        have = len(data.jailbreak_wrappers("train"))
+        if cfg.train_wrappers > have:
+            raise UserError(f"train_wrappers={cfg.train_wrappers}: the project has {have} train wrappers")
 
 
 def set_field(cfg: WorldConfig, item: str) -> None:
