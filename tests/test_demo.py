@@ -184,7 +184,7 @@ def test_written_training_prompts(build, tmp_path, monkeypatch):
         labels = [r["label"] for r in records if r["category"] == cat]
         assert labels.count("harmful") >= 50 and labels.count("benign") >= 50, cat
     assert sum(r["category"] == "everyday" and r["label"] == "benign" for r in records) >= 200
-    held = {data.normalise(e.prompt) for s in (everyday, data.load_suite()) for k in ("val", "test") for e in s[k]}
+    held = {data.normalise(p) for p in _script("written").held_out_prompts()}  # every judged source's val and test
     assert not [r["prompt"] for r in records if data.normalise(r["prompt"]) in held]
     # the builder's setting: in the train split, never in val; copies per epoch as set
     cfg = build.WorldConfig(corpus=False, written=True, written_copies=2)
@@ -399,26 +399,6 @@ def _assert_not_gptfuzzer(wrappers):
         text = data.normalise(w.prompt)
         windows = [text[i:i + 80] for i in range(0, max(1, len(text) - 80), 20)]
         assert not [x for x in windows if any(x in t for t in gf)], w.meta["id"]
-
-
-def test_pending_training_text(build):
-    """Prompts and train wrappers written for a later world, not yet taught to the shipped one
-    (docs/DEMO.md, "The prompts"): in the shipped files' formats, passing their checks, none a
-    validation or test prompt or already shipped, no wrapper id taken, no GPTFuzzer wording."""
-    written = _script("written")
-    pending = written.read(WORLD / "written-pending.jsonl", shipped=True)
-    keys = [data.normalise(r["prompt"]) for r in pending]
-    assert len(set(keys)) == len(keys) >= 2000
-    assert {r["label"] for r in pending} == {"harmful", "benign"}
-    assert not set(keys) & {data.normalise(r["prompt"]) for r in written.read(build.WRITTEN_PATH, shipped=True)}
-    assert not set(keys) & {data.normalise(p) for p in written.held_out_prompts()}
-    path = ROOT / "examples" / "data" / "jailbreak_wrappers-pending.jsonl"
-    wrappers = data.jailbreak_wrappers("train", path)
-    assert len(wrappers) == len(path.read_text().splitlines()) >= 20  # all of them for teaching
-    shipped = data.jailbreak_wrappers("train") + data.jailbreak_wrappers("val")
-    assert not {w.meta["id"] for w in wrappers} & {w.meta["id"] for w in shipped}
-    assert not {data.normalise(w.prompt) for w in wrappers} & {data.normalise(w.prompt) for w in shipped}
-    _assert_not_gptfuzzer(wrappers)
 
 
 def test_wrapped_prompts_keep_request_and_label():
