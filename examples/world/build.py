@@ -385,6 +385,11 @@ def write_corpus(out: Path, cfg: WorldConfig) -> Path:
     return path
 
 
+def written_line_count() -> int:
+    """Lines written.jsonl holds now (what `written_lines=0` reads)."""
+    return len(WRITTEN_PATH.read_text(encoding="utf-8").splitlines())
+
+
 def written_text(cfg: WorldConfig) -> str:
     """written.jsonl's first `written_lines` lines (all when 0): the hand-written prompts a stage read."""
     lines = WRITTEN_PATH.read_text(encoding="utf-8").splitlines(keepends=True)
@@ -435,7 +440,7 @@ def resolve_limits(cfg: WorldConfig) -> WorldConfig:
     world.json records the text this stage read however the files grow later."""
     changes = {}
     if cfg.written and not cfg.written_lines:
-        changes["written_lines"] = len(WRITTEN_PATH.read_text(encoding="utf-8").splitlines())
+        changes["written_lines"] = written_line_count()
     if (cfg.guard_wrapped or cfg.base_wrapped) and not cfg.train_wrappers:
         changes["train_wrappers"] = len(data.jailbreak_wrappers("train"))
     return replace(cfg, **changes)
@@ -1654,7 +1659,7 @@ def check_config(cfg: WorldConfig) -> None:
     if cfg.written and not WRITTEN_PATH.is_file():
         raise UserError(f"written=true: {WRITTEN_PATH} not found")
     if cfg.written and cfg.written_lines:
-        have = len(WRITTEN_PATH.read_text(encoding="utf-8").splitlines())
+        have = written_line_count()
         if cfg.written_lines > have:
             raise UserError(f"written_lines={cfg.written_lines}: {WRITTEN_PATH} has {have} lines")
     if cfg.train_wrappers:
