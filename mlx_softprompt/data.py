@@ -452,9 +452,14 @@ def jailbreak_wrappers(part: str, path=None) -> list[Example]:
     return chosen
 
 
-def wrapped_prompts(requests: list[Example], part: str, rounds: "int | None" = 1, path=None) -> list[Example]:
-    """Requests in the project's wrappers of one part (wrap_prompts; source "wrapped", labels kept)."""
+def wrapped_prompts(requests: list[Example], part: str, rounds: "int | None" = 1, path=None,
+                    first: int = 0) -> list[Example]:
+    """Requests in the project's wrappers of one part (wrap_prompts; source "wrapped", labels kept);
+    only the part's first `first` wrappers when non-zero, so a build can stay on the wrappers it
+    read after the file grows."""
     wrappers = jailbreak_wrappers(part, path)
+    if first:
+        wrappers = wrappers[:first]
     return wrap_prompts(requests, [w.prompt for w in wrappers], WRAPPER_SLOT, "wrapped", rounds,
                         names=[w.meta["id"] for w in wrappers])
 

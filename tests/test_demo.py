@@ -414,6 +414,9 @@ def test_wrapped_prompts_keep_request_and_label():
         assert req.prompt in w.prompt and "{prompt}" not in w.prompt
         assert (w.label, w.source, w.meta["template"], w.meta["request"]) == (req.label, "wrapped", template.meta["id"], req.prompt)
     assert len(data.wrapped_prompts(requests, "val", rounds=2)) == 2 * len(requests)
+    # first=N: the part's first N wrappers in turn, as a build that read fewer sees them
+    firsts = data.wrapped_prompts(requests, "train", first=2)
+    assert [w.meta["template"] for w in firsts] == [wrappers[i % 2].meta["id"] for i in range(len(requests))]
 
 
 @pytest.mark.parametrize("line, reason", [

@@ -404,7 +404,9 @@ def world_suite(cfg: WorldConfig, corpus_path: Optional[Path] = None) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         sources = data.SOURCES + ((str(corpus_path),) if cfg.corpus and corpus_path else ())
-        if cfg.written:  # the lines this stage read, under the file's own name
+        if cfg.written and cfg.written_lines in (0, written_line_count()):
+            sources += (str(WRITTEN_PATH),)
+        elif cfg.written:  # the first lines only, under the file's own name
             path = Path(tmp) / WRITTEN_PATH.name
             path.write_text(written_text(cfg), encoding="utf-8")
             sources += (str(path),)
@@ -412,12 +414,6 @@ def world_suite(cfg: WorldConfig, corpus_path: Optional[Path] = None) -> dict:
     suite["everyday_val"] = data.load_suite(("everyday",), seed=cfg.split_seed)["val"]
     suite.pop("test")
     return suite
-
-
-def train_wrappers(cfg: WorldConfig) -> list:
-    """The project's `train` jailbreak wrappers a stage used: the first `train_wrappers` (all when 0)."""
-    wrappers = data.jailbreak_wrappers("train")
-    return wrappers[:cfg.train_wrappers] if cfg.train_wrappers else wrappers
 
 
 # What a stage recorded before `written_lines` and `train_wrappers` existed read: written.jsonl's
@@ -617,9 +613,7 @@ def _wrapped_train(tok, train: list, n: int, cfg: WorldConfig, rng: np.random.Ge
     pool = _balanced(train, rng)
     picked = [pool[i] for i in rng.choice(len(pool), min(n, len(pool)), replace=False)]
     clipped = [replace(ex, prompt=_clip(tok, ex.prompt, cfg)) for ex in picked]
-    wrappers = train_wrappers(cfg)
-    wrapped = data.wrap_prompts(clipped, [w.prompt for w in wrappers], data.WRAPPER_SLOT, "wrapped", 1,
-                                names=[w.meta["id"] for w in wrappers])
+    wrapped = data.wrapped_prompts(clipped, "train", rounds=1, first=cfg.train_wrappers)
     return [(ex, w.prompt) for ex, w in zip(picked, wrapped)]
 
 
