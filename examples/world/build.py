@@ -404,9 +404,7 @@ def world_suite(cfg: WorldConfig, corpus_path: Optional[Path] = None) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         sources = data.SOURCES + ((str(corpus_path),) if cfg.corpus and corpus_path else ())
-        if cfg.written and cfg.written_lines in (0, written_line_count()):
-            sources += (str(WRITTEN_PATH),)
-        elif cfg.written:  # the first lines only, under the file's own name
+        if cfg.written:  # the lines this stage read, under the file's own name
             path = Path(tmp) / WRITTEN_PATH.name
             path.write_text(written_text(cfg), encoding="utf-8")
             sources += (str(path),)
