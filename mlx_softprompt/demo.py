@@ -47,6 +47,8 @@ from . import data
 from .errors import UserError
 
 SYSTEM = "softprompt-tv"
+# train.TrainArgs fields the demo sets itself (DemoConfig.train may not)
+DEMO_SETS = ("base", "teacher", "out", "method", "objective", "seed", "resume")
 SYSTEM_ORDER = ("base", "dual", SYSTEM, "system-prompt")
 SUITES = ("test", "everyday", "jailbreak", "chats")
 VAL_SUITES = ("val", "everyday_val", "jailbreak_val", "chats_val")  # demo --validation: the same looks on validation data
@@ -96,6 +98,10 @@ class DemoConfig:
     def __post_init__(self):
         if not 0.0 <= self.wrapped_harmful_share <= 1.0:
             raise UserError(f"wrapped_harmful_share: {self.wrapped_harmful_share}; a share in [0, 1]")
+        fixed = sorted(set(self.train) & set(DEMO_SETS))
+        if fixed:  # the demo sets these itself; a silently dropped value would mislabel the run
+            raise UserError(f"train: {', '.join(fixed)} set by the demo itself (a TV soft prompt on the world's "
+                            "base, seeded by --seed); use `mlx-softprompt train` for other methods or objectives")
         if self.jailbreak_rounds is None:
             self.jailbreak_rounds = 3 if self.validation else 1
         if self.quick:
@@ -291,9 +297,10 @@ def run(cfg: DemoConfig, log=print) -> dict:
     if model is None:
         model, tok, config = models.load(str(base_path))
     prompt_path = out / f"{SYSTEM}.safetensors"
-    args = trainer.make_args(None, **{**cfg.train, "base": str(base_path), "teacher": tcfg.out,
-                                      "out": str(prompt_path), "method": "softprompt", "objective": "tv",
-                                      "seed": cfg.seed, "resume": True})
+    own = {"base": str(base_path), "teacher": tcfg.out, "out": str(prompt_path), "method": "softprompt",
+           "objective": "tv", "seed": cfg.seed, "resume": True}
+    assert set(own) == set(DEMO_SETS)
+    args = trainer.make_args(None, **{**cfg.train, **own})
     train_summary = trainer.train(args, model_bundle=(model, tok, config), log=log)
     times["train"] = time.perf_counter() - tic
 

@@ -47,6 +47,17 @@ def build():
 # ---------------------------------------------------------------- the generated corpus
 
 
+def test_demo_config_refuses_training_settings_it_sets_itself():
+    from mlx_softprompt import train as trainer
+    fields = {f.name for f in dataclasses.fields(trainer.TrainArgs)}
+    assert set(demo.DEMO_SETS) <= fields
+    for key, value in (("objective", "kl"), ("method", "lora"), ("seed", 3)):
+        with pytest.raises(UserError, match=f"train: {key} set by the demo itself"):
+            demo.DemoConfig(train={**demo.DemoConfig().train, key: value})
+    cfg = demo.DemoConfig(train={**demo.DemoConfig().train, "iters": 7})  # any other TrainArgs field is taken
+    assert cfg.train["iters"] == 7
+
+
 def test_corpus_reproducible_and_shipped(corpus, build):
     records = corpus.generate(0)
     assert records == corpus.generate(0)
