@@ -98,6 +98,12 @@ class DemoConfig:
     def __post_init__(self):
         if not 0.0 <= self.wrapped_harmful_share <= 1.0:
             raise UserError(f"wrapped_harmful_share: {self.wrapped_harmful_share}; a share in [0, 1]")
+        from .train import known_keys
+
+        unknown = sorted(set(self.train) - known_keys())
+        if unknown:  # refused here, not after the teach stage has run for minutes
+            raise UserError(f"train: unknown training argument(s) {', '.join(unknown)}; "
+                            "the keys of `mlx-softprompt train --config` are accepted")
         fixed = sorted(set(self.train) & set(DEMO_SETS))
         if fixed:  # the demo sets these itself; a silently dropped value would mislabel the run
             raise UserError(f"train: {', '.join(fixed)} set by the demo itself (a TV soft prompt on the world's "

@@ -139,6 +139,11 @@ def _field_names() -> dict:
     return {f.name: f for f in fields(TrainArgs)}
 
 
+def known_keys() -> set:
+    """Every key a training config may hold: TrainArgs fields and the methods' shorthands."""
+    return set(_field_names()) | methods.shorthand_keys()
+
+
 def load_config(path) -> dict:
     """A YAML (or JSON) mapping of TrainArgs keys (dashes or underscores), a `method_options`
     mapping, and the methods' shorthand keys (num_tokens, lora_rank, ...); unknown keys are errors."""
@@ -175,10 +180,9 @@ def make_args(config: Optional[str] = None, **flags) -> TrainArgs:
 
     Shorthands (num_tokens, init, lora_rank, ...) fill `method_options` of the chosen method."""
     values = load_config(config) if config else {}
-    known = _field_names()
-    shorts = methods.shorthand_keys()
+    known, shorts = known_keys(), methods.shorthand_keys()
     for k, v in flags.items():
-        if k not in known and k not in shorts:
+        if k not in known:
             raise ValueError(f"unknown training argument {k!r}")
         if v is not None:
             values[k] = v

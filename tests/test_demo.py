@@ -56,6 +56,10 @@ def test_demo_config_refuses_training_settings_it_sets_itself():
             demo.DemoConfig(train={**demo.DemoConfig().train, key: value})
     cfg = demo.DemoConfig(train={**demo.DemoConfig().train, "iters": 7})  # any other TrainArgs field is taken
     assert cfg.train["iters"] == 7
+    # a misspelt key is refused when the config is made, before the teach stage runs
+    with pytest.raises(UserError, match="train: unknown training argument.*learning_rte"):
+        demo.DemoConfig(train={**demo.DemoConfig().train, "learning_rte": 0.1})
+    assert demo.DemoConfig(train={"num_tokens": 8, "lora_rank": 4}).train["num_tokens"] == 8  # shorthands too
 
 
 def test_corpus_reproducible_and_shipped(corpus, build):
