@@ -2,8 +2,9 @@
 
 On a terminal every open bar is one line of one live display, so bars that run at the
 same time (teach's sampling and top-k phases) never overwrite each other. Off a
-terminal (CI, pipes, files) nothing is drawn while running and each bar prints one
-summary line when it closes.
+terminal (CI, pipes, files) a bar prints its state as one plain line at most once a
+minute while it runs (so a log of a long job shows rate and ETA) and one summary line
+when it closes.
 
 Time and rate are per phase: when phases interleave (sample shard 1, top-k shard 1,
 sample shard 2, ...), each update is credited only the time since the last update of
@@ -45,8 +46,9 @@ class Bar:
     """total, desc, unit; update(n, **figures), set(**figures), close(); a context manager."""
 
     def __init__(self, total: Optional[int] = None, desc: str = "", unit: str = "it",
-                 stream=None, disable: bool = False, width: int = 24):
+                 stream=None, disable: bool = False, width: int = 24, every: float = 60.0):
         self.total, self.desc, self.unit, self.width = total, desc, unit, width
+        self.every = every  # off a terminal: seconds between the plain lines printed while running
         stream = stream or sys.stderr
         # while a display runs, sys.stderr is rich's proxy of the real stream: draw on the real one
         self.stream = getattr(stream, "rich_proxied_file", stream)
@@ -55,6 +57,7 @@ class Bar:
         self.n = 0
         self.postfix = {}
         self.created = time.perf_counter()
+        self.printed = self.created  # when the last plain line went out (off a terminal)
         self.elapsed = 0.0  # time credited to this bar's own updates
         self.closed = False
         self.task = None
@@ -97,6 +100,10 @@ class Bar:
         self.n += n
         self.postfix.update(postfix)
         self._refresh()
+        if self.task is None and not self.disable and self.every and now - self.printed >= self.every:
+            self.printed = now
+            self.stream.write(self.line() + "\n")
+            self.stream.flush()
 
     def set(self, **postfix) -> None:
         self.postfix.update(postfix)

@@ -57,6 +57,25 @@ def test_interleaved_phases_get_their_own_time_and_rate(clock):
                      "top-k log-probs: 8/8 [00:02<00:00, 4 sample/s]"]
 
 
+def test_off_a_terminal_a_long_bar_prints_a_line_a_minute(clock):
+    """A build or training run logged to a file shows its rate and ETA while it runs."""
+    out = io.StringIO()
+    bar = progress.Bar(total=100, desc="guard", unit="step", stream=out)
+    for _ in range(10):
+        clock.t += 20.0  # 20 s a step: a line after the 3rd step (60 s), the 6th and the 9th
+        bar.update(1)
+    assert out.getvalue().splitlines() == ["guard: 3/100 [01:00<32:20, 0.05 step/s]",
+                                           "guard: 6/100 [02:00<31:20, 0.05 step/s]",
+                                           "guard: 9/100 [03:00<30:20, 0.05 step/s]"]
+    bar.close()
+    assert out.getvalue().splitlines()[-1] == "guard: 10/100 [03:20<30:00, 0.05 step/s]"
+    quiet = io.StringIO()
+    with progress.Bar(total=100, stream=quiet, every=0) as bar:  # every=0: the summary line only
+        clock.t += 600.0
+        bar.update(1)
+        assert quiet.getvalue() == ""
+
+
 def test_bars_on_a_terminal_share_one_display_one_line_each(clock):
     out = Tty()
     a = progress.Bar(total=4, desc="teacher samples", unit="sample", stream=out)
