@@ -80,16 +80,16 @@ def convert(
 
 @app.command("export-peft")
 def export_peft(
-    prompt_file: Path = typer.Argument(..., help="A soft-prompt or prefix-tuning file."),
+    prompt_file: Path = typer.Argument(..., help="A soft-prompt, prefix-tuning or LoRA file."),
     out_dir: Path = typer.Argument(..., help="Directory for adapter_config.json + adapter_model.safetensors."),
     base_model_name: Optional[str] = typer.Option(
         None, "--model", "--base-model-name",
         help="The HF model the adapter is for (hub id or directory), recorded as base_model_name_or_path "
-             "(default: the base the prompt was trained on); a local directory also fills num_layers / "
-             "num_attention_heads."),
+             "(default: the base the file was trained on); a local directory also fills num_layers / "
+             "num_attention_heads, and a LoRA's module names are checked against its checkpoint."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the adapter files if OUT_DIR has them."),
 ):
-    """Write a soft-prompt (prefix-tuning) file as an HF PEFT prompt-tuning (prefix-tuning) adapter."""
+    """Write a soft-prompt (prefix-tuning, LoRA) file as an HF PEFT prompt-tuning (prefix-tuning, LoRA) adapter."""
     from .peft_io import export_peft as run
 
     checks.input_file(prompt_file, "PROMPT_FILE")
@@ -99,12 +99,12 @@ def export_peft(
 
 @app.command("import-peft")
 def import_peft(
-    adapter_dir: Path = typer.Argument(..., help="A PEFT prompt-tuning or prefix-tuning adapter directory."),
-    out: Path = typer.Argument(..., help="Output prompt file (.safetensors)."),
+    adapter_dir: Path = typer.Argument(..., help="A PEFT prompt-tuning, prefix-tuning or LoRA adapter directory."),
+    out: Path = typer.Argument(..., help="Output method file (.safetensors)."),
     model: str = typer.Option(..., "--model", help="The MLX base model the adapter belongs to."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
 ):
-    """Read a PEFT prompt-tuning (prefix-tuning) adapter into a soft-prompt (prefix-tuning) file."""
+    """Read a PEFT prompt-tuning (prefix-tuning, LoRA) adapter into a soft-prompt (prefix-tuning, LoRA) file."""
     from .peft_io import import_peft as run
 
     checks.output_file(out, "OUT", overwrite=overwrite, suffix=".safetensors")

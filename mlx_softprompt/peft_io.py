@@ -20,15 +20,28 @@ PEFT's ``prompt_embeddings`` [n, layers * 2 * kv heads * head dim] is, per
 virtual token, layer 0's key, layer 0's value, layer 1's key, ..., each
 [kv heads, head dim]: exactly our per-layer keys/values [kv heads, n, head dim],
 which PEFT places in the cache as they are (no embedding scale, no RoPE applied).
+
+LoRA maps to PEFT's ``LORA``. mlx-lm names the adapted modules as transformers
+does for the architectures tested (``model.layers.3.self_attn.q_proj`` on both
+sides; an export checks the names against the HF checkpoint when it is on this
+machine and otherwise refuses model types not verified, an import checks them
+against the MLX base). PEFT's ``lora_A.weight`` [r, in] and
+``lora_B.weight`` [out, r] are our ``lora_a`` [in, r] and ``lora_b`` [r, out]
+transposed, and its scaling lora_alpha / r (lora_alpha / sqrt(r) with rsLoRA)
+is our scale. LoRA variants that compute something else (DoRA, ...) or carry
+other weights (modules_to_save, biases) are refused.
 """
 
 import base64
 import json
+import math
+import re
 from pathlib import Path
 from typing import Optional
 
 import mlx.core as mx
 import numpy as np
+from mlx.utils import tree_flatten
 
 from . import files, models, prompt_file
 from . import checks
@@ -47,6 +60,29 @@ _SQRT_D_BF16 = {"gemma3", "gemma3_text"}  # mlx-lm rounds this scale to bfloat16
 _UNVERIFIED = {"gemma3n", "gemma4", "gemma4_text", "minicpm3", "vaultgemma", "falcon_h1"}
 # Set by prompt_file.save for the base the prompt is imported into; not carried over.
 _OWN_KEYS = set(prompt_file.OWN_KEYS)
+LORA_PREFIX = "base_model.model."  # PEFT's state-dict keys: PeftModel.base_model (LoraModel).model.<module>
+_LORA_KEY = re.compile(r"base_model\.model\.(.+)\.lora_([AB])\.weight")
+# model_types whose mlx-lm module paths were checked to be transformers' (tests/test_peft.py); for
+# others an export needs the HF checkpoint on this machine to compare the names with
+_LORA_PATHS_VERIFIED = {"llama", "qwen2", "gemma2", "gemma3_text", "granite", "olmo2", "phi3", "smollm3"}
+# LoraConfig fields that, when set, make the adapter compute more than y = W x + scale * B A x or carry
+# weights a LoRA file has no place for
+_LORA_REFUSED = {
+    "use_dora": "DoRA also rescales every output by a learned magnitude",
+    "modules_to_save": "it carries whole trained copies of base modules",
+    "lora_bias": "it adds a bias to lora_B",
+    "target_parameters": "it adapts parameters (MoE experts), not linear modules",
+    "trainable_token_indices": "it trains rows of the embedding",
+    "layer_replication": "it repeats base layers",
+    "alora_invocation_tokens": "activated LoRA applies only after its invocation tokens",
+    "use_qalora": "QA-LoRA pools the input",
+    "use_bdlora": "a LoRA variant",
+    "arrow_config": "a LoRA variant",
+    "kasa_config": "a LoRA variant",
+    "velora_config": "a LoRA variant",
+    "monteclora_config": "a LoRA variant",
+    "megatron_config": "a LoRA variant",
+}
 
 
 def peft_scale(architecture: str, hidden_size: int) -> float:
@@ -163,16 +199,167 @@ def _prefix_layers(pf) -> dict:
     return layers
 
 
+def lora_adapter_config(rank: int, alpha, target_modules: list, base_model_name: Optional[str] = None) -> dict:
+    """The adapter_config.json PEFT writes for a causal-LM LoRA adapter (peft 0.21's fields).
+
+    target_modules are full module paths: PEFT matches a path exactly, so only the adapted
+    layers get adapters (no layers_to_transform / layers_pattern needed)."""
+    return {
+        "alora_invocation_tokens": None,
+        "alpha_pattern": {},
+        "arrow_config": None,
+        "auto_mapping": None,
+        "base_model_name_or_path": base_model_name,
+        "bias": "none",
+        "corda_config": None,
+        "ensure_weight_tying": False,
+        "eva_config": None,
+        "exclude_modules": None,
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "kasa_config": None,
+        "layer_replication": None,
+        "layers_pattern": None,
+        "layers_to_transform": None,
+        "loftq_config": {},
+        "lora_alpha": alpha,
+        "lora_bias": False,
+        "lora_dropout": 0.0,
+        "lora_ga_config": None,
+        "megatron_config": None,
+        "megatron_core": "megatron.core",
+        "modules_to_save": None,
+        "monteclora_config": None,
+        "peft_type": "LORA",
+        "qalora_group_size": 16,
+        "r": int(rank),
+        "rank_pattern": {},
+        "revision": None,
+        "target_modules": list(target_modules),
+        "target_parameters": None,
+        "task_type": "CAUSAL_LM",
+        "trainable_token_indices": None,
+        "use_bdlora": None,
+        "use_dora": False,
+        "use_qalora": False,
+        "use_rslora": False,
+        "velora_config": None,
+    }
+
+
+def lora_to_peft(flat: dict) -> dict:
+    """Our {"<module>.lora_a": [in, r], "<module>.lora_b": [r, out]} as PEFT's state dict
+    (lora_A.weight [r, in], lora_B.weight [out, r])."""
+    out = {}
+    for key, v in flat.items():
+        module, kind = key.rsplit(".", 1)
+        out[f"{LORA_PREFIX}{module}.lora_{kind[-1].upper()}.weight"] = mx.contiguous(v.T)
+    return out
+
+
+def lora_from_peft(tensors: dict, where) -> dict:
+    """The inverse of lora_to_peft (float32); any other tensor is a UserError naming it."""
+    embedding = sorted(k for k in tensors if re.search(r"\.lora_embedding_[AB]$", k))
+    if embedding:
+        module = embedding[0].rsplit(".", 1)[0].removeprefix(LORA_PREFIX)
+        raise UserError(f"{where}: LoRA on the embedding {module!r} (lora_embedding_A/B); mlx-softprompt's LoRA "
+                        "adapts linear projections only")
+    flat = {}
+    for key, v in sorted(tensors.items()):
+        if key.endswith(".base_layer.weight"):
+            raise UserError(f"{where}: tensor {key!r} is a full weight of the base (peft saves targeted embedding "
+                            "and output layers whole), which a LoRA file does not carry")
+        m = _LORA_KEY.fullmatch(key)
+        if m is None or v.ndim != 2:
+            raise UserError(f"{where}: tensor {key!r} is not a LoRA factor of a linear module "
+                            f"(base_model.model.<module>.lora_A.weight / lora_B.weight)")
+        flat[f"{m[1]}.lora_{m[2].lower()}"] = v.astype(mx.float32).T
+    return flat
+
+
+def _hf_tensor_names(name: str) -> Optional[set]:
+    """The tensor names of HF checkpoint `name` when it is on this machine (a directory, or the
+    HF cache for a hub id), else None. Nothing is downloaded."""
+    p = Path(name).expanduser()
+    found = []
+    if p.is_dir():
+        index = p / "model.safetensors.index.json"
+        found = [index] if index.is_file() else sorted(p.glob("*.safetensors"))
+    else:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            for file in ("model.safetensors.index.json", "model.safetensors"):
+                got = try_to_load_from_cache(str(name), file)
+                if isinstance(got, str):
+                    found = [Path(got)]
+                    break
+        except Exception:  # not a hub id, no huggingface_hub: nothing to compare with
+            return None
+    names = set()
+    for f in found:
+        if f.name.endswith(".index.json"):
+            names |= set(read_json_object(f).get("weight_map") or {})
+        else:
+            names |= set(checks.safetensors_header(f)) - {"__metadata__"}
+    return names or None
+
+
+def _check_hf_modules(modules: list, base_model_name: str, architecture: str, where) -> None:
+    """Refuse an export PEFT could not place: a module path the HF model does not have."""
+    names = _hf_tensor_names(base_model_name)
+    if names is None:
+        if architecture not in _LORA_PATHS_VERIFIED:
+            raise UserError(f"{where}: mlx-lm's module names for model_type {architecture!r} are not verified to be "
+                            "transformers'; pass --model a local copy of the HF model to check them against")
+        return
+    missing = [m for m in modules if f"{m}.weight" not in names]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise UserError(f"{where}: the HF model {base_model_name} has no module {missing[0]!r}{more}: "
+                        "mlx-lm names it differently, so PEFT could not place the adapter")
+
+
+def _lora_export(pf, base_model_name: str):
+    """(PEFT's tensors, adapter_config.json) for a LoRA file; alpha = scale * r so that PEFT's alpha / r is our scale."""
+    from .methods import method_class
+    from .methods.lora import adapted
+
+    cls = method_class("lora")
+    options = cls.options_from_metadata(pf.metadata, pf.path)
+    flat = dict(tree_flatten(cls(options).params_from(pf.tensors, pf.path)))
+    modules = adapted(flat)
+    ranks = set()
+    for m in modules:
+        a, b = flat.get(f"{m}.lora_a"), flat.get(f"{m}.lora_b")
+        if a is None or b is None or a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
+            raise UserError(f"{pf.path}: adapter {m!r} lacks lora_a [in, r] or lora_b [r, out]")
+        ranks.add(int(a.shape[1]))
+    if not modules or set(flat) != {f"{m}.lora_{k}" for m in modules for k in "ab"}:
+        raise UserError(f"{pf.path}: not a LoRA file (tensors other than <module>.lora_a / .lora_b)")
+    if len(ranks) != 1:
+        raise UserError(f"{pf.path}: its adapters have ranks {sorted(ranks)}; a PEFT adapter has one r")
+    _check_hf_modules(modules, base_model_name, pf.metadata.get("base_architecture", "?"), pf.path)
+    r = ranks.pop()
+    alpha = float(options.scale) * r
+    alpha = int(alpha) if alpha.is_integer() else alpha
+    return lora_to_peft(flat), lora_adapter_config(r, alpha, modules, base_model_name)
+
+
 def export_peft(path, out_dir, base_model_name: Optional[str] = None) -> Path:
-    """Write the soft prompt (or prefix) in `path` as a PEFT prompt-tuning (prefix-tuning) adapter `out_dir`."""
+    """Write the soft prompt (prefix, LoRA) in `path` as a PEFT prompt-tuning (prefix-tuning, LoRA) adapter `out_dir`."""
     pf = prompt_file.load(path)
-    if pf.method not in ("softprompt", "prefix"):
-        raise UserError(f"{path}: a {pf.method!r} file; only soft prompts and prefix tuning export to PEFT")
+    if pf.method not in ("softprompt", "prefix", "lora"):
+        raise UserError(f"{path}: a {pf.method!r} file; only soft prompts, prefix tuning and LoRA export to PEFT")
     base_model_name = base_model_of(pf, base_model_name)
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"{out_dir}: exists and is not a directory")
-    if pf.method == "prefix":
+    if pf.method == "lora":
+        tensors, config = _lora_export(pf, base_model_name)
+        scale = 1.0
+    elif pf.method == "prefix":
         layers = _prefix_layers(pf)
         H, n, hd = layers["0"]["keys"].shape
         config = prefix_adapter_config(n, len(layers), H, hd, base_model_name)
@@ -191,7 +378,8 @@ def export_peft(path, out_dir, base_model_name: Optional[str] = None) -> Path:
         sketch = np.array(pf.tensors[prompt_file.SKETCH_KEY].astype(mx.float32))
         meta[SKETCH_META] = json.dumps({"shape": list(sketch.shape),
                                         "f32": base64.b64encode(sketch.tobytes()).decode()})
-    tensors = {TENSOR_KEY: P if scale == 1.0 else (P.astype(mx.float32) * scale).astype(P.dtype)}
+    if pf.method != "lora":
+        tensors = {TENSOR_KEY: P if scale == 1.0 else (P.astype(mx.float32) * scale).astype(P.dtype)}
     mx.eval(tensors)
     # weights first, then the config that announces them; each file atomically
     files.atomic_write(out_dir / WEIGHTS_NAME,
@@ -207,9 +395,11 @@ def _read_config(adapter_dir: Path) -> dict:
         raise UserError(f"{adapter_dir}: no {CONFIG_NAME} (not a PEFT adapter directory)")
     config = read_json_object(path)
     peft_type = config.get("peft_type")
-    if peft_type not in ("PROMPT_TUNING", "PREFIX_TUNING"):
-        raise UserError(f"{path}: peft_type is {peft_type!r}; only PROMPT_TUNING (a soft prompt) and "
-                        "PREFIX_TUNING adapters are read")
+    if peft_type not in ("PROMPT_TUNING", "PREFIX_TUNING", "LORA"):
+        raise UserError(f"{path}: peft_type is {peft_type!r}; only PROMPT_TUNING (a soft prompt), "
+                        "PREFIX_TUNING and LORA adapters are read")
+    if peft_type == "LORA":
+        return _check_lora_config(config, path)
     if peft_type == "PREFIX_TUNING":
         for key in ("num_layers", "num_attention_heads"):
             if not isinstance(config.get(key), int) or config[key] <= 0:
@@ -225,7 +415,33 @@ def _read_config(adapter_dir: Path) -> dict:
     return config
 
 
-def _read_weights(adapter_dir: Path, config: dict):
+def _check_lora_config(config: dict, path) -> dict:
+    """A LORA adapter_config.json our LoRA (one rank, one scale, y = W x + scale * B A x) can represent."""
+    if config.get("task_type") not in (None, "CAUSAL_LM"):
+        raise UserError(f"{path}: task_type is {config.get('task_type')!r}; only CAUSAL_LM is supported")
+    r, alpha = config.get("r"), config.get("lora_alpha")
+    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+        raise UserError(f"{path}: field 'r' must be a positive integer (got {r!r})")
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
+        raise UserError(f"{path}: field 'lora_alpha' must be a number (got {alpha!r})")
+    for key, why in _LORA_REFUSED.items():
+        if config.get(key):  # null, false, [] and {} all mean "not used"
+            raise UserError(f"{path}: {key} is set ({json.dumps(config[key])[:60]}): {why}, which "
+                            "mlx-softprompt's LoRA does not represent")
+    if config.get("bias", "none") != "none":
+        raise UserError(f"{path}: bias is {config['bias']!r}: the adapter carries trained biases of the base, "
+                        "which mlx-softprompt's LoRA does not represent (only 'none')")
+    for key, default in (("rank_pattern", r), ("alpha_pattern", alpha)):
+        pattern = config.get(key) or {}
+        odd = {k: v for k, v in pattern.items() if v != default} if isinstance(pattern, dict) else pattern
+        if odd:
+            raise UserError(f"{path}: {key} gives some modules other values than {default} ({json.dumps(odd)[:60]}); "
+                            "mlx-softprompt's LoRA has one rank and one scale for every module")
+    return config
+
+
+def _read_safetensors(adapter_dir: Path):
+    """(tensors, metadata) of the adapter's safetensors file; never a pickle."""
     path = adapter_dir / WEIGHTS_NAME
     if not path.is_file():
         pickled = [p.name for p in adapter_dir.glob("adapter_model.*")]
@@ -233,9 +449,14 @@ def _read_weights(adapter_dir: Path, config: dict):
         raise UserError(f"{adapter_dir}: no {WEIGHTS_NAME}{found}; only safetensors are read")
     files.check_safetensors(path)
     try:
-        tensors, meta = mx.load(str(path), return_metadata=True)
+        return mx.load(str(path), return_metadata=True)
     except Exception as e:
         raise UserError(f"{path}: cannot read safetensors ({e})".splitlines()[0])
+
+
+def _read_weights(adapter_dir: Path, config: dict):
+    path = adapter_dir / WEIGHTS_NAME
+    tensors, meta = _read_safetensors(adapter_dir)
     P = tensors.get(TENSOR_KEY)
     if P is None:
         raise UserError(f"{path}: no tensor {TENSOR_KEY!r} (found {', '.join(sorted(tensors)) or 'none'})")
@@ -276,11 +497,13 @@ def _exported_fingerprint(meta: dict) -> Optional[dict]:
 
 
 def import_peft(adapter_dir, out, model: str) -> Path:
-    """Read a PEFT prompt-tuning adapter into a prompt file `out` for the MLX base `model`."""
+    """Read a PEFT prompt-tuning (prefix-tuning, LoRA) adapter into a method file `out` for the MLX base `model`."""
     adapter_dir = Path(adapter_dir)
     if not adapter_dir.is_dir():
         raise UserError(f"{adapter_dir}: no such adapter directory")
     config = _read_config(adapter_dir)
+    if config["peft_type"] == "LORA":
+        return _import_lora(adapter_dir, out, config, model)
     P, meta = _read_weights(adapter_dir, config)
 
     base, _, base_config = models.load(model)
@@ -332,3 +555,54 @@ def _import_prefix(adapter_dir, out, config, weight, meta, base, base_config, mo
     except UserError as e:
         raise UserError(f"{adapter_dir}: does not fit {model}: {str(e).split(': ', 1)[-1]}") from None
     return method.save(out, {"prefix": layers}, base, base_config, **_carried(meta, config))
+
+
+def _lora_options(config: dict, flat: dict, meta: dict, num_layers: int) -> dict:
+    """Our LoRA options for PEFT's config: scale = lora_alpha / r (/ sqrt(r) with rsLoRA); layers and
+    keys describe the modules the tensors adapt. An export of ours gets its own options back."""
+    from .methods.lora import adapted
+
+    r, alpha = config["r"], config["lora_alpha"]
+    scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+    if meta.get(META_PREFIX + "method") == "lora" and META_PREFIX + "method_options" in meta:
+        try:
+            ours = json.loads(meta[META_PREFIX + "method_options"])
+            if ours.get("rank") == r and math.isclose(float(ours.get("scale")), scale, rel_tol=1e-6):
+                return ours
+        except (ValueError, TypeError, AttributeError):
+            pass  # malformed: described from the config like a foreign adapter
+    layers, keys = [], set()
+    for module in adapted(flat):
+        m = re.search(r"(?:^|\.)layers\.(\d+)\.(.+)$", module)
+        if m:
+            layers.append(int(m[1]))
+        keys.add(m[2] if m else module)
+    return {"rank": r, "scale": scale, "layers": num_layers - min(layers) if layers else 1, "keys": sorted(keys)}
+
+
+def _import_lora(adapter_dir, out, config, model) -> Path:
+    """A PEFT LORA adapter as a LoRA method file for the MLX base `model`."""
+    from . import methods
+    from .methods.base import nest
+
+    path = adapter_dir / WEIGHTS_NAME
+    tensors, meta = _read_safetensors(adapter_dir)
+    flat = lora_from_peft(tensors, path)
+    for key, v in flat.items():
+        if key.endswith(".lora_a") and v.shape[1] != config["r"]:
+            raise UserError(f"{path}: {key[:-len('.lora_a')]} has rank {v.shape[1]}, but {CONFIG_NAME} says r={config['r']}")
+        if not bool(mx.all(mx.isfinite(v)).item()):
+            raise UserError(f"{path}: the adapter of {key.rsplit('.', 1)[0]} holds NaN or infinite values")
+    if not flat:
+        raise UserError(f"{path}: no LoRA tensors")
+
+    base, _, base_config = models.load(model)
+    _check_fingerprint(adapter_dir, meta, base, base_config)
+    options = _lora_options(config, flat, meta, len(methods.decoder_layers(base)))
+    method = methods.get("lora", options)
+    params = nest(flat)
+    try:
+        method.check_params(params, base, adapter_dir / CONFIG_NAME)
+    except UserError as e:
+        raise UserError(f"{adapter_dir}: does not fit {model}: {str(e).split(': ', 1)[-1]}") from None
+    return method.save(out, params, base, base_config, **_carried(meta, config))

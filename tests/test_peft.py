@@ -13,6 +13,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
+from mlx.utils import tree_flatten
 from safetensors import safe_open
 
 from converters.hf_to_mlx import convert
@@ -318,16 +319,16 @@ def _edit_config(adapter: Path, **fields):
     (adapter / CONFIG_NAME).write_text(json.dumps(cfg))
 
 
-@pytest.mark.parametrize("case", ["lora", "count-mismatch", "bin-only", "no-config", "not-a-dir",
+@pytest.mark.parametrize("case", ["ia3", "count-mismatch", "bin-only", "no-config", "not-a-dir",
                                   "other-width", "other-base", "bad-tensor-key"])
 def test_cli_import_errors_are_one_line(base, tiny_model, tmp_path, capsys, case):
     hf_dir, mlx_dir, model, tok, config = base("llama")
     adapter = export_peft(prompt_file.save(tmp_path / "p.safetensors", {"soft_prompt": _random_prompt(model, 4, 0)},
                                            model, config), tmp_path / "ad", base_model_name="org/tiny")
     target = mlx_dir
-    if case == "lora":
-        _edit_config(adapter, peft_type="LORA")
-        expect = "peft_type is 'LORA'; only PROMPT_TUNING"
+    if case == "ia3":
+        _edit_config(adapter, peft_type="IA3")
+        expect = "peft_type is 'IA3'; only PROMPT_TUNING (a soft prompt), PREFIX_TUNING and LORA adapters are read"
     elif case == "count-mismatch":
         _edit_config(adapter, num_virtual_tokens=5)
         expect = "has shape [4, 64], but adapter_config.json says num_virtual_tokens=5, token_dim=64"
@@ -361,7 +362,7 @@ def test_export_refusals(base, tmp_path, capsys):
     hf_dir, mlx_dir, model, tok, config = base("llama")
     steer = prompt_file.save(tmp_path / "s.safetensors", {"vector": mx.zeros((64,))}, model, config, method="steer-opt")
     code, _, err = _run(capsys, "export-peft", steer, tmp_path / "a")
-    assert code == 1 and "a 'steer-opt' file; only soft prompts and prefix tuning export" in err and err.count("\n") == 1
+    assert code == 1 and "a 'steer-opt' file; only soft prompts, prefix tuning and LoRA export" in err and err.count("\n") == 1
     # a base whose embedding scaling we have not checked against transformers
     odd = prompt_file.save(tmp_path / "o.safetensors", {"soft_prompt": mx.zeros((2, 64))}, model,
                            dict(config, model_type="gemma3n"))
@@ -436,3 +437,279 @@ def test_prefix_adapter_for_another_base_is_refused(base, tmp_path, capsys):
     save_file({TENSOR_KEY: np.zeros((3, 7), np.float32)}, str(tmp_path / "a" / WEIGHTS_NAME))
     code, out, err = _run(capsys, "import-peft", tmp_path / "a", tmp_path / "x.safetensors", "--model", mlx_dir)
     assert code == 1 and "[3, 7]" in err and len(err.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------- LoRA <-> PEFT LORA
+
+# default keys on the last 2 layers (every layer of the tiny bases); an explicit key list on the last one,
+# with a scale that is not mlx-lm's default
+LORA_VARIANTS = {"default-keys": dict(rank=4, layers=2),
+                 "explicit-keys": dict(rank=4, layers=1, keys=["self_attn.o_proj", "mlp.down_proj"], scale=2.5)}
+
+
+def _random_lora(model, tok, seed, **options):
+    """A LoRA method and params with random non-zero lora_a and lora_b (init's lora_b is zero: no effect)."""
+    from mlx_softprompt import methods
+    from mlx_softprompt.methods.base import nest
+
+    m = methods.get("lora", **options)
+    flat = tree_flatten(m.init(model, tok, seed))
+    keys = mx.random.split(mx.random.key(seed), len(flat))
+    params = nest({k: v if k.endswith("lora_a") else mx.random.normal(v.shape, key=keys[i]) * 0.02
+                   for i, (k, v) in enumerate(flat)})
+    mx.eval(params)
+    return m, params
+
+
+def _peft_lora_layers(peft_model) -> dict:
+    """{module path (transformers' name): peft LoRA layer} of a PeftModel."""
+    from peft.tuners.lora import LoraLayer
+
+    prefix = "base_model.model."
+    return {n[len(prefix):]: m for n, m in peft_model.named_modules() if isinstance(m, LoraLayer)}
+
+
+def _lora_check(method, params, peft_model, model, tok) -> float:
+    """Max |logit difference| between our bound LoRA and transformers+PEFT (asserted <= ATOL, and the LoRA
+    changes the logits)."""
+    ids = chat_ids(tok, TEXT)
+    ours = np.array(method.logits(model, params, mx.array([ids]))[0])
+    theirs = _peft_logits(peft_model, ids)
+    diff = float(np.abs(ours - theirs).max())
+    assert diff <= ATOL, diff
+    assert np.abs(ours - np.array(model(mx.array([ids]))[0])).max() > 100 * ATOL  # not vacuous
+    return diff
+
+
+@pytest.mark.parametrize("variant", list(LORA_VARIANTS))
+@pytest.mark.parametrize("arch", ARCHS)
+def test_lora_exports_to_peft(base, tmp_path, arch, variant):
+    """PeftModel loads an exported LoRA file onto exactly the adapted modules, with our factors and scale,
+    and gives our logits."""
+    from peft import PeftModel
+
+    from mlx_softprompt.methods.lora import adapted
+
+    hf_dir, mlx_dir, model, tok, config = base(arch)
+    m, params = _random_lora(model, tok, 1, **LORA_VARIANTS[variant])
+    pf = m.save(tmp_path / "lora.safetensors", params, model, config, objective="tv")
+    adapter = export_peft(pf, tmp_path / "ours", base_model_name=hf_dir)
+    assert sorted(os.listdir(adapter)) == [CONFIG_NAME, WEIGHTS_NAME]  # no temporary files left
+    peft_model = PeftModel.from_pretrained(_hf(hf_dir), adapter).eval()
+    assert peft_model.peft_config["default"].peft_type.value == "LORA"
+    layers = _peft_lora_layers(peft_model)
+    assert sorted(layers) == adapted(params)  # those modules, in the last `layers` blocks only
+    flat = dict(tree_flatten(params))
+    for path, layer in layers.items():
+        assert layer.scaling["default"] == m.options.scale
+        np.testing.assert_array_equal(layer.lora_A["default"].weight.detach().numpy(), np.array(flat[f"{path}.lora_a"]).T)
+        np.testing.assert_array_equal(layer.lora_B["default"].weight.detach().numpy(), np.array(flat[f"{path}.lora_b"]).T)
+    _lora_check(m, params, peft_model, model, tok)
+
+
+def test_lora_on_the_last_layers_of_a_deeper_base(hf_tiny_model, tmp_path):
+    """The last 2 of 4 layers: PEFT adapts those and leaves layers 0 and 1 alone; AutoPeftModelForCausalLM
+    loads the base the adapter names and gives our logits."""
+    from peft import AutoPeftModelForCausalLM
+
+    from mlx_softprompt.methods.lora import adapted
+
+    hf_dir = hf_tiny_model("llama", num_layers=4)
+    model, tok, config = models.load(str(convert(hf_dir, tmp_path / "mlx")))
+    m, params = _random_lora(model, tok, 2, rank=4, layers=2)
+    assert {p.split(".")[2] for p in adapted(params)} == {"2", "3"}
+    adapter = export_peft(m.save(tmp_path / "lora.safetensors", params, model, config), tmp_path / "ad",
+                          base_model_name=hf_dir)
+    peft_model = AutoPeftModelForCausalLM.from_pretrained(str(adapter), dtype=torch.float32).eval()
+    assert sorted(_peft_lora_layers(peft_model)) == adapted(params)
+    _lora_check(m, params, peft_model, model, tok)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_lora_adapter_made_by_peft_imports(base, tmp_path, arch):
+    """A LoRA adapter created and saved by peft itself (every linear module, random A and B) imports into a
+    LoRA file that gives peft's logits."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from mlx_softprompt import methods
+    from mlx_softprompt.methods.lora import adapted
+
+    hf_dir, mlx_dir, model, tok, config = base(arch)
+    torch.manual_seed(0)
+    made = get_peft_model(_hf(hf_dir), LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules="all-linear",
+                                                  init_lora_weights=False))
+    made.save_pretrained(tmp_path / "theirs")
+    loaded = methods.load(import_peft(tmp_path / "theirs", tmp_path / "imported.safetensors", mlx_dir), model, config)
+    assert loaded.name == "lora"
+    assert (loaded.method.options.rank, loaded.method.options.scale, loaded.method.options.layers) == (4, 2.0, 2)
+    assert adapted(loaded.params) == sorted(_peft_lora_layers(made))
+    reloaded = PeftModel.from_pretrained(_hf(hf_dir), tmp_path / "theirs").eval()
+    _lora_check(loaded.method, loaded.params, reloaded, model, tok)
+
+
+def test_rslora_adapter_on_one_layer_imports(base, tmp_path):
+    """rsLoRA's scaling lora_alpha / sqrt(r) becomes our scale; layers_to_transform and dropout need nothing."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from mlx_softprompt import methods
+    from mlx_softprompt.methods.lora import adapted
+
+    hf_dir, mlx_dir, model, tok, config = base("llama")
+    torch.manual_seed(1)
+    made = get_peft_model(_hf(hf_dir), LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=3, use_rslora=True,
+                                                  target_modules=["q_proj", "v_proj"], layers_to_transform=[1],
+                                                  lora_dropout=0.1, init_lora_weights=False))
+    made.save_pretrained(tmp_path / "theirs")
+    loaded = methods.load(import_peft(tmp_path / "theirs", tmp_path / "imported.safetensors", mlx_dir), model, config)
+    o = loaded.method.options
+    assert (o.rank, o.scale, o.layers, o.keys) == (4, 1.5, 1, ["self_attn.q_proj", "self_attn.v_proj"])
+    assert adapted(loaded.params) == ["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
+    reloaded = PeftModel.from_pretrained(_hf(hf_dir), tmp_path / "theirs").eval()
+    assert {l.scaling["default"] for l in _peft_lora_layers(reloaded).values()} == {1.5}
+    _lora_check(loaded.method, loaded.params, reloaded, model, tok)
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi3"])
+def test_lora_round_trip_gives_the_same_tensors(base, tmp_path, arch):
+    """export then import: the same tensors, options and metadata; the config is the one peft writes for the
+    same LoRA."""
+    from peft import LoraConfig, get_peft_model
+
+    from mlx_softprompt import methods
+    from mlx_softprompt.methods.lora import adapted
+
+    hf_dir, mlx_dir, model, tok, config = base(arch)
+    m, params = _random_lora(model, tok, 3, **LORA_VARIANTS["explicit-keys"])
+    pf = m.save(tmp_path / "lora.safetensors", params, model, config, objective="kl", guard="llama-guard-3-1b",
+                refusal="I'm sorry, but I can't help with that.")
+    adapter = export_peft(pf, tmp_path / "ours", base_model_name=hf_dir)
+    with safe_open(str(adapter / WEIGHTS_NAME), "pt") as f:
+        assert f.metadata()["mlx_softprompt.method"] == "lora"
+        assert f.metadata()["mlx_softprompt.objective"] == "kl"
+    back = methods.load(import_peft(adapter, tmp_path / "back.safetensors", mlx_dir), model, config)
+    flat, back_flat = dict(tree_flatten(params)), dict(tree_flatten(back.params))
+    assert set(back_flat) == set(flat)
+    assert all(mx.array_equal(back_flat[k], flat[k]) for k in flat)
+    assert back.method.options == m.options
+    for key in ("objective", "guard", "refusal", "base_embedding_hash"):
+        assert back.file.metadata[key] == prompt_file.load(pf).metadata[key]
+    assert back.file.metadata["peft_base_model"] == hf_dir
+
+    made = get_peft_model(_hf(hf_dir), LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=10,
+                                                  target_modules=adapted(params)))
+    made.save_pretrained(tmp_path / "theirs")
+    theirs = json.loads((tmp_path / "theirs" / CONFIG_NAME).read_text())
+    ours = json.loads((adapter / CONFIG_NAME).read_text())
+    theirs.pop("peft_version")
+    assert sorted(ours.pop("target_modules")) == sorted(theirs.pop("target_modules"))
+    assert ours == theirs
+
+
+def test_lora_export_imports_into_a_quantized_copy(base, tmp_path):
+    """An export imports into an 8-bit conversion of its base (the fingerprint accepts a quantized copy; the
+    projections' sizes are read through the quantization) with the same tensors, and runs there."""
+    from mlx_softprompt import methods
+
+    hf_dir, mlx_dir, model, tok, config = base("llama")
+    m, params = _random_lora(model, tok, 6, rank=4, layers=2)
+    adapter = export_peft(m.save(tmp_path / "lora.safetensors", params, model, config), tmp_path / "ad",
+                          base_model_name=hf_dir)
+    q_dir = str(convert(hf_dir, tmp_path / "q8", quantize=True, q_bits=8))
+    qmodel, _, qconfig = models.load(q_dir)
+    back = methods.load(import_peft(adapter, tmp_path / "q.safetensors", q_dir), qmodel, qconfig)
+    flat, back_flat = dict(tree_flatten(params)), dict(tree_flatten(back.params))
+    assert set(back_flat) == set(flat) and all(mx.array_equal(back_flat[k], flat[k]) for k in flat)
+    ids = mx.array([chat_ids(tok, TEXT)])
+    ours = np.array(back.method.logits(qmodel, back.params, ids)[0])
+    assert np.isfinite(ours).all() and np.abs(ours - np.array(qmodel(ids)[0])).max() > 100 * ATOL  # bound and active
+
+
+def test_trained_lora_exports_and_loads_with_auto_peft(tiny_teacher, tmp_path, capsys):
+    """`train --method lora` then `export-peft`: AutoPeftModelForCausalLM gives the logits of the trained file."""
+    from conftest import run_cli
+    from peft import AutoPeftModelForCausalLM
+
+    from mlx_softprompt import methods
+
+    base_dir, cache = tiny_teacher
+    pf = tmp_path / "lora.safetensors"
+    code, _, err = run_cli(capsys, "train", "--base", base_dir, "--teacher", cache, "--out", str(pf), "--method", "lora",
+                           "--lora-rank", "4", "--lora-layers", "1", "--iters", "2", "--batch-size", "4")
+    assert code == 0, err
+    code, out, err = run_cli(capsys, "export-peft", str(pf), str(tmp_path / "ad"))
+    assert code == 0 and out.strip() == f"wrote {tmp_path / 'ad'}", err
+    peft_model = AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "ad"), dtype=torch.float32).eval()
+    model, tok, config = models.load(base_dir)
+    loaded = methods.load(pf, model, config)
+    ids = chat_ids(tok, TEXT)
+    ours = np.array(loaded.method.logits(model, loaded.params, mx.array([ids]))[0])
+    assert np.abs(ours - _peft_logits(peft_model, ids)).max() <= ATOL
+
+
+LORA_REFUSED = {  # case: (LoraConfig fields, base arch, what the one line says)
+    "dora": (dict(use_dora=True), "llama", "use_dora is set (true): DoRA also rescales every output"),
+    "rank-pattern": (dict(rank_pattern={"q_proj": 8}), "llama",
+                     'rank_pattern gives some modules other values than 4 ({"q_proj": 8}); mlx-softprompt\'s LoRA has one rank'),
+    "alpha-pattern": (dict(alpha_pattern={"v_proj": 16}), "llama", "alpha_pattern gives some modules other values than 8"),
+    "modules-to-save": (dict(modules_to_save=["lm_head"]), "llama", "modules_to_save is set ([\"lm_head\"]): it carries"),
+    "bias": (dict(bias="all"), "qwen2", "bias is 'all': the adapter carries trained biases"),
+    "embedding": (dict(target_modules=["embed_tokens"]), "llama",
+                  "LoRA on the embedding 'model.embed_tokens' (lora_embedding_A/B); mlx-softprompt's LoRA adapts "
+                  "linear projections only"),
+    # peft saves the whole output layer it adapts: a full weight
+    "full-weight": (dict(target_modules=["lm_head"]), "llama",
+                    "tensor 'base_model.model.lm_head.base_layer.weight' is a full weight of the base"),
+    # gemma2 ties its output layer to the embedding: transformers has an lm_head module, mlx-lm does not
+    "module-mlx-lacks": (dict(target_modules=["lm_head"]), "gemma2",
+                         "does not fit {mlx}: adapter for 'lm_head', which this base model does not have"),
+    "other-width": (dict(), "llama", "the base's projection maps 32 -> 32"),
+}
+
+
+@pytest.mark.parametrize("case", list(LORA_REFUSED))
+def test_cli_lora_import_refusals_are_one_line(base, tiny_model, tmp_path, capsys, case):
+    """Adapters made by peft with what our LoRA cannot represent: one line, exit code 1, nothing written."""
+    from peft import LoraConfig, get_peft_model
+
+    fields, arch, expect = LORA_REFUSED[case]
+    hf_dir, mlx_dir, *_ = base(arch)
+    kw = dict(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    # peft saves a full copy of a targeted embedding or output layer unless told not to
+    save = {"save_embedding_layers": False} if case == "module-mlx-lacks" else {}
+    get_peft_model(_hf(hf_dir), LoraConfig(**{**kw, **fields})).save_pretrained(tmp_path / "ad", **save)
+    target = tiny_model("llama", hidden_size=32) if case == "other-width" else mlx_dir
+    out = tmp_path / "out.safetensors"
+    capsys.readouterr()
+    code, stdout, stderr = _run(capsys, "import-peft", tmp_path / "ad", out, "--model", target)
+    assert code == 1
+    assert stderr.startswith("error: ") and stderr.count("\n") == 1 and expect.replace("{mlx}", mlx_dir) in stderr, stderr
+    assert stdout == "" and not out.exists()
+
+
+def test_cli_lora_import_refuses_an_export_for_another_base(base, tiny_model, tmp_path, capsys):
+    hf_dir, mlx_dir, model, tok, config = base("llama")
+    m, params = _random_lora(model, tok, 4, rank=4, layers=1)
+    adapter = export_peft(m.save(tmp_path / "lora.safetensors", params, model, config), tmp_path / "ad",
+                          base_model_name=hf_dir)
+    code, stdout, stderr = _run(capsys, "import-peft", adapter, tmp_path / "out.safetensors", "--model",
+                                tiny_model("llama"))  # same shapes, other weights
+    assert code == 1 and stderr.count("\n") == 1 and "exported for base llama/d=64/V=" in stderr, stderr
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_cli_lora_export_refusals(base, tmp_path, capsys):
+    """A module the HF checkpoint does not have, and module names not verified for an architecture whose HF
+    checkpoint is not on this machine: one line each, nothing written."""
+    hf_dir, mlx_dir, model, tok, config = base("llama")
+    a, b = mx.ones((64, 4)), mx.ones((4, 64))
+    odd = prompt_file.save(tmp_path / "odd.safetensors", {"model.layers.1.self_attn.qkv.lora_a": a,
+                                                          "model.layers.1.self_attn.qkv.lora_b": b},
+                           model, config, method="lora")
+    code, _, err = _run(capsys, "export-peft", odd, tmp_path / "a", "--model", hf_dir)
+    assert code == 1 and err.count("\n") == 1, err
+    assert f"the HF model {hf_dir} has no module 'model.layers.1.self_attn.qkv': mlx-lm names it differently" in err
+    m, params = _random_lora(model, tok, 5, rank=4, layers=1)
+    unverified = m.save(tmp_path / "u.safetensors", params, model, dict(config, model_type="gemma3n"))
+    code, _, err = _run(capsys, "export-peft", unverified, tmp_path / "b", "--model", "org/not-downloaded")
+    assert code == 1 and err.count("\n") == 1 and "module names for model_type 'gemma3n' are not verified" in err, err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -49,8 +49,22 @@ def lora_linear(linear, a: mx.array, b: mx.array, scale: float):
     return m
 
 
-def _adapted(params) -> List[str]:
+def adapted(params) -> List[str]:
+    """The module paths a LoRA tree (or flat dict) adapts."""
     return sorted({k.rsplit(".", 1)[0] for k, _ in tree_flatten(params)})
+
+
+def linear_dims(module) -> Optional[tuple]:
+    """(input, output) sizes of a linear projection, quantized or not; None for any other module."""
+    if type(module).__name__ == "LoRALinear":  # a base with LoRA bound: the projection it wraps
+        module = module.linear
+    if isinstance(module, nn.QuantizedLinear):
+        out, packed = module.weight.shape
+        return packed * 32 // module.bits, out
+    if isinstance(module, nn.Linear):
+        out, inp = module.weight.shape
+        return inp, out
+    return None
 
 
 class LoRA(Method):
@@ -97,7 +111,7 @@ class LoRA(Method):
         flat = dict(tree_flatten(params))
         originals = {}
         try:
-            for p in _adapted(params):
+            for p in adapted(params):
                 orig = get_module(model, p)
                 originals[p] = orig
                 set_module(model, p, lora_linear(orig, flat[f"{p}.lora_a"], flat[f"{p}.lora_b"],
@@ -109,13 +123,21 @@ class LoRA(Method):
 
     def check_params(self, params, model, path) -> None:
         flat = dict(tree_flatten(params))
-        for p in _adapted(params):
+        for p in adapted(params):
             try:
-                get_module(model, p)
-            except (AttributeError, IndexError, KeyError, ValueError):
+                module = get_module(model, p)
+            except (AttributeError, IndexError, KeyError, ValueError, TypeError):
                 raise UserError(f"{path}: adapter for {p!r}, which this base model does not have")
             if f"{p}.lora_a" not in flat or f"{p}.lora_b" not in flat:
                 raise UserError(f"{path}: adapter {p!r} lacks lora_a or lora_b")
+            dims = linear_dims(module)
+            if dims is None:
+                raise UserError(f"{path}: adapter for {p!r}, a {type(module).__name__} in this base model, "
+                                "not a linear projection")
+            a, b = flat[f"{p}.lora_a"], flat[f"{p}.lora_b"]
+            if a.ndim != 2 or b.ndim != 2 or a.shape[0] != dims[0] or b.shape[1] != dims[1] or a.shape[1] != b.shape[0]:
+                raise UserError(f"{path}: adapter {p!r} has lora_a {list(a.shape)} and lora_b {list(b.shape)}, but the "
+                                f"base's projection maps {dims[0]} -> {dims[1]} (lora_a [in, r], lora_b [r, out])")
 
     @classmethod
     def options_from_metadata(cls, meta: dict, path):
