@@ -162,7 +162,7 @@ def load_config(path) -> dict:
         return {}
     if not isinstance(raw, dict):
         raise UserError(f"{path}: a config file is a mapping of keys to values")
-    known = set(_field_names()) | methods.shorthand_keys()
+    known = known_keys()
     out = {}
     for key, value in raw.items():
         name = str(key).replace("-", "_")
