@@ -323,12 +323,11 @@ def _check_hf_modules(modules: list, base_model_name: str, architecture: str, wh
 
 def _lora_export(pf, base_model_name: str):
     """(PEFT's tensors, adapter_config.json) for a LoRA file; alpha = scale * r so that PEFT's alpha / r is our scale."""
-    from .methods import method_class
+    from .methods import parse
     from .methods.lora import adapted
 
-    cls = method_class("lora")
-    options = cls.options_from_metadata(pf.metadata, pf.path)
-    flat = dict(tree_flatten(cls(options).params_from(pf.tensors, pf.path)))
+    method, params = parse(pf, pf.path)
+    options, flat = method.options, dict(tree_flatten(params))
     modules = adapted(flat)
     ranks = set()
     for m in modules:

@@ -96,15 +96,21 @@ def load(path, model, config, expect: Optional[Iterable[str]] = None) -> Loaded:
         if f.method not in expect:
             raise UserError(f"{path}: a {f.method!r} file, not {' or '.join(repr(e) for e in expect)}")
     f.check_base(model, config)
-    cls = METHODS[f.method]
-    method = cls(cls.options_from_metadata(f.metadata, path))
-    try:
-        params = method.params_from(f.tensors, path)
-    except KeyError as e:
-        raise UserError(f"{path}: missing tensor {e}")
+    method, params = parse(f, path)
     method.check_params(params, model, path)
     return Loaded(method, params, f)
 
 
-__all__ = ["METHODS", "Method", "Options", "Loaded", "get", "load", "method_class", "options_from", "trainable",
+def parse(f, path) -> tuple:
+    """(method, params) of a loaded method file of a known method, before any base is at hand
+    (load checks them against one; export-peft has none)."""
+    cls = METHODS[f.method]
+    method = cls(cls.options_from_metadata(f.metadata, path))
+    try:
+        return method, method.params_from(f.tensors, path)
+    except KeyError as e:
+        raise UserError(f"{path}: missing tensor {e}")
+
+
+__all__ = ["METHODS", "Method", "Options", "Loaded", "get", "load", "parse", "method_class", "options_from", "trainable",
            "shorthand_keys", "label", "decoder_layers", "shared_prefix_cache", "supports_shared_prefix"]
