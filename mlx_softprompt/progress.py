@@ -102,8 +102,7 @@ class Bar:
         self._refresh()
         if self.task is None and not self.disable and self.every and now - self.printed >= self.every:
             self.printed = now
-            self.stream.write(self.line() + "\n")
-            self.stream.flush()
+            self._print()
 
     def set(self, **postfix) -> None:
         self.postfix.update(postfix)
@@ -126,6 +125,10 @@ class Bar:
         """The bar's state as one plain line (what is printed off a terminal)."""
         return f"{self.desc + ': ' if self.desc else ''}{self.stats()}"
 
+    def _print(self) -> None:
+        self.stream.write(self.line() + "\n")
+        self.stream.flush()
+
     def close(self) -> None:
         if self.closed:
             return
@@ -139,8 +142,7 @@ class Bar:
                 _live["progress"].stop()  # the last frame stays on screen, one line per bar
                 _live["progress"] = _live["console"] = None
         else:
-            self.stream.write(self.line() + "\n")
-            self.stream.flush()
+            self._print()
 
     def __enter__(self):
         return self
