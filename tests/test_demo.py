@@ -759,6 +759,17 @@ def test_world_build_small(tmp_path, monkeypatch, build):
     notes = (tmp_path / "w5" / "BUILD.md").read_text()
     assert "then its guard trained afresh from its base (not from the earlier guard) on the same data" in notes
     assert "starting from the base as the third command found it (the earlier guard stages are not in its weights)" in notes
+    # guards started again from one base by builds of different worlds (w2 and w) make a soup too
+    build.build(tmp_path / "w6", dataclasses.replace(cfg2, init=str(tmp_path / "w"), guard_restart=True, seed=1), only="guard")
+    build.soup(tmp_path / "s6", [tmp_path / "w5", tmp_path / "w6"])
+    ws6 = [mx.load(str(tmp_path / d / "guard" / "model.safetensors")) for d in ("w5", "w6", "s6")]
+    assert all(np.allclose(np.array(ws6[2][k]), (np.array(ws6[0][k]) + np.array(ws6[1][k])) / 2, atol=1e-6) for k in ws6[0])
+    notes = (tmp_path / "s6" / "BUILD.md").read_text()
+    assert "2 runs of its guard started again from `stage2`'s base" in notes and "--set guard_restart=true" in notes
+    assert "2 runs of 1 epoch each, each started again from the base as the second command left it" in notes
+    assert "min in all; seed 0, 4 train prompts" in notes and "; seed 1, 4 train prompts" in notes and "earlier guard stages are not" not in notes
+    with pytest.raises(UserError, match="nor started again from its base"):  # one restarted, one trained further
+        build.soup(tmp_path / "s7", [tmp_path / "w5", tmp_path / "w2b"])
     # or its base trained further, the guard kept as it was
     cfg3 = build.WorldConfig(base_epochs=1, corpus_per_act=1, distill_weight=0.0, learning_rate=5e-4, init=str(tmp_path / "w"))
     info3 = build.build(tmp_path / "w3", cfg3, only="base")

@@ -1257,7 +1257,9 @@ def build(out, cfg: Optional[WorldConfig] = None, only: str = "all") -> dict:
 
 def soup(out, worlds: list) -> dict:
     """One guard from several: the uniform average of the guard weights of worlds whose guards
-    were trained further from the same earlier world (a "model soup", Wortsman et al., 2022).
+    were trained further from the same earlier world, or started again from the same base
+    (guard_restart; BUILD.md then starts each from the first world's chain, as the earlier
+    guard is not in their weights) (a "model soup", Wortsman et al., 2022).
     The runs' verdicts on unseen phrasing differ from run to run; their average is one model
     of the same size. The first world's base, tokenizer and corpus are kept."""
     import shutil
@@ -1278,10 +1280,13 @@ def soup(out, worlds: list) -> dict:
         infos.append(json.loads((w / "world.json").read_text()))
         if "soup" in infos[-1]:
             raise UserError(f"{w}: already a soup; average the runs it was made of")
-        # the same start: the world each continued, as its world.json recorded it
-        if infos[-1].get("only") != "guard" or infos[-1].get("init_world") != infos[0].get("init_world"):
-            raise UserError(f"{w}: not a guard trained further from the world {worlds[0]}'s guard was "
-                            f"(`build --only guard --set init=...`); a soup averages runs from one start")
+        # the same start: the world each continued, as its world.json recorded it, or for guards
+        # started again from the base (guard_restart) that base, whichever world held it (below)
+        restarted = all(i["config"].get("guard_restart") for i in (infos[0], infos[-1]))
+        if infos[-1].get("only") != "guard" or (not restarted and infos[-1].get("init_world") != infos[0].get("init_world")):
+            raise UserError(f"{w}: not a guard trained further from the world {worlds[0]}'s guard was, nor "
+                            f"started again from its base (`build --only guard --set init=...`); a soup "
+                            f"averages runs from one start")
         base = (w / "base" / "model.safetensors").read_bytes()
         first_base = first_base or base
         if base != first_base:
@@ -1491,7 +1496,9 @@ def build_notes(info: dict) -> str:
                  f"{_data_change(stages[i - 1][0]['config'], stage['config'])} "
                  f"with the settings of the {ordinal(i + 1)} command" for i, (stage, only) in enumerate(stages) if i]
         if members:
-            later.append(f"{len(members)} runs of its guard trained further from `{names[-1]}` with the settings of "
+            how = ("started again from `{}`'s base" if all(m["config"].get("guard_restart") for m in members)
+                   else "trained further from `{}`").format(names[-1])
+            later.append(f"{len(members)} runs of its guard {how} with the settings of "
                          f"the last {len(members)} build commands, their guards averaged into one (`soup`: the mean "
                          "of their weights)")
         kept = ("; the base is stage 1's, unchanged" if len(trained_base) == 1 else
@@ -1529,8 +1536,14 @@ def build_notes(info: dict) -> str:
     if members:
         e = members[0]["config"]["guard_epochs"]
         secs = sum((m["guard_training"] or {}).get("seconds", 0) for m in members)
-        guard_parts.append(f"{len(members)} runs of {e} more {'epoch' if e == 1 else 'epochs'} each "
-                           f"({secs / 60:.0f} min in all; their weights averaged)")
+        if all(m["config"].get("guard_restart") for m in members):  # no earlier guard stage is in the weights
+            runs = "; ".join(f"seed {m['config']['seed']}{_guard_extras(m['config'])}" for m in members)
+            guard_parts = [f"{len(members)} runs of {e} {'epoch' if e == 1 else 'epochs'} each, each started again "
+                           f"from the base as the {ordinal(len(stages))} command left it ({secs / 60:.0f} min in all; "
+                           f"{runs}), their weights averaged"]
+        else:
+            guard_parts.append(f"{len(members)} runs of {e} more {'epoch' if e == 1 else 'epochs'} each "
+                               f"({secs / 60:.0f} min in all; their weights averaged)")
     guard_epochs = ", then ".join(guard_parts)
     earlier = stages if members else stages[:-1]  # stages whose training info["build_seconds"] does not hold
     own = [(s.get(k) or {}).get("seconds", 0) for s, only in earlier
