@@ -1629,7 +1629,7 @@ def main(argv=None) -> None:
                    help="a WorldConfig field (base.hidden_size=256, guard_epochs=4, corpus=false, ...)")
     c = sub.add_parser("check", help="measure a built world on the validation sets")
     c.add_argument("path")
-    sp = sub.add_parser("soup", help="average the guards of worlds trained further from one start into one world")
+    sp = sub.add_parser("soup", help="average the guards of worlds trained further from one start, or started again from one base, into one world")
     sp.add_argument("--out", required=True)
     sp.add_argument("worlds", nargs="+")
     args = ap.parse_args(argv)
