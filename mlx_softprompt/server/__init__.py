@@ -196,18 +196,20 @@ def serve(system, cfg: ServerConfig) -> None:
     if not app.policy.bound.is_loopback:
         print(f"warning: listening on {host}, not loopback: anyone who can reach this port can use the model",
               file=sys.stderr, flush=True)
-    # SIGTERM (docker stop, systemd, kill) stops it as Ctrl-C does: open connections closed, exit 0.
+    # Ctrl-C and SIGTERM (docker stop, systemd, kill) ask the serving loop to stop (open connections
+    # closed, exit 0) rather than raise KeyboardInterrupt wherever the main thread is: raised inside
+    # socketserver's request dispatch it can be turned into a logged error and the server runs on.
     def _stop(signum, frame):
-        raise KeyboardInterrupt
+        threading.Thread(target=httpd.shutdown, daemon=True).start()
 
     main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _stop) if main else None
+    previous = {s: signal.signal(s, _stop) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
     try:
         httpd.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
-        if main:
-            signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
         httpd.server_close()
         app.close()
