@@ -1464,6 +1464,7 @@ def build_notes(info: dict) -> str:
     c = info["config"]
     stages = _stages(info)
     members = info.get("soup") or []
+    restarted = bool(members) and all(m["config"].get("guard_restart") for m in members)  # no earlier guard in the weights
     if members:  # the last stage ran once per member, then their guards were averaged
         stages = stages[:-1]
     first = stages[0][0]["config"] if len(stages) > 1 or members else None
@@ -1496,7 +1497,7 @@ def build_notes(info: dict) -> str:
                  f"{_data_change(stages[i - 1][0]['config'], stage['config'])} "
                  f"with the settings of the {ordinal(i + 1)} command" for i, (stage, only) in enumerate(stages) if i]
         if members:
-            how = ("started again from `{}`'s base" if all(m["config"].get("guard_restart") for m in members)
+            how = ("started again from `{}`'s base" if restarted
                    else "trained further from `{}`").format(names[-1])
             later.append(f"{len(members)} runs of its guard {how} with the settings of "
                          f"the last {len(members)} build commands, their guards averaged into one (`soup`: the mean "
@@ -1536,7 +1537,7 @@ def build_notes(info: dict) -> str:
     if members:
         e = members[0]["config"]["guard_epochs"]
         secs = sum((m["guard_training"] or {}).get("seconds", 0) for m in members)
-        if all(m["config"].get("guard_restart") for m in members):  # no earlier guard stage is in the weights
+        if restarted:
             runs = "; ".join(f"seed {m['config']['seed']}{_guard_extras(m['config'])}" for m in members)
             guard_parts = [f"{len(members)} runs of {e} {'epoch' if e == 1 else 'epochs'} each, each started again "
                            f"from the base as the {ordinal(len(stages))} command left it ({secs / 60:.0f} min in all; "
