@@ -766,7 +766,7 @@ def test_world_build_small(tmp_path, monkeypatch, build):
     assert all(np.allclose(np.array(ws6[2][k]), (np.array(ws6[0][k]) + np.array(ws6[1][k])) / 2, atol=1e-6) for k in ws6[0])
     notes = (tmp_path / "s6" / "BUILD.md").read_text()
     assert "2 runs of its guard started again from `stage2`'s base" in notes and "--set guard_restart=true" in notes
-    assert "2 runs of 1 epoch each, each started again from the base as the second command left it" in notes
+    assert " in 2 runs of 1 epoch each, each started again from the base as the second command left it" in notes
     assert "min in all; seed 0, 4 train prompts" in notes and "; seed 1, 4 train prompts" in notes and "earlier guard stages are not" not in notes
     with pytest.raises(UserError, match="nor started again from its base"):  # one restarted, one trained further
         build.soup(tmp_path / "s7", [tmp_path / "w5", tmp_path / "w2b"])

@@ -1546,6 +1546,7 @@ def build_notes(info: dict) -> str:
             guard_parts.append(f"{len(members)} runs of {e} more {'epoch' if e == 1 else 'epochs'} each "
                                f"({secs / 60:.0f} min in all; their weights averaged)")
     guard_epochs = ", then ".join(guard_parts)
+    guard_how = "in" if members and restarted else "for"  # "in 2 runs of 1 epoch each"
     earlier = stages if members else stages[:-1]  # stages whose training info["build_seconds"] does not hold
     own = [(s.get(k) or {}).get("seconds", 0) for s, only in earlier
            for k, part in (("base_training", "base"), ("guard_training", "guard")) if only in ("all", part)]
@@ -1603,7 +1604,7 @@ All settings are in world.json (`config`; the first stage's in `init_world`), wi
   knows the refusal. Safety system messages (a textual baseline must use other words; the
   demo uses "{info['generic_system_prompt']}"):
 {chr(10).join('  - "' + x + '"' for x in info['safety_system_prompts'])}
-- `guard/`: {guard_arch} for {guard_epochs} on its label logits: "unsafe"/"safe"
+- `guard/`: {guard_arch} {guard_how} {guard_epochs} on its label logits: "unsafe"/"safe"
   after the Llama-Guard-like prompt of `guard-spec.json`, for input moderation (is the request
   harmful?) and output moderation (did the answer comply with a harmful request?).
 - {distill}
