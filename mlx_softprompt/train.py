@@ -36,6 +36,7 @@ of rows, so a record's rows stay on one machine: rank_share) of every global bat
 
 import hashlib
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, field, fields
 from functools import partial
@@ -785,6 +786,18 @@ def make_method(args: TrainArgs) -> methods.Method:
     return methods.get(args.method, args.method_options)
 
 
+def distributed_group():
+    """mx.distributed's group (one machine without a launcher). A ring that cannot start, e.g.
+    a port of `mlx.launch --starting-port` already in use (error 98) or a peer that never came
+    up (111), is the user's setup, not a bug: one line naming the rank and the hosts file."""
+    try:
+        return mx.distributed.init()
+    except RuntimeError as e:
+        where = ", ".join(f"{k}={os.environ[k]}" for k in ("MLX_RANK", "MLX_HOSTFILE") if os.environ.get(k))
+        raise UserError(f"the distributed group did not start ({where or 'no MLX_RANK/MLX_HOSTFILE'}): {e}; "
+                        "if a port is in use, give mlx.launch another --starting-port") from None
+
+
 def train(args: TrainArgs, data: Optional[TeacherData] = None, model_bundle=None, log=print,
           loss: Optional[Callable] = None, iterate_batches: Callable = iterate_batches,
           callback: Optional[TrainingCallback] = None) -> dict:
@@ -796,7 +809,7 @@ def train(args: TrainArgs, data: Optional[TeacherData] = None, model_bundle=None
     metrics file and the bar).
     """
     args.check()
-    world = mx.distributed.init()
+    world = distributed_group()
     rank, size = world.rank(), world.size()
     if args.batch_size % size:
         raise UserError(f"--batch-size {args.batch_size} is not divisible by the {size} machines")
