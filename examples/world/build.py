@@ -1546,7 +1546,7 @@ def build_notes(info: dict) -> str:
             guard_parts.append(f"{len(members)} runs of {e} more {'epoch' if e == 1 else 'epochs'} each "
                                f"({secs / 60:.0f} min in all; their weights averaged)")
     guard_epochs = ", then ".join(guard_parts)
-    guard_how = "in" if members and restarted else "for"  # "in 2 runs of 1 epoch each"
+    guard_how = "in" if restarted else "for"  # "in 2 runs of 1 epoch each"
     earlier = stages if members else stages[:-1]  # stages whose training info["build_seconds"] does not hold
     own = [(s.get(k) or {}).get("seconds", 0) for s, only in earlier
            for k, part in (("base_training", "base"), ("guard_training", "guard")) if only in ("all", part)]

@@ -206,8 +206,6 @@ def serve(system, cfg: ServerConfig) -> None:
     previous = {s: signal.signal(s, _stop) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
     try:
         httpd.serve_forever()
-    except KeyboardInterrupt:
-        pass
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
