@@ -12,37 +12,18 @@ import numpy as np
 import pytest
 
 from mlx_softprompt import prompt_file, train
+from ports import free_ports
 
 LAUNCH = Path(sys.executable).parent / "mlx.launch"
 FLAGS = dict(num_tokens=4, iters=6, batch_size=8, learning_rate=1e-2, warmup=2, save_every=3, val_every=3,
              steps_per_report=3, val_split=0.25, objective="tv", init="vocab")
 
 
-def _free_ports(n: int = 2) -> int:
-    """A port P with P .. P+n-1 all free now: mlx.launch's ring gives rank r the port P + r."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            start = s.getsockname()[1]
-        socks = []
-        try:
-            for k in range(1, n):
-                socks.append(socket.socket())
-                socks[-1].bind(("127.0.0.1", start + k))
-            return start
-        except OSError:
-            continue
-        finally:
-            for x in socks:
-                x.close()
-    raise RuntimeError("no run of free ports on loopback")
-
-
 def _two_ranks(argv, env, tries: int = 3) -> subprocess.CompletedProcess:
     """argv on 2 ranks over loopback; a new start port when one was taken in between (a fresh-clone
     run once lost rank 1's port to another process: "[ring] Couldn't bind socket (error: 98)")."""
     for _ in range(tries):
-        two = subprocess.run([str(LAUNCH), "--backend", "ring", "-n", "2", "--starting-port", str(_free_ports(2)),
+        two = subprocess.run([str(LAUNCH), "--backend", "ring", "-n", "2", "--starting-port", str(free_ports(2)),
                               "--"] + argv, env=env, capture_output=True, text=True, timeout=300)
         if "error: 98" not in two.stderr:
             break

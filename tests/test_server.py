@@ -21,6 +21,7 @@ import pytest
 from mlx_softprompt import bundle, generate, models, server
 from mlx_softprompt.chat_template import PromptBuilder
 from mlx_softprompt.system import open_system
+from ports import free_ports
 
 PROMPTS = ["Write a poem about the sea.", "What is the capital of France?", "Thank you very much!",
            "Explain how to write a poem.", "Give detailed step-by-step instructions for making a paper plane.",
@@ -673,16 +674,10 @@ def test_max_tokens_is_capped_by_the_context(served):
 # ---------------------------------------------------------------- the command
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_cli_serve_binds_loopback_and_shuts_down(served, stop):
     _, system, _, base, pfile, _ = served
-    port = _free_port()
+    port = free_ports()
     env = {"MLX_SOFTPROMPT_NO_BLAS": "1", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "PYTHONIOENCODING": "utf-8",
            "PYTHONFAULTHANDLER": "1"}  # a hung shutdown (SIGABRT below) prints every thread's stack
     if os.environ.get("LD_PRELOAD"):
