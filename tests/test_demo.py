@@ -825,6 +825,37 @@ def test_build_notes_name_a_stage_on_other_data_and_read_older_records(build):
     assert [build.ordinal(n) for n in (1, 12, 13, 21, 22, 23, 111)] == ["first", "twelfth", "13th", "21st", "22nd", "23rd", "111th"]
 
 
+def test_build_notes_keep_a_soup_the_next_stage_continued(build):
+    """A stage built on a soup (`--set init=` the shipped world) keeps the soup's runs and the
+    soup command in its recipe, numbers the later commands past them, and its guard is still
+    the soup's."""
+    shipped = json.loads((WORLD / "world.json").read_text())
+    if not shipped.get("soup"):
+        pytest.skip("the shipped world is not a soup")
+    members = shipped["soup"]
+    n = len(build._stages(shipped))  # the soup is the last of n stages
+    record = {k: shipped.get(k) for k in ("config", "base_training", "guard_training", "init_world")}
+    record["soup"] = members
+    later = {**shipped, "only": "base", "init_world": record, "base_training": {"steps": 5, "seconds": 60.0},
+             "config": {**shipped["config"], "seed": 99, "base_epochs": 1}}
+    later.pop("soup")
+    notes = build.build_notes(later)
+    recipe = [x.strip() for x in notes.splitlines() if x.startswith(("    nice ", "    python "))]
+    runs = [f"stage{n}-guard{k}" for k in range(1, len(members) + 1)]
+    for out, m in zip(runs, members):
+        assert any(x.startswith(f"nice -n 19 python examples/world/build.py build --out {out} --seed {m['config']['seed']} "
+                                f"--only guard --set init=stage{n - 1}") for x in recipe)
+    assert f"python examples/world/build.py soup --out stage{n} {' '.join(runs)}" in recipe
+    assert recipe[-1].startswith(f"nice -n 19 python examples/world/build.py build --out examples/world --seed 99 --only base "
+                                 f"--set init=stage{n}")
+    assert len(recipe) == n + len(members) + 1
+    assert f"{build.count_word(n + 1)} stages:" in notes
+    assert (f"{len(members)} runs of its guard started again from `stage{n - 1}`'s base with the settings of the "
+            f"{build.ordinal(n)} to {build.ordinal(n + len(members) - 1)} commands") in notes
+    assert f"then its base trained further on the same data with the settings of the {build.ordinal(len(recipe))} command" in notes
+    assert f"fine-tuned in {len(members)} runs of" in notes  # the guard is still the soup's
+
+
 def _minilm_installed(build):
     try:
         build._minilm_dir()

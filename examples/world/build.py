@@ -1211,6 +1211,8 @@ def build(out, cfg: Optional[WorldConfig] = None, only: str = "all") -> dict:
         init = Path(cfg.init)
         earlier = json.loads((init / "world.json").read_text()) if (init / "world.json").exists() else {}
         info["init_world"] = {k: earlier.get(k) for k in ("config", "base_training", "guard_training", "init_world")}
+        if earlier.get("soup"):  # a soup's runs, for the recipe
+            info["init_world"]["soup"] = earlier["soup"]
         _copy_tokenizer(init / "base", out / "base")
         other = "base" if only == "guard" else "guard"
         # the earlier world's other model, as it was (an earlier stage that built only a base has no guard)
@@ -1494,53 +1496,68 @@ def count_word(n: int) -> str:
     return COUNTS[n - 1] if n <= len(COUNTS) else str(n)
 
 
+def _soup_restarted(stage: dict) -> bool:
+    """A soup of guards each started again from the base (guard_restart): no earlier guard in its weights."""
+    members = stage.get("soup") or []
+    return bool(members) and all(m["config"].get("guard_restart") for m in members)
+
+
+def _guard_seconds(stage: dict) -> float:
+    """A stage's guard training time: a soup's, all its runs'."""
+    members = stage.get("soup")
+    runs = [m.get("guard_training") for m in members] if members else [stage.get("guard_training")]
+    return sum((t or {}).get("seconds", 0) for t in runs)
+
+
 def build_notes(info: dict) -> str:
     c = info["config"]
-    stages = _stages(info)
-    members = info.get("soup") or []
-    restarted = bool(members) and all(m["config"].get("guard_restart") for m in members)  # no earlier guard in the weights
-    if members:  # the last stage ran once per member, then their guards were averaged
-        stages = stages[:-1]
-    first = stages[0][0]["config"] if len(stages) > 1 or members else None
+    stages = _stages(info)  # a soup among them ran once per member, then averaged their guards
+    first = stages[0][0]["config"] if len(stages) > 1 else None
     bc = first if first and info.get("only") != "all" else c  # the first stage's settings for what it alone built
     b = bc["base"]
     run = "nice -n 19 python examples/world/build.py build"
-    names = [f"stage{i + 1}" for i in range(len(stages))]
-    if not members:
-        names[-1] = "examples/world"
-    lines = []
+    names = [f"stage{i + 1}" for i in range(len(stages) - 1)] + ["examples/world"]
+    lines, commands = [], []  # commands: the number of each stage's first and last command
     for i, (stage, only) in enumerate(stages):
-        sc = stage["config"]
-        flag = f" --only {only}" if only != "all" else ""
+        sc, members = stage["config"], stage.get("soup") or []
         init = f" --set init={names[i - 1]}" if i else ""
-        lines.append(f"    {run} --out {names[i]} --seed {sc['seed']}{flag}{init} {_set_flags(sc)}".rstrip())
-    for k, m in enumerate(members, 1):
-        lines.append(f"    {run} --out guard{k} --seed {m['config']['seed']} --only guard --set init={names[-1]} "
-                     f"{_set_flags(m['config'])}".rstrip())
-    if members:
-        lines.append("    python examples/world/build.py soup --out examples/world "
-                     + " ".join(f"guard{k}" for k in range(1, len(members) + 1)))
+        start = len(lines) + 1
+        if members:  # the last stage's runs are guard1, guard2, ...; an earlier one's stageN-guard1, ...
+            runs = [f"{'' if i == len(stages) - 1 else names[i] + '-'}guard{k}" for k in range(1, len(members) + 1)]
+            for out, m in zip(runs, members):
+                lines.append(f"    {run} --out {out} --seed {m['config']['seed']} --only guard{init} "
+                             f"{_set_flags(m['config'])}".rstrip())
+            lines.append(f"    python examples/world/build.py soup --out {names[i]} " + " ".join(runs))
+        else:
+            flag = f" --only {only}" if only != "all" else ""
+            lines.append(f"    {run} --out {names[i]} --seed {sc['seed']}{flag}{init} {_set_flags(sc)}".rstrip())
+        commands.append((start, len(lines) - bool(members)))  # a soup's last build command, not the soup itself
     recipe = "\n".join(lines)
     trained_base = [s for s, only in stages if only in ("all", "base")]
     trained_guard = [s for s, only in stages if only in ("all", "guard")]
-    if len(stages) == 1 and not members:
+    soups = [s for s, _ in stages if s.get("soup")]
+    if len(stages) == 1:
         stage_text = "One stage, from scratch."
     else:
         what = {"guard": "its guard", "base": "its base", "all": "its base and guard"}
-        later = [f"{_restarted(stage, only) or what[only] + ' trained further'} on "
-                 f"{_data_change(stages[i - 1][0]['config'], stage['config'])} "
-                 f"with the settings of the {ordinal(i + 1)} command" for i, (stage, only) in enumerate(stages) if i]
-        if members:
-            how = ("started again from `{}`'s base" if restarted
-                   else "trained further from `{}`").format(names[-1])
-            later.append(f"{len(members)} runs of its guard {how} with the settings of "
-                         f"the last {len(members)} build commands, their guards averaged into one (`soup`: the mean "
-                         "of their weights)")
+        later = []
+        for i, (stage, only) in enumerate(stages[1:], 1):
+            members = stage.get("soup") or []
+            if members:
+                how = ("started again from `{}`'s base" if _soup_restarted(stage)
+                       else "trained further from `{}`").format(names[i - 1])
+                which = (f"the last {len(members)} build commands" if i == len(stages) - 1 else
+                         f"the {ordinal(commands[i][0])} to {ordinal(commands[i][1])} commands")
+                later.append(f"{len(members)} runs of its guard {how} with the settings of {which}, their guards "
+                             "averaged into one (`soup`: the mean of their weights)")
+            else:
+                later.append(f"{_restarted(stage, only) or what[only] + ' trained further'} on "
+                             f"{_data_change(stages[i - 1][0]['config'], stage['config'])} "
+                             f"with the settings of the {ordinal(commands[i][0])} command")
         kept = ("; the base is stage 1's, unchanged" if len(trained_base) == 1 else
                 "; the guard is stage 1's (trained from stage 1's base), unchanged"
-                if len(trained_guard) == 1 and not members else "")
-        count = len(stages) + bool(members)
-        stage_text = (f"{count_word(count)} stages: a world built from scratch (`stage1`), then\n"
+                if len(trained_guard) == 1 and not soups else "")
+        stage_text = (f"{count_word(len(stages))} stages: a world built from scratch (`stage1`), then\n"
                       + ", then ".join(later) + f"{kept}.")
 
     def minutes_of(t):
@@ -1563,31 +1580,28 @@ def build_notes(info: dict) -> str:
     # A guard stage that restarted from the base begins the guard's history: earlier guard stages
     # are in the recipe (they are the record) but not in the weights.
     restart = max((k for k, (s, only) in enumerate(stages) if _restarted(s, only)), default=0)
-    guard_parts = []
-    for i, s in enumerate(g for g, only in stages[restart:] if only in ("all", "guard")):
-        t = s.get("guard_training")
+    guard_parts, guard_how = [], "for"
+    for i, (k, s) in enumerate((k, g) for k, (g, only) in enumerate(stages) if k >= restart and only in ("all", "guard")):
+        members = s.get("soup") or []
         e = s["config"]["guard_epochs"]
-        guard_parts.append(f"{e} {'more ' if i else 'epoch ' if e == 1 else 'epochs '}({minutes_of(t)}"
-                           + _guard_extras(s["config"]) + ")")
-    if restart:
-        guard_parts[0] += (f", starting from the base as the {ordinal(restart + 1)} command found it (the earlier "
-                           "guard stages are not in its weights)")
-    if members:
-        e = members[0]["config"]["guard_epochs"]
-        secs = sum((m["guard_training"] or {}).get("seconds", 0) for m in members)
-        if restarted:
+        if members and k == restart and restart:  # "fine-tuned in 2 runs of 1 epoch each, each started again ..."
             runs = "; ".join(f"seed {m['config']['seed']}{_guard_extras(m['config'])}" for m in members)
-            guard_parts = [f"{len(members)} runs of {e} {'epoch' if e == 1 else 'epochs'} each, each started again "
-                           f"from the base as the {ordinal(len(stages))} command left it ({secs / 60:.0f} min in all; "
-                           f"{runs}), their weights averaged"]
-        else:
+            guard_parts.append(f"{len(members)} runs of {e} {'epoch' if e == 1 else 'epochs'} each, each started again "
+                               f"from the base as the {ordinal(commands[k - 1][1])} command left it "
+                               f"({_guard_seconds(s) / 60:.0f} min in all; {runs}), their weights averaged")
+            guard_how = "in"
+        elif members:
             guard_parts.append(f"{len(members)} runs of {e} more {'epoch' if e == 1 else 'epochs'} each "
-                               f"({secs / 60:.0f} min in all; their weights averaged)")
+                               f"({_guard_seconds(s) / 60:.0f} min in all; their weights averaged)")
+        else:
+            guard_parts.append(f"{e} {'more ' if i else 'epoch ' if e == 1 else 'epochs '}({minutes_of(s.get('guard_training'))}"
+                               + _guard_extras(s["config"]) + ")")
+            if k == restart and restart:
+                guard_parts[-1] += (f", starting from the base as the {ordinal(commands[k][0])} command found it (the "
+                                    "earlier guard stages are not in its weights)")
     guard_epochs = ", then ".join(guard_parts)
-    guard_how = "in" if restarted else "for"  # "in 2 runs of 1 epoch each"
-    earlier = stages if members else stages[:-1]  # stages whose training info["build_seconds"] does not hold
-    own = [(s.get(k) or {}).get("seconds", 0) for s, only in earlier
-           for k, part in (("base_training", "base"), ("guard_training", "guard")) if only in ("all", part)]
+    own = [(_guard_seconds(s) if part == "guard" else (s.get("base_training") or {}).get("seconds", 0))
+           for s, only in stages[:-1] for part in ("base", "guard") if only in ("all", part)]
     minutes = (info["build_seconds"] + sum(own)) / 60
     guard_arch = (f"the base's architecture and weights (d={b['hidden_size']}, {b['num_layers']} layers), "
                   "fine-tuned" if bc["guard_from_base"] else
