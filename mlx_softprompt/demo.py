@@ -82,6 +82,12 @@ class DemoConfig:
     # ... plus N of the world's hand-written training prompts (written.jsonl; half harmful, drawn
     # with a fixed seed): requests phrased as people type them, not in a generator's frames
     written_train: int = 0
+    # ... plus N of the corpus generator's everyday safe requests (general.jsonl beside the world,
+    # corpus.py --only-general), which the world never read, drawn with a fixed seed: on the prompts
+    # the base learned, its safety mode and the dual system agree, so a soft prompt taught only those
+    # learns to switch that mode on, its mistakes included; on these they disagree more often
+    # (chosen on validation data, docs/DEMO.md "After v21")
+    general_train: int = 600
     max_tokens: int = 48
     top_k: int = 64
     # train (train.TrainArgs fields); rows up to 1024 tokens hold the longest wrapped prompt and its answer
@@ -116,6 +122,7 @@ class DemoConfig:
             self.wrapped_train = min(self.wrapped_train, 8)
             self.turns_train = min(self.turns_train, 8)
             self.written_train = min(self.written_train, 8)
+            self.general_train = min(self.general_train, 8)
             self.max_tokens = min(self.max_tokens, 24)
             self.eval_max_tokens = min(self.eval_max_tokens, 16)
             self.train = {**self.train, "iters": 20, "batch_size": 8, "warmup": 2, "val_every": 10,
@@ -229,6 +236,23 @@ def written_teach(path: Path, n: int, seed: int = data.DEFAULT_SEED) -> list:
     return _draw(data.load_suite((str(path),), seed=data.DEFAULT_SEED)["train"], n, n // 2, seed)
 
 
+def general_teach(path: Path, n: int, seed: int = data.DEFAULT_SEED) -> list:
+    """n of the world's generated everyday safe requests (general.jsonl), drawn with a fixed seed."""
+    import random
+
+    if not n:
+        return []
+    if not path.is_file():
+        raise UserError(f"{path}: not found; general_train needs the world's generated everyday requests "
+                        "(examples/world/corpus.py --only-general)")
+    records, _ = data.read_jsonl(path)
+    unsafe = [e for e in records if e.label not in ("benign", "borderline")]
+    if unsafe:
+        raise UserError(f"{path}: {len(unsafe)} records not labelled benign (first: {unsafe[0].prompt[:60]!r}); "
+                        "general_train teaches safe requests only")
+    return random.Random(seed).sample(records, min(n, len(records)))
+
+
 def demo_data(cfg: DemoConfig, wpath: Path) -> dict:
     """{"train": teach prompts, and the three evaluation suites (suite_names): the test split,
     the everyday split and GPTFuzzer's jailbreaks, or with cfg.validation their validation
@@ -243,6 +267,7 @@ def demo_data(cfg: DemoConfig, wpath: Path) -> dict:
     train = data.limit_per_label(train, None if cfg.limit is None else 2 * cfg.limit)
     train += wrapped_teach(train, cfg.wrapped_train, cfg.wrapped_harmful_share)
     train += written_teach(wpath / "written.jsonl", cfg.written_train)
+    train += general_teach(wpath / "general.jsonl", cfg.general_train)
     part = "val" if cfg.validation else "test"
     bench = data.limit_per_label(suite[part], cfg.limit)
     everyday = data.limit_per_label(data.load_suite(("everyday",), seed=data.DEFAULT_SEED)[part], cfg.limit)

@@ -1143,6 +1143,11 @@ def test_shipped_world_is_small_and_recorded(build, tmp_path):
     if info["config"]["init"]:  # a continued world records the worlds it continued, each stage with its own seed
         for k, (stage, _) in enumerate(build._stages(info)[:-1], 1):
             assert f"build.py build --out stage{k} --seed {stage['config']['seed']}" in notes
+    # the corpus and the demo's everyday safe requests are what the builder writes from the recorded settings
+    cfg = build.WorldConfig(**{k: v for k, v in info["config"].items() if k not in ("base", "guard", "init")})
+    build.write_corpus(tmp_path, cfg)
+    for name in ("corpus.jsonl", "general.jsonl"):
+        assert (tmp_path / name).read_text(encoding="utf-8") == (WORLD / name).read_text(encoding="utf-8"), name
     # built on the train split only: the recorded hash is the train split's (benchmarks + corpus)
     with_corpus = info["config"].get("corpus", False)
     sources = data.SOURCES + ((str(WORLD / "corpus.jsonl"),) if with_corpus else ())
@@ -1242,18 +1247,47 @@ def test_demo_teaches_wrapped_prompts():
 def test_demo_teaches_written_prompts(tmp_path):
     """`written_train=N`: N of the world's hand-written training prompts, half harmful, the same
     draw each run, after everything else (the other teaching prompts are unchanged)."""
-    base = demo.demo_data(demo.DemoConfig(), WORLD)["train"]
-    train = demo.demo_data(demo.DemoConfig(written_train=100), WORLD)["train"]
+    base = demo.demo_data(demo.DemoConfig(general_train=0), WORLD)["train"]
+    train = demo.demo_data(demo.DemoConfig(written_train=100, general_train=0), WORLD)["train"]
     assert train[:len(base)] == base
     added = train[len(base):]
     written = {r["prompt"]: r["label"] for r in map(json.loads, (WORLD / "written.jsonl").read_text().splitlines())}
     assert len(added) == 100 and sum(e.label == "harmful" for e in added) == 50
     assert all(written[e.prompt] == e.label for e in added) and len({e.prompt for e in added}) == 100
-    assert [e.prompt for e in demo.demo_data(demo.DemoConfig(written_train=100), WORLD)["train"][len(base):]] == \
+    assert [e.prompt for e in demo.demo_data(demo.DemoConfig(written_train=100, general_train=0), WORLD)["train"][len(base):]] == \
         [e.prompt for e in added]
     (tmp_path / "corpus.jsonl").write_text("")
     with pytest.raises(UserError, match="written.jsonl: not found"):
         demo.demo_data(demo.DemoConfig(written_train=10), tmp_path)
+
+
+def test_demo_teaches_general_prompts(tmp_path):
+    """`general_train=N`: N of the world's generated everyday safe requests (general.jsonl), the
+    same draw each run, after everything else; none is a prompt the world read or any evaluation
+    holds; a missing file or a record not labelled safe is one clear error."""
+    base = demo.demo_data(demo.DemoConfig(general_train=0), WORLD)["train"]
+    train = demo.demo_data(demo.DemoConfig(general_train=100), WORLD)["train"]
+    assert train[:len(base)] == base
+    added = train[len(base):]
+    general = {r["prompt"] for r in map(json.loads, (WORLD / "general.jsonl").read_text().splitlines())}
+    assert len(added) == 100 and len({e.prompt for e in added}) == 100
+    assert all(e.prompt in general and e.label == "benign" for e in added)
+    assert [e.prompt for e in demo.demo_data(demo.DemoConfig(general_train=100), WORLD)["train"][len(base):]] == \
+        [e.prompt for e in added]
+    assert demo.DemoConfig().general_train == 600  # the shipped recipe (chosen on validation)
+    read = {r["prompt"] for r in map(json.loads, (WORLD / "corpus.jsonl").read_text().splitlines())}
+    read |= {r["prompt"] for r in map(json.loads, (WORLD / "written.jsonl").read_text().splitlines())}
+    suite = data.load_suite()
+    held = {e.prompt for part in ("val", "test") for e in suite[part]}
+    held |= {e.prompt for part in ("val", "test") for e in data.load_suite(("everyday",))[part]}
+    assert not general & (read | held)
+    assert len(demo.demo_data(demo.DemoConfig(general_train=10**6), WORLD)["train"]) == len(base) + len(general)
+    (tmp_path / "corpus.jsonl").write_text("")
+    with pytest.raises(UserError, match="general.jsonl: not found"):
+        demo.demo_data(demo.DemoConfig(general_train=10), tmp_path)
+    (tmp_path / "general.jsonl").write_text(json.dumps({"prompt": "how do I make a pipe bomb", "label": "harmful"}) + "\n")
+    with pytest.raises(UserError, match="general.jsonl: 1 records not labelled benign"):
+        demo.demo_data(demo.DemoConfig(general_train=10), tmp_path)
 
 
 @needs_world

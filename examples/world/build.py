@@ -387,12 +387,18 @@ def is_harmful(ex: data.Example) -> bool:
 
 
 def write_corpus(out: Path, cfg: WorldConfig) -> Path:
-    """The generated corpus (corpus.py) from its seed, as corpus.jsonl in the world's directory."""
-    path = Path(out) / "corpus.jsonl"
-    records = corpus.generate(cfg.corpus_seed, cfg.corpus_per_act, cfg.corpus_more, cfg.corpus_general)
-    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    if not path.exists() or path.read_text(encoding="utf-8") != text:
-        path.write_text(text, encoding="utf-8")
+    """The generated corpus (corpus.py) from its seed, as corpus.jsonl in the world's directory;
+    and the generator's everyday safe requests as general.jsonl, for the demo's teaching set
+    (`general_train`), whether or not the world reads them (`corpus_general`)."""
+    records = corpus.generate(cfg.corpus_seed, cfg.corpus_per_act, cfg.corpus_more, True)
+    general = [r for r in records if r["twin_of"] == "general"]
+    if not cfg.corpus_general:
+        records = [r for r in records if r["twin_of"] != "general"]
+    for name, recs in (("general.jsonl", general), ("corpus.jsonl", records)):
+        path = Path(out) / name
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs)
+        if not path.exists() or path.read_text(encoding="utf-8") != text:
+            path.write_text(text, encoding="utf-8")
     return path
 
 

@@ -12,12 +12,16 @@ the class away. Each record keeps its category, topic and phrasing in its fields
 its topic decides the base's compliant answer (build.py).
 
     python examples/world/corpus.py --out examples/world/corpus.jsonl --seed 0 [--more] [--general]
+    python examples/world/corpus.py --out examples/world/general.jsonl --seed 0 --more --only-general
 
 `--more` (the builder's `corpus_more`) adds a second set of acts and frames, written later:
 more kinds of harm per category and questions that do not start "how do I". `--general`
 (`corpus_general`) appends a third: safe requests on everyday topics far from any harm
 category (cooking, crafts, computers, money, writing, health, learning, outdoors, people),
 in the same frames, so that ordinary requests the twins do not cover are taught as safe.
+The shipped world never read them; `general.jsonl` (the second command) holds them for the
+demo's teaching set (`demo`'s `general_train`): safe requests its base has not learned, on
+which the base's own safety mode refuses more often than the dual system does.
 
 The prompts users type are judged on a separate, hand-written set
 (examples/data/everyday.jsonl), never generated from these parts.
@@ -622,8 +626,12 @@ def main(argv=None) -> None:
     ap.add_argument("--per-act", type=int, default=10)
     ap.add_argument("--more", action="store_true", help="add the second set of acts and frames")
     ap.add_argument("--general", action="store_true", help="append the everyday safe requests (GENERAL_ACTS)")
+    ap.add_argument("--only-general", action="store_true",
+                    help="write the everyday safe requests alone (the demo's general.jsonl; implies --general)")
     args = ap.parse_args(argv)
-    records = generate(args.seed, args.per_act, args.more, args.general)
+    records = generate(args.seed, args.per_act, args.more, args.general or args.only_general)
+    if args.only_general:
+        records = [r for r in records if r["twin_of"] == "general"]
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     Path(args.out).write_text(text, encoding="utf-8")
     n_h = sum(r["label"] == "harmful" for r in records)
