@@ -243,8 +243,9 @@ def general_teach(path: Path, n: int, seed: int = data.DEFAULT_SEED) -> list:
     if not n:
         return []
     if not path.is_file():
-        raise UserError(f"{path}: not found; general_train needs the world's generated everyday requests "
-                        "(examples/world/corpus.py --only-general)")
+        raise UserError(f"{path}: not found; the demo teaches the world's generated everyday safe requests (a "
+                        f"world built before they existed: python examples/world/corpus.py --out {path} --only-general "
+                        "with its corpus settings, e.g. --seed 0 --more)")
     records, _ = data.read_jsonl(path)
     unsafe = [e for e in records if e.label not in ("benign", "borderline")]
     if unsafe:
