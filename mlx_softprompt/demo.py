@@ -249,7 +249,7 @@ def general_teach(path: Path, n: int, seed: int = data.DEFAULT_SEED) -> list:
     records, _ = data.read_jsonl(path)
     unsafe = [e for e in records if e.label not in ("benign", "borderline")]
     if unsafe:
-        raise UserError(f"{path}: {len(unsafe)} records not labelled benign (first: {unsafe[0].prompt[:60]!r}); "
+        raise UserError(f"{path}: {len(unsafe)} records not labelled benign or borderline (first: {unsafe[0].prompt[:60]!r}); "
                         "general_train teaches safe requests only")
     return random.Random(seed).sample(records, min(n, len(records)))
 

@@ -391,15 +391,13 @@ def write_corpus(out: Path, cfg: WorldConfig) -> Path:
     and the generator's everyday safe requests as general.jsonl, for the demo's teaching set
     (`general_train`), whether or not the world reads them (`corpus_general`)."""
     records = corpus.generate(cfg.corpus_seed, cfg.corpus_per_act, cfg.corpus_more, True)
-    general = [r for r in records if r["twin_of"] == "general"]
-    if not cfg.corpus_general:
-        records = [r for r in records if r["twin_of"] != "general"]
-    for name, recs in (("general.jsonl", general), ("corpus.jsonl", records)):
+    rest, general = corpus.split_general(records)
+    for name, recs in (("general.jsonl", general), ("corpus.jsonl", records if cfg.corpus_general else rest)):
         path = Path(out) / name
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs)
         if not path.exists() or path.read_text(encoding="utf-8") != text:
             path.write_text(text, encoding="utf-8")
-    return path
+    return Path(out) / "corpus.jsonl"
 
 
 def written_line_count() -> int:
@@ -789,7 +787,7 @@ def train_lm(model, make_epoch, epochs: int, cfg: WorldConfig, lr: float, desc: 
         model.model.embed_tokens.freeze()
 
     soft_ids, teach_weight = teach if teach is not None else ((), 0.0)
-    teach = teach_weight > 0
+    teaching = teach_weight > 0
 
     def loss_fn(net, x, y, w, pos, t, m, soft, sm):
         logits, z = net(x, pos)
@@ -803,11 +801,11 @@ def train_lm(model, make_epoch, epochs: int, cfg: WorldConfig, lr: float, desc: 
             cos = (z * t).sum(-1) / mx.maximum(mx.linalg.norm(z, axis=-1), 1e-6)
             aux = ((1.0 - cos) * m).sum() / mx.maximum(m.sum(), 1.0)
         taught = mx.array(0.0)
-        if teach:  # P(unsafe) at the decision position, against the teacher's
+        if teaching:  # P(unsafe) at the decision position, against the teacher's
             at = logits[:, 0] if label_only else logits[mx.arange(x.shape[0]), pos]
             if len(soft_ids) == 2:
-                yes, no = mx.split(nn.log_softmax(at[:, list(soft_ids)], axis=-1), 2, axis=-1)
-                yes, no = yes[:, 0], no[:, 0]
+                two = nn.log_softmax(at[:, list(soft_ids)], axis=-1)
+                yes, no = two[:, 0], two[:, 1]
             else:
                 total = mx.logsumexp(at, axis=-1)
                 first = mx.arange(at.shape[-1]) == soft_ids[0]
@@ -845,7 +843,7 @@ def train_lm(model, make_epoch, epochs: int, cfg: WorldConfig, lr: float, desc: 
             model.eval()
             log.append({"epoch": epoch, "loss": round(float(np.mean(losses[-20:])), 4),
                         **({"distill_loss": round(float(np.mean(auxes[-20:])), 4)} if distill else {}),
-                        **({"teacher_loss": round(float(np.mean(teaches[-20:])), 4)} if teach else {}),
+                        **({"teacher_loss": round(float(np.mean(teaches[-20:])), 4)} if teaching else {}),
                         **on_epoch(model)})
             print(json.dumps(log[-1]), file=sys.stderr, flush=True)
             model.train()
@@ -855,7 +853,7 @@ def train_lm(model, make_epoch, epochs: int, cfg: WorldConfig, lr: float, desc: 
     return {"steps": total, "tokens": tokens, "seconds": round(time.perf_counter() - start, 1),
             "final_loss": float(np.mean(losses[-20:])), "epochs": log,
             **({"distill_loss_first": auxes[0], "distill_loss_final": float(np.mean(auxes[-20:]))} if distill else {}),
-            **({"teacher_loss_first": teaches[0], "teacher_loss_final": float(np.mean(teaches[-20:]))} if teach else {})}
+            **({"teacher_loss_first": teaches[0], "teacher_loss_final": float(np.mean(teaches[-20:]))} if teaching else {})}
 
 
 # ---------------------------------------------------------------- measuring
@@ -1205,14 +1203,12 @@ def build(out, cfg: Optional[WorldConfig] = None, only: str = "all") -> dict:
     if cfg.distill_weight > 0:  # MiniLM's embedding of every train request, the distillation target
         prompts = sorted({e.prompt for e in train})
         targets = dict(zip(prompts, sentence_embeddings(prompts)))
-    teachers = []
 
-    def teacher(which: str):  # one regression for the base's and the guard's teacher, fitted once
-        if not teachers:
-            teachers.append(fit_teacher(train, cfg.guard_teacher_l2, embeddings=targets))
-            teachers.append(teacher_measures(teachers[0], suite))
-        info[f"{which}_teacher"] = teachers[1]  # its figures on the validation sets
-        return teachers[0]
+    @lru_cache(maxsize=None)
+    def teacher() -> tuple:  # one regression for the base's and the guard's teacher, and its validation figures
+        fitted = fit_teacher(train, cfg.guard_teacher_l2, embeddings=targets)
+        return fitted, teacher_measures(fitted, suite)
+
     if cfg.init:
         init = Path(cfg.init)
         earlier = json.loads((init / "world.json").read_text()) if (init / "world.json").exists() else {}
@@ -1244,7 +1240,7 @@ def build(out, cfg: Optional[WorldConfig] = None, only: str = "all") -> dict:
         make_base = lambda: base_epoch(tok, train, cfg, rng)  # noqa: E731
         base_teach = None
         if cfg.base_teacher > 0:  # the refusal's first token, where the safety-mode answer starts
-            base_teacher = teacher("base")
+            base_teacher, info["base_teacher"] = teacher()
             make_base = lambda: with_teacher(base_epoch(tok, train, cfg, rng), base_teacher, targets)  # noqa: E731
             base_teach = ((_encode(tok, REFUSAL)[0],), cfg.base_teacher)
         info["base_training"] = train_lm(base, make_base, cfg.base_epochs,
@@ -1276,7 +1272,7 @@ def build(out, cfg: Optional[WorldConfig] = None, only: str = "all") -> dict:
         make_epoch = lambda: guard_epoch(g, train, cfg, rng)  # noqa: E731
         guard_teach = None
         if cfg.guard_teacher > 0:
-            guard_teacher = teacher("guard")
+            guard_teacher, info["guard_teacher"] = teacher()
             make_epoch = lambda: with_teacher(guard_epoch(g, train, cfg, rng), guard_teacher)  # noqa: E731
             guard_teach = (label_tokens(g, "input"), cfg.guard_teacher)
         info["guard_training"] = train_lm(guard, make_epoch, cfg.guard_epochs,
@@ -1587,7 +1583,8 @@ def build_notes(info: dict) -> str:
     # are in the recipe (they are the record) but not in the weights.
     restart = max((k for k, (s, only) in enumerate(stages) if _restarted(s, only)), default=0)
     guard_parts, guard_how = [], "for"
-    for i, (k, s) in enumerate((k, g) for k, (g, only) in enumerate(stages) if k >= restart and only in ("all", "guard")):
+    in_weights = [(k, g) for k, (g, only) in enumerate(stages) if k >= restart and only in ("all", "guard")]
+    for i, (k, s) in enumerate(in_weights):
         members = s.get("soup") or []
         e = s["config"]["guard_epochs"]
         if members and k == restart and restart:  # "fine-tuned in 2 runs of 1 epoch each, each started again ..."

@@ -619,6 +619,11 @@ def generate(seed: int = 0, per_act: int = 10, more: bool = False, general: bool
     return records
 
 
+def split_general(records: list) -> tuple:
+    """(the corpus without the everyday safe requests, those requests), each in order."""
+    return [r for r in records if r["twin_of"] != "general"], [r for r in records if r["twin_of"] == "general"]
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=str(Path(__file__).with_name("corpus.jsonl")))
@@ -631,7 +636,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     records = generate(args.seed, args.per_act, args.more, args.general or args.only_general)
     if args.only_general:
-        records = [r for r in records if r["twin_of"] == "general"]
+        records = split_general(records)[1]
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     Path(args.out).write_text(text, encoding="utf-8")
     n_h = sum(r["label"] == "harmful" for r in records)
