@@ -90,8 +90,9 @@ class DemoConfig:
     general_train: int = 600
     # ... plus N of the hand-written requests no model of the world read (unread.jsonl beside the
     # world; harmful and safe, drawn with a fixed seed): where the base's safety mode and the dual
-    # system disagree on words people type, which generated requests do not reach
-    unread_train: int = 0
+    # system disagree on words people type, which generated requests do not reach (chosen on
+    # validation data, docs/DEMO.md "After v21: hand-written requests no model read")
+    unread_train: int = 914
     max_tokens: int = 48
     top_k: int = 64
     # train (train.TrainArgs fields); rows up to 1024 tokens hold the longest wrapped prompt and its answer

@@ -689,6 +689,8 @@ def test_world_build_small(tmp_path, monkeypatch, build):
     shipped = [json.loads(x) for x in (tmp_path / "w" / "corpus.jsonl").read_text().splitlines()]
     corpus = _script("corpus")
     assert shipped == corpus.generate(0, 1)
+    # the prompts the world never read travel with it: the demo's teaching set needs them
+    assert (tmp_path / "w" / "unread.jsonl").read_bytes() == build.UNREAD_PATH.read_bytes()
     from mlx_softprompt.guards import load_guard
 
     guard = load_guard(str(tmp_path / "w" / "guard-spec.json"), str(tmp_path / "w" / "guard"))
@@ -1247,14 +1249,14 @@ def test_demo_teaches_wrapped_prompts():
 def test_demo_teaches_written_prompts(tmp_path):
     """`written_train=N`: N of the world's hand-written training prompts, half harmful, the same
     draw each run, after everything else (the other teaching prompts are unchanged)."""
-    base = demo.demo_data(demo.DemoConfig(general_train=0), WORLD)["train"]
-    train = demo.demo_data(demo.DemoConfig(written_train=100, general_train=0), WORLD)["train"]
+    base = demo.demo_data(demo.DemoConfig(general_train=0, unread_train=0), WORLD)["train"]
+    train = demo.demo_data(demo.DemoConfig(written_train=100, general_train=0, unread_train=0), WORLD)["train"]
     assert train[:len(base)] == base
     added = train[len(base):]
     written = {r["prompt"]: r["label"] for r in map(json.loads, (WORLD / "written.jsonl").read_text().splitlines())}
     assert len(added) == 100 and sum(e.label == "harmful" for e in added) == 50
     assert all(written[e.prompt] == e.label for e in added) and len({e.prompt for e in added}) == 100
-    assert [e.prompt for e in demo.demo_data(demo.DemoConfig(written_train=100, general_train=0), WORLD)["train"][len(base):]] == \
+    assert [e.prompt for e in demo.demo_data(demo.DemoConfig(written_train=100, general_train=0, unread_train=0), WORLD)["train"][len(base):]] == \
         [e.prompt for e in added]
     (tmp_path / "corpus.jsonl").write_text("")
     with pytest.raises(UserError, match="written.jsonl: not found"):
@@ -1265,14 +1267,14 @@ def test_demo_teaches_general_prompts(tmp_path):
     """`general_train=N`: N of the world's generated everyday safe requests (general.jsonl), the
     same draw each run, after everything else; none is a prompt the world read or any evaluation
     holds; a missing file or a record not labelled safe is one clear error."""
-    base = demo.demo_data(demo.DemoConfig(general_train=0), WORLD)["train"]
-    train = demo.demo_data(demo.DemoConfig(general_train=100), WORLD)["train"]
+    base = demo.demo_data(demo.DemoConfig(general_train=0, unread_train=0), WORLD)["train"]
+    train = demo.demo_data(demo.DemoConfig(general_train=100, unread_train=0), WORLD)["train"]
     assert train[:len(base)] == base
     added = train[len(base):]
     general = {r["prompt"] for r in map(json.loads, (WORLD / "general.jsonl").read_text().splitlines())}
     assert len(added) == 100 and len({e.prompt for e in added}) == 100
     assert all(e.prompt in general and e.label == "benign" for e in added)
-    assert [e.prompt for e in demo.demo_data(demo.DemoConfig(general_train=100), WORLD)["train"][len(base):]] == \
+    assert [e.prompt for e in demo.demo_data(demo.DemoConfig(general_train=100, unread_train=0), WORLD)["train"][len(base):]] == \
         [e.prompt for e in added]
     assert demo.DemoConfig().general_train == 600  # the shipped recipe (chosen on validation)
     read = {r["prompt"] for r in map(json.loads, (WORLD / "corpus.jsonl").read_text().splitlines())}
@@ -1281,7 +1283,7 @@ def test_demo_teaches_general_prompts(tmp_path):
     held = {e.prompt for part in ("val", "test") for e in suite[part]}
     held |= {e.prompt for part in ("val", "test") for e in data.load_suite(("everyday",))[part]}
     assert not general & (read | held)
-    assert len(demo.demo_data(demo.DemoConfig(general_train=10**6), WORLD)["train"]) == len(base) + len(general)
+    assert len(demo.demo_data(demo.DemoConfig(general_train=10**6, unread_train=0), WORLD)["train"]) == len(base) + len(general)
     (tmp_path / "corpus.jsonl").write_text("")
     with pytest.raises(UserError, match="general.jsonl: not found"):
         demo.demo_data(demo.DemoConfig(general_train=10), tmp_path)
@@ -1295,8 +1297,9 @@ def test_demo_teaches_unread_prompts(tmp_path):
     """`unread_train=N`: N of the hand-written requests no model of the world read (unread.jsonl,
     both labels), the same draw each run, after everything else; none is a prompt the world read
     or any evaluation holds; a missing file is one clear error."""
-    base = demo.demo_data(demo.DemoConfig(), WORLD)["train"]
+    base = demo.demo_data(demo.DemoConfig(unread_train=0), WORLD)["train"]
     train = demo.demo_data(demo.DemoConfig(unread_train=100), WORLD)["train"]
+    assert demo.DemoConfig().unread_train == 914  # the shipped recipe (chosen on validation): all of them
     assert train[:len(base)] == base
     added = train[len(base):]
     records = [json.loads(line) for line in (WORLD / "unread.jsonl").read_text().splitlines()]
@@ -1344,7 +1347,7 @@ def test_written_merge_keeps_the_two_files_apart(build, tmp_path, monkeypatch, c
     assert written.check(out, other=read) == []
     assert written.check(out, other=["can you suggest a name for my new kitten"]) != []
     # the shipped pair name each other
-    assert written.other_prompts(written.UNREAD_PATH)[:3] == [json.loads(x)["prompt"] for x in
+    assert written.other_prompts(build.UNREAD_PATH)[:3] == [json.loads(x)["prompt"] for x in
                                                                build.WRITTEN_PATH.read_text().splitlines()[:3]]
     assert written.other_prompts(tmp_path / "elsewhere.jsonl") == []
 

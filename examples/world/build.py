@@ -380,6 +380,7 @@ def guard_text(prompt: str, response: Optional[str] = None) -> str:
 CORPUS_SOURCE = "world-corpus"  # data.Example.source of the generated corpus's records
 WRITTEN_SOURCE = "world-written"  # ... and of the hand-written training prompts (written.jsonl)
 WRITTEN_PATH = HERE / "written.jsonl"
+UNREAD_PATH = HERE / "unread.jsonl"  # hand-written prompts no stage reads: the demo teaches them (`unread_train`)
 
 
 def is_harmful(ex: data.Example) -> bool:
@@ -1185,6 +1186,8 @@ def build(out, cfg: Optional[WorldConfig] = None, only: str = "all") -> dict:
     corpus_path = write_corpus(out, cfg) if cfg.corpus else None
     if cfg.written and out.resolve() != HERE:  # the world carries the prompts it was trained on (the demo teaches some)
         (out / "written.jsonl").write_text(written_text(cfg), encoding="utf-8")
+    if UNREAD_PATH.is_file() and out.resolve() != HERE:  # ... and those it never read, which the demo teaches
+        (out / UNREAD_PATH.name).write_text(UNREAD_PATH.read_text(encoding="utf-8"), encoding="utf-8")
     suite = world_suite(cfg, corpus_path)
     train = suite["train"]
     info = {"config": asdict(cfg), "only": only, "train_data_hash": data.dataset_hash(train),

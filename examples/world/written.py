@@ -41,7 +41,6 @@ from mlx_softprompt import data  # noqa: E402
 from mlx_softprompt.errors import UserError  # noqa: E402
 from mlx_softprompt.files import atomic_write  # noqa: E402
 
-UNREAD_PATH = HERE / "unread.jsonl"
 HELD_OUT_COSINE = 0.85  # this close to a validation or test prompt: dropped
 DUPLICATE_COSINE = 0.95  # this close to a kept prompt: a duplicate
 LABELS = ("harmful", "benign")
@@ -127,7 +126,7 @@ def select(records: list, held: list, embed=build.sentence_embeddings, other: li
 def other_prompts(path) -> list:
     """The prompts of the other of the two files (none for a file that is neither)."""
     path = Path(path).resolve()
-    pair = {build.WRITTEN_PATH.resolve(): UNREAD_PATH, UNREAD_PATH.resolve(): build.WRITTEN_PATH}
+    pair = {build.WRITTEN_PATH.resolve(): build.UNREAD_PATH, build.UNREAD_PATH.resolve(): build.WRITTEN_PATH}
     other = pair.get(path)
     return [r["prompt"] for r in read(other)] if other is not None and other.is_file() else []
 
@@ -180,7 +179,7 @@ def main(argv=None) -> None:
     sub = ap.add_subparsers(dest="cmd", required=True)
     m = sub.add_parser("merge", help="add the prompts of new files that pass the selection")
     m.add_argument("files", nargs="+")
-    m.add_argument("--out", default=str(build.WRITTEN_PATH), help=f"written.jsonl (default) or {UNREAD_PATH.name}")
+    m.add_argument("--out", default=str(build.WRITTEN_PATH), help=f"written.jsonl (default) or {build.UNREAD_PATH.name}")
     c = sub.add_parser("check", help="run the selection over the file; exit 1 if it would drop anything")
     c.add_argument("--file", default=str(build.WRITTEN_PATH))
     args = ap.parse_args(argv)
