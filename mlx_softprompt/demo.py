@@ -242,17 +242,18 @@ def written_teach(path: Path, n: int, seed: int = data.DEFAULT_SEED) -> list:
     return _draw(data.load_suite((str(path),), seed=data.DEFAULT_SEED)["train"], n, n // 2, seed)
 
 
-def _sample_file(path: Path, n: int, seed: int, missing: str, safe_only: bool = False) -> list:
-    """n records of a teaching file beside the world (all if it holds fewer), drawn with a fixed seed."""
+def _sample_file(path: Path, n: int, seed: int, option: str, missing: str, safe_only: bool = False) -> list:
+    """n records of a teaching file beside the world (all if it holds fewer), drawn with a fixed
+    seed; `option` names the DemoConfig field that asked for them, in the errors."""
     import random
 
     if not path.is_file():
-        raise UserError(f"{path}: not found; {missing}")
+        raise UserError(f"{path}: not found; {option} teaches {missing}; or, from Python, DemoConfig({option}=0)")
     records, _ = data.read_jsonl(path)
     unsafe = [e for e in records if e.label not in ("benign", "borderline")] if safe_only else []
     if unsafe:
         raise UserError(f"{path}: {len(unsafe)} records not labelled benign or borderline (first: {unsafe[0].prompt[:60]!r}); "
-                        "general_train teaches safe requests only")
+                        f"{option} teaches safe requests only")
     return random.Random(seed).sample(records, min(n, len(records)))
 
 
@@ -260,7 +261,7 @@ def general_teach(path: Path, n: int, seed: int = data.DEFAULT_SEED) -> list:
     """n of the world's generated everyday safe requests (general.jsonl), drawn with a fixed seed."""
     if not n:
         return []
-    return _sample_file(path, n, seed, "the demo teaches the world's generated everyday safe requests (a world built "
+    return _sample_file(path, n, seed, "general_train", "the world's generated everyday safe requests (a world built "
                         f"before they existed: python examples/world/corpus.py --out {path} --only-general with its "
                         "corpus settings, e.g. --seed 0 --more)", safe_only=True)
 
@@ -269,8 +270,8 @@ def unread_teach(path: Path, n: int, seed: int = data.DEFAULT_SEED) -> list:
     """n of the hand-written requests the world never read (unread.jsonl), drawn with a fixed seed."""
     if not n:
         return []
-    return _sample_file(path, n, seed, "unread_train teaches the hand-written requests no model of the world read "
-                        "(examples/world/written.py merge FILE --out unread.jsonl makes it)")
+    return _sample_file(path, n, seed, "unread_train", "hand-written requests no model of the world read (a world "
+                        "built before they existed: copy examples/world/unread.jsonl beside it)")
 
 
 def demo_data(cfg: DemoConfig, wpath: Path) -> dict:
