@@ -243,10 +243,13 @@ def written_teach(path: Path, n: int, seed: int = data.DEFAULT_SEED) -> list:
 
 
 def _sample_file(path: Path, n: int, seed: int, option: str, missing: str, safe_only: bool = False) -> list:
-    """n records of a teaching file beside the world (all if it holds fewer), drawn with a fixed
-    seed; `option` names the DemoConfig field that asked for them, in the errors."""
+    """n records of a teaching file beside the world (all if it holds fewer; none, and the file
+    not read, for n = 0), drawn with a fixed seed; `option` names the DemoConfig field that asked
+    for them, in the errors."""
     import random
 
+    if not n:
+        return []
     if not path.is_file():
         raise UserError(f"{path}: not found; {option} teaches {missing}; or, from Python, DemoConfig({option}=0)")
     records, _ = data.read_jsonl(path)
@@ -259,8 +262,6 @@ def _sample_file(path: Path, n: int, seed: int, option: str, missing: str, safe_
 
 def general_teach(path: Path, n: int, seed: int = data.DEFAULT_SEED) -> list:
     """n of the world's generated everyday safe requests (general.jsonl), drawn with a fixed seed."""
-    if not n:
-        return []
     return _sample_file(path, n, seed, "general_train", "the world's generated everyday safe requests (a world built "
                         f"before they existed: python examples/world/corpus.py --out {path} --only-general with its "
                         "corpus settings, e.g. --seed 0 --more)", safe_only=True)
@@ -268,8 +269,6 @@ def general_teach(path: Path, n: int, seed: int = data.DEFAULT_SEED) -> list:
 
 def unread_teach(path: Path, n: int, seed: int = data.DEFAULT_SEED) -> list:
     """n of the hand-written requests the world never read (unread.jsonl), drawn with a fixed seed."""
-    if not n:
-        return []
     return _sample_file(path, n, seed, "unread_train", "hand-written requests no model of the world read (a world "
                         "built before they existed: copy examples/world/unread.jsonl beside it)")
 
