@@ -491,6 +491,9 @@ def demo(
     chat: bool = typer.Option(False, "--chat", help="Chat with the demo's soft prompt (runs the demo first if needed)."),
     compare: bool = typer.Option(False, "--compare", help="With --chat: each answer followed by the dual system's."),
     max_tokens: int = typer.Option(64, "--max-tokens", help="With --chat: tokens per answer."),
+    settings: List[str] = typer.Option([], "--set", metavar="KEY=VALUE",
+                                       help="A recipe setting (repeatable): a DemoConfig field (general_train=0, "
+                                            "unread_train=0, wrapped_train=1200, ...) or train.KEY (train.iters=800)."),
 ):
     """The whole method on the built-in tiny world: teach -> train -> eval on the test split, the
     everyday split, the jailbreak suite and everyday chats; a table, report.json, a plot. --chat: try
@@ -505,7 +508,7 @@ def demo(
     if world is not None and not world.is_dir():
         raise UserError(f"--world {world}: no such directory")
     cfg = run_demo.DemoConfig(out=str(out), world=str(world) if world else None, seed=seed, quick=quick,
-                              rebuild=rebuild, validation=validation)
+                              rebuild=rebuild, validation=validation, **run_demo.settings(settings))
     if chat:
         run_demo.chat(cfg, compare=compare, log=lambda s: typer.echo(s, err=True), max_tokens=max_tokens)
         return

@@ -58,6 +58,86 @@ SUITE_TITLES = {"test": "test split", "everyday": "everyday split", "jailbreak":
 CHAT_TURNS = (1, 2)  # earlier turns before each request of the chats suite
 
 
+# DemoConfig fields with a flag of their own (`demo --seed`, ...): `--set` takes the rest
+FLAG_FIELDS = ("out", "world", "seed", "quick", "rebuild", "validation")
+
+
+def settings(items) -> dict:
+    """DemoConfig keyword arguments from `demo --set KEY=VALUE` items: KEY a DemoConfig field
+    (`general_train=0`) or `train.KEY` a training argument (`train.iters=800`); VALUE read as a
+    YAML scalar and checked against the field's type. Errors name the item."""
+    import typing
+
+    import yaml
+
+    hints = typing.get_type_hints(DemoConfig)
+    recipe = [f for f in hints if f not in FLAG_FIELDS and f != "train"]
+    out, train = {}, {}
+    for item in items:
+        key, sep, raw = str(item).partition("=")
+        key = key.strip()
+        where = f"--set {item!r}"
+        if not sep or not key:
+            raise UserError(f"{where}: expected KEY=VALUE (e.g. general_train=0 or train.iters=800)")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        if key.startswith("train."):
+            from .train import TrainArgs, known_keys
+
+            name = key[len("train."):].replace("-", "_")
+            if name not in known_keys():
+                raise UserError(f"{where}: unknown training argument {name!r}; the keys of `mlx-softprompt train "
+                                "--config` are accepted")
+            kind = typing.get_type_hints(TrainArgs).get(name)
+            train[name] = _typed(value, kind, where) if kind is not None else value
+            continue
+        if key in FLAG_FIELDS:
+            raise UserError(f"{where}: {key} has a flag of its own (--{key})")
+        if key not in recipe:
+            raise UserError(f"{where}: unknown setting {key!r}; one of {', '.join(recipe)} or train.KEY")
+        out[key] = _typed(value, hints[key], where)
+    if train:
+        out["train"] = {**DemoConfig().train, **train}
+    return out
+
+
+def _typed(value, kind, where: str):
+    """`value` as the annotated type (bool, int, float, str, dict, Optional of one), or a UserError."""
+    import typing
+
+    args = [a for a in typing.get_args(kind) if a is not type(None)]
+    optional = typing.get_origin(kind) is typing.Union and type(None) in typing.get_args(kind)
+    base = args[0] if optional else kind
+    if optional and isinstance(value, str) and value.lower() == "none":
+        value = None
+    if base in (int, float) and isinstance(value, str):  # YAML 1.1 reads 3e-3 as text
+        try:
+            value = base(value)
+        except ValueError:
+            pass
+    if value is None:
+        if optional:
+            return None
+        raise UserError(f"{where}: a value is required")
+    if base is bool:
+        ok = isinstance(value, bool)
+    elif base is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif base is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif base is str:
+        ok, value = True, str(value)
+    else:
+        ok = isinstance(value, typing.get_origin(base) or base)
+    if not ok:
+        wanted = {bool: "true or false", int: "an integer", float: "a number"}.get(base, getattr(base, "__name__", base))
+        raise UserError(f"{where}: {value!r} is not {wanted}")
+    return value
+
+
 def default_world() -> Path:
     return data.examples_dir() / "world"
 

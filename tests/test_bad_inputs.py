@@ -388,6 +388,12 @@ CASES = [
     ("demo-chat-max-tokens", lambda e: (["demo", "--chat", "--max-tokens", "0", "--out", str(e["root"] / "d3")],
                                         "--max-tokens")),
     ("demo-seed-negative", lambda e: (["demo", "--quick", "--out", str(e["root"] / "d2"), "--seed", "-3"], "--seed")),
+    ("demo-set-unknown", lambda e: (["demo", "--quick", "--out", str(e["root"] / "d4"), "--set", "genral_train=0"],
+                                    "genral_train")),
+    ("demo-set-wrong-type", lambda e: (["demo", "--quick", "--out", str(e["root"] / "d5"), "--set",
+                                        "unread_train=many"], "unread_train=many")),
+    ("demo-set-unknown-train-key", lambda e: (["demo", "--quick", "--out", str(e["root"] / "d6"), "--set",
+                                               "train.iter=5"], "train.iter")),
 ]
 
 

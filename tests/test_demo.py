@@ -34,6 +34,37 @@ def _script(name):
         sys.path.remove(str(WORLD))
 
 
+def test_demo_set_reaches_every_recipe_field(monkeypatch):
+    """`demo --set KEY=VALUE` sets any DemoConfig field without a flag of its own, typed like the
+    field, and train.KEY a training argument on top of the demo's own training settings."""
+    got = demo.settings(["general_train=0", "unread_train=12", "wrapped_harmful_share=0.25",
+                         "corpus_train=none", "train.iters=800", "train.learning_rate=3e-3", "train.num_tokens=16"])
+    cfg = demo.DemoConfig(**got)
+    assert (cfg.general_train, cfg.unread_train, cfg.wrapped_harmful_share, cfg.corpus_train) == (0, 12, 0.25, None)
+    assert cfg.train == {**demo.DemoConfig().train, "iters": 800, "learning_rate": 0.003, "num_tokens": 16}
+    assert isinstance(demo.settings(["wrapped_harmful_share=1"])["wrapped_harmful_share"], float)
+    for item, message in (("seed=3", "a flag of its own"), ("train_iters=3", "unknown setting 'train_iters'"),
+                          ("general_train=0.5", "is not an integer"), ("general_train", "expected KEY=VALUE"),
+                          ("train.iters=lots", "is not an integer"), ("train.objective=kl", None),
+                          ("general_train=", "a value is required")):
+        if message is None:  # a key the demo sets itself: refused by DemoConfig, as from Python
+            with pytest.raises(UserError, match="set by the demo itself"):
+                demo.DemoConfig(**demo.settings([item]))
+            continue
+        with pytest.raises(UserError, match=message) as e:
+            demo.settings([item])
+        assert repr(item) in str(e.value)
+    # the CLI passes them on
+    from typer.testing import CliRunner
+    from mlx_softprompt.cli import app
+    seen = {}
+    monkeypatch.setattr(demo, "run", lambda cfg, log=None: seen.setdefault("cfg", cfg) and {})
+    monkeypatch.setattr(demo, "summary", lambda report, out: "")
+    r = CliRunner().invoke(app, ["demo", "--out", "unused-out", "--set", "unread_train=0", "--set", "train.iters=9"])
+    assert r.exit_code == 0, r.output
+    assert seen["cfg"].unread_train == 0 and seen["cfg"].train["iters"] == 9
+
+
 @pytest.fixture(scope="module")
 def corpus():
     return _script("corpus")
