@@ -39,6 +39,7 @@ import json
 import subprocess
 import sys
 import time
+import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -66,8 +67,6 @@ def settings(items) -> dict:
     """DemoConfig keyword arguments from `demo --set KEY=VALUE` items: KEY a DemoConfig field
     (`general_train=0`) or `train.KEY` a training argument (`train.iters=800`); VALUE read as a
     YAML scalar and checked against the field's type. Errors name the item."""
-    import typing
-
     import yaml
 
     hints = typing.get_type_hints(DemoConfig)
@@ -105,8 +104,6 @@ def settings(items) -> dict:
 
 def _typed(value, kind, where: str):
     """`value` as the annotated type (bool, int, float, str, dict, Optional of one), or a UserError."""
-    import typing
-
     args = [a for a in typing.get_args(kind) if a is not type(None)]
     optional = typing.get_origin(kind) is typing.Union and type(None) in typing.get_args(kind)
     base = args[0] if optional else kind
