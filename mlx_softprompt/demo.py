@@ -44,7 +44,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from . import data
+from . import checks, data
 from .errors import UserError
 
 SYSTEM = "softprompt-tv"
@@ -103,36 +103,25 @@ def settings(items) -> dict:
 
 
 def _typed(value, kind, where: str):
-    """`value` as the annotated type (bool, int, float, str, dict, Optional of one), or a UserError."""
+    """`value` as the annotated type (bool, int, float, str, dict, Optional of one), or a UserError:
+    null or "none" for an Optional field, numbers written as text converted, then checks.of_type."""
     args = [a for a in typing.get_args(kind) if a is not type(None)]
-    optional = typing.get_origin(kind) is typing.Union and type(None) in typing.get_args(kind)
+    optional = len(args) < len(typing.get_args(kind))
     base = args[0] if optional else kind
     if optional and isinstance(value, str) and value.lower() == "none":
         value = None
+    if value is None:
+        if optional:
+            return None
+        raise UserError(f"{where}: a value is required")
+    if base is str:
+        return str(value)
     if base in (int, float) and isinstance(value, str):  # YAML 1.1 reads 3e-3 as text
         try:
             value = base(value)
         except ValueError:
             pass
-    if value is None:
-        if optional:
-            return None
-        raise UserError(f"{where}: a value is required")
-    if base is bool:
-        ok = isinstance(value, bool)
-    elif base is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif base is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
-    elif base is str:
-        ok, value = True, str(value)
-    else:
-        ok = isinstance(value, typing.get_origin(base) or base)
-    if not ok:
-        wanted = {bool: "true or false", int: "an integer", float: "a number"}.get(base, getattr(base, "__name__", base))
-        raise UserError(f"{where}: {value!r} is not {wanted}")
-    return value
+    return checks.of_type(value, base, where)
 
 
 def default_world() -> Path:
