@@ -238,6 +238,69 @@ def of_type(value: Any, kind, name: str) -> Any:
     raise UserError(f"{name}: expected {want}, got {type(value).__name__} {_short(value)}")
 
 
+def setting(value: Any, hint, name: str) -> Any:
+    """A setting read from YAML, JSON or a command line, as its dataclass field is annotated
+    (bool, int, float, str, List[str], dict, Any, or Optional of one), or a UserError naming it.
+
+    The one reading of settings (training arguments, method options, the demo's and the world
+    builder's --set): YAML 1.1 reads 3e-3 as text and a command line gives text, so numbers
+    written as text are read as numbers; an integral float is an int; a comma-separated text is
+    a list; null or "none" is None for an Optional field; a float must be finite."""
+    import typing
+
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    optional = typing.get_origin(hint) is typing.Union and len(args) < len(typing.get_args(hint))
+    kind = args[0] if optional else hint
+    if optional and isinstance(value, str) and value.strip().lower() in ("none", "null"):
+        value = None
+    if value is None:
+        if optional:
+            return None
+        raise UserError(f"{name}: a value is required")
+    if kind is Any:  # checked later by its owner (a method's shorthand option)
+        return value
+    origin = typing.get_origin(kind) or kind
+    if origin is list:
+        if isinstance(value, str):
+            return [s.strip() for s in value.split(",") if s.strip()]
+        if isinstance(value, (list, tuple)) and all(isinstance(s, str) for s in value):
+            return list(value)
+        raise UserError(f"{name}: expected a list of strings (or one comma-separated string), got "
+                        f"{type(value).__name__} {_short(value)}")
+    if origin is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        return of_type(value, str, name)
+    if origin in (int, float) and isinstance(value, str):
+        try:
+            value = float(value.strip()) if origin is float else int(value.strip())
+        except ValueError:
+            try:
+                value = float(value.strip())  # "5.0" for an int: integral, below
+            except ValueError:
+                pass
+    if origin is int and isinstance(value, float) and math.isfinite(value) and value == int(value):
+        return int(value)
+    return of_type(value, origin, name)
+
+
+def setting_text(text: str, hint, name: str) -> Any:
+    """A setting given as text (`--set KEY=VALUE`): read as a YAML scalar (true, 3e-3, [a, b], null),
+    the text itself for a str field (a path stays a path), then `setting`."""
+    import typing
+
+    import yaml
+
+    kinds = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    if kinds[0] is str and text.strip().lower() not in ("none", "null"):
+        return text.strip()
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    return setting(value, hint, name)
+
+
 def int_string(meta: dict, key: str, where: str, *, lo: int = 0, optional: bool = False) -> Optional[int]:
     """A string metadata entry holding a non-negative integer (safetensors metadata are strings)."""
     v = meta.get(key)

@@ -67,8 +67,6 @@ def settings(items) -> dict:
     """DemoConfig keyword arguments from `demo --set KEY=VALUE` items: KEY a DemoConfig field
     (`general_train=0`) or `train.KEY` a training argument (`train.iters=800`); VALUE read as a
     YAML scalar and checked against the field's type. Errors name the item."""
-    import yaml
-
     hints = typing.get_type_hints(DemoConfig)
     recipe = [f for f in hints if f not in FLAG_FIELDS and f != "train"]
     out, train = {}, {}
@@ -78,10 +76,6 @@ def settings(items) -> dict:
         where = f"--set {item!r}"
         if not sep or not key:
             raise UserError(f"{where}: expected KEY=VALUE (e.g. general_train=0 or train.iters=800)")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError:
-            value = raw
         if key.startswith("train."):
             from .train import TrainArgs, known_keys
 
@@ -89,39 +83,17 @@ def settings(items) -> dict:
             if name not in known_keys():
                 raise UserError(f"{where}: unknown training argument {name!r}; the keys of `mlx-softprompt train "
                                 "--config` are accepted")
-            kind = typing.get_type_hints(TrainArgs).get(name)
-            train[name] = _typed(value, kind, where) if kind is not None else value
+            kind = typing.get_type_hints(TrainArgs).get(name, typing.Any)  # Any: a method's shorthand
+            train[name] = checks.setting_text(raw, kind, where)
             continue
         if key in FLAG_FIELDS:
             raise UserError(f"{where}: {key} has a flag of its own (--{key})")
         if key not in recipe:
             raise UserError(f"{where}: unknown setting {key!r}; one of {', '.join(recipe)} or train.KEY")
-        out[key] = _typed(value, hints[key], where)
+        out[key] = checks.setting_text(raw, hints[key], where)
     if train:
         out["train"] = {**DemoConfig().train, **train}
     return out
-
-
-def _typed(value, kind, where: str):
-    """`value` as the annotated type (bool, int, float, str, dict, Optional of one), or a UserError:
-    null or "none" for an Optional field, numbers written as text converted, then checks.of_type."""
-    args = [a for a in typing.get_args(kind) if a is not type(None)]
-    optional = len(args) < len(typing.get_args(kind))
-    base = args[0] if optional else kind
-    if optional and isinstance(value, str) and value.lower() == "none":
-        value = None
-    if value is None:
-        if optional:
-            return None
-        raise UserError(f"{where}: a value is required")
-    if base is str:
-        return str(value)
-    if base in (int, float) and isinstance(value, str):  # YAML 1.1 reads 3e-3 as text
-        try:
-            value = base(value)
-        except ValueError:
-            pass
-    return checks.of_type(value, base, where)
 
 
 def default_world() -> Path:

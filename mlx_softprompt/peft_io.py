@@ -384,7 +384,7 @@ def export_peft(path, out_dir, base_model_name: Optional[str] = None) -> Path:
     files.atomic_write(out_dir / WEIGHTS_NAME,
                                    lambda tmp: mx.save_safetensors(tmp, tensors, metadata=meta))
     text = json.dumps(config, indent=2) + "\n"
-    files.atomic_write(out_dir / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+    files.write_text(out_dir / CONFIG_NAME, text)
     return out_dir
 
 

@@ -38,6 +38,7 @@ import hashlib
 import json
 import os
 import time
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from functools import partial
 from pathlib import Path
@@ -188,16 +189,13 @@ def make_args(config: Optional[str] = None, **flags) -> TrainArgs:
         if v is not None:
             values[k] = v
     given = {k: values.pop(k) for k in list(values) if k in shorts}
-    args = TrainArgs()
+    args, hints = TrainArgs(), typing.get_type_hints(TrainArgs)
     for k, v in values.items():
+        where = f"{config}: {k}" if config and flags.get(k) is None else f"--{k.replace('_', '-')}"
         if k == "method_options":
-            args.method_options = dict(v or {})
+            args.method_options = {} if v is None else dict(checks.setting(v, dict, where))
             continue
-        try:
-            setattr(args, k, _coerce(getattr(args, k), v))
-        except (TypeError, ValueError):
-            where = f"{config}: " if config and flags.get(k) is None else ""
-            raise UserError(f"{where}{k}: expected {type(getattr(args, k)).__name__}, got {v!r}")
+        setattr(args, k, checks.setting(v, hints[k], where))
     if args.method in methods.METHODS:
         args.method_options = methods.options_from(args.method, args.method_options, given)
     try:
@@ -224,23 +222,6 @@ def parse_mapping(text: Optional[str], where: str) -> Optional[dict]:
     if not isinstance(value, dict):
         raise UserError(f"{where}: expected a mapping like '{{rank: 4, layers: 2}}', got {text!r}")
     return value
-
-
-def _coerce(default, v):
-    """A config/flag value as the field's type (YAML reads 1e-3 as a string: accept it for floats)."""
-    if isinstance(default, bool):
-        if not isinstance(v, bool):
-            raise ValueError
-        return v
-    if isinstance(default, int):
-        if isinstance(v, bool) or (isinstance(v, float) and v != int(v)):
-            raise ValueError
-        return int(v)
-    if isinstance(default, float):
-        if isinstance(v, bool):
-            raise ValueError
-        return float(v)
-    return None if v is None else str(v)
 
 
 # ---------------------------------------------------------------- data
@@ -612,7 +593,7 @@ class Metrics:
                         kept.append(line)
                 except (json.JSONDecodeError, AttributeError, ValueError):
                     continue
-        path.write_text("".join(line + "\n" for line in kept))
+        files.write_text(path, "".join(line + "\n" for line in kept))  # a crash here keeps the old file
 
     def write(self, **record) -> None:
         if self.enabled:

@@ -196,14 +196,14 @@ def test_registry_and_options_check_themselves():
         methods.get("lora", rnak=2)
     with pytest.raises(UserError, match="rank and layers must be >= 1"):
         methods.get("lora", rank=0)
-    with pytest.raises(UserError, match="expected int, got 'abc'"):
+    with pytest.raises(UserError, match="rank: expected an integer, got str 'abc'"):
         methods.get("lora", rank="abc")
     with pytest.raises(UserError, match="num_tokens must be >= 1"):
         methods.get("prefix", num_tokens=0)
     with pytest.raises(UserError, match="init 'bogus'"):
         methods.get("softprompt", init="bogus")
     assert methods.get("lora", keys="a.q, a.v").options.keys == ["a.q", "a.v"]
-    with pytest.raises(UserError, match="LoRAOptions.rank: expected int, got 'x'"):
+    with pytest.raises(UserError, match="LoRAOptions.rank: expected an integer, got str 'x'"):
         methods.method_class("lora").Options(rank="x")  # built directly: checked the same way
     assert set(methods.trainable()) == {"softprompt", "prefix", "lora", "steer-opt"}
 

@@ -114,7 +114,7 @@ def test_config_file_and_flags(tmp_path):
     with pytest.raises(UserError, match="unknown key 'learning_rat'"):
         train.make_args(str(cfg))
     cfg.write_text("base: m\nteacher: c\nout: p.safetensors\niters: many\n")
-    with pytest.raises(UserError, match="iters: expected int"):
+    with pytest.raises(UserError, match="train.yaml: iters: expected an integer, got str 'many'"):
         train.make_args(str(cfg))
     cfg.write_text("base: m\niters: [unclosed\n")
     with pytest.raises(UserError, match="train.yaml: line 3: invalid YAML"):

@@ -53,7 +53,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import corpus  # noqa: E402  (the generator beside this script)
-from mlx_softprompt import data, tiny  # noqa: E402
+from mlx_softprompt import data, files, tiny  # noqa: E402
 from mlx_softprompt.errors import UserError  # noqa: E402
 from mlx_softprompt.progress import Bar  # noqa: E402
 
@@ -397,7 +397,7 @@ def write_corpus(out: Path, cfg: WorldConfig) -> Path:
         path = Path(out) / name
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs)
         if not path.exists() or path.read_text(encoding="utf-8") != text:
-            path.write_text(text, encoding="utf-8")
+            files.write_text(path, text)
     return Path(out) / "corpus.jsonl"
 
 
@@ -1185,9 +1185,9 @@ def build(out, cfg: Optional[WorldConfig] = None, only: str = "all") -> dict:
     out.mkdir(parents=True, exist_ok=True)
     corpus_path = write_corpus(out, cfg) if cfg.corpus else None
     if cfg.written and out.resolve() != HERE:  # the world carries the prompts it was trained on (the demo teaches some)
-        (out / "written.jsonl").write_text(written_text(cfg), encoding="utf-8")
+        files.write_text(out / "written.jsonl", written_text(cfg))
     if UNREAD_PATH.is_file() and out.resolve() != HERE:  # ... and those it never read, which the demo teaches
-        (out / UNREAD_PATH.name).write_text(UNREAD_PATH.read_text(encoding="utf-8"), encoding="utf-8")
+        files.write_text(out / UNREAD_PATH.name, UNREAD_PATH.read_text(encoding="utf-8"))
     suite = world_suite(cfg, corpus_path)
     train = suite["train"]
     info = {"config": asdict(cfg), "only": only, "train_data_hash": data.dataset_hash(train),
@@ -1285,14 +1285,14 @@ def build(out, cfg: Optional[WorldConfig] = None, only: str = "all") -> dict:
         tiny.save_checkpoint(guard, guard_config, out / "guard")
     else:
         info["guard_training"] = old.get("guard_training")
-    (out / "guard-spec.json").write_text(json.dumps(GUARD_SPEC, indent=2) + "\n")
+    files.write_text(out / "guard-spec.json", json.dumps(GUARD_SPEC, indent=2) + "\n")
     info["build_seconds"] = round(time.perf_counter() - start, 1)
     info.update(check(out, cfg, suite))
     info["bytes"] = {name: tiny.checkpoint_size(out / name) for name in ("base", "guard")
                      if (out / name / "model.safetensors").exists()}
-    (out / "world.json").write_text(json.dumps(info, indent=2) + "\n")
+    files.write_text(out / "world.json", json.dumps(info, indent=2) + "\n")
     if info["base_training"] and info["guard_training"]:
-        (out / "BUILD.md").write_text(build_notes(info))
+        files.write_text(out / "BUILD.md", build_notes(info))
     return info
 
 
@@ -1345,8 +1345,8 @@ def soup(out, worlds: list) -> dict:
                     for w, i in zip(worlds, infos)]
     info["build_seconds"] = round(sum(i["build_seconds"] for i in infos), 1)
     info.update(check(out))
-    (out / "world.json").write_text(json.dumps(info, indent=2) + "\n")
-    (out / "BUILD.md").write_text(build_notes(info))
+    files.write_text(out / "world.json", json.dumps(info, indent=2) + "\n")
+    files.write_text(out / "BUILD.md", build_notes(info))
     return info
 
 
@@ -1743,28 +1743,21 @@ def check_config(cfg: WorldConfig) -> None:
 
 
 def set_field(cfg: WorldConfig, item: str) -> None:
-    """Apply one KEY=VALUE (dotted for a model size) to the config, typed like the field."""
-    key, sep, value = item.partition("=")
-    obj, name = cfg, key
-    if "." in key:
-        head, name = key.split(".", 1)
+    """Apply one KEY=VALUE (dotted for a model size) to the config: VALUE read as a YAML scalar,
+    then as the field is annotated
+    (checks.setting_text, as `demo --set`)."""
+    import typing
+
+    from mlx_softprompt import checks
+
+    key, sep, raw = item.partition("=")
+    obj, name = cfg, key.strip()
+    if "." in name:
+        head, name = name.split(".", 1)
         obj = getattr(cfg, head, None)
     if not sep or obj is None or not hasattr(obj, name) or isinstance(getattr(obj, name), ModelSize):
         raise UserError(f"--set {item!r}: expected KEY=VALUE with KEY a WorldConfig field")
-    old = getattr(obj, name)
-    try:
-        if isinstance(old, bool):
-            if value.lower() not in ("true", "false", "1", "0"):
-                raise ValueError(value)
-            new = value.lower() in ("true", "1")
-        elif old is None:  # Optional[int] or Optional[str], as annotated
-            kind = next(f.type for f in fields(obj) if f.name == name)
-            new = value if "str" in str(kind) else int(value)
-        else:
-            new = type(old)(value)
-    except ValueError:
-        raise UserError(f"--set {item!r}: {value!r} is not a {type(old).__name__}") from None
-    setattr(obj, name, new)
+    setattr(obj, name, checks.setting_text(raw, typing.get_type_hints(type(obj))[name], f"--set {item!r}"))
 
 
 if __name__ == "__main__":

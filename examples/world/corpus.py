@@ -638,7 +638,9 @@ def main(argv=None) -> None:
     if args.only_general:
         records = split_general(records)[1]
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    Path(args.out).write_text(text, encoding="utf-8")
+    from mlx_softprompt.files import write_text  # atomic: a half-written corpus is never left behind
+
+    write_text(args.out, text)
     n_h = sum(r["label"] == "harmful" for r in records)
     print(f"wrote {args.out}: {len(records)} prompts ({n_h} harmful, {len(records) - n_h} benign), seed {args.seed}",
           file=sys.stderr)

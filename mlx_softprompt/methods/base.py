@@ -28,6 +28,7 @@ Hooks a method provides:
 """
 
 import dataclasses
+import typing
 import json
 from contextlib import contextmanager
 from typing import Any, ClassVar, Dict, Optional, Type
@@ -49,7 +50,7 @@ class Options:
 
     def __post_init__(self):
         for f in dataclasses.fields(self):  # built directly, not through from_dict: the same type checks
-            setattr(self, f.name, _coerce(f, getattr(self, f.name), f"{type(self).__name__}.{f.name}"))
+            setattr(self, f.name, _coerce(type(self), f, getattr(self, f.name), f"{type(self).__name__}.{f.name}"))
         self.check()
 
     def check(self) -> None:
@@ -66,7 +67,7 @@ class Options:
             if name not in known:
                 raise UserError(f"{where}: unknown option {key!r} for this method "
                                 f"(known: {', '.join(known) or 'none'})")
-            out[name] = _coerce(known[name], v, f"{where}.{name}")
+            out[name] = _coerce(cls, known[name], v, f"{where}.{name}")
         try:
             return cls(**out)
         except UserError as e:  # a range check: say where the values came from
@@ -79,49 +80,16 @@ class Options:
         return json.dumps(self.as_dict(), sort_keys=True)
 
 
-def _coerce(f: dataclasses.Field, v, where: str):
-    """A value as the field's declared type (YAML reads 1e-3 as a string: accept it for floats)."""
-    kind = f.metadata.get("type")
-    if kind is None and f.default not in (dataclasses.MISSING, None):
-        kind = type(f.default)
-    if v is None:  # `key:` with no value in YAML: the default
-        return None if f.default is dataclasses.MISSING else f.default
-    try:
-        if kind is bool:
-            if not isinstance(v, bool):
-                raise ValueError
-            return v
-        if kind is int:
-            if isinstance(v, bool) or (isinstance(v, float) and (v != v or v in (float("inf"), float("-inf"))
-                                                                 or v != int(v))):
-                raise ValueError
-            return int(v)
-        if kind is float:
-            if isinstance(v, bool):
-                raise ValueError
-            return checks.number(float(v), where)  # finite: NaN would train NaN silently
-        if kind is list:
-            if isinstance(v, str):
-                return [s.strip() for s in v.split(",") if s.strip()]
-            if not isinstance(v, (list, tuple)) or not all(isinstance(s, str) for s in v):
-                raise ValueError
-            return list(v)
-        if kind is str:
-            if not isinstance(v, (str, int, float)) or isinstance(v, bool):
-                raise ValueError
-            return str(v)
-    except (TypeError, ValueError):
-        name = getattr(kind, "__name__", str(kind))
-        raise UserError(f"{where}: expected {name}, got {v!r}")
-    return v
+def _coerce(cls, f: dataclasses.Field, v, where: str):
+    """A value as the field is annotated (checks.setting); None (`key:` with no value in YAML) is the default."""
+    if v is None and f.default is not dataclasses.MISSING:
+        return f.default
+    return checks.setting(v, typing.get_type_hints(cls)[f.name], where)
 
 
-def option(default, help: str, type=None):
-    """A documented option field; `type` for options whose default is None."""
-    md = {"help": help}
-    if type is not None:
-        md["type"] = type
-    return dataclasses.field(default=default, metadata=md)
+def option(default, help: str):
+    """A documented option field (its annotation says its type)."""
+    return dataclasses.field(default=default, metadata={"help": help})
 
 
 @dataclasses.dataclass

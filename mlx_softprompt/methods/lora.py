@@ -25,7 +25,7 @@ class LoRAOptions(Options):
     rank: int = option(8, "LoRA rank (mlx-lm's default 8).")
     layers: int = option(16, "Adapt the last N decoder blocks (mlx-lm's default 16).")
     keys: Optional[List[str]] = option(None, "Projections to adapt, e.g. self_attn.q_proj,self_attn.v_proj "
-                                             "(default: mlx-lm's choice).", type=list)
+                                             "(default: mlx-lm's choice).")
     scale: float = option(20.0, "LoRA scale (mlx-lm's default 20).")
 
     def check(self):

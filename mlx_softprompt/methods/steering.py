@@ -28,7 +28,7 @@ STEER_ALPHAS = (0.5, 1.0, 2.0, 4.0, 8.0)
 
 @dataclass
 class SteerOptions(Options):
-    layer: Optional[int] = option(None, "Decoder layer whose output is steered (default: the middle one).", type=int)
+    layer: Optional[int] = option(None, "Decoder layer whose output is steered (default: the middle one).")
     alpha: float = option(1.0, "Scale of the vector.")
 
 
