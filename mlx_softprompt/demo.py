@@ -171,6 +171,13 @@ class DemoConfig:
             self.eval_max_tokens = min(self.eval_max_tokens, 16)
             self.train = {**self.train, "iters": 20, "batch_size": 8, "warmup": 2, "val_every": 10,
                           "save_every": 20, "steps_per_report": 5}
+        from .train import make_args
+
+        try:  # every range checked now, not after the teach stage has run for minutes
+            make_args(None, **{**self.train, **dict.fromkeys(("base", "teacher"), "-"), "out": "-.safetensors",
+                               "method": "softprompt", "objective": "tv", "seed": self.seed, "resume": True})
+        except UserError as e:
+            raise UserError(f"train: {e}") from None
 
 
 def build_script() -> Path:

@@ -394,6 +394,9 @@ CASES = [
                                         "unread_train=many"], "unread_train=many")),
     ("demo-set-unknown-train-key", lambda e: (["demo", "--quick", "--out", str(e["root"] / "d6"), "--set",
                                                "train.iter=5"], "train.iter")),
+    # a value of the right type out of range: refused before the teach stage writes anything
+    ("demo-set-train-out-of-range", lambda e: (["demo", "--quick", "--out", str(e["root"] / "d7"), "--set",
+                                                "train.learning_rate=-1"], "--learning-rate")),
 ]
 
 
