@@ -60,9 +60,9 @@ def test_demo_set_reaches_every_recipe_field(monkeypatch):
     seen = {}
     monkeypatch.setattr(demo, "run", lambda cfg, log=None: seen.setdefault("cfg", cfg) and {})
     monkeypatch.setattr(demo, "summary", lambda report, out: "")
-    r = CliRunner().invoke(app, ["demo", "--out", "unused-out", "--set", "unread_train=0", "--set", "train.iters=9"])
+    r = CliRunner().invoke(app, ["demo", "--out", "unused-out", "--set", "unread_train=0", "--set", "train.iters=90"])
     assert r.exit_code == 0, r.output
-    assert seen["cfg"].unread_train == 0 and seen["cfg"].train["iters"] == 9
+    assert seen["cfg"].unread_train == 0 and seen["cfg"].train["iters"] == 90
 
 
 @pytest.fixture(scope="module")
@@ -85,12 +85,17 @@ def test_demo_config_refuses_training_settings_it_sets_itself():
     for key, value in (("objective", "kl"), ("method", "lora"), ("seed", 3)):
         with pytest.raises(UserError, match=f"train: {key} set by the demo itself"):
             demo.DemoConfig(train={**demo.DemoConfig().train, key: value})
-    cfg = demo.DemoConfig(train={**demo.DemoConfig().train, "iters": 7})  # any other TrainArgs field is taken
-    assert cfg.train["iters"] == 7
+    cfg = demo.DemoConfig(train={**demo.DemoConfig().train, "iters": 70})  # any other TrainArgs field is taken
+    assert cfg.train["iters"] == 70
+    # and range-checked as `train` would, before the teach stage runs (20 warm-up steps need more than 7)
+    with pytest.raises(UserError, match=r"train: --warmup: must be in \[0, 7\), got 20"):
+        demo.DemoConfig(train={**demo.DemoConfig().train, "iters": 7})
     # a misspelt key is refused when the config is made, before the teach stage runs
     with pytest.raises(UserError, match="train: unknown training argument.*learning_rte"):
         demo.DemoConfig(train={**demo.DemoConfig().train, "learning_rte": 0.1})
-    assert demo.DemoConfig(train={"num_tokens": 8, "lora_rank": 4}).train["num_tokens"] == 8  # shorthands too
+    assert demo.DemoConfig(train={"num_tokens": 8, "init": "random"}).train["num_tokens"] == 8  # shorthands too
+    with pytest.raises(UserError, match="train: --lora-rank is an option of lora, not of --method softprompt"):
+        demo.DemoConfig(train={"num_tokens": 8, "lora_rank": 4})  # the demo trains a soft prompt
 
 
 def test_corpus_reproducible_and_shipped(corpus, build):
