@@ -121,7 +121,8 @@ def load(path) -> PromptFile:
     """Read a method file; any damage or a foreign file is a UserError naming the file."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path}: no such prompt file")
+        raise UserError(f"{path}: " + ("is a directory, expected a prompt file (.safetensors)" if path.is_dir()
+                                       else "no such prompt file"))
     check_safetensors(path)
     try:
         tensors, meta = mx.load(str(path), return_metadata=True)
