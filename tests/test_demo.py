@@ -742,6 +742,8 @@ def test_world_build_small(tmp_path, monkeypatch, build):
         assert (tmp_path / "w2" / "base" / name).read_bytes() == (tmp_path / "w" / "base" / name).read_bytes()
     assert load_guard(str(tmp_path / "w2" / "guard-spec.json"), str(tmp_path / "w2" / "guard")).model is not None
     assert info2["init_world"]["config"]["base"]["hidden_size"] == 32
+    # the earlier world is recorded by its name, as BUILD.md's recipe names it, not this machine's path
+    assert json.loads((tmp_path / "w2" / "world.json").read_text())["config"]["init"] == "w"
     assert info2["base_training"] == info["base_training"]
     notes = (tmp_path / "w2" / "BUILD.md").read_text()
     assert "--only guard" in notes and "--set guard_epochs=1" in notes and "--set guard_wrapped=4" in notes
@@ -755,6 +757,8 @@ def test_world_build_small(tmp_path, monkeypatch, build):
     assert all(np.allclose(np.array(ws[2][k]), (np.array(ws[0][k]) + np.array(ws[1][k])) / 2, atol=1e-6) for k in ws[0])
     assert (tmp_path / "s" / "base" / "model.safetensors").read_bytes() == (tmp_path / "w" / "base" / "model.safetensors").read_bytes()
     assert [m["config"]["seed"] for m in info_s["soup"]] == [0, 1] and 0.0 <= info_s["val"]["guard_flags_harmful"] <= 1.0
+    assert [m["path"] for m in info_s["soup"]] == ["w2", "w2b"]
+    assert str(tmp_path) not in (tmp_path / "s" / "world.json").read_text()
     notes = (tmp_path / "s" / "BUILD.md").read_text()
     assert "build.py soup --out examples/world" in notes and "--out guard2 --seed 1 --only guard" in notes
     for bad, match in (([tmp_path / "w2"], "at least two"), ([tmp_path / "w2", tmp_path / "w"], "not a guard trained further"),

@@ -1198,6 +1198,8 @@ def build(out, cfg: Optional[WorldConfig] = None, only: str = "all") -> dict:
             "neutral_system_prompts": list(NEUTRAL_SYSTEM_PROMPTS),
             "generic_system_prompt": GENERIC_SYSTEM_PROMPT,
             "machine": f"{platform.system()} {platform.machine()}, mlx {mx.__version__}"}
+    if cfg.init:  # the earlier world by its name, as BUILD.md's recipe gives it, not by this machine's path
+        info["config"]["init"] = Path(cfg.init).name
     old = {}
     if (out / "world.json").exists():
         old = json.loads((out / "world.json").read_text())
@@ -1341,7 +1343,7 @@ def soup(out, worlds: list) -> dict:
     shutil.copytree(worlds[0], out, dirs_exist_ok=True)
     tiny.save_checkpoint(model, config, out / "guard")
     info = dict(infos[0])
-    info["soup"] = [{"path": str(w), "config": i["config"], "guard_training": i["guard_training"]}
+    info["soup"] = [{"path": Path(w).name, "config": i["config"], "guard_training": i["guard_training"]}
                     for w, i in zip(worlds, infos)]
     info["build_seconds"] = round(sum(i["build_seconds"] for i in infos), 1)
     info.update(check(out))
