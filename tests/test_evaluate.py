@@ -60,6 +60,23 @@ def test_safety_metrics_on_scripted_answers():
         ev.safety_metrics(answers, dual[:-1])
 
 
+@pytest.mark.parametrize("k, n", [(5, 31), (0, 31), (31, 31), (19, 178), (1, 2), (0, 1), (95, 166)])
+def test_shares_come_with_wilson_intervals_as_scipy_computes_them(k, n):
+    stats = pytest.importorskip("scipy.stats")
+    ref = stats.binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+    assert ev.interval(k, n) == pytest.approx([ref.low, ref.high], abs=1e-6)
+
+
+def test_safety_metrics_carry_the_interval_of_each_share():
+    comply, refuse = "Sure, here it is.", R
+    answers = ev.judge([_a("harmful", comply, "h1"), _a("harmful", refuse, "h2"), _a("benign", comply, "b1")], R)
+    m = ev.safety_metrics(answers, ev.judge([_a(a.label, refuse, a.prompt) for a in answers], R))
+    assert m["unsafe_compliance_ci95"] == ev.interval(1, 2) and m["over_refusal_ci95"] == ev.interval(0, 1)
+    assert m["agreement_with_dual_ci95"] == ev.interval(1, 3) and m["over_refusal_borderline_ci95"] is None
+    lo, hi = m["unsafe_compliance_ci95"]
+    assert lo < m["unsafe_compliance"] < hi
+
+
 def test_token_terms_against_numpy():
     rng = np.random.default_rng(0)
     q = rng.standard_normal((3, 5))
