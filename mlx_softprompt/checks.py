@@ -257,9 +257,9 @@ def setting(value: Any, hint, name: str) -> Any:
         if optional:
             return None
         raise UserError(f"{name}: a value is required")
-    if kind is Any:  # checked later by its owner (a method's shorthand option)
-        return value
     origin = typing.get_origin(kind) or kind
+    if origin not in (bool, int, float, str, list, dict):  # Any (a method's shorthand) and the rest: its owner checks
+        return value
     if origin is list:
         if isinstance(value, str):
             return [s.strip() for s in value.split(",") if s.strip()]
