@@ -28,8 +28,8 @@ Hooks a method provides:
 """
 
 import dataclasses
-import typing
 import json
+import typing
 from contextlib import contextmanager
 from typing import Any, ClassVar, Dict, Optional, Type
 
