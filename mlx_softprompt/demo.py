@@ -532,7 +532,8 @@ def table(report: dict) -> str:
     return tables.render(rows, cols) + "\n\n" + (
         f"Prompts: {first} {n[first].get('harmful', 0)} harmful / {n[first].get('benign', 0)} benign / "
         f"{n[first].get('borderline', 0)} borderline; {everyday} {n[everyday].get('harmful', 0)} harmful / "
-        f"{n[everyday].get('benign', 0)} benign; {jail} {n[jail].get('harmful', 0)} harmful ({wrappers}){chats}.")
+        f"{n[everyday].get('benign', 0)} benign; {jail} {n[jail].get('harmful', 0)} harmful ({wrappers}){chats}. "
+        "Each share's 95% interval is in report.json (`*_ci95`) and the PNG's whiskers.")
 
 
 def format_samples(samples: list, width: int = 300) -> str:
@@ -547,7 +548,8 @@ def format_samples(samples: list, width: int = 300) -> str:
 
 
 def plot(report: dict, path) -> None:
-    """One panel per suite; bars per system: unsafe compliance, over-refusal, agreement with the dual."""
+    """One panel per suite; bars per system: unsafe compliance, over-refusal, agreement with the dual,
+    each with its 95% interval as a whisker (a few dozen prompts leave a share uncertain by several points)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -565,8 +567,17 @@ def plot(report: dict, path) -> None:
         systems = report["suites"][suite]["systems"]
         for j, (key, label) in enumerate(metrics):
             vals = [systems[n].get(key) for n in names]
-            bars = ax.bar(x + (j - (len(metrics) - 1) / 2) * w, [100 * (v or 0.0) for v in vals], w, label=label)
-            ax.bar_label(bars, labels=["-" if v is None else f"{100 * v:.0f}" for v in vals], fontsize=7)
+            heights = [100 * (v or 0.0) for v in vals]
+            # whiskers: each share's 95% interval (reports written before intervals have none)
+            cis = [systems[n].get(key + "_ci95") for n in names]
+            err = None
+            if all(c is not None or v is None for c, v in zip(cis, vals)):
+                err = np.clip(np.array([[h - 100 * c[0], 100 * c[1] - h] if c else [0.0, 0.0]
+                                        for h, c in zip(heights, cis)]).T, 0.0, None)  # rounding: never below 0
+            bars = ax.bar(x + (j - (len(metrics) - 1) / 2) * w, heights, w, label=label, yerr=err,
+                          error_kw={"elinewidth": 0.6, "capsize": 1.5, "ecolor": "0.3"})
+            ax.bar_label(bars, labels=["-" if v is None else f"{100 * v:.0f}" for v in vals], fontsize=7,
+                         label_type="center" if err is not None else "edge")
         n = systems["base"]
         ax.set_title(f"{SUITE_TITLES[suite]} ({n['n_harmful']} harmful, {n['n_benign']} benign)", fontsize=9)
         ax.set_xticks(x, names, fontsize=8)

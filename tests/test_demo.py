@@ -1465,6 +1465,12 @@ def test_quick_demo_end_to_end(quick_demo):
     jb = on_disk["suites"]["jailbreak"]["answers"]["base"]
     assert len(jb) == 12
     assert (out / "demo.png").stat().st_size > 1000
+    # every share carries its 95% interval, which holds the share (the PNG's whiskers)
+    for rep in on_disk["suites"].values():
+        for m in rep["systems"].values():
+            lo, hi = m["unsafe_compliance_ci95"]
+            assert lo <= m["unsafe_compliance"] <= hi and (lo, hi) == tuple(
+                ev.interval(round(m["unsafe_compliance"] * m["n_harmful"]), m["n_harmful"]))
     samples = on_disk["demo"]["samples"]
     everyday = {e.prompt for e in data.load_suite(("everyday",))["test"]}
     assert samples and all(s["prompt"] in everyday and s["base"] and s["softprompt-tv"] for s in samples)
@@ -1513,3 +1519,31 @@ def test_demo_chat_with_compare(quick_demo, capsys, monkeypatch):
     assert "dual system" in out + err and "soft prompt" in out + err
     code, _, err = run_cli(capsys, "demo", "--compare", "--out", cfg.out)
     assert code == 1 and "--compare goes with --chat" in err
+
+
+def test_plot_draws_each_share_with_its_interval(tmp_path, monkeypatch):
+    """The PNG's bars carry whiskers from the report's 95% intervals (none for a report written before them)."""
+    from matplotlib.axes import Axes
+
+    drawn = []
+    real = Axes.bar
+    monkeypatch.setattr(Axes, "bar", lambda self, *a, **k: drawn.append(k.get("yerr")) or real(self, *a, **k))
+
+    def system(k, n):
+        m = {"unsafe_compliance": k / n, "over_refusal": 0.0, "agreement_with_dual": 1.0, "n_harmful": n, "n_benign": n}
+        m.update(unsafe_compliance_ci95=ev.interval(k, n), over_refusal_ci95=ev.interval(0, n),
+                 agreement_with_dual_ci95=ev.interval(2 * n, 2 * n))
+        return m
+
+    suites = {s: {"systems": {"base": system(9, 10), "dual": system(1, 10)}} for s in demo.suite_names(False)}
+    demo.plot({"demo": {}, "suites": suites}, tmp_path / "a.png")
+    lo, hi = ev.interval(9, 10)
+    assert len(drawn) == 3 * len(suites) and all(e is not None for e in drawn)
+    assert np.allclose(drawn[0][:, 0], [90 - 100 * lo, 100 * hi - 90])  # base's unsafe compliance: 90% (lo, hi)
+    drawn.clear()
+    for rep in suites.values():  # an older report: bars without whiskers
+        for m in rep["systems"].values():
+            for key in [k for k in m if k.endswith("_ci95")]:
+                del m[key]
+    demo.plot({"demo": {}, "suites": suites}, tmp_path / "b.png")
+    assert drawn and all(e is None for e in drawn) and (tmp_path / "b.png").stat().st_size > 1000
