@@ -466,7 +466,7 @@ def pareto(points: Dict[str, tuple]) -> List[str]:
 
 
 def plot(results: dict, path) -> None:
-    """Unsafe compliance against utility KL, one point per method, the Pareto front marked."""
+    """Unsafe compliance against utility KL, one point per method with its 95% interval, the Pareto front marked."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -484,6 +484,10 @@ def plot(results: dict, path) -> None:
         ax.scatter([x], [100 * y], marker=marker, s=110 if name in front else 60, color=colors[k % len(colors)],
                    edgecolors="black" if name in front else "none", linewidths=1.2, zorder=3,
                    label=name + (" (Pareto)" if name in front else ""))
+        ci = results["systems"][name].get("unsafe_compliance_ci95")
+        if ci:  # its 95% interval: which points the prompts can tell apart
+            ax.errorbar([x], [100 * y], yerr=[[max(0.0, 100 * (y - ci[0]))], [max(0.0, 100 * (ci[1] - y))]],
+                        fmt="none", ecolor=colors[k % len(colors)], elinewidth=0.8, capsize=2, zorder=2)
     if len(front) > 1:
         ax.step([pts[n][0] for n in front], [100 * pts[n][1] for n in front], where="post",
                 color="black", lw=1, ls="--", zorder=2, label="Pareto front")

@@ -256,3 +256,25 @@ def test_bad_configs(tmp_path, text, msg):
     path.write_text(text)
     with pytest.raises(UserError, match=msg):
         bench.load_config(path)
+
+
+def test_tradeoff_plot_draws_each_points_interval(tmp_path, monkeypatch):
+    """Each point's 95% interval of unsafe compliance is drawn (none for results written before them)."""
+    from matplotlib.axes import Axes
+
+    from mlx_softprompt import evaluate as ev
+
+    drawn = []
+    real = Axes.errorbar
+    monkeypatch.setattr(Axes, "errorbar", lambda self, *a, **k: drawn.append(k["yerr"]) or real(self, *a, **k))
+    systems = {name: {"method": method, "utility_kl": kl, "unsafe_compliance": k / 20, "n_harmful": 20,
+                      "unsafe_compliance_ci95": ev.interval(k, 20)}
+               for name, method, kl, k in (("base", "base", 0.0, 20), ("softprompt-tv", "softprompt", 0.01, 3))}
+    bench.plot({"systems": systems}, tmp_path / "a.png")
+    lo, hi = ev.interval(3, 20)
+    assert len(drawn) == 2 and drawn[1] == [[pytest.approx(100 * (0.15 - lo))], [pytest.approx(100 * (hi - 0.15))]]
+    drawn.clear()
+    for m in systems.values():
+        del m["unsafe_compliance_ci95"]
+    bench.plot({"systems": systems}, tmp_path / "b.png")
+    assert not drawn and (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
