@@ -171,13 +171,20 @@ class DemoConfig:
             self.eval_max_tokens = min(self.eval_max_tokens, 16)
             self.train = {**self.train, "iters": 20, "batch_size": 8, "warmup": 2, "val_every": 10,
                           "save_every": 20, "steps_per_report": 5}
-        from .train import make_args
-
         try:  # every range checked now, not after the teach stage has run for minutes
-            make_args(None, **{**self.train, **dict.fromkeys(("base", "teacher"), "-"), "out": "-.safetensors",
-                               "method": "softprompt", "objective": "tv", "seed": self.seed, "resume": True})
+            train_args(self, "-", "-", "-.safetensors")
         except UserError as e:
             raise UserError(f"train: {e}") from None
+
+
+def train_args(cfg: DemoConfig, base: str, teacher: str, out: str):
+    """The demo's training run: its `train` settings, and the ones it sets itself (DEMO_SETS)."""
+    from .train import make_args
+
+    own = {"base": base, "teacher": teacher, "out": out, "method": "softprompt", "objective": "tv",
+           "seed": cfg.seed, "resume": True}
+    assert set(own) == set(DEMO_SETS)
+    return make_args(None, **{**cfg.train, **own})
 
 
 def build_script() -> Path:
@@ -394,10 +401,7 @@ def run(cfg: DemoConfig, log=print) -> dict:
     if model is None:
         model, tok, config = models.load(str(base_path))
     prompt_path = out / f"{SYSTEM}.safetensors"
-    own = {"base": str(base_path), "teacher": tcfg.out, "out": str(prompt_path), "method": "softprompt",
-           "objective": "tv", "seed": cfg.seed, "resume": True}
-    assert set(own) == set(DEMO_SETS)
-    args = trainer.make_args(None, **{**cfg.train, **own})
+    args = train_args(cfg, str(base_path), tcfg.out, str(prompt_path))
     train_summary = trainer.train(args, model_bundle=(model, tok, config), log=log)
     times["train"] = time.perf_counter() - tic
 
