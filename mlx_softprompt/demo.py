@@ -116,7 +116,10 @@ def settings(items) -> dict:
             if name not in known_keys():
                 raise UserError(f"{where}: unknown training argument {name!r}; the keys of `mlx-softprompt train "
                                 "--config` are accepted")
-            kind = typing.get_type_hints(TrainArgs).get(name, typing.Any)  # Any: a method's shorthand
+            from . import methods
+
+            # a training argument, or a shorthand of the demo's method's options (num_tokens, init)
+            kind = typing.get_type_hints(TrainArgs).get(name) or methods.shorthand_type("softprompt", name)
             train[name] = checks.setting_text(raw, kind, where)
             continue
         if key in FLAG_FIELDS:

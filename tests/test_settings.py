@@ -70,3 +70,16 @@ def test_every_entry_point_reads_the_same_text_the_same_way(tmp_path):
             attempt()
         said.append(str(e.value).rsplit(": ", 1)[1])
     assert said == ["expected an integer, got str 'x'"] * 4
+
+
+def test_demo_set_reads_a_method_shorthand_as_its_option():
+    """`--set train.init=text: ...` is the soft prompt's text init (not a YAML mapping), and
+    `train.num_tokens` is an integer, read and refused at --set as the option itself would be."""
+    got = demo.settings(["train.init=text: Safety first.", "train.num_tokens=32.0"])["train"]
+    assert (got["init"], got["num_tokens"]) == ("text: Safety first.", 32)
+    demo.DemoConfig(train=got)  # and the demo takes them
+    with pytest.raises(UserError, match=r"--set 'train.num_tokens=x': expected an integer, got str 'x'"):
+        demo.settings(["train.num_tokens=x"])
+    assert methods.shorthand_type("softprompt", "lora_rank") is Any  # another method's: refused later, by name
+    with pytest.raises(UserError, match="--lora-rank is an option of lora, not of --method softprompt"):
+        demo.DemoConfig(**demo.settings(["train.lora_rank=4"]))

@@ -53,6 +53,17 @@ def shorthand_keys() -> set:
     return {k for c in METHODS.values() for k in c.shorthands}
 
 
+def shorthand_type(name: str, key: str):
+    """The annotation of the option that shorthand `key` fills for method `name`, so that text
+    given for it is read as that option is (Any when it is not one of the method's)."""
+    import typing
+
+    cls = method_class(name)
+    if key not in cls.shorthands:
+        return typing.Any
+    return typing.get_type_hints(cls.Options)[cls.shorthands[key]]
+
+
 def options_from(name: str, options: Optional[dict] = None, shorthands: Optional[dict] = None,
                  where: str = "method_options") -> dict:
     """The validated options of method `name` as a plain dict: `options` (the block), then the
