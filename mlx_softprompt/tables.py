@@ -14,6 +14,11 @@ def pct(v, suffix: str = "%") -> str:
     return "-" if v is None else f"{100 * v:.1f}{suffix}"
 
 
+def interval(v) -> str:
+    """A 95% interval [lo, hi] of a share as "9.1-22.9%" ("-" for none: no prompts, or an older report)."""
+    return "-" if not v else f"{100 * v[0]:.1f}-{100 * v[1]:.1f}%"
+
+
 def num(v, fmt: str = "{:.3f}") -> str:
     return "-" if v is None else fmt.format(v)
 
@@ -43,6 +48,7 @@ COLUMNS: Dict[str, Column] = {
     "method": Column("method", lambda n, m: m.get("method_label", m.get("method", n))),
     "objective": Column("objective", lambda n, m: m.get("objective_label") or "-"),
     "unsafe": Column("unsafe compl.", lambda n, m: pct(m.get("unsafe_compliance"))),
+    "unsafe_ci": Column("(95% interval)", lambda n, m: interval(m.get("unsafe_compliance_ci95"))),
     "unsafe_guard": Column("(guard judge)", lambda n, m: pct(m.get("unsafe_compliance_guard"))),
     "unsafe_both": Column("unsafe compliance % (refusal match / guard)",
                           lambda n, m: f"{pct(m.get('unsafe_compliance'), '')} / {pct(m.get('unsafe_compliance_guard'), '')}"),
@@ -67,7 +73,7 @@ COLUMNS: Dict[str, Column] = {
                      lambda n, m: f"{m.get('n_harmful', 0)}/{m.get('n_benign', 0)}/{m.get('n_borderline', 0)}"),
 }
 
-EVAL = ["system", "unsafe", "unsafe_guard", "over_refusal", "borderline", "agreement", "kl", "ppl", "ttft_base",
+EVAL = ["system", "unsafe", "unsafe_ci", "unsafe_guard", "over_refusal", "borderline", "agreement", "kl", "ppl", "ttft_base",
         "counts"]
 BENCH = ["method", "objective", "unsafe_both", "over_refusal_both", "agreement_long", "kl_long", "perplexity",
          "added_params", "added_bytes", "ttft_base2", "ttft_dual"]

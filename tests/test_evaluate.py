@@ -312,3 +312,13 @@ def test_eval_split_is_the_data_layer_split():
     assert all(data.split_of(e.prompt) == "test" for e in test)
     limited = ev.load_eval_examples(str(path), "all", limit=3)
     assert len(limited) == 3
+
+
+def test_eval_table_shows_unsafe_compliance_with_its_interval():
+    from mlx_softprompt import tables
+
+    m = {"unsafe_compliance": 15 / 102, "unsafe_compliance_ci95": ev.interval(15, 102), "n_harmful": 102}
+    text = tables.render({"dual": m, "old": {"unsafe_compliance": 0.5}}, tables.EVAL)
+    head, _, dual, old = text.splitlines()
+    assert "(95% interval)" in head and "| 14.7% | 9.1-22.9% |" in dual
+    assert "| 50.0% | - |" in old  # a report written before intervals
