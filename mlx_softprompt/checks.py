@@ -238,6 +238,17 @@ def of_type(value: Any, kind, name: str) -> Any:
     raise UserError(f"{name}: expected {want}, got {type(value).__name__} {_short(value)}")
 
 
+def _unwrap_optional(hint) -> tuple:
+    """(the annotated kind, whether None is allowed) for `X` or `Optional[X]`."""
+    import typing
+
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is typing.Union and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return rest[0], True
+    return hint, False
+
+
 def setting(value: Any, hint, name: str) -> Any:
     """A setting read from YAML, JSON or a command line, as its dataclass field is annotated
     (bool, int, float, str, List[str], dict, Any, or Optional of one), or a UserError naming it.
@@ -248,9 +259,7 @@ def setting(value: Any, hint, name: str) -> Any:
     a list; null or "none" is None for an Optional field; a float must be finite."""
     import typing
 
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    optional = typing.get_origin(hint) is typing.Union and len(args) < len(typing.get_args(hint))
-    kind = args[0] if optional else hint
+    kind, optional = _unwrap_optional(hint)
     if optional and isinstance(value, str) and value.strip().lower() in ("none", "null"):
         value = None
     if value is None:
@@ -272,11 +281,10 @@ def setting(value: Any, hint, name: str) -> Any:
             return str(value)
         return of_type(value, str, name)
     if origin in (int, float) and isinstance(value, str):
-        try:
-            value = float(value.strip()) if origin is float else int(value.strip())
-        except ValueError:
+        for parse in (int, float) if origin is int else (float,):  # "5.0" for an int: integral, below
             try:
-                value = float(value.strip())  # "5.0" for an int: integral, below
+                value = parse(value.strip())
+                break
             except ValueError:
                 pass
     if origin is int and isinstance(value, float) and math.isfinite(value) and value == int(value):
@@ -287,12 +295,9 @@ def setting(value: Any, hint, name: str) -> Any:
 def setting_text(text: str, hint, name: str) -> Any:
     """A setting given as text (`--set KEY=VALUE`): read as a YAML scalar (true, 3e-3, [a, b], null),
     the text itself for a str field (a path stays a path), then `setting`."""
-    import typing
-
     import yaml
 
-    kinds = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
-    if kinds[0] is str and text.strip().lower() not in ("none", "null"):
+    if _unwrap_optional(hint)[0] is str and text.strip().lower() not in ("none", "null"):
         return text.strip()
     try:
         value = yaml.safe_load(text) if text.strip() else None

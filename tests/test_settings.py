@@ -3,7 +3,7 @@ builder's `--set` all read a value as its dataclass field is annotated (checks.s
 same text means the same thing, and is refused with the same words, wherever it is given."""
 
 import math
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 import pytest
 
@@ -45,6 +45,9 @@ def test_setting_text_keeps_a_path_as_text():
     assert checks.setting_text("none", Optional[str], "w") is None
     assert checks.setting_text("[1, 2]", Any, "w") == [1, 2]
     assert checks.setting_text("", Optional[int], "w") is None
+    # only the str of str / Optional[str] keeps its text: a list or a mapping of strings is read
+    assert checks.setting_text("a, b", List[str], "w") == ["a", "b"]
+    assert checks.setting_text("{a: 1}", Dict[str, int], "w") == {"a": 1}
 
 
 def test_every_entry_point_reads_the_same_text_the_same_way(tmp_path):

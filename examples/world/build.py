@@ -39,7 +39,7 @@ import math
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache, partial
 from pathlib import Path
 from typing import Optional
@@ -1746,8 +1746,7 @@ def check_config(cfg: WorldConfig) -> None:
 
 def set_field(cfg: WorldConfig, item: str) -> None:
     """Apply one KEY=VALUE (dotted for a model size) to the config: VALUE read as a YAML scalar,
-    then as the field is annotated
-    (checks.setting_text, as `demo --set`)."""
+    then as the field is annotated (checks.setting_text, as `demo --set`)."""
     import typing
 
     from mlx_softprompt import checks
