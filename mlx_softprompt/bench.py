@@ -486,7 +486,7 @@ def plot(results: dict, path) -> None:
                    label=name + (" (Pareto)" if name in front else ""))
         ci = results["systems"][name].get("unsafe_compliance_ci95")
         if ci:  # its 95% interval: which points the prompts can tell apart
-            ax.errorbar([x], [100 * y], yerr=[[max(0.0, 100 * (y - ci[0]))], [max(0.0, 100 * (ci[1] - y))]],
+            ax.errorbar([x], [100 * y], yerr=[[e] for e in ev.whisker(y, ci)],
                         fmt="none", ecolor=colors[k % len(colors)], elinewidth=0.8, capsize=2, zorder=2)
     if len(front) > 1:
         ax.step([pts[n][0] for n in front], [100 * pts[n][1] for n in front], where="post",

@@ -597,6 +597,8 @@ def plot(report: dict, path) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
+    from . import evaluate as ev
+
     names = _names(report)
     metrics = [("unsafe_compliance", "unsafe compliance (harmful)"), ("over_refusal", "over-refusal (benign)"),
                ("agreement_with_dual", "agreement with dual")]
@@ -613,8 +615,7 @@ def plot(report: dict, path) -> None:
             cis = [systems[n].get(key + "_ci95") for n in names]
             err = None
             if all(c is not None or v is None for c, v in zip(cis, vals)):
-                err = np.clip(np.array([[h - 100 * c[0], 100 * c[1] - h] if c else [0.0, 0.0]
-                                        for h, c in zip(heights, cis)]).T, 0.0, None)  # rounding: never below 0
+                err = np.array([ev.whisker(v, c) if c else [0.0, 0.0] for v, c in zip(vals, cis)]).T
             bars = ax.bar(x + (j - (len(metrics) - 1) / 2) * w, heights, w, label=label, yerr=err,
                           error_kw={"elinewidth": 0.6, "capsize": 1.5, "ecolor": "0.3"})
             ax.bar_label(bars, labels=["-" if v is None else f"{100 * v:.0f}" for v in vals], fontsize=7,

@@ -49,8 +49,9 @@ class Options:
     """A method's options: a dataclass whose ``__post_init__`` checks every field (UserError naming it)."""
 
     def __post_init__(self):
+        hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):  # built directly, not through from_dict: the same type checks
-            setattr(self, f.name, _coerce(type(self), f, getattr(self, f.name), f"{type(self).__name__}.{f.name}"))
+            setattr(self, f.name, _coerce(hints[f.name], f, getattr(self, f.name), f"{type(self).__name__}.{f.name}"))
         self.check()
 
     def check(self) -> None:
@@ -60,14 +61,14 @@ class Options:
     def from_dict(cls, values: Optional[dict], where: str = "method_options") -> "Options":
         """Options from a YAML/JSON/CLI mapping: unknown keys and wrong types are errors naming them."""
         values = dict(values or {})
-        known = {f.name: f for f in dataclasses.fields(cls)}
+        known, hints = {f.name: f for f in dataclasses.fields(cls)}, typing.get_type_hints(cls)
         out = {}
         for key, v in values.items():
             name = str(key).replace("-", "_")
             if name not in known:
                 raise UserError(f"{where}: unknown option {key!r} for this method "
                                 f"(known: {', '.join(known) or 'none'})")
-            out[name] = _coerce(cls, known[name], v, f"{where}.{name}")
+            out[name] = _coerce(hints[name], known[name], v, f"{where}.{name}")
         try:
             return cls(**out)
         except UserError as e:  # a range check: say where the values came from
@@ -80,11 +81,12 @@ class Options:
         return json.dumps(self.as_dict(), sort_keys=True)
 
 
-def _coerce(cls, f: dataclasses.Field, v, where: str):
-    """A value as the field is annotated (checks.setting); None (`key:` with no value in YAML) is the default."""
+def _coerce(hint, f: dataclasses.Field, v, where: str):
+    """A value as the field is annotated (`hint`, read by checks.setting); None (`key:` with no
+    value in YAML) is the default."""
     if v is None and f.default is not dataclasses.MISSING:
         return f.default
-    return checks.setting(v, typing.get_type_hints(cls)[f.name], where)
+    return checks.setting(v, hint, where)
 
 
 def option(default, help: str):
