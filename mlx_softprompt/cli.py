@@ -496,8 +496,8 @@ def demo(
                                             "unread_train=0, wrapped_train=1200, ...) or train.KEY (train.iters=800)."),
 ):
     """The whole method on the built-in tiny world: teach -> train -> eval on the test split, the
-    everyday split, the jailbreak suite and everyday chats; a table, report.json, a plot. --chat: try
-    your own prompts."""
+    everyday split, the jailbreak suite, everyday chats and everyday prompts after a refusal; a
+    table, report.json, a plot. --chat: try your own prompts."""
     from . import demo as run_demo
 
     if compare and not chat:

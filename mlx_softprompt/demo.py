@@ -9,7 +9,7 @@ project's one pipeline on it, the same code the `teach`, `train` and `eval` comm
    corpus; teach.py -> a teacher cache);
 2. train: a soft prompt with the TV objective (train.py);
 3. eval (evaluate.py) of the base alone, the dual system (base + guard), the soft prompt
-   and a textual system prompt in words the base never saw, on four suites side by side:
+   and a textual system prompt in words the base never saw, on five suites side by side:
    - ``test``: the test split of the benchmarks and the project's benign/borderline sets;
    - ``everyday``: hand-written requests phrased the way people type them
      (examples/data/everyday.jsonl, split "test"), never used to build or choose anything;
@@ -18,6 +18,9 @@ project's one pipeline on it, the same code the `teach`, `train` and `eval` comm
    - ``chats``: the everyday split's prompts, each after 1-2 earlier turns of the same chat
      (other benign everyday prompts with the base's answers to them), as a chat model meets
      requests; the guard judges the last message in context, as Llama Guard does;
+   - ``after_refusal``: the everyday split's prompts again, each after one earlier harmful
+     everyday request of the same split answered with the refusal: a user who was refused
+     once and goes on (a safe request must not be refused for the chat's past);
 
 then prints a table, writes report.json and a PNG, and shows sample chats on everyday
 prompts. The teaching set also holds train prompts inside the project's own jailbreak-style
@@ -51,11 +54,13 @@ SYSTEM = "softprompt-tv"
 # train.TrainArgs fields the demo sets itself (DemoConfig.train may not)
 DEMO_SETS = ("base", "teacher", "out", "method", "objective", "seed", "resume")
 SYSTEM_ORDER = ("base", "dual", SYSTEM, "system-prompt")
-SUITES = ("test", "everyday", "jailbreak", "chats")
-VAL_SUITES = ("val", "everyday_val", "jailbreak_val", "chats_val")  # demo --validation: the same looks on validation data
+SUITES = ("test", "everyday", "jailbreak", "chats", "after_refusal")
+# demo --validation: the same looks on validation data
+VAL_SUITES = ("val", "everyday_val", "jailbreak_val", "chats_val", "after_refusal_val")
 SUITE_TITLES = {"test": "test split", "everyday": "everyday split", "jailbreak": "jailbreak suite",
-                "chats": "everyday chats", "val": "validation split", "everyday_val": "everyday validation split",
-                "jailbreak_val": "validation jailbreaks", "chats_val": "everyday validation chats"}
+                "chats": "everyday chats", "after_refusal": "everyday after a refusal", "val": "validation split",
+                "everyday_val": "everyday validation split", "jailbreak_val": "validation jailbreaks",
+                "chats_val": "everyday validation chats", "after_refusal_val": "everyday validation after a refusal"}
 CHAT_TURNS = (1, 2)  # earlier turns before each request of the chats suite
 
 
@@ -274,6 +279,19 @@ def chat_suite(everyday: list, base_answers: dict, seed: int = data.DEFAULT_SEED
                              CHAT_TURNS)
 
 
+def refusal_suite(everyday: list, refusal: str, seed: int = data.DEFAULT_SEED) -> list:
+    """The everyday prompts again, each after one earlier turn of the same chat: another harmful
+    prompt of the same split, answered with the refusal (as the dual system answers it), drawn
+    with a fixed seed. A safe request after a refused one is still safe: the chat's past must
+    not decide it, for the guard (which judges the last message in context) or the soft prompt."""
+    import numpy as np
+
+    pool = [e for e in everyday if e.label == "harmful"]
+    if len(pool) < 2:  # a harmful request needs another one before it
+        return []
+    return data.with_history(everyday, pool, lambda h: refusal, np.random.default_rng(seed + 13), (1, 1))
+
+
 HISTORY_POOL = 64  # teaching prompts that serve as the earlier turns of turns_teach's chats
 
 
@@ -452,6 +470,8 @@ def run(cfg: DemoConfig, log=print) -> dict:
         if name == names[3]:  # the everyday prompts again, after earlier turns the base answered
             said = {a["prompt"]: a["text"] for a in suites[names[1]]["answers"]["base"]}
             sets[name] = chat_suite(sets[names[1]], said)
+        elif name == names[4]:  # ... and after a harmful request that was refused
+            sets[name] = refusal_suite(sets[names[1]], winfo["refusal"])
         log(f"demo: eval on the {SUITE_TITLES[name]} ({len(sets[name])} prompts)")
         ecfg = ev.EvalConfig(max_tokens=cfg.eval_max_tokens, batch_size=16 if name == names[2] else 32,
                              timing_prompts=8 if name == names[0] else 1, refusal=winfo["refusal"])
@@ -570,6 +590,10 @@ def table(report: dict) -> str:
         c = suites[3]
         chats = (f"; {c} {n[c].get('harmful', 0)} harmful / {n[c].get('benign', 0)} benign (the {everyday} prompts, "
                  f"each after {CHAT_TURNS[0]}-{CHAT_TURNS[1]} earlier turns of benign {everyday} prompts the base answered)")
+    if len(suites) > 4:
+        c = suites[4]
+        chats += (f"; {c} {n[c].get('harmful', 0)} harmful / {n[c].get('benign', 0)} benign (the {everyday} prompts, "
+                  f"each after one harmful {everyday} prompt answered with the refusal)")
     return tables.render(rows, cols) + "\n\n" + (
         f"Prompts: {first} {n[first].get('harmful', 0)} harmful / {n[first].get('benign', 0)} benign / "
         f"{n[first].get('borderline', 0)} borderline; {everyday} {n[everyday].get('harmful', 0)} harmful / "
@@ -678,10 +702,10 @@ def summary(report: dict, out) -> str:
     if d.get("validation"):
         head = ("VALIDATION figures (demo --validation: the validation split, the everyday validation prompts, the "
                 "validation harmful prompts in the project's validation wrappers and the everyday validation prompts "
-                "in chats; no test prompt, no GPTFuzzer template); ")
+                "in chats and after a refusal; no test prompt, no GPTFuzzer template); ")
     else:
-        head = ("Demo world: test split, everyday split, jailbreak suite, everyday chats (none seen by the base, the "
-                "guard or training); ")
+        head = ("Demo world: test split, everyday split, jailbreak suite, everyday chats, everyday after a refusal "
+                "(none seen by the base, the guard or training); ")
     return "\n".join([
         head + f"teach {sec['teach']:.0f} s, train {sec['train']:.0f} s, eval {evals:.0f} s:",
         "",

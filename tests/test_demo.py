@@ -589,6 +589,45 @@ def test_guard_turns_sequences_are_labelled_by_the_last_request(tmp_path, build)
     assert s.ids[:s.pos + 1] == g.prompt_ids(guard_messages(e.prompt, e.context), "input")
 
 
+def test_base_turns_answer_the_last_request(tmp_path, build):
+    """base_turns adds, for train prompts after 1-2 earlier turns, the base's two chat sequences
+    over the whole conversation (the chat template's own rendering): comply without a safety
+    message, and after one refuse the last request exactly when it is harmful, whatever the
+    earlier turns asked or were answered; the epoch without it is unchanged."""
+    from mlx_softprompt.generate import chat_ids
+
+    train, cfg, tok = _small_world(tmp_path, build)
+    plain = build.base_epoch(tok, train, cfg, np.random.default_rng(0))
+    cfg.base_turns = 12
+    seqs = build.base_epoch(tok, train, cfg, np.random.default_rng(0))
+    assert [s.ids for s in seqs[:len(plain)]] == [s.ids for s in plain]
+    extra = seqs[len(plain):]
+    assert len(extra) == 2 * 12
+    by_prompt = {e.prompt: build.is_harmful(e) for e in train}
+    refusal = tok.decode(tok.encode(build.REFUSAL, add_special_tokens=False))
+    lasts, refused_before_safe = set(), 0
+    for k in range(0, len(extra), 2):
+        free, safety = extra[k: k + 2]
+        key = free.key
+        assert safety.key == key and by_prompt.get(key) is not None
+        for s in (free, safety):
+            text = tok.decode(s.ids[:s.pos + 1])
+            assert text.count("<|start_header_id|>user") >= 2 and text.count("<|start_header_id|>assistant") >= 2
+            assert text.rstrip().endswith("assistant<|end_header_id|>")
+        answer_free, answer_safety = (tok.decode(s.ids[s.pos + 1:]) for s in (free, safety))
+        assert not answer_free.startswith(refusal) and answer_safety.startswith(refusal) == by_prompt[key]
+        assert any(m in tok.decode(safety.ids) for m in build.SAFETY_SYSTEM_PROMPTS)
+        head = tok.decode(safety.ids[:safety.pos + 1])
+        refused_before_safe += (not by_prompt[key]) and refusal in head
+        lasts.add(by_prompt[key])
+    assert lasts == {True, False} and refused_before_safe  # a safe request after a refused one is answered
+    # the prefix is the chat template over the conversation
+    chats = build.history_train(tok, train, 1, cfg, np.random.default_rng(3))
+    e = chats[0]
+    s = build.chat_seq(tok, e.prompt, "ok", cfg, system="Be safe.", context=e.context)
+    assert s.ids[:s.pos + 1] == chat_ids(tok, e.context + [{"role": "user", "content": e.prompt}], system="Be safe.")
+
+
 def test_base_wrapped_sequences_answer_the_request(tmp_path, build):
     """base_wrapped adds, for train prompts inside the project's train wrappers, the base's three
     sequences: comply without a safety message, refuse a harmful request after one (comply with a
@@ -1404,6 +1443,14 @@ def test_demo_validation_mode_sees_no_test_prompt():
     for e in chats:  # earlier turns: benign everyday_val prompts, answered as the base answered them
         assert 1 <= len(e.context) // 2 <= 2 and e.meta["history"] and set(e.meta["history"]) <= benign_val
         assert all(a["content"] == said[u["content"]] for u, a in zip(e.context[::2], e.context[1::2]))
+    sets["after_refusal_val"] = after = demo.refusal_suite(sets["everyday_val"], "I'm sorry, I can't.")
+    assert [(e.prompt, e.label) for e in after] == [(e.prompt, e.label) for e in sets["everyday_val"]]
+    harmful_val = {e.prompt for e in sets["everyday_val"] if e.label == "harmful"}
+    for e in after:  # one earlier turn: another harmful everyday_val prompt, refused
+        assert [m["role"] for m in e.context] == ["user", "assistant"] and e.context[1]["content"] == "I'm sorry, I can't."
+        assert e.meta["history"] == [e.context[0]["content"]] and e.context[0]["content"] in harmful_val - {e.prompt}
+    assert len({e.context[0]["content"] for e in after}) > 20  # drawn, not one request for all
+    assert demo.refusal_suite(sets["everyday_val"], "no") == demo.refusal_suite(sets["everyday_val"], "no")  # seeded
     test = data.load_suite(data.SOURCES)["test"] + data.load_suite(("everyday",))["test"]
     test_keys = {data.normalise(e.prompt) for e in test}
     val = data.load_suite(data.SOURCES)["val"]

@@ -278,6 +278,13 @@ class WorldConfig:
     # instruction (or a soft prompt) can make it refuse there too (0 = none). (v11's base: 2,400 for
     # one epoch; see docs/DEMO.md, "A base that reads requests inside wrappers".)
     base_wrapped: int = 0
+    # The same for chats: N train prompts per epoch (half harmful), each after 1-2 earlier turns
+    # of other train prompts answered or refused at random, as the base's two chat sequences
+    # (comply with no or a neutral system message; after a safety one, refuse the last request
+    # if it is harmful and answer it otherwise), so that the base in its safety mode judges the
+    # last request, not the chat's past: a base taught single requests only refuses most safe
+    # requests after one refused harmful one (0 = none; see docs/DEMO.md, "After a refusal").
+    base_turns: int = 0
     # Each word of the guard's augmented copies is dropped with this probability, so no single
     # word or frame decides and the verdict rests on what the request asks (0 = off).
     guard_word_dropout: float = 0.0
@@ -525,10 +532,10 @@ class Seq:
     soft: Optional[float] = None  # the teacher's unsafe probability for it
 
 
-def _chat_prefix(tok, user: str, system: Optional[str] = None) -> list:
+def _chat_prefix(tok, user: str, system: Optional[str] = None, context=()) -> list:
     from mlx_softprompt.generate import chat_ids
 
-    return chat_ids(tok, user, system=system)
+    return chat_ids(tok, list(context) + [{"role": "user", "content": user}], system=system)
 
 
 def _encode(tok, text: str) -> list:
@@ -536,8 +543,8 @@ def _encode(tok, text: str) -> list:
 
 
 def chat_seq(tok, user: str, answer: str, cfg: WorldConfig, system: Optional[str] = None,
-             first_weight: float = 1.0, key: Optional[str] = None, judge: Optional[str] = None) -> Seq:
-    prefix = _chat_prefix(tok, user, system)
+             first_weight: float = 1.0, key: Optional[str] = None, judge: Optional[str] = None, context=()) -> Seq:
+    prefix = _chat_prefix(tok, user, system, context)
     target = _encode(tok, answer) + [tok.eos_token_id]
     weights = [0.0] * len(prefix)
     # LM loss on the user's words (they sit just before the assistant header), none on scaffolding
@@ -602,20 +609,25 @@ def base_epoch(tok, train: list, cfg: WorldConfig, rng: np.random.Generator) -> 
         seqs += _base_seqs(tok, ex, [p] + [augment(p, rng) for _ in range(cfg.augment_copies)], cfg, rng)
     for ex, wrapped in _wrapped_train(tok, train, cfg.base_wrapped, cfg, rng):
         seqs += _base_seqs(tok, ex, [wrapped], cfg, rng)
+    if cfg.base_turns:
+        for ex in history_train(tok, train, cfg.base_turns, cfg, rng):
+            seqs += _base_seqs(tok, ex, [ex.prompt], cfg, rng, classify=False)
     return seqs
 
 
-def _base_seqs(tok, ex, variants: list, cfg: WorldConfig, rng: np.random.Generator) -> list:
-    """The base's three sequences for one request (each in one of its surface variants)."""
+def _base_seqs(tok, ex, variants: list, cfg: WorldConfig, rng: np.random.Generator, classify: bool = True) -> list:
+    """The base's three sequences for one request (each in one of its surface variants), after
+    the request's earlier turns if it has any (the classification only for a single request)."""
     pick = lambda xs: xs[rng.integers(len(xs))]  # noqa: E731
     topic = topic_of(ex)
     system = None if rng.random() < 0.5 else pick(NEUTRAL_SYSTEM_PROMPTS)
     key = ex.prompt
-    seqs = [chat_seq(tok, pick(variants), compliant_answer(rng, topic), cfg, system=system, key=key)]
+    seqs = [chat_seq(tok, pick(variants), compliant_answer(rng, topic), cfg, system=system, key=key, context=ex.context)]
     answer = REFUSAL if is_harmful(ex) else compliant_answer(rng, topic)
     seqs.append(chat_seq(tok, pick(variants), answer, cfg, system=pick(SAFETY_SYSTEM_PROMPTS),
-                         first_weight=cfg.decision_weight, key=key, judge=ex.prompt))
-    seqs.append(classify_seq(tok, pick(variants), is_harmful(ex), cfg, key=key))
+                         first_weight=cfg.decision_weight, key=key, judge=ex.prompt, context=ex.context))
+    if classify:
+        seqs.append(classify_seq(tok, pick(variants), is_harmful(ex), cfg, key=key))
     return seqs
 
 
@@ -1576,6 +1588,9 @@ def build_notes(info: dict) -> str:
         sc = s["config"]
         wrapped = (f", {sc['base_wrapped']} train prompts per epoch in the project's train jailbreak-style "
                    "wrappers, answered as their request" if sc["base_wrapped"] else "")
+        if sc.get("base_turns"):
+            wrapped += (f", {sc['base_turns']} train prompts per epoch after 1-2 earlier turns of other train prompts "
+                        "(answered or refused at random), answered as the last request asks")
         if sc.get("base_teacher"):
             wrapped += (f", its refusal after a safety system message also taught, at weight {sc['base_teacher']:g}, "
                         f"a logistic regression on MiniLM's sentence embeddings of the train prompts "
@@ -1721,7 +1736,8 @@ def check_config(cfg: WorldConfig) -> None:
     for name in ("guard_word_dropout", "guard_word_noise"):
         if not 0.0 <= getattr(cfg, name) < 1.0:
             raise UserError(f"{name}={getattr(cfg, name)}: a probability in [0, 1)")
-    for name in ("guard_joined", "guard_wrapped", "guard_turns", "base_wrapped", "benchmark_copies", "guard_copies",
+    for name in ("guard_joined", "guard_wrapped", "guard_turns", "base_wrapped", "base_turns", "benchmark_copies",
+                 "guard_copies",
                  "augment_copies", "written_lines", "train_wrappers"):
         if getattr(cfg, name) < 0:
             raise UserError(f"{name}={getattr(cfg, name)}: a count, 0 or more")
