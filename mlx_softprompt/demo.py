@@ -585,15 +585,10 @@ def table(report: dict) -> str:
     jb = report["demo"]["jailbreak"]
     wrappers = (f"in {jb['rounds']} of the project's {jb.get('n_templates', '?')} validation wrappers each"
                 if report["demo"].get("validation") else f"in {min(jb['rounds'], 77)} of GPTFuzzer's templates each")
-    chats = ""
-    if len(suites) > 3:
-        c = suites[3]
-        chats = (f"; {c} {n[c].get('harmful', 0)} harmful / {n[c].get('benign', 0)} benign (the {everyday} prompts, "
-                 f"each after {CHAT_TURNS[0]}-{CHAT_TURNS[1]} earlier turns of benign {everyday} prompts the base answered)")
-    if len(suites) > 4:
-        c = suites[4]
-        chats += (f"; {c} {n[c].get('harmful', 0)} harmful / {n[c].get('benign', 0)} benign (the {everyday} prompts, "
-                  f"each after one harmful {everyday} prompt answered with the refusal)")
+    before = (f"{CHAT_TURNS[0]}-{CHAT_TURNS[1]} earlier turns of benign {everyday} prompts the base answered",
+              f"one harmful {everyday} prompt answered with the refusal")  # the chats, after a refusal
+    chats = "".join(f"; {c} {n[c].get('harmful', 0)} harmful / {n[c].get('benign', 0)} benign (the {everyday} "
+                    f"prompts, each after {what})" for c, what in zip(suites[3:], before))
     return tables.render(rows, cols) + "\n\n" + (
         f"Prompts: {first} {n[first].get('harmful', 0)} harmful / {n[first].get('benign', 0)} benign / "
         f"{n[first].get('borderline', 0)} borderline; {everyday} {n[everyday].get('harmful', 0)} harmful / "

@@ -589,6 +589,18 @@ def test_guard_turns_sequences_are_labelled_by_the_last_request(tmp_path, build)
     assert s.ids[:s.pos + 1] == g.prompt_ids(guard_messages(e.prompt, e.context), "input")
 
 
+def _base_epoch_extra(tmp_path, build, **settings):
+    """A small world's base epoch with `settings` on: the sequences they add after the plain
+    epoch's, which they leave unchanged (the same seed draws the same plain part)."""
+    train, cfg, tok = _small_world(tmp_path, build)
+    plain = build.base_epoch(tok, train, cfg, np.random.default_rng(0))
+    for key, value in settings.items():
+        setattr(cfg, key, value)
+    seqs = build.base_epoch(tok, train, cfg, np.random.default_rng(0))
+    assert [s.ids for s in seqs[:len(plain)]] == [s.ids for s in plain]
+    return train, cfg, tok, seqs[len(plain):]
+
+
 def test_base_turns_answer_the_last_request(tmp_path, build):
     """base_turns adds, for train prompts after 1-2 earlier turns, the base's two chat sequences
     over the whole conversation (the chat template's own rendering): comply without a safety
@@ -596,12 +608,7 @@ def test_base_turns_answer_the_last_request(tmp_path, build):
     earlier turns asked or were answered; the epoch without it is unchanged."""
     from mlx_softprompt.generate import chat_ids
 
-    train, cfg, tok = _small_world(tmp_path, build)
-    plain = build.base_epoch(tok, train, cfg, np.random.default_rng(0))
-    cfg.base_turns = 12
-    seqs = build.base_epoch(tok, train, cfg, np.random.default_rng(0))
-    assert [s.ids for s in seqs[:len(plain)]] == [s.ids for s in plain]
-    extra = seqs[len(plain):]
+    train, cfg, tok, extra = _base_epoch_extra(tmp_path, build, base_turns=12)
     assert len(extra) == 2 * 12
     by_prompt = {e.prompt: build.is_harmful(e) for e in train}
     refusal = tok.decode(tok.encode(build.REFUSAL, add_special_tokens=False))
@@ -633,12 +640,7 @@ def test_base_wrapped_sequences_answer_the_request(tmp_path, build):
     sequences: comply without a safety message, refuse a harmful request after one (comply with a
     safe one), classify by the request; the epoch without it is unchanged and the val wrappers
     stay unseen."""
-    train, cfg, tok = _small_world(tmp_path, build)
-    plain = build.base_epoch(tok, train, cfg, np.random.default_rng(0))
-    cfg.base_wrapped = 10
-    seqs = build.base_epoch(tok, train, cfg, np.random.default_rng(0))
-    assert [s.ids for s in seqs[:len(plain)]] == [s.ids for s in plain]
-    extra = seqs[len(plain):]
+    train, cfg, tok, extra = _base_epoch_extra(tmp_path, build, base_wrapped=10)
     assert len(extra) == 3 * 10
     by_prompt = {e.prompt: build.is_harmful(e) for e in train}
     teach = [w.prompt.split(data.WRAPPER_SLOT)[0][:60] for w in data.jailbreak_wrappers("train")]

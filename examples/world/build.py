@@ -955,8 +955,9 @@ def measure(base, guard, base_tok, guard_tok, examples: list, after_refusal: boo
     if after_refusal:
         from mlx_softprompt.demo import refusal_suite
 
+        after = refusal_suite(examples, REFUSAL)
         for name, group in (("harmful", True), ("benign", False)):
-            chats = [e for e in refusal_suite(examples, REFUSAL) if is_harmful(e) == group]
+            chats = [e for e in after if is_harmful(e) == group]
             if not chats:
                 continue
             prompts, contexts = [e.prompt for e in chats], [e.context for e in chats]
@@ -1611,16 +1612,16 @@ def build_notes(info: dict) -> str:
     for i, s in enumerate(trained_base):
         t = s.get("base_training") or {}
         sc = s["config"]
-        wrapped = (f", {sc['base_wrapped']} train prompts per epoch in the project's train jailbreak-style "
+        extras = (f", {sc['base_wrapped']} train prompts per epoch in the project's train jailbreak-style "
                    "wrappers, answered as their request" if sc["base_wrapped"] else "")
         if sc.get("base_turns"):
-            wrapped += (f", {sc['base_turns']} train prompts per epoch after 1-2 earlier turns of other train prompts "
+            extras += (f", {sc['base_turns']} train prompts per epoch after 1-2 earlier turns of other train prompts "
                         "(answered or refused at random), answered as the last request asks")
         if sc.get("base_teacher"):
-            wrapped += (f", its refusal after a safety system message also taught, at weight {sc['base_teacher']:g}, "
+            extras += (f", its refusal after a safety system message also taught, at weight {sc['base_teacher']:g}, "
                         f"a logistic regression on MiniLM's sentence embeddings of the train prompts "
                         f"(L2 {sc['guard_teacher_l2']:g}) on the request")
-        detail = f"({t.get('steps', 0)} steps, {minutes_of(t)}{wrapped})"
+        detail = f"({t.get('steps', 0)} steps, {minutes_of(t)}{extras})"
         base_parts.append(f"{sc['base_epochs']} epochs {detail}" if not i else
                           f"{sc['base_epochs']} more at learning rate {sc['learning_rate']:g} {detail}")
     base_epochs = ", then ".join(base_parts)
@@ -1762,8 +1763,7 @@ def check_config(cfg: WorldConfig) -> None:
         if not 0.0 <= getattr(cfg, name) < 1.0:
             raise UserError(f"{name}={getattr(cfg, name)}: a probability in [0, 1)")
     for name in ("guard_joined", "guard_wrapped", "guard_turns", "base_wrapped", "base_turns", "benchmark_copies",
-                 "guard_copies",
-                 "augment_copies", "written_lines", "train_wrappers"):
+                 "guard_copies", "augment_copies", "written_lines", "train_wrappers"):
         if getattr(cfg, name) < 0:
             raise UserError(f"{name}={getattr(cfg, name)}: a count, 0 or more")
     for name in ("base_epochs", "guard_epochs", "batch_size", "vocab_size", "corpus_per_act", "written_copies"):
