@@ -43,7 +43,7 @@ import subprocess
 import sys
 import time
 import typing
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
@@ -155,6 +155,11 @@ class DemoConfig:
     # (chosen on validation data, docs/DEMO.md "The soft prompt's teaching set")
     wrapped_train: int = 600
     wrapped_harmful_share: float = 0.5
+    train_wrappers: int = 0  # only the first N teach wrappers (0 = all), to compare with a run made before the file grew
+    # ... plus N of those prompts (half harmful) after a long preamble of other safe teaching
+    # requests (200 to 1,300 tokens): the base's safety mode, and a soft prompt that only
+    # switches it on, fade when the request comes far from the start
+    long_train: int = 0
     # ... plus N of those prompts (half harmful) after 1-2 earlier turns of the same chat: other
     # teaching prompts answered as the base answers them, or refused if harmful
     turns_train: int = 0
@@ -174,10 +179,10 @@ class DemoConfig:
     unread_train: int = 914
     max_tokens: int = 48
     top_k: int = 64
-    # train (train.TrainArgs fields); rows up to 1024 tokens hold the longest wrapped prompt and its answer
+    # train (train.TrainArgs fields); rows up to 1536 tokens hold the longest wrapped prompt and its answer
     train: dict = field(default_factory=lambda: {
         "num_tokens": 64, "init": "vocab", "iters": 400, "batch_size": 16, "learning_rate": 0.01,
-        "warmup": 20, "max_seq_length": 1024, "val_split": 0.1, "val_every": 200, "save_every": 200,
+        "warmup": 20, "max_seq_length": 1536, "val_split": 0.1, "val_every": 200, "save_every": 200,
         "steps_per_report": 10,
     })
     # eval
@@ -188,6 +193,8 @@ class DemoConfig:
     def __post_init__(self):
         if not 0.0 <= self.wrapped_harmful_share <= 1.0:
             raise UserError(f"wrapped_harmful_share: {self.wrapped_harmful_share}; a share in [0, 1]")
+        if self.train_wrappers < 0:
+            raise UserError(f"train_wrappers: {self.train_wrappers}; a count of teach wrappers, 0 = all")
         from .train import known_keys
 
         unknown = sorted(set(self.train) - known_keys())
@@ -208,6 +215,7 @@ class DemoConfig:
             self.written_train = min(self.written_train, 8)
             self.general_train = min(self.general_train, 8)
             self.unread_train = min(self.unread_train, 8)
+            self.long_train = min(self.long_train, 8)
             self.max_tokens = min(self.max_tokens, 24)
             self.eval_max_tokens = min(self.eval_max_tokens, 16)
             self.train = {**self.train, "iters": 20, "batch_size": 8, "warmup": 2, "val_every": 10,
@@ -318,11 +326,37 @@ def turns_teach(pool: list, n: int, answer_safe, refusal: str, seed: int = data.
                              np.random.default_rng(seed + 7))
 
 
-def wrapped_teach(pool: list, n: int, harmful_share: float, seed: int = data.DEFAULT_SEED) -> list:
+def wrapped_teach(pool: list, n: int, harmful_share: float, seed: int = data.DEFAULT_SEED,
+                  first: int = 0) -> list:
     """n prompts of the teaching pool (round(n * harmful_share) harmful, the rest benign or
-    borderline), drawn with a fixed seed, each in one of the wrappers' teach part in turn."""
+    borderline), drawn with a fixed seed, each in one of the wrappers' teach part in turn (only
+    the first `first` of them when non-zero)."""
     picks = _draw(pool, n, round(n * harmful_share), seed)
-    return data.wrapped_prompts(picks, "train", rounds=1) if picks else []
+    return data.wrapped_prompts(picks, "train", rounds=1, first=first) if picks else []
+
+
+LONG_CHARS = (600, 3600)  # a long teaching prompt's preamble, in characters (about 200 to 1,300 tokens)
+
+
+def long_teach(pool: list, n: int, seed: int = data.DEFAULT_SEED) -> list:
+    """n prompts of the teaching pool (half harmful), drawn with a fixed seed, each after a
+    preamble of other safe requests of the pool run together (LONG_CHARS long), as a message
+    that pastes earlier notes before its question; labels kept, source "long"."""
+    import random
+
+    picks = _draw(pool, n, n // 2, seed + 29)
+    safe = [e.prompt for e in pool if e.label in ("benign", "borderline")]
+    rng = random.Random(seed + 31)
+    out = []
+    for ex in picks:
+        want, parts = rng.randint(*LONG_CHARS), []
+        while sum(len(t) + 1 for t in parts) < want:
+            t = rng.choice(safe)
+            if t != ex.prompt:
+                parts.append(t)
+        out.append(replace(ex, prompt=" ".join(parts) + "\n\n" + ex.prompt, source="long",
+                           meta={**ex.meta, "request": ex.prompt}))
+    return out
 
 
 def _draw(pool: list, n: int, n_harmful: int, seed: int) -> list:
@@ -391,7 +425,9 @@ def demo_data(cfg: DemoConfig, wpath: Path) -> dict:
         generated = data.load_suite((str(corpus),), seed=data.DEFAULT_SEED)["train"]
         train += generated[: cfg.corpus_train]
     train = data.limit_per_label(train, None if cfg.limit is None else 2 * cfg.limit)
-    train += wrapped_teach(train, cfg.wrapped_train, cfg.wrapped_harmful_share)
+    plain = list(train)
+    train += wrapped_teach(plain, cfg.wrapped_train, cfg.wrapped_harmful_share, first=cfg.train_wrappers)
+    train += long_teach(plain, cfg.long_train)
     train += written_teach(wpath / "written.jsonl", cfg.written_train)
     train += general_teach(wpath / "general.jsonl", cfg.general_train)
     train += unread_teach(wpath / "unread.jsonl", cfg.unread_train)

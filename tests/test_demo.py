@@ -1336,6 +1336,40 @@ def test_demo_teaches_wrapped_prompts():
     assert cfg.train["max_seq_length"] >= longest + cfg.max_tokens
 
 
+@needs_world
+def test_demo_teaches_in_the_first_train_wrappers_only():
+    """`train_wrappers=N`: the teaching set's wrapped prompts use only the first N teach wrappers
+    (the same requests, drawn as before), so a run can be compared with one made before the file
+    grew; negative counts are refused."""
+    every = [e for e in demo.demo_data(demo.DemoConfig(), WORLD)["train"] if e.source == "wrapped"]
+    first = [e for e in demo.demo_data(demo.DemoConfig(train_wrappers=5), WORLD)["train"] if e.source == "wrapped"]
+    ids = [w.meta["id"] for w in data.jailbreak_wrappers("train")]
+    assert len(ids) > 5
+    assert {e.meta["template"] for e in first} == set(ids[:5])
+    assert {e.meta["template"] for e in every} == set(ids)
+    assert [e.meta["request"] for e in first] == [e.meta["request"] for e in every]
+    with pytest.raises(demo.UserError, match="train_wrappers"):
+        demo.DemoConfig(train_wrappers=-1)
+
+
+def test_long_teach_puts_a_request_after_a_long_preamble():
+    """`long_train=N`: N teaching prompts, half harmful, each the request itself after other safe
+    teaching requests run together for 600-3,600 characters; labels kept, the same draw each run."""
+    E = data.Example
+    pool = [E(f"harm {i}?", label="harmful") for i in range(40)] + [E(f"safe question number {i}?", label="benign") for i in range(40)]
+    out = demo.long_teach(pool, 20)
+    assert out == demo.long_teach(pool, 20) and len(out) == 20
+    assert sum(e.label == "harmful" for e in out) == 10
+    safe = {e.prompt for e in pool if e.label == "benign"}
+    by_prompt = {e.prompt: e for e in pool}
+    for e in out:
+        before, request = e.prompt.rsplit("\n\n", 1)
+        assert e.source == "long" and e.meta["request"] == request and by_prompt[request].label == e.label
+        assert demo.LONG_CHARS[0] <= len(before) < demo.LONG_CHARS[1] + 40
+        assert all(q.rstrip("?") + "?" in safe for q in before.split("? "))  # other safe requests only
+    assert demo.long_teach(pool, 0) == []
+
+
 def test_demo_teaches_written_prompts(tmp_path):
     """`written_train=N`: N of the world's hand-written training prompts, half harmful, the same
     draw each run, after everything else (the other teaching prompts are unchanged)."""
