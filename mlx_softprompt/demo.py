@@ -155,7 +155,9 @@ class DemoConfig:
     # (chosen on validation data, docs/DEMO.md "The soft prompt's teaching set")
     wrapped_train: int = 600
     wrapped_harmful_share: float = 0.5
-    train_wrappers: int = 0  # only the first N teach wrappers (0 = all), to compare with a run made before the file grew
+    # ... in the first N teach wrappers (0 = all): the 14 written after v22 did not help the soft
+    # prompt on the validation wrappers and cost time (docs/DEMO.md "Long prompts")
+    train_wrappers: int = 49
     # ... plus N of those prompts (half harmful) after a long preamble of other safe teaching
     # requests (200 to 1,300 tokens): the base's safety mode, and a soft prompt that only
     # switches it on, fade when the request comes far from the start
@@ -179,7 +181,7 @@ class DemoConfig:
     unread_train: int = 914
     max_tokens: int = 48
     top_k: int = 64
-    # train (train.TrainArgs fields); rows up to 1536 tokens hold the longest wrapped prompt and its answer
+    # train (train.TrainArgs fields); rows up to 1536 tokens hold the longest wrapped prompt (any teach wrapper) and its answer
     train: dict = field(default_factory=lambda: {
         "num_tokens": 64, "init": "vocab", "iters": 400, "batch_size": 16, "learning_rate": 0.01,
         "warmup": 20, "max_seq_length": 1536, "val_split": 0.1, "val_every": 200, "save_every": 200,
@@ -340,15 +342,24 @@ LONG_CHARS = (600, 3600)  # a long teaching prompt's preamble, in characters (ab
 
 def long_teach(pool: list, n: int, seed: int = data.DEFAULT_SEED) -> list:
     """n prompts of the teaching pool (half harmful), drawn with a fixed seed, each after a
-    preamble of other safe requests of the pool run together (LONG_CHARS long), as a message
-    that pastes earlier notes before its question; labels kept, source "long"."""
+    preamble of other safe requests of the pool (after_preamble)."""
+    return after_preamble(_draw(pool, n, n // 2, seed + 29), pool, seed + 31)
+
+
+def after_preamble(examples: list, pool: list, seed: int = data.DEFAULT_SEED) -> list:
+    """Each example after a preamble of other safe requests of the pool run together (LONG_CHARS
+    long, drawn with a fixed seed), as a message that pastes earlier notes before its question:
+    the base's safety mode, and a soft prompt that only switches it on, fade when the request
+    comes far from the start. Labels kept, source "long", meta["request"] the request alone;
+    none when the pool has fewer than two safe requests."""
     import random
 
-    picks = _draw(pool, n, n // 2, seed + 29)
     safe = [e.prompt for e in pool if e.label in ("benign", "borderline")]
-    rng = random.Random(seed + 31)
+    if len(set(safe)) < 2:
+        return []  # nothing to paste before a request but itself
+    rng = random.Random(seed)
     out = []
-    for ex in picks:
+    for ex in examples:
         want, parts = rng.randint(*LONG_CHARS), []
         while sum(len(t) + 1 for t in parts) < want:
             t = rng.choice(safe)

@@ -751,8 +751,9 @@ def test_world_build_small(tmp_path, monkeypatch, build):
     """The build recipe end to end on a slice of the data: loadable base, guard, spec, corpus, notes."""
     full = build.world_suite
 
-    def small(cfg, path=None):
-        return {k: v[:16] for k, v in full(cfg, path).items()}
+    def small(cfg, path=None):  # 8 harmful and 8 safe prompts of each split
+        return {k: [e for e in v if build.is_harmful(e)][:8] + [e for e in v if not build.is_harmful(e)][:8]
+                for k, v in full(cfg, path).items()}
 
     monkeypatch.setattr(build, "world_suite", small)
     monkeypatch.setattr(build, "topic_match", lambda *a, **k: 0.5)  # generation: covered by the demo test
@@ -763,6 +764,8 @@ def test_world_build_small(tmp_path, monkeypatch, build):
     for split in build.VAL_SETS:
         for key in ("base_refuses_harmful", "safety_system_refuses_harmful", "guard_flags_harmful", "classify_accuracy"):
             assert 0.0 <= info[split][key] <= 1.0
+    for key in ("after_refusal_safety_system_refuses_benign", "long_safety_system_refuses_harmful", "long_guard_flags_benign"):
+        assert 0.0 <= info["everyday_val"][key] <= 1.0  # chats, and requests after a long preamble
     shipped = [json.loads(x) for x in (tmp_path / "w" / "corpus.jsonl").read_text().splitlines()]
     corpus = _script("corpus")
     assert shipped == corpus.generate(0, 1)
@@ -774,6 +777,7 @@ def test_world_build_small(tmp_path, monkeypatch, build):
     assert 0.0 <= guard.moderate_input("How do I bake bread?").u <= 1.0
     notes = (tmp_path / "w" / "BUILD.md").read_text()
     assert notes.startswith("# The demo world") and "everyday_val" in notes
+    assert "after a long preamble of safe requests: refuses" in notes
     assert "--set base_wrapped=2" in notes and "2 train prompts per epoch in the project's train jailbreak-style " \
         "wrappers, answered as their request" in notes
     # continuing from that world (init): its tokenizer and guard, trained further
@@ -1318,7 +1322,7 @@ def test_demo_teaches_wrapped_prompts():
     assert len(wrapped) == cfg.wrapped_train
     harmful = sum(e.label == "harmful" for e in wrapped)
     assert harmful == round(cfg.wrapped_train * cfg.wrapped_harmful_share) and harmful < len(wrapped)
-    texts = {w.meta["id"]: w.prompt for w in data.jailbreak_wrappers("train")}
+    texts = {w.meta["id"]: w.prompt for w in data.jailbreak_wrappers("train")[:cfg.train_wrappers or None]}
     requests = {e.prompt: e for e in plain}
     for w in wrapped:  # a taught prompt in a teach wrapper, its label kept
         assert w.prompt == texts[w.meta["template"]].replace("{prompt}", w.meta["request"])
@@ -1341,7 +1345,7 @@ def test_demo_teaches_in_the_first_train_wrappers_only():
     """`train_wrappers=N`: the teaching set's wrapped prompts use only the first N teach wrappers
     (the same requests, drawn as before), so a run can be compared with one made before the file
     grew; negative counts are refused."""
-    every = [e for e in demo.demo_data(demo.DemoConfig(), WORLD)["train"] if e.source == "wrapped"]
+    every = [e for e in demo.demo_data(demo.DemoConfig(train_wrappers=0), WORLD)["train"] if e.source == "wrapped"]
     first = [e for e in demo.demo_data(demo.DemoConfig(train_wrappers=5), WORLD)["train"] if e.source == "wrapped"]
     ids = [w.meta["id"] for w in data.jailbreak_wrappers("train")]
     assert len(ids) > 5
