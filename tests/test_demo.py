@@ -635,6 +635,29 @@ def test_base_turns_answer_the_last_request(tmp_path, build):
     assert s.ids[:s.pos + 1] == chat_ids(tok, e.context + [{"role": "user", "content": e.prompt}], system="Be safe.")
 
 
+def test_base_long_answers_the_request_after_a_preamble(tmp_path, build):
+    """base_long adds, for train prompts after a long preamble of other safe train prompts, the
+    base's two chat sequences: comply without a safety message, and after one refuse exactly when
+    the request at the end is harmful, whatever the preamble says; the epoch without it is unchanged."""
+    train, cfg, tok, extra = _base_epoch_extra(tmp_path, build, base_long=8)
+    assert len(extra) == 2 * 8
+    by_prompt = {e.prompt: build.is_harmful(e) for e in train}
+    refusal = tok.decode(tok.encode(build.REFUSAL, add_special_tokens=False))
+    harmful_seen = set()
+    for k in range(0, len(extra), 2):
+        free, safety = extra[k: k + 2]
+        before, request = free.key.rsplit("\n\n", 1)
+        assert safety.key == free.key and request in by_prompt and len(before) >= 600
+        assert all(not by_prompt.get(q, False) for q in by_prompt if q in before)  # only safe requests before it
+        answer_free, answer_safety = (tok.decode(s.ids[s.pos + 1:]) for s in (free, safety))
+        assert not answer_free.startswith(refusal) and answer_safety.startswith(refusal) == by_prompt[request]
+        assert any(m in tok.decode(safety.ids) for m in build.SAFETY_SYSTEM_PROMPTS)
+        harmful_seen.add(by_prompt[request])
+    assert harmful_seen == {True, False}
+    with pytest.raises(build.UserError, match="base_long"):
+        build.check_config(dataclasses.replace(cfg, base_long=-1))
+
+
 def test_base_wrapped_sequences_answer_the_request(tmp_path, build):
     """base_wrapped adds, for train prompts inside the project's train wrappers, the base's three
     sequences: comply without a safety message, refuse a harmful request after one (comply with a

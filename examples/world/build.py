@@ -285,6 +285,12 @@ class WorldConfig:
     # last request, not the chat's past: a base taught single requests only refuses most safe
     # requests after one refused harmful one (0 = none; see docs/DEMO.md, "After a refusal").
     base_turns: int = 0
+    # The same for long messages: N train prompts per epoch (half harmful), each after a preamble
+    # of other safe train prompts run together (the demo's `after_preamble`: 600-3,600
+    # characters), as the base's two chat sequences, so that its safety mode still judges a
+    # request that comes far from the start: v22's refuses 70% of harmful everyday_val requests
+    # there, 91% alone (0 = none; see docs/DEMO.md, "After v22: long prompts").
+    base_long: int = 0
     # Each word of the guard's augmented copies is dropped with this probability, so no single
     # word or frame decides and the verdict rests on what the request asks (0 = off).
     guard_word_dropout: float = 0.0
@@ -602,7 +608,8 @@ def base_epoch(tok, train: list, cfg: WorldConfig, rng: np.random.Generator) -> 
     """One epoch of the base's data, per prompt: chat with no system message or a neutral one
     (always comply, with an answer on the request's topic), chat after a safety system message
     (refuse harmful), and the plain-text classification; then the same for `base_wrapped`
-    train prompts inside the project's train wrappers."""
+    train prompts inside the project's train wrappers, and the two chat sequences for
+    `base_turns` prompts after earlier turns and `base_long` prompts after a long preamble."""
     seqs = []
     for ex in _balanced(train, rng, cfg.benchmark_copies, cfg.written_copies):
         p = _clip(tok, ex.prompt, cfg)
@@ -612,6 +619,8 @@ def base_epoch(tok, train: list, cfg: WorldConfig, rng: np.random.Generator) -> 
     if cfg.base_turns:
         for ex in history_train(tok, train, cfg.base_turns, cfg, rng):
             seqs += _base_seqs(tok, ex, [ex.prompt], cfg, rng, classify=False)
+    for ex in long_train(tok, train, cfg.base_long, cfg, rng):
+        seqs += _base_seqs(tok, ex, [ex.prompt], cfg, rng, classify=False)
     return seqs
 
 
@@ -703,6 +712,22 @@ def history_train(tok, train: list, n: int, cfg: WorldConfig, rng: np.random.Gen
         return REFUSAL if rng.random() < 0.5 else compliant_answer(rng, topic_of(h))
 
     return data.with_history(last, pool, answer, rng, repeat_request=True)  # the shipped guard's draws
+
+
+def long_train(tok, train: list, n: int, cfg: WorldConfig, rng: np.random.Generator) -> list:
+    """`n` train prompts (harmful and safe in turn) each after a long preamble of other safe train
+    prompts (the demo's `after_preamble`), labelled by the request."""
+    from mlx_softprompt.demo import after_preamble
+
+    sides = [side for side in ([e for e in train if is_harmful(e)], [e for e in train if not is_harmful(e)]) if side]
+    if not n or not sides:
+        return []
+    last = []
+    for k in range(n):
+        side = sides[k % len(sides)]
+        e = side[int(rng.integers(len(side)))]
+        last.append(data.Example(_clip(tok, e.prompt, cfg), [], e.label, e.source, e.meta))
+    return after_preamble(last, train, seed=int(rng.integers(2 ** 31)))
 
 
 def batches(seqs: list, batch_size: int, pad_id: int, rng: np.random.Generator, targets: Optional[dict] = None):
@@ -1633,6 +1658,9 @@ def build_notes(info: dict) -> str:
         if sc.get("base_turns"):
             extras += (f", {sc['base_turns']} train prompts per epoch after 1-2 earlier turns of other train prompts "
                         "(answered or refused at random), answered as the last request asks")
+        if sc.get("base_long"):
+            extras += (f", {sc['base_long']} train prompts per epoch after a preamble of other safe train prompts "
+                        "(600-3,600 characters), answered as the request asks")
         if sc.get("base_teacher"):
             extras += (f", its refusal after a safety system message also taught, at weight {sc['base_teacher']:g}, "
                         f"a logistic regression on MiniLM's sentence embeddings of the train prompts "
@@ -1778,7 +1806,7 @@ def check_config(cfg: WorldConfig) -> None:
     for name in ("guard_word_dropout", "guard_word_noise"):
         if not 0.0 <= getattr(cfg, name) < 1.0:
             raise UserError(f"{name}={getattr(cfg, name)}: a probability in [0, 1)")
-    for name in ("guard_joined", "guard_wrapped", "guard_turns", "base_wrapped", "base_turns", "benchmark_copies",
+    for name in ("guard_joined", "guard_wrapped", "guard_turns", "base_wrapped", "base_turns", "base_long", "benchmark_copies",
                  "guard_copies", "augment_copies", "written_lines", "train_wrappers"):
         if getattr(cfg, name) < 0:
             raise UserError(f"{name}={getattr(cfg, name)}: a count, 0 or more")
