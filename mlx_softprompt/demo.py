@@ -156,11 +156,12 @@ class DemoConfig:
     wrapped_train: int = 600
     wrapped_harmful_share: float = 0.5
     # ... in the first N teach wrappers (0 = all): the 14 written after v22 did not help the soft
-    # prompt on the validation wrappers and cost time (docs/DEMO.md "Long prompts")
+    # prompt on the validation wrappers and cost time (docs/DEMO.md "After v22: long prompts")
     train_wrappers: int = 49
     # ... plus N of those prompts (half harmful) after a long preamble of other safe teaching
     # requests (200 to 1,300 tokens): the base's safety mode, and a soft prompt that only
-    # switches it on, fade when the request comes far from the start
+    # switches it on, fade when the request comes far from the start (600 and 1,200 did not help
+    # on validation and made the demo slower; the same section)
     long_train: int = 0
     # ... plus N of those prompts (half harmful) after 1-2 earlier turns of the same chat: other
     # teaching prompts answered as the base answers them, or refused if harmful
