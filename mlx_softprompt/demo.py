@@ -361,11 +361,12 @@ def after_preamble(examples: list, pool: list, seed: int = data.DEFAULT_SEED) ->
     rng = random.Random(seed)
     out = []
     for ex in examples:
-        want, parts = rng.randint(*LONG_CHARS), []
-        while sum(len(t) + 1 for t in parts) < want:
+        want, parts, length = rng.randint(*LONG_CHARS), [], 0
+        while length < want:
             t = rng.choice(safe)
             if t != ex.prompt:
                 parts.append(t)
+                length += len(t) + 1
         out.append(replace(ex, prompt=" ".join(parts) + "\n\n" + ex.prompt, source="long",
                            meta={**ex.meta, "request": ex.prompt}))
     return out

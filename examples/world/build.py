@@ -700,12 +700,7 @@ def history_train(tok, train: list, n: int, cfg: WorldConfig, rng: np.random.Gen
     """`n` train prompts (half harmful) each after 1-2 earlier turns of other train prompts,
     answered with the refusal or a compliant answer at random whatever they asked: the label
     is the last request's, so that neither a harmful nor a harmless history decides it."""
-    sides = [side for side in ([e for e in train if is_harmful(e)], [e for e in train if not is_harmful(e)]) if side]
-    last = []
-    for k in range(n):  # harmful and safe in turn
-        side = sides[k % len(sides)]
-        e = side[int(rng.integers(len(side)))]
-        last.append(data.Example(_clip(tok, e.prompt, cfg), list(e.context), e.label, e.source, e.meta))
+    last = _in_turn(tok, train, n, cfg, rng)
     pool = [data.Example(_clip(tok, e.prompt, cfg), [], e.label, e.source, e.meta) for e in train]
 
     def answer(h):
@@ -714,20 +709,25 @@ def history_train(tok, train: list, n: int, cfg: WorldConfig, rng: np.random.Gen
     return data.with_history(last, pool, answer, rng, repeat_request=True)  # the shipped guard's draws
 
 
+def _in_turn(tok, train: list, n: int, cfg: WorldConfig, rng: np.random.Generator) -> list:
+    """`n` train prompts drawn harmful and safe in turn, clipped."""
+    sides = [side for side in ([e for e in train if is_harmful(e)], [e for e in train if not is_harmful(e)]) if side]
+    last = []
+    for k in range(n):
+        side = sides[k % len(sides)]
+        e = side[int(rng.integers(len(side)))]
+        last.append(data.Example(_clip(tok, e.prompt, cfg), list(e.context), e.label, e.source, e.meta))
+    return last
+
+
 def long_train(tok, train: list, n: int, cfg: WorldConfig, rng: np.random.Generator) -> list:
     """`n` train prompts (harmful and safe in turn) each after a long preamble of other safe train
     prompts (the demo's `after_preamble`), labelled by the request."""
     from mlx_softprompt.demo import after_preamble
 
-    sides = [side for side in ([e for e in train if is_harmful(e)], [e for e in train if not is_harmful(e)]) if side]
-    if not n or not sides:
+    if not n or not train:  # no draw at all: an epoch without it keeps its random stream
         return []
-    last = []
-    for k in range(n):
-        side = sides[k % len(sides)]
-        e = side[int(rng.integers(len(side)))]
-        last.append(data.Example(_clip(tok, e.prompt, cfg), [], e.label, e.source, e.meta))
-    return after_preamble(last, train, seed=int(rng.integers(2 ** 31)))
+    return after_preamble(_in_turn(tok, train, n, cfg, rng), train, seed=int(rng.integers(2 ** 31)))
 
 
 def batches(seqs: list, batch_size: int, pad_id: int, rng: np.random.Generator, targets: Optional[dict] = None):
@@ -979,32 +979,21 @@ def measure(base, guard, base_tok, guard_tok, examples: list, after_refusal: boo
     safe = [e.prompt for e in examples if not is_harmful(e)]
     out = {"n_harmful": len(harm), "n_benign": len(safe)}
     if after_refusal:
-        from mlx_softprompt.demo import after_preamble
+        from mlx_softprompt.demo import after_preamble, refusal_suite
 
-        long = after_preamble(examples, examples)
-        for name, group in (("harmful", True), ("benign", False)):
-            prompts = [e.prompt for e in long if is_harmful(e) == group]
-            if not prompts:
-                continue
-            if base is not None:
-                out[f"long_safety_system_refuses_{name}"] = float(np.mean(
-                    [refusal_rate(base, base_tok, prompts, s) for s in SAFETY_SYSTEM_PROMPTS]))
-            if guard is not None:
-                out[f"long_guard_flags_{name}"] = _share(guard_scores(guard, guard_tok, prompts) >= 0.5)
-        from mlx_softprompt.demo import refusal_suite
-
-        after = refusal_suite(examples, REFUSAL)
-        for name, group in (("harmful", True), ("benign", False)):
-            chats = [e for e in after if is_harmful(e) == group]
-            if not chats:
-                continue
-            prompts, contexts = [e.prompt for e in chats], [e.context for e in chats]
-            if base is not None:
-                out[f"after_refusal_safety_system_refuses_{name}"] = float(np.mean(
-                    [refusal_rate(base, base_tok, prompts, s, contexts) for s in SAFETY_SYSTEM_PROMPTS]))
-            if guard is not None:
-                out[f"after_refusal_guard_flags_{name}"] = _share(guard_scores(guard, guard_tok, prompts,
-                                                                               contexts=contexts) >= 0.5)
+        for tag, variants in (("long", after_preamble(examples, examples)),
+                              ("after_refusal", refusal_suite(examples, REFUSAL))):
+            for name, group in (("harmful", True), ("benign", False)):
+                chats = [e for e in variants if is_harmful(e) == group]
+                if not chats:
+                    continue
+                prompts, contexts = [e.prompt for e in chats], [e.context for e in chats]
+                if base is not None:
+                    out[f"{tag}_safety_system_refuses_{name}"] = float(np.mean(
+                        [refusal_rate(base, base_tok, prompts, s, contexts) for s in SAFETY_SYSTEM_PROMPTS]))
+                if guard is not None:
+                    out[f"{tag}_guard_flags_{name}"] = _share(guard_scores(guard, guard_tok, prompts,
+                                                                           contexts=contexts) >= 0.5)
     if base is not None:
         for name, group in (("harmful", harm), ("benign", safe)):
             if not group:
