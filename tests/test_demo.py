@@ -589,6 +589,29 @@ def test_guard_turns_sequences_are_labelled_by_the_last_request(tmp_path, build)
     assert s.ids[:s.pos + 1] == g.prompt_ids(guard_messages(e.prompt, e.context), "input")
 
 
+def test_guard_long_sequences_are_labelled_by_the_request_at_the_end(tmp_path, build):
+    """guard_long adds input-moderation sequences of train prompts after a long preamble of other
+    safe train prompts, labelled by the request at the end; the epoch without it is unchanged."""
+    train, cfg, tok, g, plain = _guard_epoch_setup(tmp_path, build)
+    cfg.guard_long = 8
+    seqs = build.guard_epoch(g, train, cfg, np.random.default_rng(0))
+    assert [s.ids for s in seqs[:len(plain)]] == [s.ids for s in plain]
+    assert len(seqs) == len(plain) + 8
+    by_prompt = {e.prompt: build.is_harmful(e) for e in train}
+    labels = set()
+    for s in seqs[len(plain):]:
+        before, request = s.key.rsplit("\n\n", 1)
+        assert request in by_prompt and len(before) >= 600
+        assert not any(by_prompt[q] for q in by_prompt if q in before)  # only safe requests before it
+        assert request[:40] in tok.decode(s.ids)
+        label = tok.decode(s.ids[-2:-1])
+        assert label == ("unsafe" if by_prompt[request] else "safe")
+        labels.add(label)
+    assert labels == {"safe", "unsafe"}
+    with pytest.raises(build.UserError, match="guard_long"):
+        build.check_config(dataclasses.replace(cfg, guard_long=-1))
+
+
 def _base_epoch_extra(tmp_path, build, **settings):
     """A small world's base epoch with `settings` on: the sequences they add after the plain
     epoch's, which they leave unchanged (the same seed draws the same plain part)."""

@@ -291,6 +291,10 @@ class WorldConfig:
     # request that comes far from the start: v22's refuses 70% of harmful everyday_val requests
     # there, 91% alone (0 = none; see docs/DEMO.md, "After v22: long prompts").
     base_long: int = 0
+    # The same for the guard: N input-moderation sequences per epoch of train prompts (half
+    # harmful) after a preamble of other safe train prompts, labelled by the request at the end:
+    # v22's guard flags 67% of harmful everyday_val requests there, 91% alone (0 = none).
+    guard_long: int = 0
     # Each word of the guard's augmented copies is dropped with this probability, so no single
     # word or frame decides and the verdict rests on what the request asks (0 = off).
     guard_word_dropout: float = 0.0
@@ -693,6 +697,9 @@ def guard_epoch(guard, train: list, cfg: WorldConfig, rng: np.random.Generator) 
         for ex in history_train(tok, train, cfg.guard_turns, cfg, rng):
             seqs.append(guard_seq(guard, ex.prompt, is_harmful(ex), key=ex.prompt, context=ex.context,
                                   judge=None if cfg.guard_teacher_plain else ex.prompt))
+    for ex in long_train(tok, train, cfg.guard_long, cfg, rng):
+        seqs.append(guard_seq(guard, ex.prompt, is_harmful(ex), key=ex.prompt,
+                              judge=None if cfg.guard_teacher_plain else ex.meta["request"]))
     return seqs
 
 
@@ -1500,6 +1507,9 @@ def _guard_extras(c: dict) -> str:
         parts.append(f"{c['guard_joined']} messages per epoch of two train requests, unsafe when either is")
     if c.get("guard_turns"):
         parts.append(f"{c['guard_turns']} train prompts per epoch after 1-2 earlier turns, labelled by the last")
+    if c.get("guard_long"):
+        parts.append(f"{c['guard_long']} train prompts per epoch after a preamble of other safe train prompts "
+                     "(600-3,600 characters), labelled by the request")
     if c.get("guard_word_dropout"):
         parts.append(f"each word of the augmented copies dropped with probability {c['guard_word_dropout']:g}")
     if c.get("guard_teacher"):
@@ -1795,8 +1805,8 @@ def check_config(cfg: WorldConfig) -> None:
     for name in ("guard_word_dropout", "guard_word_noise"):
         if not 0.0 <= getattr(cfg, name) < 1.0:
             raise UserError(f"{name}={getattr(cfg, name)}: a probability in [0, 1)")
-    for name in ("guard_joined", "guard_wrapped", "guard_turns", "base_wrapped", "base_turns", "base_long", "benchmark_copies",
-                 "guard_copies", "augment_copies", "written_lines", "train_wrappers"):
+    for name in ("guard_joined", "guard_wrapped", "guard_turns", "guard_long", "base_wrapped", "base_turns", "base_long",
+                 "benchmark_copies", "guard_copies", "augment_copies", "written_lines", "train_wrappers"):
         if getattr(cfg, name) < 0:
             raise UserError(f"{name}={getattr(cfg, name)}: a count, 0 or more")
     for name in ("base_epochs", "guard_epochs", "batch_size", "vocab_size", "corpus_per_act", "written_copies"):
