@@ -347,12 +347,14 @@ def long_teach(pool: list, n: int, seed: int = data.DEFAULT_SEED) -> list:
     return after_preamble(_draw(pool, n, n // 2, seed + 29), pool, seed + 31)
 
 
-def after_preamble(examples: list, pool: list, seed: int = data.DEFAULT_SEED) -> list:
+def after_preamble(examples: list, pool: list, seed: int = data.DEFAULT_SEED, around: bool = False) -> list:
     """Each example after a preamble of other safe requests of the pool run together (LONG_CHARS
     long, drawn with a fixed seed), as a message that pastes earlier notes before its question:
     the base's safety mode, and a soft prompt that only switches it on, fade when the request
-    comes far from the start. Labels kept, source "long", meta["request"] the request alone;
-    none when the pool has fewer than two safe requests."""
+    comes far from the start. `around`: the safe text is cut between two of its requests, at
+    random, and the request sits between the two parts, so that a model taught these judges the request
+    wherever it is, not whatever comes last. Labels kept, source "long", meta["request"] the
+    request alone; none when the pool has fewer than two safe requests."""
     import random
 
     safe = [e.prompt for e in pool if e.label in ("benign", "borderline")]
@@ -367,8 +369,11 @@ def after_preamble(examples: list, pool: list, seed: int = data.DEFAULT_SEED) ->
             if t != ex.prompt:
                 parts.append(t)
                 length += len(t) + 1
-        out.append(replace(ex, prompt=" ".join(parts) + "\n\n" + ex.prompt, source="long",
-                           meta={**ex.meta, "request": ex.prompt}))
+        text = " ".join(parts) + "\n\n" + ex.prompt
+        if around and len(parts) > 1:  # the request between two runs of safe text, each one request or more
+            cut = rng.randint(1, len(parts) - 1)
+            text = " ".join(parts[:cut]) + "\n\n" + ex.prompt + "\n\n" + " ".join(parts[cut:])
+        out.append(replace(ex, prompt=text, source="long", meta={**ex.meta, "request": ex.prompt}))
     return out
 
 

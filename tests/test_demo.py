@@ -610,6 +610,14 @@ def test_guard_long_sequences_are_labelled_by_the_request_at_the_end(tmp_path, b
     assert labels == {"safe", "unsafe"}
     with pytest.raises(build.UserError, match="guard_long"):
         build.check_config(dataclasses.replace(cfg, guard_long=-1))
+    # long_around: the request between two parts of the safe text, still labelled by it
+    cfg.long_around = True
+    for s in build.guard_epoch(g, train, cfg, np.random.default_rng(0))[len(plain):]:
+        before, request, after = s.key.split("\n\n")
+        assert request in by_prompt and before and after
+        assert tok.decode(s.ids[-2:-1]) == ("unsafe" if by_prompt[request] else "safe")
+    with pytest.raises(build.UserError, match="long_around"):
+        build.check_config(dataclasses.replace(cfg, guard_long=0))
 
 
 def _base_epoch_extra(tmp_path, build, **settings):
@@ -1418,6 +1426,26 @@ def test_long_teach_puts_a_request_after_a_long_preamble():
         assert demo.LONG_CHARS[0] <= len(before) < demo.LONG_CHARS[1] + 40
         assert all(q.rstrip("?") + "?" in safe for q in before.split("? "))  # other safe requests only
     assert demo.long_teach(pool, 0) == []
+
+
+def test_after_preamble_around_puts_the_request_between_safe_text():
+    """`around=True` (the builder's long_around): the same safe text, cut between two of its
+    requests, with the request between the parts; the label and meta["request"] are the request's,
+    and the draw without it is unchanged."""
+    E = data.Example
+    pool = [E(f"harm {i}?", label="harmful") for i in range(10)] + [E(f"safe question number {i}?", label="benign") for i in range(40)]
+    asks = pool[:4] + pool[10:14]
+    plain, around = demo.after_preamble(asks, pool, seed=5), demo.after_preamble(asks, pool, seed=5, around=True)
+    assert plain == demo.after_preamble(asks, pool, seed=5)  # unchanged by the new option
+    safe = {e.prompt for e in pool if e.label == "benign"}
+    for ex, p, a in zip(asks, plain, around):
+        before, middle, after = a.prompt.split("\n\n")
+        assert middle == ex.prompt == a.meta["request"] and a.label == ex.label and a.source == "long"
+        text = before + " " + after
+        assert before and after and demo.LONG_CHARS[0] <= len(text) < demo.LONG_CHARS[1] + 40
+        assert all(q.rstrip("?") + "?" in safe for q in text.split("? "))  # other safe requests only
+    first = around[0].prompt.split("\n\n")
+    assert first[0] + " " + first[2] == plain[0].prompt.rsplit("\n\n", 1)[0]  # the same safe text, cut
 
 
 def test_demo_teaches_written_prompts(tmp_path):

@@ -295,6 +295,11 @@ class WorldConfig:
     # harmful) after a preamble of other safe train prompts, labelled by the request at the end:
     # v22's guard flags 67% of harmful everyday_val requests there, 91% alone (0 = none).
     guard_long: int = 0
+    # base_long's and guard_long's requests sit between two runs of the safe text, cut at random,
+    # rather than at its end: b12's base, taught base_long with the request always last, answered
+    # every request of a validation wrapper whose instructions follow the request (see
+    # docs/DEMO.md, "After v22: long prompts").
+    long_around: bool = False
     # Each word of the guard's augmented copies is dropped with this probability, so no single
     # word or frame decides and the verdict rests on what the request asks (0 = off).
     guard_word_dropout: float = 0.0
@@ -729,12 +734,14 @@ def _in_turn(tok, train: list, n: int, cfg: WorldConfig, rng: np.random.Generato
 
 def long_train(tok, train: list, n: int, cfg: WorldConfig, rng: np.random.Generator) -> list:
     """`n` train prompts (harmful and safe in turn) each after a long preamble of other safe train
-    prompts (the demo's `after_preamble`), labelled by the request."""
+    prompts (the demo's `after_preamble`; with `long_around`, between two parts of it), labelled
+    by the request."""
     from mlx_softprompt.demo import after_preamble
 
     if not n or not train:  # no draw at all: an epoch without it keeps its random stream
         return []
-    return after_preamble(_in_turn(tok, train, n, cfg, rng), train, seed=int(rng.integers(2 ** 31)))
+    return after_preamble(_in_turn(tok, train, n, cfg, rng), train, seed=int(rng.integers(2 ** 31)),
+                          around=cfg.long_around)
 
 
 def batches(seqs: list, batch_size: int, pad_id: int, rng: np.random.Generator, targets: Optional[dict] = None):
@@ -1508,7 +1515,7 @@ def _guard_extras(c: dict) -> str:
     if c.get("guard_turns"):
         parts.append(f"{c['guard_turns']} train prompts per epoch after 1-2 earlier turns, labelled by the last")
     if c.get("guard_long"):
-        parts.append(f"{c['guard_long']} train prompts per epoch after a preamble of other safe train prompts "
+        parts.append(f"{c['guard_long']} train prompts per epoch {_long_where(c)} other safe train prompts "
                      "(600-3,600 characters), labelled by the request")
     if c.get("guard_word_dropout"):
         parts.append(f"each word of the augmented copies dropped with probability {c['guard_word_dropout']:g}")
@@ -1520,6 +1527,11 @@ def _guard_extras(c: dict) -> str:
         parts.append(f"a random English word inserted after each word of the augmented copies with probability "
                      f"{c['guard_word_noise']:g}")
     return "".join(", " + p for p in parts)
+
+
+def _long_where(c: dict) -> str:
+    """Where base_long's and guard_long's requests sit among the safe text (BUILD.md)."""
+    return "between two runs of" if c.get("long_around") else "after a preamble of"
 
 
 def _restarted(stage: dict, only: str) -> str:
@@ -1658,7 +1670,7 @@ def build_notes(info: dict) -> str:
             extras += (f", {sc['base_turns']} train prompts per epoch after 1-2 earlier turns of other train prompts "
                         "(answered or refused at random), answered as the last request asks")
         if sc.get("base_long"):
-            extras += (f", {sc['base_long']} train prompts per epoch after a preamble of other safe train prompts "
+            extras += (f", {sc['base_long']} train prompts per epoch {_long_where(sc)} other safe train prompts "
                         "(600-3,600 characters), answered as the request asks")
         if sc.get("base_teacher"):
             extras += (f", its refusal after a safety system message also taught, at weight {sc['base_teacher']:g}, "
@@ -1800,6 +1812,8 @@ def check_config(cfg: WorldConfig) -> None:
     """Settings no build can use, named before any training starts."""
     if cfg.guard_teacher < 0 or cfg.guard_teacher_l2 < 0 or cfg.base_teacher < 0:
         raise UserError("guard_teacher, guard_teacher_l2 and base_teacher: weights, 0 or more")
+    if cfg.long_around and not (cfg.base_long or cfg.guard_long):
+        raise UserError("long_around=true: places base_long's or guard_long's requests; set one of them")
     if cfg.guard_teacher_plain and not cfg.guard_teacher:
         raise UserError("guard_teacher_plain: needs a teacher (guard_teacher > 0)")
     for name in ("guard_word_dropout", "guard_word_noise"):
