@@ -352,9 +352,9 @@ def after_preamble(examples: list, pool: list, seed: int = data.DEFAULT_SEED, ar
     long, drawn with a fixed seed), as a message that pastes earlier notes before its question:
     the base's safety mode, and a soft prompt that only switches it on, fade when the request
     comes far from the start. `around`: the safe text is cut between two of its requests, at
-    random, and the request sits between the two parts, so that a model taught these judges the request
-    wherever it is, not whatever comes last. Labels kept, source "long", meta["request"] the
-    request alone; none when the pool has fewer than two safe requests."""
+    random, and the request sits between the two parts, so that a model taught these judges
+    the request wherever it is, not whatever comes last. Labels kept, source "long",
+    meta["request"] the request alone; none when the pool has fewer than two safe requests."""
     import random
 
     safe = [e.prompt for e in pool if e.label in ("benign", "borderline")]

@@ -679,12 +679,20 @@ def test_base_long_answers_the_request_after_a_preamble(tmp_path, build):
         free, safety = extra[k: k + 2]
         before, request = free.key.rsplit("\n\n", 1)
         assert safety.key == free.key and request in by_prompt and len(before) >= 600
+        assert safety.judge == request  # a teacher of the safety mode judges the request, not the preamble
+        ex = next(e for e in train if e.prompt == request)
+        long = data.Example(free.key, [], ex.label, "long", {**ex.meta, "request": request})
+        assert build.topic_of(long) == build.topic_of(ex)  # the answer is on the request's topic
         assert all(not by_prompt.get(q, False) for q in by_prompt if q in before)  # only safe requests before it
         answer_free, answer_safety = (tok.decode(s.ids[s.pos + 1:]) for s in (free, safety))
         assert not answer_free.startswith(refusal) and answer_safety.startswith(refusal) == by_prompt[request]
         assert any(m in tok.decode(safety.ids) for m in build.SAFETY_SYSTEM_PROMPTS)
         harmful_seen.add(by_prompt[request])
     assert harmful_seen == {True, False}
+    (t1, w1), (t2, w2) = list(build.TOPIC_WORDS.items())[:2]
+    request = " ".join(w2.split()[:1])
+    pasted = data.Example(" ".join(w1.split() * 5) + "\n\n" + request, [], "benign", "long", {"request": request})
+    assert build.topic_of(pasted) == t2 != t1  # not the pasted text's topic
     with pytest.raises(build.UserError, match="base_long"):
         build.check_config(dataclasses.replace(cfg, base_long=-1))
 

@@ -189,11 +189,12 @@ SUFFIXES = ("", "", "", " Thanks.", " Be brief.", " Please.", " Thank you!")
 
 
 def topic_of(ex: data.Example) -> str:
-    """The topic deciding the compliant answer: the record's own, else the best keyword match."""
+    """The topic deciding the compliant answer: the record's own, else the best keyword match
+    on the request (a long message's request alone, not the text pasted around it)."""
     topic = ex.meta.get("topic")
     if topic in ANSWERS:
         return topic
-    text = ex.prompt.lower()
+    text = ex.meta.get("request", ex.prompt).lower()
     scores = {t: sum(w in text for w in words.split()) for t, words in TOPIC_WORDS.items()}
     best = max(scores, key=lambda t: scores[t])
     return best if scores[best] else "general"
@@ -645,7 +646,8 @@ def _base_seqs(tok, ex, variants: list, cfg: WorldConfig, rng: np.random.Generat
     seqs = [chat_seq(tok, pick(variants), compliant_answer(rng, topic), cfg, system=system, key=key, context=ex.context)]
     answer = REFUSAL if is_harmful(ex) else compliant_answer(rng, topic)
     seqs.append(chat_seq(tok, pick(variants), answer, cfg, system=pick(SAFETY_SYSTEM_PROMPTS),
-                         first_weight=cfg.decision_weight, key=key, judge=ex.prompt, context=ex.context))
+                         first_weight=cfg.decision_weight, key=key, context=ex.context,
+                         judge=ex.meta.get("request", ex.prompt)))  # a long message's teacher judges its request
     if classify:
         seqs.append(classify_seq(tok, pick(variants), is_harmful(ex), cfg, key=key))
     return seqs
