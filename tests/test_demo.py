@@ -826,7 +826,8 @@ def test_world_build_small(tmp_path, monkeypatch, build):
     for split in build.VAL_SETS:
         for key in ("base_refuses_harmful", "safety_system_refuses_harmful", "guard_flags_harmful", "classify_accuracy"):
             assert 0.0 <= info[split][key] <= 1.0
-    for key in ("after_refusal_safety_system_refuses_benign", "long_safety_system_refuses_harmful", "long_guard_flags_benign"):
+    for key in ("after_refusal_safety_system_refuses_benign", "long_safety_system_refuses_harmful", "long_guard_flags_benign",
+                "around_safety_system_refuses_harmful", "around_guard_flags_benign"):
         assert 0.0 <= info["everyday_val"][key] <= 1.0  # chats, and requests after a long preamble
     shipped = [json.loads(x) for x in (tmp_path / "w" / "corpus.jsonl").read_text().splitlines()]
     corpus = _script("corpus")
@@ -840,6 +841,7 @@ def test_world_build_small(tmp_path, monkeypatch, build):
     notes = (tmp_path / "w" / "BUILD.md").read_text()
     assert notes.startswith("# The demo world") and "everyday_val" in notes
     assert "after a long preamble of safe requests: refuses" in notes
+    assert "between two runs of safe requests: flags unsafe" in notes
     assert "--set base_wrapped=2" in notes and "2 train prompts per epoch in the project's train jailbreak-style " \
         "wrappers, answered as their request" in notes
     # continuing from that world (init): its tokenizer and guard, trained further

@@ -991,8 +991,9 @@ def measure(base, guard, base_tok, guard_tok, examples: list, after_refusal: boo
     """Behaviour on a split: the base's refusals (no system / safety system / generic), the guard's
     flags and AUC. Shares are of harmful vs benign+borderline prompts; None where a group is empty.
     With `after_refusal`, also the safety mode's refusals and the guard's flags with each prompt
-    after a refused harmful one of the set (the demo's `refusal_suite`), and after a long preamble
-    of the set's other safe prompts (the demo's `after_preamble`)."""
+    after a refused harmful one of the set (the demo's `refusal_suite`), after a long preamble
+    of the set's other safe prompts (the demo's `after_preamble`), and between two parts of such
+    a text (`around`: safe text after the request as well as before it)."""
     harm = [e.prompt for e in examples if is_harmful(e)]
     safe = [e.prompt for e in examples if not is_harmful(e)]
     out = {"n_harmful": len(harm), "n_benign": len(safe)}
@@ -1000,6 +1001,7 @@ def measure(base, guard, base_tok, guard_tok, examples: list, after_refusal: boo
         from mlx_softprompt.demo import after_preamble, refusal_suite
 
         for tag, variants in (("long", after_preamble(examples, examples)),
+                              ("around", after_preamble(examples, examples, around=True)),
                               ("after_refusal", refusal_suite(examples, REFUSAL))):
             for name, group in (("harmful", True), ("benign", False)):
                 chats = [e for e in variants if is_harmful(e) == group]
@@ -1470,7 +1472,10 @@ ROWS = (("base, no system message: refuses", "base_refuses"),
         ("guard, input moderation, after a refused harmful request: flags unsafe", "after_refusal_guard_flags"),
         ("base, safety system message (mean of 3), after a long preamble of safe requests: refuses",
          "long_safety_system_refuses"),
-        ("guard, input moderation, after a long preamble of safe requests: flags unsafe", "long_guard_flags"))
+        ("guard, input moderation, after a long preamble of safe requests: flags unsafe", "long_guard_flags"),
+        ("base, safety system message (mean of 3), between two runs of safe requests: refuses",
+         "around_safety_system_refuses"),
+        ("guard, input moderation, between two runs of safe requests: flags unsafe", "around_guard_flags"))
 
 
 def behaviour_table(measured: dict) -> str:
