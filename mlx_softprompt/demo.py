@@ -369,10 +369,9 @@ def after_preamble(examples: list, pool: list, seed: int = data.DEFAULT_SEED, ar
             if t != ex.prompt:
                 parts.append(t)
                 length += len(t) + 1
-        text = " ".join(parts) + "\n\n" + ex.prompt
-        if around and len(parts) > 1:  # the request between two runs of safe text, each one request or more
-            cut = rng.randint(1, len(parts) - 1)
-            text = " ".join(parts[:cut]) + "\n\n" + ex.prompt + "\n\n" + " ".join(parts[cut:])
+        # around: the request between two runs of safe text, each one request or more
+        cut = rng.randint(1, len(parts) - 1) if around and len(parts) > 1 else len(parts)
+        text = " ".join(parts[:cut]) + "\n\n" + ex.prompt + ("\n\n" + " ".join(parts[cut:]) if cut < len(parts) else "")
         out.append(replace(ex, prompt=text, source="long", meta={**ex.meta, "request": ex.prompt}))
     return out
 

@@ -1446,9 +1446,9 @@ def test_after_preamble_around_puts_the_request_between_safe_text():
     pool = [E(f"harm {i}?", label="harmful") for i in range(10)] + [E(f"safe question number {i}?", label="benign") for i in range(40)]
     asks = pool[:4] + pool[10:14]
     plain, around = demo.after_preamble(asks, pool, seed=5), demo.after_preamble(asks, pool, seed=5, around=True)
-    assert plain == demo.after_preamble(asks, pool, seed=5)  # unchanged by the new option
+    assert plain == demo.after_preamble(asks, pool, seed=5)  # the same draw each call
     safe = {e.prompt for e in pool if e.label == "benign"}
-    for ex, p, a in zip(asks, plain, around):
+    for ex, a in zip(asks, around):
         before, middle, after = a.prompt.split("\n\n")
         assert middle == ex.prompt == a.meta["request"] and a.label == ex.label and a.source == "long"
         text = before + " " + after

@@ -188,13 +188,19 @@ JOINERS = (" ", " Also, ", " And ", ". ", "\n", " Then: ")
 SUFFIXES = ("", "", "", " Thanks.", " Be brief.", " Please.", " Thank you!")
 
 
+def request_of(ex: data.Example) -> str:
+    """What the record asks: a long message's request alone (meta["request"], set by the demo's
+    `after_preamble`), not the text pasted around it; else its prompt."""
+    return ex.meta.get("request", ex.prompt)
+
+
 def topic_of(ex: data.Example) -> str:
     """The topic deciding the compliant answer: the record's own, else the best keyword match
-    on the request (a long message's request alone, not the text pasted around it)."""
+    on its request (request_of)."""
     topic = ex.meta.get("topic")
     if topic in ANSWERS:
         return topic
-    text = ex.meta.get("request", ex.prompt).lower()
+    text = request_of(ex).lower()
     scores = {t: sum(w in text for w in words.split()) for t, words in TOPIC_WORDS.items()}
     best = max(scores, key=lambda t: scores[t])
     return best if scores[best] else "general"
@@ -647,7 +653,7 @@ def _base_seqs(tok, ex, variants: list, cfg: WorldConfig, rng: np.random.Generat
     answer = REFUSAL if is_harmful(ex) else compliant_answer(rng, topic)
     seqs.append(chat_seq(tok, pick(variants), answer, cfg, system=pick(SAFETY_SYSTEM_PROMPTS),
                          first_weight=cfg.decision_weight, key=key, context=ex.context,
-                         judge=ex.meta.get("request", ex.prompt)))  # a long message's teacher judges its request
+                         judge=request_of(ex)))  # a long message's teacher judges its request
     if classify:
         seqs.append(classify_seq(tok, pick(variants), is_harmful(ex), cfg, key=key))
     return seqs
@@ -708,7 +714,7 @@ def guard_epoch(guard, train: list, cfg: WorldConfig, rng: np.random.Generator) 
                                   judge=None if cfg.guard_teacher_plain else ex.prompt))
     for ex in long_train(tok, train, cfg.guard_long, cfg, rng):
         seqs.append(guard_seq(guard, ex.prompt, is_harmful(ex), key=ex.prompt,
-                              judge=None if cfg.guard_teacher_plain else ex.meta["request"]))
+                              judge=None if cfg.guard_teacher_plain else request_of(ex)))
     return seqs
 
 
