@@ -297,7 +297,7 @@ class WorldConfig:
     # characters), as the base's two chat sequences, so that its safety mode still judges a
     # request that comes far from the start: v22's refuses 70% of harmful everyday_val requests
     # there, 91% alone (0 = none; b12, 2,000 for one epoch, held the safety mode after a long
-    # preamble but learned to judge whatever comes last: see docs/DEMO.md, "After v22: long
+    # preamble but leaned further on what comes last: see docs/DEMO.md, "After v22: long
     # prompts", and long_around below).
     base_long: int = 0
     # The same for the guard: N input-moderation sequences per epoch of train prompts (half
