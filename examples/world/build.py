@@ -306,8 +306,9 @@ class WorldConfig:
     guard_long: int = 0
     # base_long's and guard_long's requests sit between two runs of the safe text, cut at random,
     # rather than at its end: b12's base, taught base_long with the request always last, answered
-    # every request of a validation wrapper whose instructions follow the request (see
-    # docs/DEMO.md, "After v22: long prompts").
+    # every request of a validation wrapper whose instructions follow the request; b13, with
+    # this, did not, but refused more long safe messages too (see docs/DEMO.md, "After v22:
+    # long prompts").
     long_around: bool = False
     # Each word of the guard's augmented copies is dropped with this probability, so no single
     # word or frame decides and the verdict rests on what the request asks (0 = off).
