@@ -690,7 +690,7 @@ def test_base_long_answers_the_request_after_a_preamble(tmp_path, build):
         harmful_seen.add(by_prompt[request])
     assert harmful_seen == {True, False}
     (t1, w1), (t2, w2) = list(build.TOPIC_WORDS.items())[:2]
-    request = " ".join(w2.split()[:1])
+    request = w2.split()[0]
     pasted = data.Example(" ".join(w1.split() * 5) + "\n\n" + request, [], "benign", "long", {"request": request})
     assert build.topic_of(pasted) == t2 != t1  # not the pasted text's topic
     with pytest.raises(build.UserError, match="base_long"):

@@ -189,8 +189,9 @@ SUFFIXES = ("", "", "", " Thanks.", " Be brief.", " Please.", " Thank you!")
 
 
 def request_of(ex: data.Example) -> str:
-    """What the record asks: a long message's request alone (meta["request"], set by the demo's
-    `after_preamble`), not the text pasted around it; else its prompt."""
+    """What the record asks: the request alone where its prompt wraps one (meta["request"], set
+    by the demo's `after_preamble` and by data's wrappers), not the text around it; else its
+    prompt."""
     return ex.meta.get("request", ex.prompt)
 
 
